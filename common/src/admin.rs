@@ -1,0 +1,144 @@
+//! A small HTTP/1.1 server for the plain endpoints: metrics (15020), readiness (15021) and
+//! admin (127.0.0.1:15000). Each route is a function of the request path and query.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+use crate::metrics::SharedRegistry;
+use crate::readiness::Ready;
+
+/// What a route returns.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(status: StatusCode, body: impl Into<String>) -> Self {
+        Self { status, content_type: "text/plain; charset=utf-8", body: Bytes::from(body.into()) }
+    }
+
+    pub fn json(value: &serde_json::Value) -> Self {
+        let body = serde_json::to_vec_pretty(value)
+            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+        Self { status: StatusCode::OK, content_type: "application/json", body: Bytes::from(body) }
+    }
+}
+
+type RouteFn = dyn Fn(&http::request::Parts) -> Reply + Send + Sync;
+
+/// Path -> handler. Only GET (and POST where a route wants it) are served.
+#[derive(Clone, Default)]
+pub struct Router {
+    routes: Vec<(String, Arc<RouteFn>)>,
+}
+
+impl Router {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn route(
+        mut self,
+        path: &str,
+        f: impl Fn(&http::request::Parts) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        self.routes.push((path.to_string(), Arc::new(f)));
+        self
+    }
+
+    fn dispatch(&self, parts: &http::request::Parts) -> Reply {
+        if parts.method != Method::GET && parts.method != Method::POST {
+            return Reply::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        }
+        match self.routes.iter().find(|(p, _)| p == parts.uri.path()) {
+            Some((_, f)) => f(parts),
+            None => {
+                let paths: Vec<&str> = self.routes.iter().map(|(p, _)| p.as_str()).collect();
+                Reply::text(StatusCode::NOT_FOUND, format!("not found; try one of: {}\n", paths.join(" ")))
+            }
+        }
+    }
+}
+
+/// Serves `router` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, router: Router, name: &'static str) {
+    let router = Arc::new(router);
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, server = name, "listening");
+    }
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                debug!(error = %e, server = name, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let router = router.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let router = router.clone();
+                async move {
+                    let (parts, _body) = req.into_parts();
+                    let reply = router.dispatch(&parts);
+                    let response = Response::builder()
+                        .status(reply.status)
+                        .header(header::CONTENT_TYPE, reply.content_type)
+                        .body(Full::new(reply.body))
+                        .unwrap_or_else(|_| {
+                            Response::new(Full::new(Bytes::from_static(b"internal error\n")))
+                        });
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                debug!(error = %e, %peer, server = name, "connection error");
+            }
+        });
+    }
+}
+
+/// Binds `addr`; a bind failure is returned, not hidden.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// `/metrics` and `/stats/prometheus` for the registry.
+pub fn metrics_routes(router: Router, registry: SharedRegistry) -> Router {
+    let r2 = registry.clone();
+    let reply = |registry: &SharedRegistry| Reply {
+        status: StatusCode::OK,
+        content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        body: Bytes::from(crate::metrics::render(registry)),
+    };
+    router.route("/metrics", move |_| reply(&registry)).route("/stats/prometheus", move |_| reply(&r2))
+}
+
+/// `/healthz/ready`: 200 once every start-up task is done, 503 listing what is pending.
+pub fn readiness_routes(router: Router, ready: Ready) -> Router {
+    router.route("/healthz/ready", move |_| {
+        let pending = ready.pending();
+        if pending.is_empty() {
+            Reply::text(StatusCode::OK, "ready\n")
+        } else {
+            Reply::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", pending.join(", ")))
+        }
+    })
+}

@@ -1,0 +1,8 @@
+//! What ztunnel and waypoint share: the delta-ADS xDS client and its local-file twin, readiness,
+//! metrics and admin plumbing, and logging setup.
+
+pub mod admin;
+pub mod metrics;
+pub mod readiness;
+pub mod telemetry;
+pub mod xds;

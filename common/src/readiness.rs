@@ -1,0 +1,108 @@
+//! Readiness: the process is ready once every registered start-up task has finished.
+//!
+//! Each component that must finish before the proxy can serve (the first xDS sync, the first
+//! certificates) takes a [`BlockReady`] and calls [`BlockReady::done`] when it is through.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::watch;
+
+/// Tracks the start-up tasks that still block readiness.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    pending: Arc<Mutex<BTreeSet<String>>>,
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Ready {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Ready {
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(true);
+        Self { pending: Arc::default(), tx: Arc::new(tx) }
+    }
+
+    /// Registers a task that blocks readiness until its guard is done or dropped.
+    pub fn register(&self, name: impl Into<String>) -> BlockReady {
+        let name = name.into();
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.insert(name.clone());
+        self.tx.send_replace(false);
+        BlockReady { ready: self.clone(), name: Some(name) }
+    }
+
+    /// Names of the tasks still pending (for the readiness endpoint's body).
+    pub fn pending(&self) -> Vec<String> {
+        let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.iter().cloned().collect()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Waits until every registered task is done.
+    pub async fn wait(&self) {
+        let mut rx = self.tx.subscribe();
+        // The sender lives in self, so the channel cannot close while we wait.
+        let _ = rx.wait_for(|ready| *ready).await;
+    }
+
+    fn finish(&self, name: &str) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.remove(name);
+        if pending.is_empty() {
+            self.tx.send_replace(true);
+        }
+    }
+}
+
+/// Guard for one start-up task; readiness is blocked until it is done or dropped.
+#[derive(Debug)]
+pub struct BlockReady {
+    ready: Ready,
+    name: Option<String>,
+}
+
+impl BlockReady {
+    pub fn done(mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if let Some(name) = self.name.take() {
+            tracing::info!(task = %name, "start-up task done");
+            self.ready.finish(&name);
+        }
+    }
+}
+
+impl Drop for BlockReady {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_after_all_tasks_finish() {
+        let ready = Ready::new();
+        assert!(ready.is_ready(), "nothing registered means ready");
+        let a = ready.register("xds");
+        let b = ready.register("certs");
+        assert!(!ready.is_ready());
+        a.done();
+        assert!(!ready.is_ready());
+        assert_eq!(ready.pending(), vec!["certs".to_string()]);
+        drop(b);
+        assert!(ready.is_ready());
+    }
+}

@@ -1,0 +1,172 @@
+//! The local config source: the same typed resources as xDS, read from a YAML file and
+//! re-read when it changes. What a lone VM/ECS host or the local demo runs on.
+//!
+//! Each (re)load is diffed against what was applied: changed resources are handed to the
+//! handlers as updates, vanished ones as removals. A file that does not parse changes nothing;
+//! a resource a handler rejects keeps its previous state. Both are logged and counted.
+
+pub mod schema;
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+pub use schema::{EncodedResource, LocalConfig, SchemaError};
+
+use super::handler::{Handlers, RawResource};
+use super::metrics::XdsMetrics;
+use crate::readiness::{BlockReady, Ready};
+
+/// How often the file is checked for changes.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("cannot read config file {path:?}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path:?} is not valid: {source}")]
+    Parse { path: PathBuf, source: serde_yaml::Error },
+    #[error("config file {path:?}: {source}")]
+    Schema { path: PathBuf, source: SchemaError },
+}
+
+/// Version string of a resource body: a hash of its bytes, stable within a process.
+pub fn version_of(body: &prost_types::Any) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    body.value.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Feeds handlers from a YAML file.
+pub struct LocalSource {
+    path: PathBuf,
+    handlers: Handlers,
+    metrics: XdsMetrics,
+    poll: Duration,
+    /// type URL -> name -> version applied.
+    applied: HashMap<String, HashMap<String, String>>,
+    /// Last file content seen, to skip unchanged reloads cheaply.
+    last_text: Option<String>,
+    initial: Option<BlockReady>,
+}
+
+impl LocalSource {
+    pub fn new(path: impl Into<PathBuf>, handlers: Handlers, ready: &Ready, metrics: XdsMetrics) -> Self {
+        let path = path.into();
+        let initial = Some(ready.register(format!("local config {}", path.display())));
+        Self {
+            path,
+            handlers,
+            metrics,
+            poll: DEFAULT_POLL_INTERVAL,
+            applied: HashMap::new(),
+            last_text: None,
+            initial,
+        }
+    }
+
+    pub fn with_poll_interval(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
+    }
+
+    /// Loads once (readiness is released after the first successful load).
+    pub fn load(&mut self) -> Result<(), LocalError> {
+        let path = self.path.clone();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| LocalError::Read { path: path.clone(), source })?;
+        if self.last_text.as_deref() == Some(text.as_str()) {
+            return Ok(());
+        }
+        let config = LocalConfig::from_yaml(&text)
+            .map_err(|source| LocalError::Parse { path: path.clone(), source })?;
+        let resources =
+            config.to_resources().map_err(|source| LocalError::Schema { path: path.clone(), source })?;
+        self.apply(resources);
+        self.last_text = Some(text);
+        if let Some(block) = self.initial.take() {
+            block.done();
+        }
+        Ok(())
+    }
+
+    /// Loads now, then re-loads whenever the file changes. Runs forever.
+    pub async fn run(mut self) {
+        let mut interval = tokio::time::interval(self.poll);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_error: Option<String> = None;
+        loop {
+            interval.tick().await;
+            match self.load() {
+                Ok(()) => last_error = None,
+                Err(e) => {
+                    let msg = e.to_string();
+                    // Log a persistent error once, not every poll.
+                    if last_error.as_deref() != Some(msg.as_str()) {
+                        warn!(error = %msg, "local config not applied, keeping the previous one");
+                        for url in self.handlers.type_urls() {
+                            self.metrics.nacks.get_or_create(&XdsMetrics::type_label(url)).inc();
+                        }
+                        last_error = Some(msg);
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, resources: Vec<EncodedResource>) {
+        // Every subscribed type is visited, so removals reach types the file no longer mentions.
+        let mut by_type: BTreeMap<String, Vec<EncodedResource>> =
+            self.handlers.type_urls().map(|url| (url.to_string(), Vec::new())).collect();
+        for r in resources {
+            by_type.entry(r.type_url.to_string()).or_default().push(r);
+        }
+        for (type_url, resources) in by_type {
+            let label = XdsMetrics::type_label(&type_url);
+            let applied = self.applied.entry(type_url.clone()).or_default();
+            let mut seen = std::collections::HashSet::new();
+            let mut updates = Vec::new();
+            for r in resources {
+                let version = version_of(&r.body);
+                seen.insert(r.name.clone());
+                if applied.get(&r.name) != Some(&version) {
+                    updates.push(RawResource { name: r.name, version, body: Some(r.body) });
+                }
+            }
+            let removed: Vec<String> = applied.keys().filter(|n| !seen.contains(*n)).cloned().collect();
+            if updates.is_empty() && removed.is_empty() {
+                continue;
+            }
+            let versions: Vec<(String, String)> =
+                updates.iter().map(|u| (u.name.clone(), u.version.clone())).collect();
+            let count = versions.len() + removed.len();
+            let Some(rejections) = self.handlers.apply(&type_url, updates, removed.clone()) else {
+                warn!(%type_url, "local config has resources of a type nothing consumes");
+                continue;
+            };
+            self.metrics.messages.get_or_create(&label).inc();
+            self.metrics.resources.get_or_create(&label).inc_by(count as u64);
+            let rejected: std::collections::HashSet<&str> =
+                rejections.iter().map(|r| r.name.as_str()).collect();
+            for (name, version) in versions {
+                if !rejected.contains(name.as_str()) {
+                    applied.insert(name, version);
+                }
+            }
+            for name in &removed {
+                applied.remove(name);
+            }
+            if !rejections.is_empty() {
+                self.metrics.nacks.get_or_create(&label).inc();
+                self.metrics.rejected_resources.get_or_create(&label).inc_by(rejections.len() as u64);
+                for r in &rejections {
+                    warn!(%type_url, resource = %r.name, reason = %r.reason, "rejected local resource, keeping previous state");
+                }
+            }
+            info!(%type_url, changed = count, rejected = rejections.len(), path = %self.path.display(), "applied local config");
+        }
+    }
+}
