@@ -1,1 +1,4 @@
-//! placeholder
+//! Integration-test support: the in-repo delta-ADS control plane (also run by the local demo)
+//! and helpers for whole-app tests.
+
+pub mod xds_server;

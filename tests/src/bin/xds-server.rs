@@ -1,0 +1,65 @@
+//! A local control plane: serves delta ADS from a YAML local-config file (re-read when it
+//! changes), or from the embedded demo config when no file is given.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use mesh_tests::xds_server;
+
+/// The config served when no file is given: the local demo's mesh.
+const DEMO_CONFIG: &str = include_str!("../../../deploy/local-mesh.yaml");
+
+#[derive(Debug, Parser)]
+#[command(about = "In-repo delta-ADS xDS server for tests and the local demo")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    listen: SocketAddr,
+    /// Local-config YAML to serve (re-read when it changes); the embedded demo config if absent.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    common::telemetry::init(common::telemetry::LogFormat::Text);
+    let args = Args::parse();
+    let store = xds_server::XdsStore::new();
+    let mut last = String::new();
+    let read = |path: &Option<PathBuf>| -> anyhow::Result<String> {
+        match path {
+            Some(p) => Ok(std::fs::read_to_string(p)?),
+            None => Ok(DEMO_CONFIG.to_string()),
+        }
+    };
+    let text = read(&args.config)?;
+    let n = store.load_yaml(&text)?;
+    tracing::info!(resources = n, source = ?args.config, "loaded config");
+    last.clone_from(&text);
+    let server = xds_server::start(args.listen, store.clone()).await?;
+    tracing::info!(url = %server.url(), "serving");
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if args.config.is_none() {
+            continue;
+        }
+        match read(&args.config) {
+            Ok(text) if text != last => {
+                match store.load_yaml(&text) {
+                    Ok(n) => tracing::info!(resources = n, "reloaded config"),
+                    Err(e) => tracing::warn!(error = %e, "config not reloaded, serving the previous one"),
+                }
+                last = text;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read config, serving the previous one"),
+        }
+    }
+    server.stop().await;
+    Ok(())
+}

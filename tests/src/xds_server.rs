@@ -1,0 +1,369 @@
+//! The in-repo xDS server: serves delta ADS from an in-memory store that tests (or the demo's
+//! YAML file) mutate.
+//!
+//! Per stream it remembers, per subscribed type, the versions the client holds (seeded from
+//! `initial_resource_versions`) and sends exactly the difference with the store: changed
+//! resources, and removals for names the client holds that the store no longer has. That makes
+//! a reconnect after a server restart converge. Tests can also record ACK/NACKs, inject
+//! undecodable resources and drop every stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use common::xds::local::{EncodedResource, LocalConfig, version_of};
+use proto::discovery::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use proto::discovery::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+#[derive(Clone, Debug)]
+struct Stored {
+    version: String,
+    body: prost_types::Any,
+}
+
+/// What a client said about one of our responses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientReply {
+    pub type_url: String,
+    pub nonce: String,
+    /// `Some(message)` for a NACK.
+    pub error: Option<String>,
+}
+
+/// The resources served, by type URL then name. Every mutation wakes all streams.
+#[derive(Debug)]
+pub struct XdsStore {
+    resources: Mutex<BTreeMap<String, BTreeMap<String, Stored>>>,
+    changed: watch::Sender<u64>,
+    replies: Mutex<Vec<ClientReply>>,
+    nodes: Mutex<Vec<proto::discovery::Node>>,
+    replies_changed: watch::Sender<u64>,
+    drop_streams: watch::Sender<u64>,
+}
+
+impl Default for XdsStore {
+    fn default() -> Self {
+        Self {
+            resources: Mutex::default(),
+            changed: watch::channel(0).0,
+            replies: Mutex::default(),
+            nodes: Mutex::default(),
+            replies_changed: watch::channel(0).0,
+            drop_streams: watch::channel(0).0,
+        }
+    }
+}
+
+impl XdsStore {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<String, Stored>>> {
+        self.resources.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Adds or replaces a resource with a raw body (which may be garbage, to force a NACK).
+    pub fn insert_raw(&self, type_url: &str, name: &str, body: prost_types::Any) {
+        let version = version_of(&body);
+        self.lock()
+            .entry(type_url.to_string())
+            .or_default()
+            .insert(name.to_string(), Stored { version, body });
+        self.bump();
+    }
+
+    /// Adds or replaces a typed resource.
+    pub fn insert<M: prost::Message>(&self, type_url: &str, name: &str, msg: &M) {
+        let body = prost_types::Any { type_url: type_url.to_string(), value: msg.encode_to_vec() };
+        self.insert_raw(type_url, name, body);
+    }
+
+    /// Adds many resources with a single wake-up.
+    pub fn insert_many(&self, resources: impl IntoIterator<Item = EncodedResource>) {
+        {
+            let mut all = self.lock();
+            for r in resources {
+                let version = version_of(&r.body);
+                all.entry(r.type_url.to_string())
+                    .or_default()
+                    .insert(r.name, Stored { version, body: r.body });
+            }
+        }
+        self.bump();
+    }
+
+    pub fn remove(&self, type_url: &str, name: &str) -> bool {
+        let removed = self.lock().get_mut(type_url).is_some_and(|m| m.remove(name).is_some());
+        self.bump();
+        removed
+    }
+
+    /// Replaces everything with `resources` (used on a YAML reload).
+    pub fn replace_all(&self, resources: impl IntoIterator<Item = EncodedResource>) {
+        {
+            let mut all = self.lock();
+            all.clear();
+            for r in resources {
+                let version = version_of(&r.body);
+                all.entry(r.type_url.to_string())
+                    .or_default()
+                    .insert(r.name, Stored { version, body: r.body });
+            }
+        }
+        self.bump();
+    }
+
+    /// Loads a YAML local-config document, replacing the store's content.
+    pub fn load_yaml(&self, text: &str) -> anyhow::Result<usize> {
+        let resources = LocalConfig::from_yaml(text)?.to_resources()?;
+        let n = resources.len();
+        self.replace_all(resources);
+        Ok(n)
+    }
+
+    pub fn len(&self, type_url: &str) -> usize {
+        self.lock().get(type_url).map_or(0, BTreeMap::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().values().all(BTreeMap::is_empty)
+    }
+
+    /// Ends every open stream with UNAVAILABLE (clients are expected to reconnect).
+    pub fn drop_streams(&self) {
+        self.drop_streams.send_modify(|n| *n += 1);
+    }
+
+    /// The `Node` of every stream opened so far.
+    pub fn nodes(&self) -> Vec<proto::discovery::Node> {
+        self.nodes.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Every ACK/NACK received so far.
+    pub fn replies(&self) -> Vec<ClientReply> {
+        self.replies.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Waits up to `timeout` for a reply matching `pred`, returning it.
+    pub async fn wait_reply(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&ClientReply) -> bool,
+    ) -> Option<ClientReply> {
+        let mut rx = self.replies_changed.subscribe();
+        let wait = async {
+            loop {
+                if let Some(r) = self.replies().into_iter().find(|r| pred(r)) {
+                    return r;
+                }
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.ok()
+    }
+
+    fn record(&self, reply: ClientReply) {
+        self.replies.lock().unwrap_or_else(PoisonError::into_inner).push(reply);
+        self.replies_changed.send_modify(|n| *n += 1);
+    }
+
+    /// The delta between what a client holds and the store, for one type; updates `held`.
+    fn diff(&self, type_url: &str, held: &mut HashMap<String, String>) -> (Vec<Resource>, Vec<String>) {
+        let all = self.lock();
+        let empty = BTreeMap::new();
+        let current = all.get(type_url).unwrap_or(&empty);
+        let mut resources = Vec::new();
+        for (name, stored) in current {
+            if held.get(name) != Some(&stored.version) {
+                resources.push(Resource {
+                    name: name.clone(),
+                    version: stored.version.clone(),
+                    resource: Some(stored.body.clone()),
+                    ..Default::default()
+                });
+                held.insert(name.clone(), stored.version.clone());
+            }
+        }
+        let removed: Vec<String> = held.keys().filter(|n| !current.contains_key(*n)).cloned().collect();
+        for name in &removed {
+            held.remove(name);
+        }
+        (resources, removed)
+    }
+}
+
+/// The gRPC service over an [`XdsStore`].
+#[derive(Clone, Debug)]
+pub struct AdsService {
+    store: Arc<XdsStore>,
+}
+
+type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type StreamAggregatedResourcesStream = SotwStream;
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwStream>, Status> {
+        Err(Status::unimplemented("only delta ADS is served"))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let store = self.store.clone();
+        let requests = request.into_inner();
+        tokio::spawn(async move {
+            let result = serve_stream(store, requests, &tx).await;
+            if let Err(status) = result {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+type Outbound = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+
+async fn serve_stream(
+    store: Arc<XdsStore>,
+    mut requests: Streaming<DeltaDiscoveryRequest>,
+    tx: &Outbound,
+) -> Result<(), Status> {
+    let mut changed = store.changed.subscribe();
+    let mut dropped = store.drop_streams.subscribe();
+    let mut held: BTreeMap<String, HashMap<String, String>> = BTreeMap::new();
+    let mut nonce: u64 = 0;
+    loop {
+        tokio::select! {
+            req = requests.message() => {
+                let Some(req) = req? else { return Ok(()) };
+                if let Some(node) = &req.node {
+                    info!(node = %node.id, "xDS client connected");
+                    store.nodes.lock().unwrap_or_else(PoisonError::into_inner).push(node.clone());
+                }
+                if !req.response_nonce.is_empty() {
+                    let error = req.error_detail.map(|s| s.message);
+                    if let Some(e) = &error {
+                        warn!(type_url = %req.type_url, nonce = %req.response_nonce, error = %e, "client NACK");
+                    }
+                    store.record(ClientReply { type_url: req.type_url, nonce: req.response_nonce, error });
+                    continue;
+                }
+                // A (re)subscription: seed what the client holds, then answer even if empty so
+                // the client can finish its initial sync.
+                let client_held = held.entry(req.type_url.clone()).or_default();
+                client_held.extend(req.initial_resource_versions);
+                debug!(type_url = %req.type_url, held = client_held.len(), "subscribe");
+                send_diff(&store, &req.type_url, client_held, &mut nonce, tx, true).await?;
+            }
+            res = changed.changed() => {
+                if res.is_err() { return Ok(()) }
+                for (type_url, client_held) in held.iter_mut() {
+                    send_diff(&store, type_url, client_held, &mut nonce, tx, false).await?;
+                }
+            }
+            _ = dropped.changed() => {
+                return Err(Status::unavailable("stream dropped by the xDS server"));
+            }
+        }
+    }
+}
+
+async fn send_diff(
+    store: &XdsStore,
+    type_url: &str,
+    held: &mut HashMap<String, String>,
+    nonce: &mut u64,
+    tx: &Outbound,
+    always: bool,
+) -> Result<(), Status> {
+    let (resources, removed_resources) = store.diff(type_url, held);
+    if resources.is_empty() && removed_resources.is_empty() && !always {
+        return Ok(());
+    }
+    *nonce += 1;
+    let response = DeltaDiscoveryResponse {
+        type_url: type_url.to_string(),
+        nonce: nonce.to_string(),
+        resources,
+        removed_resources,
+        ..Default::default()
+    };
+    tx.send(Ok(response)).await.map_err(|_| Status::cancelled("client went away"))
+}
+
+/// A running server; dropping the handle does not stop it, `stop()` does.
+#[derive(Debug)]
+pub struct XdsServerHandle {
+    pub addr: SocketAddr,
+    pub store: Arc<XdsStore>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl XdsServerHandle {
+    /// `http://addr`, for an xDS client config.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Ends all streams and stops listening.
+    pub async fn stop(mut self) {
+        self.store.drop_streams();
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.task).await.is_err() {
+            self.task.abort();
+        }
+    }
+}
+
+/// Starts serving `store` on `addr` (port 0 picks a free port).
+pub async fn start(addr: SocketAddr, store: Arc<XdsStore>) -> std::io::Result<XdsServerHandle> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let service = AggregatedDiscoveryServiceServer::new(AdsService { store: store.clone() })
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(usize::MAX);
+    let task = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = shutdown_rx.await;
+            })
+            .await;
+        if let Err(e) = result {
+            warn!(error = %e, "xDS server ended with an error");
+        }
+    });
+    info!(%addr, "xDS server listening");
+    Ok(XdsServerHandle { addr, store, shutdown: Some(shutdown_tx), task })
+}
