@@ -345,16 +345,52 @@ impl XdsServerHandle {
     }
 }
 
-/// Starts serving `store` on `addr` (port 0 picks a free port).
+/// How the server presents itself: plaintext by default; TLS and a required bearer token to
+/// look like istiod on 15012.
+#[derive(Clone, Debug, Default)]
+pub struct ServerOptions {
+    /// PEM certificate chain and key to serve TLS with.
+    pub tls: Option<(String, String)>,
+    /// When set, every stream must carry `authorization: Bearer <token>`.
+    pub bearer_token: Option<String>,
+}
+
+/// Starts serving `store` on `addr` (port 0 picks a free port), plaintext, no authentication.
 pub async fn start(addr: SocketAddr, store: Arc<XdsStore>) -> std::io::Result<XdsServerHandle> {
+    start_with(addr, store, ServerOptions::default()).await
+}
+
+/// Starts serving `store` on `addr` with `options`.
+pub async fn start_with(
+    addr: SocketAddr,
+    store: Arc<XdsStore>,
+    options: ServerOptions,
+) -> std::io::Result<XdsServerHandle> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let service = AggregatedDiscoveryServiceServer::new(AdsService { store: store.clone() })
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(usize::MAX);
+    let expected = options.bearer_token.map(|t| format!("Bearer {t}"));
+    let service = tonic::service::interceptor::InterceptedService::new(service, move |req: Request<()>| {
+        let Some(expected) = &expected else { return Ok(req) };
+        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        if given == Some(expected.as_str()) {
+            Ok(req)
+        } else {
+            warn!("xDS stream refused: missing or wrong bearer token");
+            Err(Status::unauthenticated("missing or wrong bearer token"))
+        }
+    });
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = options.tls {
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key));
+        builder = builder.tls_config(tls).map_err(std::io::Error::other)?;
+    }
     let task = tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
+        let result = builder
             .add_service(service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = shutdown_rx.await;

@@ -265,12 +265,35 @@ pub struct MatchSpec {
 
 /// `{exact: x}`, `{prefix: x}`, `{suffix: x}` or `{presence: {}}`.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(try_from = "StringMatchFields")]
 pub enum StringMatchSpec {
     Exact(String),
     Prefix(String),
     Suffix(String),
-    Presence {},
+    Presence,
+}
+
+/// The YAML form of a string match: exactly one key set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StringMatchFields {
+    exact: Option<String>,
+    prefix: Option<String>,
+    suffix: Option<String>,
+    presence: Option<serde_yaml::Value>,
+}
+
+impl TryFrom<StringMatchFields> for StringMatchSpec {
+    type Error = String;
+    fn try_from(f: StringMatchFields) -> Result<Self, String> {
+        match (f.exact, f.prefix, f.suffix, f.presence) {
+            (Some(v), None, None, None) => Ok(Self::Exact(v)),
+            (None, Some(v), None, None) => Ok(Self::Prefix(v)),
+            (None, None, Some(v), None) => Ok(Self::Suffix(v)),
+            (None, None, None, Some(_)) => Ok(Self::Presence),
+            _ => Err("a string match needs exactly one of exact, prefix, suffix, presence".into()),
+        }
+    }
 }
 
 /// An address or CIDR: `10.0.0.1` or `10.0.0.0/8`.
@@ -522,7 +545,7 @@ impl StringMatchSpec {
             Self::Exact(s) => MatchType::Exact(s.clone()),
             Self::Prefix(s) => MatchType::Prefix(s.clone()),
             Self::Suffix(s) => MatchType::Suffix(s.clone()),
-            Self::Presence {} => MatchType::Presence(()),
+            Self::Presence => MatchType::Presence(()),
         };
         sec::StringMatch { match_type: Some(m) }
     }

@@ -1,0 +1,180 @@
+//! The local YAML config source: initial load, reload on change, removal, and bad files or
+//! resources leaving the previous state in force.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::readiness::Ready;
+use common::xds::{Handlers, LocalConfig, LocalSource, ResourceStore, XdsMetrics, validate};
+use proto::security::Authorization;
+use proto::workload::{Address, address};
+use proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+const V1: &str = r#"
+workloads:
+  - name: client
+    namespace: demo
+    serviceAccount: client
+    addresses: [10.42.1.10]
+    node: node-a
+  - name: echo
+    namespace: demo
+    addresses: [10.42.2.20, "fd00::20"]
+    tunnelProtocol: NONE
+    services:
+      demo/echo.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]
+services:
+  - name: echo
+    namespace: demo
+    hostname: echo.demo.svc.cluster.local
+    addresses: [10.96.0.80]
+    ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP2}]
+    waypoint: {address: 10.42.9.9}
+    loadBalancing: {mode: FAILOVER, routingPreference: [NODE, ZONE]}
+policies:
+  - name: deny-intruder
+    namespace: demo
+    scope: NAMESPACE
+    action: DENY
+    rules:
+      - clauses:
+          - matches:
+              - principals: [{exact: cluster.local/ns/other/sa/intruder}]
+                notNamespaces: [{prefix: kube-}]
+                sourceIps: [10.0.0.0/8, 192.168.1.1]
+                destinationPorts: [8080]
+                serviceAccounts: [{namespace: other, serviceAccount: intruder}]
+                notPrincipals: [{presence: {}}]
+"#;
+
+fn write(path: &Path, text: &str) {
+    // Write then rename, the way a config-map update lands.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write config");
+    std::fs::rename(&tmp, path).expect("rename config");
+}
+
+async fn until<S>(store: &S, what: &str, pred: impl Fn(&S) -> bool) {
+    let start = Instant::now();
+    while !pred(store) {
+        assert!(start.elapsed() < WAIT, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn file_source_loads_reloads_and_keeps_last_good_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mesh.yaml");
+    write(&path, V1);
+
+    let addresses = ResourceStore::<Address>::new(validate::address);
+    let policies = ResourceStore::<Authorization>::new(validate::authorization);
+    let mut handlers = Handlers::new();
+    handlers.add::<Address, _>(ADDRESS_TYPE_URL, addresses.clone());
+    handlers.add::<Authorization, _>(AUTHORIZATION_TYPE_URL, policies.clone());
+    let ready = Ready::new();
+    let mut registry = common::metrics::new_registry();
+    let metrics = XdsMetrics::new(&mut registry);
+    let source =
+        LocalSource::new(&path, handlers, &ready, metrics).with_poll_interval(Duration::from_millis(20));
+    assert!(!ready.is_ready());
+    let task = tokio::spawn(source.run());
+    tokio::time::timeout(WAIT, ready.wait()).await.expect("initial load makes the source ready");
+
+    // Initial load: names defaulted, text mapped onto the wire types.
+    let client_uid = "Kubernetes//Pod/demo/client";
+    let echo_uid = "Kubernetes//Pod/demo/echo";
+    let svc = "demo/echo.demo.svc.cluster.local";
+    assert_eq!(addresses.names(), vec![client_uid.to_string(), echo_uid.to_string(), svc.to_string()]);
+    let Some(address::Type::Workload(echo)) = addresses.get(echo_uid).and_then(|a| a.r#type) else {
+        panic!("echo is a workload")
+    };
+    assert_eq!(echo.addresses[0], vec![10, 42, 2, 20]);
+    assert_eq!(echo.addresses[1].len(), 16);
+    assert_eq!(echo.tunnel_protocol(), proto::workload::TunnelProtocol::None);
+    assert_eq!(echo.services[svc].ports[0].target_port, 8080);
+    let Some(address::Type::Service(service)) = addresses.get(svc).and_then(|a| a.r#type) else {
+        panic!("echo service")
+    };
+    assert_eq!(service.ports[0].app_protocol(), proto::workload::AppProtocol::Http2);
+    assert_eq!(service.waypoint.as_ref().map(|w| w.hbone_mtls_port), Some(15008));
+    let lb = service.load_balancing.expect("lb");
+    assert_eq!(lb.mode(), proto::workload::load_balancing::Mode::Failover);
+    let policy = policies.get("demo/deny-intruder").expect("policy");
+    assert_eq!(policy.action(), proto::security::Action::Deny);
+    let m = &policy.rules[0].clauses[0].matches[0];
+    assert_eq!(m.source_ips[0].length, 8);
+    assert_eq!(m.source_ips[1].length, 32);
+    assert_eq!(m.destination_ports, vec![8080]);
+    assert_eq!(m.service_accounts[0].service_account, "intruder");
+    assert!(m.not_principals[0].match_type.is_some());
+
+    // Reload: client moves, the policy goes away.
+    let v2 = V1.replace("10.42.1.10", "10.42.1.11");
+    let v2 = &v2[..v2.find("policies:").expect("policies")];
+    write(&path, v2);
+    until(&*policies, "policy removed", |s| s.is_empty()).await;
+    until(&*addresses, "client moved", |s| {
+        matches!(s.get(client_uid).and_then(|a| a.r#type), Some(address::Type::Workload(w)) if w.addresses == vec![vec![10, 42, 1, 11]])
+    })
+    .await;
+    let echo_version = addresses.version(echo_uid);
+
+    // Not YAML at all, then an unknown enum name: nothing changes.
+    write(&path, "workloads: [ {{{ not yaml");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    write(&path, &v2.replace("tunnelProtocol: NONE", "tunnelProtocol: CARRIER_PIGEON"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(addresses.len(), 3);
+    assert_eq!(addresses.version(echo_uid), echo_version);
+
+    // A resource the handler rejects (service port 0) keeps its previous version, while a valid
+    // change in the same file applies.
+    let v3 = v2.replace(
+        "ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP2}]",
+        "ports: [{servicePort: 0}]",
+    );
+    let v3 = v3.replace("10.42.1.11", "10.42.1.12");
+    let svc_version = addresses.version(svc);
+    write(&path, &v3);
+    until(&*addresses, "client moved again", |s| {
+        matches!(s.get(client_uid).and_then(|a| a.r#type), Some(address::Type::Workload(w)) if w.addresses == vec![vec![10, 42, 1, 12]])
+    })
+    .await;
+    assert_eq!(addresses.version(svc), svc_version, "rejected service keeps its previous state");
+
+    let text = common::metrics::render(&registry);
+    let nacks = format!("istio_xds_nack_total{{url=\"{ADDRESS_TYPE_URL}\"}} 3");
+    assert!(text.contains(&nacks), "two bad files and one rejected resource: {text}");
+    task.abort();
+}
+
+#[test]
+fn demo_config_is_valid() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/local-mesh.yaml"))
+        .expect("demo config");
+    let resources = LocalConfig::from_yaml(&text).expect("parses").to_resources().expect("converts");
+    assert!(resources.len() >= 6);
+    for r in resources {
+        let ok = match r.type_url {
+            ADDRESS_TYPE_URL => {
+                validate::address(&r.name, &prost::Message::decode(r.body.value.as_slice()).expect("decodes"))
+            }
+            _ => validate::authorization(
+                &r.name,
+                &prost::Message::decode(r.body.value.as_slice()).expect("decodes"),
+            ),
+        };
+        assert_eq!(ok, Ok(()), "{}", r.name);
+    }
+}
+
+#[test]
+fn unknown_fields_are_refused_with_their_name() {
+    let err = LocalConfig::from_yaml("workloads: [{name: a, namespace: b, serviceAcount: typo}]")
+        .expect_err("typo");
+    assert!(err.to_string().contains("serviceAcount"), "{err}");
+}
