@@ -106,6 +106,7 @@ pub async fn serve(listener: TcpListener, router: Router, name: &'static str) {
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = conn.await {

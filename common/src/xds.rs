@@ -18,3 +18,26 @@ pub use handler::{Handler, Handlers, Rejection, XdsResource, XdsUpdate};
 pub use local::{LocalConfig, LocalSource};
 pub use metrics::XdsMetrics;
 pub use store::ResourceStore;
+
+/// Where a proxy gets its configuration: a control plane over delta ADS, or a local file.
+#[derive(Clone, Debug)]
+pub enum Source {
+    Xds(XdsConfig),
+    File(std::path::PathBuf),
+}
+
+impl Source {
+    /// Starts feeding `handlers` from this source on a background task. Readiness is blocked
+    /// until the first sync (every type once for xDS, the first good load for a file).
+    pub fn spawn(
+        self,
+        handlers: Handlers,
+        ready: &crate::readiness::Ready,
+        metrics: XdsMetrics,
+    ) -> tokio::task::JoinHandle<()> {
+        match self {
+            Source::Xds(config) => tokio::spawn(XdsClient::new(config, handlers, ready, metrics).run()),
+            Source::File(path) => tokio::spawn(LocalSource::new(path, handlers, ready, metrics).run()),
+        }
+    }
+}

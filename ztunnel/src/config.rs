@@ -1,0 +1,163 @@
+//! ztunnel's configuration: one plain struct, parsed from flags and environment in one place.
+//! Environment names follow Istio's ztunnel so a DaemonSet spec carries over.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::Parser;
+use common::telemetry::LogFormat;
+use common::xds::{NodeInfo, Source, XdsConfig};
+
+/// Admin endpoint (config dump, log level); loopback only.
+pub const DEFAULT_ADMIN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
+/// Prometheus endpoint.
+pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15020);
+/// Readiness endpoint.
+pub const DEFAULT_READINESS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15021);
+/// istiod's xDS address inside a cluster.
+pub const DEFAULT_XDS_ADDRESS: &str = "https://istiod.istio-system.svc:15012";
+
+/// Everything ztunnel needs to start. Tests build it directly.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Config {
+    /// Where workloads, services and policies come from.
+    #[serde(skip)]
+    pub source: Source,
+    /// Human-readable form of `source`, for the start-up log and the config dump.
+    pub source_description: String,
+    /// The node this ztunnel serves (matches workloads' `node` field).
+    pub node_name: String,
+    /// Who we are to the control plane.
+    pub node: NodeInfo,
+    /// Admin server (must be a loopback address).
+    pub admin_addr: SocketAddr,
+    /// Prometheus server.
+    pub metrics_addr: SocketAddr,
+    /// Readiness server.
+    pub readiness_addr: SocketAddr,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// Command line and environment.
+#[derive(Debug, Parser)]
+#[command(name = "ztunnel", version, about = "L4 node proxy of the ambient mesh")]
+pub struct Args {
+    /// Local config YAML (workloads, services, policies) instead of a control plane.
+    #[arg(long, env = "LOCAL_XDS_PATH")]
+    pub local_config: Option<PathBuf>,
+    /// xDS server: `https://host:15012` (istiod) or `http://host:port` (local control plane).
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+    /// PEM root(s) to verify an https xDS server with.
+    #[arg(long, env = "XDS_ROOT_CA", default_value = "/var/run/secrets/istio/root-cert.pem")]
+    pub xds_root_cert: PathBuf,
+    /// TLS name of the xDS server (defaults to the address host).
+    #[arg(long, env = "XDS_SERVER_NAME")]
+    pub xds_server_name: Option<String>,
+    /// Bearer token file sent to the xDS server (a service-account JWT).
+    #[arg(long, env = "XDS_TOKEN_PATH")]
+    pub xds_token_path: Option<PathBuf>,
+    #[arg(long, env = "NODE_NAME", default_value = "local")]
+    pub node_name: String,
+    #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
+    pub pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub pod_namespace: String,
+    #[arg(long, env = "INSTANCE_IP", default_value = "127.0.0.1")]
+    pub instance_ip: String,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    #[arg(long, default_value_t = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    #[arg(long, default_value_t = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, default_value_t = DEFAULT_READINESS_ADDR)]
+    pub readiness_addr: SocketAddr,
+    /// `text` or `json`.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("admin address {0} is not a loopback address; admin is served on localhost only")]
+    AdminNotLoopback(SocketAddr),
+    #[error("give either --local-config or --xds-address, not both")]
+    TwoSources,
+}
+
+impl Config {
+    /// Builds the config from parsed arguments. Binds nothing, spawns nothing.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        if !args.admin_addr.ip().is_loopback() {
+            return Err(ConfigError::AdminNotLoopback(args.admin_addr));
+        }
+        let node = NodeInfo {
+            proxy_type: "ztunnel".into(),
+            ip: args.instance_ip,
+            pod_name: args.pod_name,
+            namespace: args.pod_namespace,
+            node_name: args.node_name.clone(),
+            cluster_id: args.cluster_id,
+            extra: Default::default(),
+        };
+        let (source, source_description) = match (args.local_config, args.xds_address) {
+            (Some(_), Some(_)) => return Err(ConfigError::TwoSources),
+            (Some(path), None) => {
+                let d = format!("file {}", path.display());
+                (Source::File(path), d)
+            }
+            (None, address) => {
+                let address = address.unwrap_or_else(|| DEFAULT_XDS_ADDRESS.to_string());
+                let mut xds = XdsConfig::new(address.clone(), node.clone());
+                xds.root_cert = address.starts_with("https://").then_some(args.xds_root_cert);
+                xds.server_name = args.xds_server_name;
+                xds.token_path = args.xds_token_path;
+                (Source::Xds(xds), format!("xds {address}"))
+            }
+        };
+        Ok(Self {
+            source,
+            source_description,
+            node_name: args.node_name,
+            node,
+            admin_addr: args.admin_addr,
+            metrics_addr: args.metrics_addr,
+            readiness_addr: args.readiness_addr,
+            log_format: args.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let args =
+            Args::try_parse_from(std::iter::once("ztunnel").chain(args.iter().copied())).expect("parses");
+        Config::from_args(args)
+    }
+
+    #[test]
+    fn admin_must_be_loopback() {
+        assert!(matches!(parse(&["--admin-addr", "0.0.0.0:15000"]), Err(ConfigError::AdminNotLoopback(_))));
+        assert!(parse(&["--admin-addr", "127.0.0.1:15000"]).is_ok());
+    }
+
+    #[test]
+    fn one_source_only() {
+        let both = parse(&["--local-config", "a.yaml", "--xds-address", "http://127.0.0.1:1"]);
+        assert!(matches!(both, Err(ConfigError::TwoSources)));
+        let local = parse(&["--local-config", "a.yaml"]).expect("local");
+        assert!(matches!(local.source, Source::File(_)));
+        let istiod = parse(&[]).expect("default");
+        let Source::Xds(x) = istiod.source else { panic!("default is xds") };
+        assert_eq!(x.address, DEFAULT_XDS_ADDRESS);
+        assert!(x.root_cert.is_some(), "https needs a root");
+        let plain = parse(&["--xds-address", "http://127.0.0.1:15010"]).expect("plain");
+        let Source::Xds(x) = plain.source else { panic!("xds") };
+        assert!(x.root_cert.is_none());
+    }
+}

@@ -1,0 +1,39 @@
+//! ztunnel binary: parse config, start the app, run until SIGTERM or Ctrl-C.
+
+use clap::Parser;
+use tracing::info;
+use ztunnel::app::App;
+use ztunnel::config::{Args, Config};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    common::telemetry::init(args.log_format);
+    let config = Config::from_args(args)?;
+    info!(config = %serde_json::to_string(&config)?, "starting ztunnel");
+    let app = App::start(config).await?;
+    let ready = app.ready.clone();
+    tokio::select! {
+        _ = ready.wait() => info!("ztunnel ready"),
+        _ = shutdown_signal() => return Ok(()),
+    }
+    shutdown_signal().await;
+    info!("shutting down");
+    drop(app);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops ztunnel");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
