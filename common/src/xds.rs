@@ -22,7 +22,7 @@ pub use store::ResourceStore;
 /// Where a proxy gets its configuration: a control plane over delta ADS, or a local file.
 #[derive(Clone, Debug)]
 pub enum Source {
-    Xds(XdsConfig),
+    Xds(Box<XdsConfig>),
     File(std::path::PathBuf),
 }
 
@@ -36,7 +36,7 @@ impl Source {
         metrics: XdsMetrics,
     ) -> tokio::task::JoinHandle<()> {
         match self {
-            Source::Xds(config) => tokio::spawn(XdsClient::new(config, handlers, ready, metrics).run()),
+            Source::Xds(config) => tokio::spawn(XdsClient::new(*config, handlers, ready, metrics).run()),
             Source::File(path) => tokio::spawn(LocalSource::new(path, handlers, ready, metrics).run()),
         }
     }

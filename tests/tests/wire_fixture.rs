@@ -150,7 +150,7 @@ fn workload_fixture_decodes_every_field() {
     assert_eq!(w.workload_type(), wl::WorkloadType::Pod);
     assert_eq!(w.workload_name, "echo-deploy");
     assert!(w.native_tunnel);
-    let at = w.application_tunnel.clone().expect("application tunnel");
+    let at = w.application_tunnel.expect("application tunnel");
     assert_eq!(at.protocol(), wl::application_tunnel::Protocol::Proxy);
     assert_eq!(at.port, 15088);
     let ports = &w.services["default/echo.default.svc.cluster.local"].ports;

@@ -32,7 +32,7 @@ async fn ready_after_first_sync_with_dump_and_metrics() {
     let node = NodeInfo { proxy_type: "ztunnel".into(), ..Default::default() };
     let mut xds = XdsConfig::new(format!("http://{addr}"), node);
     xds.backoff_max = Duration::from_millis(100);
-    let app = App::start(config(Source::Xds(xds))).await.expect("app starts");
+    let app = App::start(config(Source::Xds(Box::new(xds)))).await.expect("app starts");
     let (status, body) = get(app.readiness_addr, "/healthz/ready").await.expect("readiness");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("xds initial sync"), "{body}");

@@ -114,7 +114,7 @@ impl Config {
                 xds.root_cert = address.starts_with("https://").then_some(args.xds_root_cert);
                 xds.server_name = args.xds_server_name;
                 xds.token_path = args.xds_token_path;
-                (Source::Xds(xds), format!("xds {address}"))
+                (Source::Xds(Box::new(xds)), format!("xds {address}"))
             }
         };
         Ok(Self {

@@ -183,8 +183,8 @@ mod tests {
         let recorder = Arc::new(Recorder::default());
         let mut handlers = Handlers::new();
         handlers.add::<proto::workload::Address, _>(proto::ADDRESS_TYPE_URL, recorder.clone());
-        let good = prost_types::Any::from_msg(&proto::workload::Address::default()).expect("encode");
-        let good = prost_types::Any { type_url: proto::ADDRESS_TYPE_URL.into(), value: good.value };
+        let value = prost::Message::encode_to_vec(&proto::workload::Address::default());
+        let good = prost_types::Any { type_url: proto::ADDRESS_TYPE_URL.into(), value };
         let garbage =
             prost_types::Any { type_url: proto::ADDRESS_TYPE_URL.into(), value: vec![0xff, 0xff, 0xff] };
         let mistyped = prost_types::Any { type_url: "type.googleapis.com/x.Y".into(), value: vec![] };
