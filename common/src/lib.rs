@@ -2,7 +2,9 @@
 //! metrics and admin plumbing, and logging setup.
 
 pub mod admin;
+pub mod identity;
 pub mod metrics;
 pub mod readiness;
 pub mod telemetry;
+pub mod tls;
 pub mod xds;
