@@ -2,6 +2,7 @@
 //! metrics and admin plumbing, and logging setup.
 
 pub mod admin;
+pub mod hbone;
 pub mod identity;
 pub mod metrics;
 pub mod readiness;

@@ -1,0 +1,106 @@
+//! HBONE client: one mTLS HTTP/2 connection to a peer proxy, multiplexing CONNECT streams.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use super::HboneStream;
+use super::connect::Authority;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connect to {addr}: {source}")]
+    Tcp { addr: SocketAddr, source: std::io::Error },
+    #[error("TLS to {addr}: {source}")]
+    Tls { addr: SocketAddr, source: std::io::Error },
+    #[error("TLS handshake to {0} timed out")]
+    HandshakeTimeout(SocketAddr),
+    #[error("HTTP/2 to {addr}: {source}")]
+    Http2 { addr: SocketAddr, source: hyper::Error },
+    #[error("CONNECT {authority} via {addr} answered {status}")]
+    Status { addr: SocketAddr, authority: String, status: StatusCode },
+    #[error("bad CONNECT request for {0}")]
+    BadRequest(String),
+}
+
+/// An mTLS HTTP/2 connection to one peer (its ztunnel or waypoint on 15008).
+#[derive(Clone, Debug)]
+pub struct Connection {
+    addr: SocketAddr,
+    sender: SendRequest<Empty<Bytes>>,
+}
+
+impl Connection {
+    /// Dials `addr`, handshakes mTLS with `config` (which fixes the identity expected of the
+    /// server) and HTTP/2.
+    pub async fn connect(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Result<Self, ClientError> {
+        let tcp =
+            tokio::net::TcpStream::connect(addr).await.map_err(|source| ClientError::Tcp { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        // The verifier ignores the name; the identity check is by URI SAN.
+        let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+        let tls =
+            tokio::time::timeout(super::HANDSHAKE_TIMEOUT, TlsConnector::from(config).connect(name, tcp))
+                .await
+                .map_err(|_| ClientError::HandshakeTimeout(addr))?
+                .map_err(|source| ClientError::Tls { addr, source })?;
+        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(super::STREAM_WINDOW)
+            .initial_connection_window_size(super::CONNECTION_WINDOW)
+            .max_frame_size(super::MAX_FRAME_SIZE)
+            .keep_alive_interval(super::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(super::KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        let (sender, conn) = builder
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| ClientError::Http2 { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%addr, error = %e, "HBONE connection closed");
+            }
+        });
+        Ok(Self { addr, sender })
+    }
+
+    /// The peer address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// False once the connection can no longer carry new streams.
+    pub fn is_open(&self) -> bool {
+        !self.sender.is_closed()
+    }
+
+    /// Opens a CONNECT stream to `authority` with extra `headers` (baggage, forwarded, ...).
+    pub async fn open(&self, authority: &Authority, headers: HeaderMap) -> Result<HboneStream, ClientError> {
+        let addr = self.addr;
+        let target = authority.to_string();
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(&target)
+            .body(Empty::new())
+            .map_err(|_| ClientError::BadRequest(target.clone()))?;
+        req.headers_mut().extend(headers);
+        let mut sender = self.sender.clone();
+        sender.ready().await.map_err(|source| ClientError::Http2 { addr, source })?;
+        let response =
+            sender.send_request(req).await.map_err(|source| ClientError::Http2 { addr, source })?;
+        if response.status() != StatusCode::OK {
+            return Err(ClientError::Status { addr, authority: target, status: response.status() });
+        }
+        let upgraded =
+            hyper::upgrade::on(response).await.map_err(|source| ClientError::Http2 { addr, source })?;
+        Ok(TokioIo::new(upgraded))
+    }
+}

@@ -1,0 +1,179 @@
+//! HBONE over loopback with real certificates from the local CA: CONNECT streams carry bytes
+//! both ways with half-close, the server's handler sees the peer identity and authority and
+//! may refuse, malformed CONNECTs get 400, and one connection multiplexes many streams.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::hbone::client::{ClientError, Connection};
+use common::hbone::connect::Authority;
+use common::hbone::server::{self, ConnectRequest, Decision};
+use common::identity::{Identity, LocalCa};
+use common::tls;
+use http::{HeaderMap, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+const HOUR: Duration = Duration::from_secs(3600);
+const TRAILER: &[u8] = b"<eof seen>";
+
+fn id(sa: &str) -> Identity {
+    Identity::new("cluster.local", "default", sa).expect("identity")
+}
+
+/// An upstream that echoes until the client half-closes, then sends a trailer and closes.
+async fn echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let _ = s.write_all(TRAILER).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+struct Setup {
+    hbone: SocketAddr,
+    client: Arc<rustls::ClientConfig>,
+    seen: mpsc::UnboundedReceiver<(Identity, Authority, Option<String>)>,
+}
+
+/// Starts an HBONE server as `echo` that forwards to the requested address unless the
+/// authority's port is 4010 (refused with 401).
+async fn setup() -> Setup {
+    let ca = LocalCa::generate("cluster.local").expect("ca");
+    let server_cert = ca.issue(&id("echo"), HOUR).expect("server cert");
+    let client_cert = ca.issue(&id("client"), HOUR).expect("client cert");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hbone = listener.local_addr().expect("addr");
+    let (tx, seen) = mpsc::unbounded_channel();
+    let handler = move |req: ConnectRequest| -> server::BoxFuture<Decision> {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let baggage = req.headers.get("baggage").and_then(|v| v.to_str().ok()).map(String::from);
+            let _ = tx.send((req.peer.clone(), req.authority.clone(), baggage));
+            let Authority::Addr(target) = req.authority else {
+                return Decision::Refuse(StatusCode::BAD_REQUEST, "hostname".into());
+            };
+            if target.port() == 4010 {
+                return Decision::Refuse(StatusCode::UNAUTHORIZED, "policy".into());
+            }
+            match tokio::net::TcpStream::connect(target).await {
+                Err(e) => Decision::Refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+                Ok(mut upstream) => Decision::Accept(Box::new(move |mut stream| {
+                    Box::pin(async move {
+                        let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+                    })
+                })),
+            }
+        })
+    };
+    let config = Arc::new(tls::server_config(&server_cert).expect("server config"));
+    tokio::spawn(server::serve(listener, config, "cluster.local".into(), Arc::new(handler)));
+    let client = Arc::new(tls::client_config(&client_cert, vec![id("echo")]).expect("client config"));
+    Setup { hbone, client, seen }
+}
+
+#[tokio::test]
+async fn tunnel_carries_bytes_both_ways_with_half_close() {
+    let mut s = setup().await;
+    let upstream = echo_upstream().await;
+    let conn = Connection::connect(s.hbone, s.client.clone()).await.expect("HBONE connection");
+    let mut headers = HeaderMap::new();
+    headers.insert("baggage", "k8s.namespace.name=default".parse().expect("header"));
+    let stream = conn.open(&Authority::Addr(upstream), headers).await.expect("CONNECT accepted");
+    let (peer, authority, baggage) = s.seen.recv().await.expect("handler saw the request");
+    assert_eq!(peer, id("client"), "server sees the client's identity");
+    assert_eq!(authority, Authority::Addr(upstream));
+    assert_eq!(baggage.as_deref(), Some("k8s.namespace.name=default"));
+
+    // 3 MiB up, then half-close; everything comes back, then the upstream's own data after it
+    // saw our EOF, then EOF.
+    let payload: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let expected_len = payload.len() + TRAILER.len();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&payload).await.expect("write");
+        wr.shutdown().await.expect("half-close");
+        payload
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut got))
+        .await
+        .expect("no hang")
+        .expect("read");
+    let payload = writer.await.expect("writer");
+    assert_eq!(got.len(), expected_len);
+    assert_eq!(&got[..payload.len()], &payload[..]);
+    assert_eq!(&got[payload.len()..], TRAILER);
+}
+
+#[tokio::test]
+async fn handler_refusals_and_bad_connects_get_their_status() {
+    let s = setup().await;
+    let conn = Connection::connect(s.hbone, s.client.clone()).await.expect("HBONE connection");
+    let refused =
+        conn.open(&Authority::Addr("127.0.0.1:4010".parse().expect("addr")), HeaderMap::new()).await;
+    assert!(
+        matches!(refused, Err(ClientError::Status { status: StatusCode::UNAUTHORIZED, .. })),
+        "{refused:?}"
+    );
+    // Port 1 on loopback has no listener: upstream connect failure is 503.
+    let dead = conn.open(&Authority::Addr("127.0.0.1:1".parse().expect("addr")), HeaderMap::new()).await;
+    assert!(
+        matches!(dead, Err(ClientError::Status { status: StatusCode::SERVICE_UNAVAILABLE, .. })),
+        "{dead:?}"
+    );
+    // A malformed authority never reaches the handler: 400.
+    let bad = conn.open(&Authority::Host { host: "1.2.3".into(), port: 80 }, HeaderMap::new()).await;
+    assert!(matches!(bad, Err(ClientError::Status { status: StatusCode::BAD_REQUEST, .. })), "{bad:?}");
+    // The connection survives refusals.
+    assert!(conn.is_open());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_multiplexes_many_streams() {
+    let s = setup().await;
+    let upstream = echo_upstream().await;
+    let conn = Connection::connect(s.hbone, s.client.clone()).await.expect("HBONE connection");
+    async fn round_trip(conn: &Connection, upstream: SocketAddr, i: usize) {
+        let mut stream = conn.open(&Authority::Addr(upstream), HeaderMap::new()).await.expect("stream");
+        let msg = format!("hello {i}");
+        stream.write_all(msg.as_bytes()).await.expect("write");
+        stream.shutdown().await.expect("shutdown");
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, [msg.as_bytes(), TRAILER].concat());
+    }
+    for i in 0..300 {
+        round_trip(&conn, upstream, i).await;
+    }
+    // 150 at once: more than fit under one server's stream limit are queued, not failed.
+    let mut tasks = Vec::new();
+    for i in 0..150 {
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move { round_trip(&conn, upstream, i).await }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(30), t).await.expect("no hang").expect("stream ok");
+    }
+}
