@@ -3,3 +3,34 @@
 
 pub mod http;
 pub mod xds_server;
+
+use std::sync::Arc;
+
+use common::xds::{Handlers, ResourceStore, validate};
+use proto::security::Authorization;
+use proto::workload::Address;
+
+/// The two stores a ztunnel-like consumer holds, and the handlers that feed them.
+pub struct Stores {
+    pub addresses: Arc<ResourceStore<Address>>,
+    pub policies: Arc<ResourceStore<Authorization>>,
+    pub handlers: Handlers,
+}
+
+impl Stores {
+    /// Address and Authorization stores validating on receipt, registered for their type URLs.
+    pub fn new() -> Self {
+        let addresses = ResourceStore::<Address>::new(validate::address);
+        let policies = ResourceStore::<Authorization>::new(validate::authorization);
+        let mut handlers = Handlers::new();
+        handlers.add::<Address, _>(proto::ADDRESS_TYPE_URL, addresses.clone());
+        handlers.add::<Authorization, _>(proto::AUTHORIZATION_TYPE_URL, policies.clone());
+        Self { addresses, policies, handlers }
+    }
+}
+
+impl Default for Stores {
+    fn default() -> Self {
+        Self::new()
+    }
+}

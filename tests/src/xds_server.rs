@@ -96,15 +96,7 @@ impl XdsStore {
 
     /// Adds many resources with a single wake-up.
     pub fn insert_many(&self, resources: impl IntoIterator<Item = EncodedResource>) {
-        {
-            let mut all = self.lock();
-            for r in resources {
-                let version = version_of(&r.body);
-                all.entry(r.type_url.to_string())
-                    .or_default()
-                    .insert(r.name, Stored { version, body: r.body });
-            }
-        }
+        put_all(&mut self.lock(), resources);
         self.bump();
     }
 
@@ -119,12 +111,7 @@ impl XdsStore {
         {
             let mut all = self.lock();
             all.clear();
-            for r in resources {
-                let version = version_of(&r.body);
-                all.entry(r.type_url.to_string())
-                    .or_default()
-                    .insert(r.name, Stored { version, body: r.body });
-            }
+            put_all(&mut all, resources);
         }
         self.bump();
     }
@@ -207,6 +194,16 @@ impl XdsStore {
             held.remove(name);
         }
         (resources, removed)
+    }
+}
+
+fn put_all(
+    all: &mut BTreeMap<String, BTreeMap<String, Stored>>,
+    resources: impl IntoIterator<Item = EncodedResource>,
+) {
+    for r in resources {
+        let version = version_of(&r.body);
+        all.entry(r.type_url.to_string()).or_default().insert(r.name, Stored { version, body: r.body });
     }
 }
 

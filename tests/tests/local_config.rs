@@ -5,10 +5,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::readiness::Ready;
-use common::xds::{Handlers, LocalConfig, LocalSource, ResourceStore, XdsMetrics, validate};
-use proto::security::Authorization;
-use proto::workload::{Address, address};
-use proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use common::xds::{LocalConfig, LocalSource, XdsMetrics, validate};
+use proto::ADDRESS_TYPE_URL;
+use proto::workload::address;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -70,11 +69,7 @@ async fn file_source_loads_reloads_and_keeps_last_good_state() {
     let path = dir.path().join("mesh.yaml");
     write(&path, V1);
 
-    let addresses = ResourceStore::<Address>::new(validate::address);
-    let policies = ResourceStore::<Authorization>::new(validate::authorization);
-    let mut handlers = Handlers::new();
-    handlers.add::<Address, _>(ADDRESS_TYPE_URL, addresses.clone());
-    handlers.add::<Authorization, _>(AUTHORIZATION_TYPE_URL, policies.clone());
+    let mesh_tests::Stores { addresses, policies, handlers } = mesh_tests::Stores::new();
     let ready = Ready::new();
     let mut registry = common::metrics::new_registry();
     let metrics = XdsMetrics::new(&mut registry);

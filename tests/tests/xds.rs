@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::readiness::Ready;
-use common::xds::{Handlers, NodeInfo, ResourceStore, XdsClient, XdsConfig, XdsMetrics, validate};
+use common::xds::{NodeInfo, ResourceStore, XdsClient, XdsConfig, XdsMetrics};
 use mesh_tests::xds_server::{self, XdsStore};
 use proto::security::Authorization;
 use proto::workload::{Address, Workload, address};
@@ -64,11 +64,7 @@ impl Client {
 }
 
 fn start_client(url: String) -> Client {
-    let addresses = ResourceStore::<Address>::new(validate::address);
-    let policies = ResourceStore::<Authorization>::new(validate::authorization);
-    let mut handlers = Handlers::new();
-    handlers.add::<Address, _>(ADDRESS_TYPE_URL, addresses.clone());
-    handlers.add::<Authorization, _>(AUTHORIZATION_TYPE_URL, policies.clone());
+    let mesh_tests::Stores { addresses, policies, handlers } = mesh_tests::Stores::new();
     let ready = Ready::new();
     let mut registry = common::metrics::new_registry();
     let metrics = XdsMetrics::new(&mut registry);
