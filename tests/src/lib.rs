@@ -10,6 +10,21 @@ use common::xds::{Handlers, ResourceStore, validate};
 use proto::security::Authorization;
 use proto::workload::Address;
 
+/// How long a test waits for state to converge before failing.
+pub const CONVERGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Waits until `pred` holds for `store` (re-checked on every change), failing the test with
+/// `what` after [`CONVERGE_TIMEOUT`].
+pub async fn until<T: Clone + Send + Sync + 'static>(
+    store: &ResourceStore<T>,
+    what: &str,
+    pred: impl Fn(&ResourceStore<T>) -> bool,
+) {
+    if tokio::time::timeout(CONVERGE_TIMEOUT, store.wait_for(pred)).await.is_err() {
+        panic!("timed out waiting for: {what}");
+    }
+}
+
 /// The two stores a ztunnel-like consumer holds, and the handlers that feed them.
 pub struct Stores {
     pub addresses: Arc<ResourceStore<Address>>,

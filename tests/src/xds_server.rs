@@ -153,11 +153,22 @@ impl XdsStore {
         timeout: Duration,
         pred: impl Fn(&ClientReply) -> bool,
     ) -> Option<ClientReply> {
+        let replies = self.wait_replies(timeout, |all| all.iter().any(&pred)).await?;
+        replies.into_iter().find(|r| pred(r))
+    }
+
+    /// Waits up to `timeout` until the replies received so far satisfy `pred`; returns them.
+    pub async fn wait_replies(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[ClientReply]) -> bool,
+    ) -> Option<Vec<ClientReply>> {
         let mut rx = self.replies_changed.subscribe();
         let wait = async {
             loop {
-                if let Some(r) = self.replies().into_iter().find(|r| pred(r)) {
-                    return r;
+                let replies = self.replies();
+                if pred(&replies) {
+                    return replies;
                 }
                 if rx.changed().await.is_err() {
                     std::future::pending::<()>().await;

@@ -2,10 +2,11 @@
 //! resources leaving the previous state in force.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::readiness::Ready;
 use common::xds::{LocalConfig, LocalSource, XdsMetrics, validate};
+use mesh_tests::until;
 use proto::ADDRESS_TYPE_URL;
 use proto::workload::address;
 
@@ -53,14 +54,6 @@ fn write(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write config");
     std::fs::rename(&tmp, path).expect("rename config");
-}
-
-async fn until<S>(store: &S, what: &str, pred: impl Fn(&S) -> bool) {
-    let start = Instant::now();
-    while !pred(store) {
-        assert!(start.elapsed() < WAIT, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::readiness::Ready;
+use common::xds::local::EncodedResource;
 use common::xds::{NodeInfo, ResourceStore, XdsClient, XdsConfig, XdsMetrics};
+use mesh_tests::until;
 use mesh_tests::xds_server::{self, XdsStore};
 use proto::security::Authorization;
 use proto::workload::{Address, Workload, address};
@@ -83,14 +85,6 @@ fn start_client(url: String) -> Client {
     Client { addresses, policies, ready, registry, task }
 }
 
-async fn until<S>(store: &S, what: &str, pred: impl Fn(&S) -> bool) {
-    let start = Instant::now();
-    while !pred(store) {
-        assert!(start.elapsed() < WAIT, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 async fn server() -> xds_server::XdsServerHandle {
     xds_server::start("127.0.0.1:0".parse().expect("addr"), XdsStore::new()).await.expect("start server")
 }
@@ -126,8 +120,9 @@ async fn initial_sync_update_and_removal() {
     until(&*client.policies, "removal of policy", |s| s.is_empty()).await;
     assert!(client.addresses.get(&a).is_some());
 
-    // Every push so far was ACKed.
-    let replies = server.store.replies();
+    // Every push so far was ACKed (ACKs follow the apply, so wait for them to arrive).
+    let replies =
+        server.store.wait_replies(WAIT, |r| r.len() >= 4).await.unwrap_or_else(|| server.store.replies());
     assert!(replies.len() >= 4, "{replies:?}");
     assert!(replies.iter().all(|r| r.error.is_none()), "unexpected NACK: {replies:?}");
     let metrics = client.metrics();
@@ -162,22 +157,8 @@ async fn bad_resources_are_nacked_and_old_state_kept() {
     }
     let (d, wd) = workload("d", [10, 0, 0, 4]);
     server.store.insert_many([
-        common::xds::local::EncodedResource {
-            type_url: ADDRESS_TYPE_URL,
-            name: c.clone(),
-            body: prost_types::Any {
-                type_url: ADDRESS_TYPE_URL.into(),
-                value: prost::Message::encode_to_vec(&wc),
-            },
-        },
-        common::xds::local::EncodedResource {
-            type_url: ADDRESS_TYPE_URL,
-            name: d.clone(),
-            body: prost_types::Any {
-                type_url: ADDRESS_TYPE_URL.into(),
-                value: prost::Message::encode_to_vec(&wd),
-            },
-        },
+        EncodedResource::new(ADDRESS_TYPE_URL, c.clone(), &wc),
+        EncodedResource::new(ADDRESS_TYPE_URL, d.clone(), &wd),
     ]);
     let nack = server
         .store
@@ -225,7 +206,11 @@ async fn dropped_stream_reconnects_with_initial_versions() {
     until(&*client.addresses, "b after reconnect", |s| s.get(&b).is_some()).await;
     // The resubscription carried a's version, so a was not resent: the client received
     // exactly two Address resources in total (a once, b once).
-    let replies = server.store.replies();
+    let replies = server
+        .store
+        .wait_replies(WAIT, |r| r.len() > acks_before)
+        .await
+        .unwrap_or_else(|| server.store.replies());
     assert!(replies.len() > acks_before);
     let metrics = client.metrics();
     assert!(
@@ -269,19 +254,12 @@ async fn server_restart_converges() {
     second.stop().await;
 }
 
-fn many_workloads(n: usize) -> Vec<common::xds::local::EncodedResource> {
+fn many_workloads(n: usize) -> Vec<EncodedResource> {
     (0..n)
         .map(|i| {
             let ip = [10, (i >> 16) as u8, (i >> 8) as u8, i as u8];
             let (name, w) = workload(&format!("w{i}"), ip);
-            common::xds::local::EncodedResource {
-                type_url: ADDRESS_TYPE_URL,
-                name,
-                body: prost_types::Any {
-                    type_url: ADDRESS_TYPE_URL.into(),
-                    value: prost::Message::encode_to_vec(&w),
-                },
-            }
+            EncodedResource::new(ADDRESS_TYPE_URL, name, &w)
         })
         .collect()
 }

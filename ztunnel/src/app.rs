@@ -86,9 +86,9 @@ fn admin_routes(
     policies: &Arc<ResourceStore<Authorization>>,
 ) -> Router {
     let config_json = serde_json::to_value(config).unwrap_or_default();
+    let router = admin::readiness_routes(Router::new(), ready.clone());
     let (ready, addresses, policies) = (ready.clone(), addresses.clone(), policies.clone());
-    let ready2 = ready.clone();
-    admin::readiness_routes(Router::new(), ready2).route("/config_dump", move |_| {
+    router.route("/config_dump", move |_| {
         Reply::json(&serde_json::json!({
             "config": config_json,
             "ready": ready.is_ready(),

@@ -43,7 +43,7 @@ fn webpki_error(e: webpki::Error) -> Error {
         W::InvalidSignatureForPublicKey => CertificateError::BadSignature,
         W::CertNotValidForName(_) => CertificateError::NotValidForName,
         W::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
-        other => CertificateError::Other(OtherError(Arc::new(webpki_other(other)))),
+        other => return refused(WebpkiOther(other)),
     };
     Error::InvalidCertificate(c)
 }
@@ -52,8 +52,9 @@ fn webpki_error(e: webpki::Error) -> Error {
 #[error("certificate refused: {0:?}")]
 struct WebpkiOther(webpki::Error);
 
-fn webpki_other(e: webpki::Error) -> WebpkiOther {
-    WebpkiOther(e)
+/// A certificate refused for a reason rustls has no variant for.
+fn refused(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -76,30 +77,22 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             None,
         )
         .map_err(webpki_error)?;
-        let info = LeafInfo::parse(end_entity)
-            .map_err(|e| Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))?;
+        let info = LeafInfo::parse(end_entity).map_err(refused)?;
         let presented = match info.identity {
             Some(Ok(id)) => id,
-            Some(Err(e)) => {
-                return Err(Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))));
-            }
+            Some(Err(e)) => return Err(refused(e)),
             None => {
-                return Err(Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
-                    IdentityMismatch {
-                        presented: "no spiffe:// URI SAN".into(),
-                        expected: self.expected_list(),
-                    },
-                )))));
+                let presented = "no spiffe:// URI SAN".to_string();
+                return Err(refused(IdentityMismatch { presented, expected: self.expected_list() }));
             }
         };
-        if self.expected.contains(&presented) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(IdentityMismatch {
+        if !self.expected.contains(&presented) {
+            return Err(refused(IdentityMismatch {
                 presented: presented.to_string(),
                 expected: self.expected_list(),
-            })))))
+            }));
         }
+        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

@@ -27,7 +27,6 @@ async fn main() -> anyhow::Result<()> {
     common::telemetry::init(common::telemetry::LogFormat::Text);
     let args = Args::parse();
     let store = xds_server::XdsStore::new();
-    let mut last = String::new();
     let read = |path: &Option<PathBuf>| -> anyhow::Result<String> {
         match path {
             Some(p) => Ok(std::fs::read_to_string(p)?),
@@ -37,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
     let text = read(&args.config)?;
     let n = store.load_yaml(&text)?;
     tracing::info!(resources = n, source = ?args.config, "loaded config");
-    last.clone_from(&text);
+    let mut last = text;
     let server = xds_server::start(args.listen, store.clone()).await?;
     tracing::info!(url = %server.url(), "serving");
     loop {

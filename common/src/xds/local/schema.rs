@@ -634,11 +634,11 @@ pub struct EncodedResource {
     pub body: prost_types::Any,
 }
 
-fn encode<M: prost::Message>(type_url: &'static str, name: String, msg: &M) -> EncodedResource {
-    EncodedResource {
-        type_url,
-        name,
-        body: prost_types::Any { type_url: type_url.into(), value: msg.encode_to_vec() },
+impl EncodedResource {
+    /// Encodes `msg` as the body of resource `name` of `type_url`.
+    pub fn new<M: prost::Message>(type_url: &'static str, name: String, msg: &M) -> Self {
+        let body = prost_types::Any { type_url: type_url.into(), value: msg.encode_to_vec() };
+        Self { type_url, name, body }
     }
 }
 
@@ -657,18 +657,18 @@ impl LocalConfig {
             let name = w.resource_name();
             let workload = w.to_proto().map_err(err(format!("workload {name}")))?;
             let address = wl::Address { r#type: Some(wl::address::Type::Workload(workload)) };
-            out.push(encode(proto::ADDRESS_TYPE_URL, name, &address));
+            out.push(EncodedResource::new(proto::ADDRESS_TYPE_URL, name, &address));
         }
         for s in &self.services {
             let name = s.resource_name();
             let service = s.to_proto().map_err(err(format!("service {name}")))?;
             let address = wl::Address { r#type: Some(wl::address::Type::Service(service)) };
-            out.push(encode(proto::ADDRESS_TYPE_URL, name, &address));
+            out.push(EncodedResource::new(proto::ADDRESS_TYPE_URL, name, &address));
         }
         for p in &self.policies {
             let name = p.resource_name();
             let policy = p.to_proto().map_err(err(format!("policy {name}")))?;
-            out.push(encode(proto::AUTHORIZATION_TYPE_URL, name, &policy));
+            out.push(EncodedResource::new(proto::AUTHORIZATION_TYPE_URL, name, &policy));
         }
         Ok(out)
     }
