@@ -2,6 +2,9 @@
 //! metrics and admin plumbing, and logging setup.
 
 pub mod admin;
+pub mod backoff;
+pub mod copy;
+pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;

@@ -43,9 +43,9 @@ fn client_config(url: String, root_pem: &str, token: &str) -> Setup {
     std::fs::write(&token_path, format!("{token}\n")).expect("token");
     let node = NodeInfo { proxy_type: "ztunnel".into(), ip: "10.0.0.5".into(), ..Default::default() };
     let mut config = XdsConfig::new(url, node);
-    config.root_cert = Some(root);
-    config.token_path = Some(token_path);
-    config.server_name = Some(SERVER_NAME.into());
+    config.target.root_cert = Some(root);
+    config.target.token_path = Some(token_path);
+    config.target.server_name = Some(SERVER_NAME.into());
     config.backoff_max = Duration::from_millis(200);
     Setup { _dir: dir, config }
 }

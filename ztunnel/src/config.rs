@@ -111,9 +111,9 @@ impl Config {
             (None, address) => {
                 let address = address.unwrap_or_else(|| DEFAULT_XDS_ADDRESS.to_string());
                 let mut xds = XdsConfig::new(address.clone(), node.clone());
-                xds.root_cert = address.starts_with("https://").then_some(args.xds_root_cert);
-                xds.server_name = args.xds_server_name;
-                xds.token_path = args.xds_token_path;
+                xds.target.root_cert = address.starts_with("https://").then_some(args.xds_root_cert);
+                xds.target.server_name = args.xds_server_name;
+                xds.target.token_path = args.xds_token_path;
                 (Source::Xds(Box::new(xds)), format!("xds {address}"))
             }
         };
@@ -154,10 +154,10 @@ mod tests {
         assert!(matches!(local.source, Source::File(_)));
         let istiod = parse(&[]).expect("default");
         let Source::Xds(x) = istiod.source else { panic!("default is xds") };
-        assert_eq!(x.address, DEFAULT_XDS_ADDRESS);
-        assert!(x.root_cert.is_some(), "https needs a root");
+        assert_eq!(x.target.address, DEFAULT_XDS_ADDRESS);
+        assert!(x.target.root_cert.is_some(), "https needs a root");
         let plain = parse(&["--xds-address", "http://127.0.0.1:15010"]).expect("plain");
         let Source::Xds(x) = plain.source else { panic!("xds") };
-        assert!(x.root_cert.is_none());
+        assert!(x.target.root_cert.is_none());
     }
 }

@@ -6,20 +6,18 @@
 //! error reconnect with jittered exponential backoff.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status};
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 
 use super::handler::{Handlers, RawResource};
 use super::metrics::{ReasonLabels, XdsMetrics};
+use crate::backoff::Backoff;
+use crate::grpc::{GrpcError, GrpcTarget};
 use crate::readiness::{BlockReady, Ready};
 
 /// Default first reconnect delay (Istio's client starts at ~10 ms).
@@ -36,14 +34,8 @@ const MAX_NACK_MESSAGE: usize = 4096;
 /// Where and how to reach the control plane.
 #[derive(Clone, Debug)]
 pub struct XdsConfig {
-    /// `http://host:port` (plaintext, local control plane) or `https://host:port` (istiod, 15012).
-    pub address: String,
-    /// PEM root(s) that sign the server's certificate; required for `https`.
-    pub root_cert: Option<PathBuf>,
-    /// TLS server name to verify (istiod's is `istiod.istio-system.svc`); defaults to the host.
-    pub server_name: Option<String>,
-    /// File holding a bearer token (a Kubernetes service-account JWT), re-read on every connect.
-    pub token_path: Option<PathBuf>,
+    /// The server (istiod's 15012, or the local control plane) and how to authenticate.
+    pub target: GrpcTarget,
     /// Who we are, sent to the server.
     pub node: NodeInfo,
     /// First reconnect delay.
@@ -55,10 +47,7 @@ pub struct XdsConfig {
 impl XdsConfig {
     pub fn new(address: impl Into<String>, node: NodeInfo) -> Self {
         Self {
-            address: address.into(),
-            root_cert: None,
-            server_name: None,
-            token_path: None,
+            target: GrpcTarget::new(address),
             node,
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
@@ -115,14 +104,8 @@ impl NodeInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum XdsError {
-    #[error("invalid xDS address {address:?}: {source}")]
-    Address { address: String, source: tonic::transport::Error },
-    #[error("cannot read {what} {path:?}: {source}")]
-    ReadFile { what: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("https xDS address {0:?} needs a root certificate")]
-    MissingRoot(String),
-    #[error("bearer token in {0:?} is not a valid header value")]
-    BadToken(PathBuf),
+    #[error("xDS: {0}")]
+    Target(#[from] GrpcError),
     #[error("cannot connect to {address}: {source}")]
     Connect { address: String, source: tonic::transport::Error },
     #[error("xDS stream to {address} failed: {status}")]
@@ -165,7 +148,7 @@ impl XdsClient {
 
     /// Runs forever: connect, stream, reconnect with backoff.
     pub async fn run(mut self) {
-        let mut backoff = self.config.backoff_initial;
+        let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         loop {
             let mut got_response = false;
             let result = self.stream_once(&mut got_response).await;
@@ -180,24 +163,23 @@ impl XdsClient {
                 .get_or_create(&ReasonLabels { reason: reason.to_string() })
                 .inc();
             if got_response {
-                backoff = self.config.backoff_initial;
+                backoff.reset();
             }
-            let delay = jitter(backoff);
+            let delay = backoff.next_delay();
             match result {
                 Ok(()) => {
-                    info!(address = %self.config.address, ?delay, "xDS stream closed by server, reconnecting")
+                    info!(address = %self.config.target.address, ?delay, "xDS stream closed by server, reconnecting")
                 }
                 Err(e) => warn!(error = %e, ?delay, "xDS stream ended, reconnecting"),
             }
             tokio::time::sleep(delay).await;
-            backoff = (backoff * 2).min(self.config.backoff_max);
         }
     }
 
     async fn stream_once(&mut self, got_response: &mut bool) -> Result<(), XdsError> {
-        let address = self.config.address.clone();
-        let endpoint = self.endpoint()?;
-        let token = self.token()?;
+        let address = self.config.target.address.clone();
+        let endpoint = self.config.target.endpoint()?;
+        let token = self.config.target.bearer()?;
         let channel = endpoint
             .connect()
             .await
@@ -243,44 +225,6 @@ impl XdsClient {
             let reply = self.on_response(response);
             tx.send(reply).await.map_err(|_| XdsError::RequestsClosed(address.clone()))?;
         }
-    }
-
-    fn endpoint(&self) -> Result<Endpoint, XdsError> {
-        let address = &self.config.address;
-        let mut endpoint = Endpoint::from_shared(address.clone())
-            .map_err(|source| XdsError::Address { address: address.clone(), source })?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
-        if address.starts_with("https://") {
-            let path =
-                self.config.root_cert.as_ref().ok_or_else(|| XdsError::MissingRoot(address.clone()))?;
-            let pem = std::fs::read(path).map_err(|source| XdsError::ReadFile {
-                what: "xDS root certificate",
-                path: path.clone(),
-                source,
-            })?;
-            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
-            if let Some(name) = &self.config.server_name {
-                tls = tls.domain_name(name.clone());
-            }
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|source| XdsError::Address { address: address.clone(), source })?;
-        }
-        Ok(endpoint)
-    }
-
-    fn token(&self) -> Result<Option<MetadataValue<tonic::metadata::Ascii>>, XdsError> {
-        let Some(path) = &self.config.token_path else { return Ok(None) };
-        let token = std::fs::read_to_string(path).map_err(|source| XdsError::ReadFile {
-            what: "bearer token",
-            path: path.clone(),
-            source,
-        })?;
-        let value = format!("Bearer {}", token.trim());
-        value.parse().map(Some).map_err(|_| XdsError::BadToken(path.clone()))
     }
 
     /// Applies one push and builds its ACK or NACK.
@@ -356,12 +300,6 @@ impl XdsClient {
     }
 }
 
-/// Full jitter in [d/2, d].
-fn jitter(d: Duration) -> Duration {
-    let half = d / 2;
-    half + rand::rng().random_range(Duration::ZERO..=half)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,13 +328,5 @@ mod tests {
         assert_eq!(get("NODE_NAME"), "node-a");
         assert_eq!(get("CLUSTER_ID"), "Kubernetes");
         assert_eq!(get("FOO"), "bar");
-    }
-
-    #[test]
-    fn jitter_stays_within_bounds() {
-        for _ in 0..1000 {
-            let d = jitter(Duration::from_millis(100));
-            assert!(d >= Duration::from_millis(50) && d <= Duration::from_millis(100), "{d:?}");
-        }
     }
 }

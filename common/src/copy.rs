@@ -1,0 +1,180 @@
+//! Bidirectional byte copying between a downstream and an upstream stream, with half-close
+//! passed through, buffers that start small and grow only for busy streams, and live byte
+//! counters for telemetry.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Starting buffer per direction: an idle connection costs little.
+pub const INITIAL_BUFFER: usize = 1024;
+/// Largest buffer a busy direction grows to.
+pub const MAX_BUFFER: usize = 256 * 1024;
+/// Consecutive reads that fill the buffer before it doubles.
+const GROW_AFTER_FULL_READS: u32 = 2;
+
+/// Bytes moved so far, readable while the copy runs.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    /// Downstream to upstream (what the client sent).
+    pub sent: AtomicU64,
+    /// Upstream to downstream (what the client received).
+    pub received: AtomicU64,
+}
+
+impl ByteCounters {
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+/// Which way bytes were flowing when a copy failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ToUpstream,
+    ToDownstream,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("copy {direction:?}: {source}")]
+pub struct CopyError {
+    pub direction: Direction,
+    pub source: std::io::Error,
+}
+
+/// Copies both ways until both sides have closed. EOF from one side is passed on as a write
+/// shutdown (half-close) to the other while the opposite direction keeps flowing. The first
+/// error ends both directions.
+pub async fn copy_bidirectional<D, U>(
+    downstream: D,
+    upstream: U,
+    counters: &ByteCounters,
+) -> Result<(), CopyError>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut down_read, mut down_write) = tokio::io::split(downstream);
+    let (mut up_read, mut up_write) = tokio::io::split(upstream);
+    let to_upstream = copy_one(&mut down_read, &mut up_write, &counters.sent, Direction::ToUpstream);
+    let to_downstream = copy_one(&mut up_read, &mut down_write, &counters.received, Direction::ToDownstream);
+    tokio::try_join!(to_upstream, to_downstream).map(|_| ())
+}
+
+/// Copies one direction until EOF, then shuts the writer down.
+async fn copy_one<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    counter: &AtomicU64,
+    direction: Direction,
+) -> Result<(), CopyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let fail = |source| CopyError { direction, source };
+    let mut buf = vec![0u8; INITIAL_BUFFER];
+    let mut full_reads = 0;
+    loop {
+        let n = reader.read(&mut buf).await.map_err(fail)?;
+        if n == 0 {
+            writer.shutdown().await.map_err(fail)?;
+            return Ok(());
+        }
+        writer.write_all(&buf[..n]).await.map_err(fail)?;
+        writer.flush().await.map_err(fail)?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        if n == buf.len() && buf.len() < MAX_BUFFER {
+            full_reads += 1;
+            if full_reads >= GROW_AFTER_FULL_READS {
+                buf.resize(buf.len() * 2, 0);
+                full_reads = 0;
+            }
+        } else {
+            full_reads = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    #[tokio::test]
+    async fn copies_both_ways_with_half_close_and_counts() {
+        let (client, proxy_down) = duplex(64 * 1024);
+        let (proxy_up, server) = duplex(64 * 1024);
+        let counters = std::sync::Arc::new(ByteCounters::default());
+        let c = counters.clone();
+        let proxy = tokio::spawn(async move { copy_bidirectional(proxy_down, proxy_up, &c).await });
+
+        let (mut server_read, mut server_write) = tokio::io::split(server);
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        let request = vec![7u8; 300_000];
+        let send = request.clone();
+        let writer = tokio::spawn(async move {
+            client_write.write_all(&send).await.expect("write");
+            client_write.shutdown().await.expect("half-close");
+        });
+        // The server sees the whole request and then EOF, and can still answer afterwards.
+        let mut got = Vec::new();
+        server_read.read_to_end(&mut got).await.expect("server read");
+        assert_eq!(got, request);
+        server_write.write_all(b"answer after half-close").await.expect("server write");
+        server_write.shutdown().await.expect("server close");
+        let mut answer = Vec::new();
+        client_read.read_to_end(&mut answer).await.expect("client read");
+        assert_eq!(answer, b"answer after half-close");
+        writer.await.expect("writer");
+        proxy.await.expect("join").expect("copy ok");
+        assert_eq!(counters.sent(), 300_000);
+        assert_eq!(counters.received(), 23);
+    }
+
+    /// A reader that hands out `chunk` bytes per read (or fills the buffer when `chunk` is
+    /// None) and records the buffer sizes it was offered.
+    struct Recording {
+        left: usize,
+        chunk: Option<usize>,
+        offered: Vec<usize>,
+    }
+
+    impl AsyncRead for Recording {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            self.offered.push(buf.remaining());
+            let n = self.chunk.unwrap_or(usize::MAX).min(buf.remaining()).min(self.left);
+            buf.put_slice(&vec![1u8; n]);
+            self.left -= n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    async fn offered_sizes(total: usize, chunk: Option<usize>) -> Vec<usize> {
+        let mut reader = Recording { left: total, chunk, offered: Vec::new() };
+        let mut sink = Vec::new();
+        let counter = AtomicU64::new(0);
+        copy_one(&mut reader, &mut sink, &counter, Direction::ToUpstream).await.expect("copy");
+        assert_eq!(sink.len(), total);
+        assert_eq!(counter.load(Ordering::Relaxed), total as u64);
+        reader.offered
+    }
+
+    #[tokio::test]
+    async fn buffer_grows_only_under_load() {
+        let busy = offered_sizes(8 * MAX_BUFFER, None).await;
+        assert_eq!(busy[0], INITIAL_BUFFER);
+        assert_eq!(busy.iter().max(), Some(&MAX_BUFFER), "a busy stream grows to the cap");
+        assert!(busy.len() < 40, "{} reads for 2 MiB", busy.len());
+        let trickle = offered_sizes(100 * 10, Some(10)).await;
+        assert!(trickle.iter().all(|&n| n == INITIAL_BUFFER), "small reads never grow the buffer");
+    }
+}
