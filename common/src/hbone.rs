@@ -1,10 +1,12 @@
 //! HBONE: HTTP/2 `CONNECT` streams inside mutual TLS (shared/spec/hbone.md).
 //!
 //! `connect` validates a CONNECT request, `server` terminates HBONE and hands each accepted
-//! stream to the caller, `client` opens streams over one mTLS HTTP/2 connection.
+//! stream to the caller, `client` opens streams over one mTLS HTTP/2 connection, `pool` shares such
+//! connections between callers.
 
 pub mod client;
 pub mod connect;
+pub mod pool;
 pub mod server;
 
 use std::time::Duration;

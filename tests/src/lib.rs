@@ -1,6 +1,7 @@
 //! Integration-test support: the in-repo delta-ADS control plane (also run by the local demo)
 //! and helpers for whole-app tests.
 
+pub mod ca_server;
 pub mod http;
 pub mod xds_server;
 
@@ -9,6 +10,23 @@ use std::sync::Arc;
 use common::xds::{Handlers, ResourceStore, validate};
 use proto::security::Authorization;
 use proto::workload::Address;
+
+/// A gRPC interceptor requiring `authorization: Bearer <token>` when `token` is set.
+pub fn require_bearer(
+    token: Option<String>,
+) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    let expected = token.map(|t| format!("Bearer {t}"));
+    move |req| {
+        let Some(expected) = &expected else { return Ok(req) };
+        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        if given == Some(expected.as_str()) {
+            Ok(req)
+        } else {
+            tracing::warn!("gRPC request refused: missing or wrong bearer token");
+            Err(tonic::Status::unauthenticated("missing or wrong bearer token"))
+        }
+    }
+}
 
 /// How long a test waits for state to converge before failing.
 pub const CONVERGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);

@@ -380,17 +380,10 @@ pub async fn start_with(
     let service = AggregatedDiscoveryServiceServer::new(AdsService { store: store.clone() })
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(usize::MAX);
-    let expected = options.bearer_token.map(|t| format!("Bearer {t}"));
-    let service = tonic::service::interceptor::InterceptedService::new(service, move |req: Request<()>| {
-        let Some(expected) = &expected else { return Ok(req) };
-        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        if given == Some(expected.as_str()) {
-            Ok(req)
-        } else {
-            warn!("xDS stream refused: missing or wrong bearer token");
-            Err(Status::unauthenticated("missing or wrong bearer token"))
-        }
-    });
+    let service = tonic::service::interceptor::InterceptedService::new(
+        service,
+        crate::require_bearer(options.bearer_token),
+    );
     let mut builder = tonic::transport::Server::builder();
     if let Some((cert, key)) = options.tls {
         let tls = tonic::transport::ServerTlsConfig::new()

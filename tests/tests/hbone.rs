@@ -88,7 +88,12 @@ async fn setup() -> Setup {
         })
     };
     let config = Arc::new(tls::server_config(&server_cert).expect("server config"));
-    tokio::spawn(server::serve(listener, config, "cluster.local".into(), Arc::new(handler)));
+    tokio::spawn(server::serve(
+        listener,
+        Arc::new(server::FixedTls(config)),
+        "cluster.local".into(),
+        Arc::new(handler),
+    ));
     let client = Arc::new(tls::client_config(&client_cert, vec![id("echo")]).expect("client config"));
     Setup { hbone, client, seen }
 }

@@ -1,13 +1,15 @@
 //! HBONE client: one mTLS HTTP/2 connection to a peer proxy, multiplexing CONNECT streams.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
@@ -33,6 +35,8 @@ pub enum ClientError {
 /// An mTLS HTTP/2 connection to one peer (its ztunnel or waypoint on 15008).
 #[derive(Clone, Debug)]
 pub struct Connection {
+    /// Unique per dialled connection (clones share it).
+    id: u64,
     addr: SocketAddr,
     sender: SendRequest<Empty<Bytes>>,
 }
@@ -41,8 +45,22 @@ impl Connection {
     /// Dials `addr`, handshakes mTLS with `config` (which fixes the identity expected of the
     /// server) and HTTP/2.
     pub async fn connect(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Result<Self, ClientError> {
-        let tcp =
-            tokio::net::TcpStream::connect(addr).await.map_err(|source| ClientError::Tcp { addr, source })?;
+        Self::connect_from(addr, None, config).await
+    }
+
+    /// Like [`Connection::connect`], dialling from `local_ip` when given.
+    pub async fn connect_from(
+        addr: SocketAddr,
+        local_ip: Option<IpAddr>,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<Self, ClientError> {
+        let tcp_err = |source| ClientError::Tcp { addr, source };
+        let socket =
+            if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(tcp_err)?;
+        if let Some(ip) = local_ip {
+            socket.bind(SocketAddr::new(ip, 0)).map_err(tcp_err)?;
+        }
+        let tcp = socket.connect(addr).await.map_err(tcp_err)?;
         let _ = tcp.set_nodelay(true);
         // The verifier ignores the name; the identity check is by URI SAN.
         let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
@@ -69,7 +87,13 @@ impl Connection {
                 debug!(%addr, error = %e, "HBONE connection closed");
             }
         });
-        Ok(Self { addr, sender })
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Ok(Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), addr, sender })
+    }
+
+    /// True if both handles are the same dialled connection.
+    pub fn same_as(&self, other: &Connection) -> bool {
+        self.id == other.id
     }
 
     /// The peer address.

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::HboneStream;
 use super::connect::{self, Authority};
-use crate::identity::Identity;
+use crate::identity::{CertificateManager, Identity, WorkloadCertificate};
 use crate::tls;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -62,14 +62,66 @@ where
     }
 }
 
-/// Serves HBONE on `listener` with `config` until the task is dropped.
+/// Chooses the TLS server config (and so the certificate presented) per accepted connection,
+/// by the local address it arrived on.
+pub trait ServerTls: Send + Sync + 'static {
+    fn config_for(&self, local_addr: SocketAddr) -> BoxFuture<Result<Arc<rustls::ServerConfig>, String>>;
+}
+
+/// One config for every connection.
+pub struct FixedTls(pub Arc<rustls::ServerConfig>);
+
+impl ServerTls for FixedTls {
+    fn config_for(&self, _: SocketAddr) -> BoxFuture<Result<Arc<rustls::ServerConfig>, String>> {
+        let config = self.0.clone();
+        Box::pin(async move { Ok(config) })
+    }
+}
+
+/// One managed identity for every connection, following its rotations.
+pub struct ManagedTls {
+    certs: CertificateManager,
+    identity: Identity,
+    /// The config built for the current certificate.
+    cache: Arc<Mutex<Option<BuiltFor>>>,
+}
+
+/// A server config and the certificate it was built from.
+type BuiltFor = (Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>);
+
+impl ManagedTls {
+    pub fn new(certs: CertificateManager, identity: Identity) -> Self {
+        Self { certs, identity, cache: Arc::default() }
+    }
+}
+
+impl ServerTls for ManagedTls {
+    fn config_for(&self, _: SocketAddr) -> BoxFuture<Result<Arc<rustls::ServerConfig>, String>> {
+        let (certs, identity, cache) = (self.certs.clone(), self.identity.clone(), self.cache.clone());
+        Box::pin(async move {
+            let cert = certs.fetch(&identity).await.map_err(|e| e.to_string())?;
+            if let Ok(cached) = cache.lock()
+                && let Some((held, config)) = &*cached
+                && Arc::ptr_eq(held, &cert)
+            {
+                return Ok(config.clone());
+            }
+            let config = Arc::new(tls::server_config(&cert).map_err(|e| e.to_string())?);
+            if let Ok(mut cached) = cache.lock() {
+                *cached = Some((cert, config.clone()));
+            }
+            Ok(config)
+        })
+    }
+}
+
+/// Serves HBONE on `listener` until the task is dropped; `tls` picks the certificate.
 pub async fn serve(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    tls: Arc<dyn ServerTls>,
     trust_domain: String,
     handler: Arc<dyn ConnectHandler>,
 ) {
-    let acceptor = TlsAcceptor::from(config);
     let trust_domain: Arc<str> = trust_domain.into();
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "HBONE listening");
@@ -83,30 +135,42 @@ pub async fn serve(
                 continue;
             }
         };
-        let (acceptor, handler, trust_domain) = (acceptor.clone(), handler.clone(), trust_domain.clone());
+        let (tls, handler, trust_domain) = (tls.clone(), handler.clone(), trust_domain.clone());
         tokio::spawn(async move {
-            if let Err(reason) = serve_connection(tcp, peer_addr, acceptor, &trust_domain, handler).await {
-                warn!(%peer_addr, %reason, "HBONE connection refused");
+            match serve_connection(tcp, peer_addr, &*tls, &trust_domain, handler).await {
+                Ok(()) => {}
+                Err(ConnError::Refused(reason)) => warn!(%peer_addr, %reason, "HBONE connection refused"),
+                Err(ConnError::Http2(e)) => debug!(%peer_addr, error = %e, "HBONE connection ended"),
             }
         });
     }
 }
 
+/// How a connection ended badly: refused before HTTP/2 started, or an HTTP/2 error after.
+enum ConnError {
+    Refused(String),
+    Http2(hyper::Error),
+}
+
 async fn serve_connection(
     tcp: tokio::net::TcpStream,
     peer_addr: SocketAddr,
-    acceptor: TlsAcceptor,
+    server_tls: &dyn ServerTls,
     trust_domain: &str,
     handler: Arc<dyn ConnectHandler>,
-) -> Result<(), String> {
+) -> Result<(), ConnError> {
     let _ = tcp.set_nodelay(true);
-    let local_addr = tcp.local_addr().map_err(|e| e.to_string())?;
-    let tls = tokio::time::timeout(super::HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+    let local_addr = tcp.local_addr().map_err(|e| ConnError::Refused(e.to_string()))?;
+    let config = server_tls
+        .config_for(local_addr)
         .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
-    let peer =
-        tls::peer_identity(tls.get_ref().1.peer_certificates(), trust_domain).map_err(|e| e.to_string())?;
+        .map_err(|e| ConnError::Refused(format!("no certificate for {local_addr}: {e}")))?;
+    let tls = tokio::time::timeout(super::HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
+        .await
+        .map_err(|_| ConnError::Refused("TLS handshake timed out".into()))?
+        .map_err(|e| ConnError::Refused(format!("TLS handshake failed: {e}")))?;
+    let peer = tls::peer_identity(tls.get_ref().1.peer_certificates(), trust_domain)
+        .map_err(|e| ConnError::Refused(e.to_string()))?;
     debug!(%peer_addr, %peer, "HBONE connection established");
     let svc = service_fn(move |req: Request<Incoming>| {
         let (handler, peer) = (handler.clone(), peer.clone());
@@ -121,7 +185,7 @@ async fn serve_connection(
         .max_concurrent_streams(super::MAX_CONCURRENT_STREAMS)
         .keep_alive_interval(super::KEEPALIVE_INTERVAL)
         .keep_alive_timeout(super::KEEPALIVE_TIMEOUT);
-    builder.serve_connection(TokioIo::new(tls), svc).await.map_err(|e| format!("HTTP/2: {e}"))
+    builder.serve_connection(TokioIo::new(tls), svc).await.map_err(ConnError::Http2)
 }
 
 fn reply(status: StatusCode) -> Response<Empty<Bytes>> {

@@ -182,6 +182,19 @@ impl CertificateManager {
         }
     }
 
+    /// Waits until a certificate for `identity` is held, however many fetches fail first.
+    pub async fn wait_ready(&self, identity: &Identity) -> Arc<WorkloadCertificate> {
+        let mut rx = self.subscribe(identity);
+        loop {
+            if let State::Ready(cert) = &*rx.borrow_and_update() {
+                return cert.clone();
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Waits until the certificate for `identity` is replaced by one other than `old`.
     pub async fn rotated(
         &self,
@@ -393,7 +406,8 @@ mod tests {
             .await
             .expect("rotation within the lifetime");
         let waited = start.elapsed();
-        assert!(waited >= Duration::from_millis(700) && waited < Duration::from_millis(1500), "{waited:?}");
+        // X.509 times have whole seconds, so "half of what remains" is between ~0.5 s and 1 s.
+        assert!(waited >= Duration::from_millis(400) && waited < Duration::from_millis(1500), "{waited:?}");
         assert!(second.not_after > first.not_after);
     }
 

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// The default trust domain of an Istio mesh.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -9,9 +10,13 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 const SCHEME: &str = "spiffe://";
 
 /// A workload's SPIFFE identity. Only the Istio form is accepted: a trust domain, then exactly
-/// `ns/<namespace>/sa/<service-account>`.
+/// `ns/<namespace>/sa/<service-account>`. Cheap to clone (shared), as it is copied into pool
+/// keys, connection records and errors.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Identity {
+pub struct Identity(Arc<Parts>);
+
+#[derive(Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Parts {
     trust_domain: String,
     namespace: String,
     service_account: String,
@@ -59,29 +64,30 @@ impl Identity {
         check(valid_trust_domain(trust_domain), "trust domain", trust_domain)?;
         check(valid_name(namespace), "namespace", namespace)?;
         check(valid_name(service_account), "service account", service_account)?;
-        Ok(Self {
+        Ok(Self(Arc::new(Parts {
             trust_domain: trust_domain.into(),
             namespace: namespace.into(),
             service_account: service_account.into(),
-        })
+        })))
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.0.trust_domain
     }
 
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.0.namespace
     }
 
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.0.service_account
     }
 
     /// The form policies match: without the `spiffe://` prefix
     /// (`cluster.local/ns/default/sa/client`).
     pub fn principal(&self) -> String {
-        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        let p = &self.0;
+        format!("{}/ns/{}/sa/{}", p.trust_domain, p.namespace, p.service_account)
     }
 }
 
@@ -105,7 +111,8 @@ impl FromStr for Identity {
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{SCHEME}{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        let p = &self.0;
+        write!(f, "{SCHEME}{}/ns/{}/sa/{}", p.trust_domain, p.namespace, p.service_account)
     }
 }
 
