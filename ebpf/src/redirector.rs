@@ -90,8 +90,14 @@ impl Settings {
 }
 
 /// Counters the program keeps (indexes of its `stats` map).
-const STAT_NAMES: [&str; 6] =
-    ["captured_outbound", "captured_inbound", "captured_hbone", "followed_socket", "dropped_no_listener", "assign_failed"];
+const STAT_NAMES: [&str; 6] = [
+    "captured_outbound",
+    "captured_inbound",
+    "captured_hbone",
+    "followed_socket",
+    "dropped_no_listener",
+    "assign_failed",
+];
 
 /// What is attached where, for the admin endpoint and tests.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -133,7 +139,10 @@ pub struct Redirector {
 
 impl std::fmt::Debug for Redirector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Redirector").field("interfaces", &self.interfaces.keys()).field("pods", &self.pods).finish()
+        f.debug_struct("Redirector")
+            .field("interfaces", &self.interfaces.keys())
+            .field("pods", &self.pods)
+            .finish()
     }
 }
 
@@ -146,7 +155,9 @@ impl Redirector {
             let map = ebpf.map_mut("settings").ok_or(RedirectError::Missing("map settings"))?;
             let mut array: Array<_, [u32; 5]> =
                 Array::try_from(map).map_err(|source| RedirectError::Map { name: "settings", source })?;
-            array.set(0, settings.to_words(), 0).map_err(|source| RedirectError::Map { name: "settings", source })?;
+            array
+                .set(0, settings.to_words(), 0)
+                .map_err(|source| RedirectError::Map { name: "settings", source })?;
         }
         program(&mut ebpf)?.load()?;
         routing::install(settings.redirect_mark, settings.route_table, settings.rule_priority)?;

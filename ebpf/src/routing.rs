@@ -94,8 +94,9 @@ pub fn count_routes(table: u32) -> Result<usize, RoutingError> {
         Err(RoutingError::Failed { .. }) => return Ok(0),
         Err(e) => return Err(e),
     };
-    let routes: Vec<serde_json::Value> = serde_json::from_str(if text.trim().is_empty() { "[]" } else { &text })
-        .map_err(|e| RoutingError::Output { args: args.join(" "), detail: e.to_string() })?;
+    let routes: Vec<serde_json::Value> =
+        serde_json::from_str(if text.trim().is_empty() { "[]" } else { &text })
+            .map_err(|e| RoutingError::Output { args: args.join(" "), detail: e.to_string() })?;
     Ok(routes.len())
 }
 

@@ -3,6 +3,7 @@
 
 pub mod ca_server;
 pub mod http;
+pub mod netns;
 pub mod xds_server;
 
 use std::sync::Arc;

@@ -1,0 +1,85 @@
+//! Sockets for redirected traffic: transparent listeners (`IP_TRANSPARENT`) that accept flows
+//! the eBPF program assigns to them, whose accepted sockets' local address is the original
+//! destination; and outbound sockets carrying ztunnel's `SO_MARK` so that ztunnel's own traffic
+//! is never captured again, optionally bound to a non-local address (the pod's).
+
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Backlog of the transparent listeners.
+const BACKLOG: i32 = 1024;
+
+/// Where a redirected connection was going: the accepted socket's local address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct OriginalDst(pub SocketAddr);
+
+impl std::fmt::Display for OriginalDst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{what} for {addr}: {source} (IP_TRANSPARENT and SO_MARK need CAP_NET_ADMIN)")]
+pub struct SocketError {
+    what: &'static str,
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+fn new_socket(addr: SocketAddr) -> Result<Socket, SocketError> {
+    let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).map_err(|source| SocketError {
+        what: "socket",
+        addr,
+        source,
+    })
+}
+
+fn set_transparent(socket: &Socket, addr: SocketAddr) -> Result<(), SocketError> {
+    let result =
+        if addr.is_ipv4() { socket.set_ip_transparent_v4(true) } else { socket.set_ip_transparent_v6(true) };
+    result.map_err(|source| SocketError { what: "IP_TRANSPARENT", addr, source })
+}
+
+/// A listener on `addr` that accepts connections for any destination assigned to it.
+pub fn transparent_listener(addr: SocketAddr, mark: Option<u32>) -> Result<TcpListener, SocketError> {
+    let socket = new_socket(addr)?;
+    let err = |what| move |source| SocketError { what, addr, source };
+    socket.set_reuse_address(true).map_err(err("SO_REUSEADDR"))?;
+    set_transparent(&socket, addr)?;
+    if let Some(mark) = mark {
+        socket.set_mark(mark).map_err(err("SO_MARK"))?;
+    }
+    socket.set_nonblocking(true).map_err(err("O_NONBLOCK"))?;
+    socket.bind(&SockAddr::from(addr)).map_err(err("bind"))?;
+    socket.listen(BACKLOG).map_err(err("listen"))?;
+    TcpListener::from_std(socket.into()).map_err(err("tokio listener"))
+}
+
+/// The original destination of a connection accepted on a transparent listener.
+pub fn original_dst(stream: &TcpStream) -> std::io::Result<OriginalDst> {
+    stream.local_addr().map(OriginalDst)
+}
+
+/// An outbound socket carrying ztunnel's mark, bound to `source` when given (transparently,
+/// so a pod's address can be used to preserve the client's source).
+pub fn outbound_socket(
+    dst: SocketAddr,
+    mark: u32,
+    source: Option<SocketAddr>,
+) -> Result<TcpSocket, SocketError> {
+    let socket = new_socket(dst)?;
+    let err = |what| move |source| SocketError { what, addr: dst, source };
+    socket.set_mark(mark).map_err(err("SO_MARK"))?;
+    socket.set_tcp_nodelay(true).map_err(err("TCP_NODELAY"))?;
+    if let Some(src) = source {
+        set_transparent(&socket, dst)?;
+        socket.bind(&SockAddr::from(src)).map_err(err("bind source"))?;
+    }
+    socket.set_nonblocking(true).map_err(err("O_NONBLOCK"))?;
+    let std: std::net::TcpStream = socket.into();
+    Ok(TcpSocket::from_std_stream(std))
+}
