@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use clap::Parser;
 use ebpf::{Redirector, Settings};
 use mesh_tests::netns::{Netns, enable_forwarding, require_root, wire};
 
@@ -248,4 +249,107 @@ fn restart_after_a_crash_leaves_nothing_stale() {
     assert_eq!(routing_state(&m.node), (0, 0));
     wait_for_programs(0);
     assert_eq!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_A}")));
+}
+
+const ZTUNNEL_MESH: &str = r#"
+workloads:
+  - name: a
+    namespace: demo
+    serviceAccount: a
+    addresses: [10.1.1.2]
+    node: node-a
+  - name: b
+    namespace: demo
+    serviceAccount: b
+    addresses: [10.1.2.2]
+    node: node-b
+"#;
+
+#[test]
+fn ztunnel_enrolls_the_workloads_scheduled_on_its_node() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = mesh("zt");
+    let _listeners = node_listeners(&m.node);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mesh.yaml");
+    std::fs::write(&path, ZTUNNEL_MESH).expect("config");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let config = ztunnel::config::Config {
+        source: common::xds::Source::File(path.clone()),
+        source_description: "test".into(),
+        node_name: "node-a".into(),
+        node: common::xds::NodeInfo { proxy_type: "ztunnel".into(), ..Default::default() },
+        admin_addr: any,
+        metrics_addr: any,
+        readiness_addr: any,
+        log_format: common::telemetry::LogFormat::Text,
+        redirect: true,
+        uplinks: vec!["uplink".into()],
+        static_pods: vec![],
+    };
+    let rt = m.node.runtime();
+    let app = rt.block_on(rt.spawn(ztunnel::app::App::start(config))).expect("join").expect("ztunnel starts");
+    let enrollment = app.enrollment.clone().expect("redirection on");
+    let converge = |what: &str, pred: &dyn Fn(&ebpf::Status) -> bool| {
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), enrollment.wait_for(pred)).await })
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", enrollment.status()));
+    };
+
+    // Only the workload scheduled on node-a is enrolled, on the interface the node routes it by.
+    converge("pod A enrolled", &|s| s.pods.len() == 1);
+    assert_eq!(enrollment.status().pods.get(&POD_A.parse().expect("ip")).map(String::as_str), Some("veth-a"));
+    expect_landing(talk(&m.pod_a, "192.0.2.10:80"), 15001, "192.0.2.10:80", POD_A);
+    expect_landing(talk(&m.outside, &format!("{POD_A}:8080")), 15006, "10.1.1.2:8080", OUTSIDE);
+    assert_eq!(talk(&m.pod_b, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_B}")));
+
+    // The workload leaves: it is unenrolled and talks directly again.
+    std::fs::write(&path, ZTUNNEL_MESH.replace("node: node-a", "node: node-c")).expect("rewrite");
+    converge("pod A unenrolled", &|s| s.pods.is_empty());
+    assert_eq!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_A}")));
+
+    // Shutting down (inside the node, where the rule lives) leaves nothing behind.
+    m.node.enter(|| drop(app));
+    assert_eq!(routing_state(&m.node), (0, 0));
+    drop(rt);
+}
+
+#[test]
+fn explicit_enrollment_serves_hosts_without_kubernetes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = mesh("vm");
+    let _listeners = node_listeners(&m.node);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mesh.yaml");
+    std::fs::write(&path, "workloads: []\n").expect("config");
+    let args = ztunnel::config::Args::try_parse_from([
+        "ztunnel",
+        "--local-config",
+        path.to_str().expect("path"),
+        "--node-name",
+        "vm-host",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--readiness-addr",
+        "127.0.0.1:0",
+        "--redirect",
+        "--enroll",
+        "10.1.2.2@veth-b",
+    ])
+    .expect("flags");
+    let config = ztunnel::config::Config::from_args(args).expect("config");
+    let rt = m.node.runtime();
+    let app = rt.block_on(rt.spawn(ztunnel::app::App::start(config))).expect("join").expect("ztunnel starts");
+    let enrollment = app.enrollment.clone().expect("redirection on");
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(15), enrollment.wait_for(|s| s.pods.len() == 1)).await
+    })
+    .expect("explicit pod enrolled");
+    expect_landing(talk(&m.pod_b, "192.0.2.10:80"), 15001, "192.0.2.10:80", POD_B);
+    // Pod A is not listed and not captured.
+    assert_eq!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_A}")));
+    m.node.enter(|| drop(app));
+    assert_eq!(routing_state(&m.node), (0, 0));
+    drop(rt);
 }

@@ -20,6 +20,9 @@ fn config(source: Source) -> Config {
         metrics_addr: any,
         readiness_addr: any,
         log_format: common::telemetry::LogFormat::Text,
+        redirect: false,
+        uplinks: vec![],
+        static_pods: vec![],
     }
 }
 

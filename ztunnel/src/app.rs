@@ -12,6 +12,8 @@ use proto::workload::Address;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::redirect::Enrollment;
+use ebpf::Redirector;
 
 /// A running ztunnel.
 pub struct App {
@@ -22,6 +24,8 @@ pub struct App {
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
+    /// eBPF enrollment, when redirection is on.
+    pub enrollment: Option<Enrollment>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -29,6 +33,9 @@ impl Drop for App {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some(e) = &self.enrollment {
+            e.shutdown();
         }
     }
 }
@@ -55,14 +62,31 @@ impl App {
         let readiness_addr = readiness_listener.local_addr()?;
 
         let mut tasks = vec![config.source.clone().spawn(handlers, &ready, xds_metrics)];
+        let enrollment = if config.redirect {
+            let mut redirector = Redirector::load(ebpf::Settings::default())?;
+            for uplink in &config.uplinks {
+                redirector.attach_uplink(uplink)?;
+            }
+            let (enrollment, task) = Enrollment::start(
+                redirector,
+                config.node_name.clone(),
+                config.static_pods.clone(),
+                addresses.clone(),
+                &mut registry,
+            );
+            tasks.push(task);
+            Some(enrollment)
+        } else {
+            None
+        };
         let registry = Arc::new(registry);
         let metrics_router = admin::metrics_routes(Router::new(), registry);
         let readiness_router = admin::readiness_routes(Router::new(), ready.clone());
-        let admin_router = admin_routes(&config, &ready, &addresses, &policies);
+        let admin_router = admin_routes(&config, &ready, &addresses, &policies, enrollment.clone());
         tasks.push(tokio::spawn(admin::serve(metrics_listener, metrics_router, "metrics")));
         tasks.push(tokio::spawn(admin::serve(readiness_listener, readiness_router, "readiness")));
         tasks.push(tokio::spawn(admin::serve(admin_listener, admin_router, "admin")));
-        Ok(Self { ready, addresses, policies, admin_addr, metrics_addr, readiness_addr, tasks })
+        Ok(Self { ready, addresses, policies, admin_addr, metrics_addr, readiness_addr, enrollment, tasks })
     }
 }
 
@@ -84,6 +108,7 @@ fn admin_routes(
     ready: &Ready,
     addresses: &Arc<ResourceStore<Address>>,
     policies: &Arc<ResourceStore<Authorization>>,
+    enrollment: Option<Enrollment>,
 ) -> Router {
     let config_json = serde_json::to_value(config).unwrap_or_default();
     let router = admin::readiness_routes(Router::new(), ready.clone());
@@ -97,6 +122,7 @@ fn admin_routes(
                 proto::ADDRESS_TYPE_URL: addresses.versions(),
                 proto::AUTHORIZATION_TYPE_URL: policies.versions(),
             },
+            "redirection": enrollment.as_ref().map(Enrollment::status),
         }))
     })
 }

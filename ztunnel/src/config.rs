@@ -8,6 +8,8 @@ use clap::Parser;
 use common::telemetry::LogFormat;
 use common::xds::{NodeInfo, Source, XdsConfig};
 
+use crate::redirect::StaticPod;
+
 /// Admin endpoint (config dump, log level); loopback only.
 pub const DEFAULT_ADMIN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
 /// Prometheus endpoint.
@@ -37,6 +39,12 @@ pub struct Config {
     pub readiness_addr: SocketAddr,
     /// Log format.
     pub log_format: LogFormat,
+    /// Redirect enrolled pods' traffic with eBPF (needs root or CAP_BPF + CAP_NET_ADMIN).
+    pub redirect: bool,
+    /// Interfaces traffic from other nodes arrives on (captured for enrolled pods).
+    pub uplinks: Vec<String>,
+    /// Pods enrolled whatever the control plane says (VM/ECS hosts): `ip` or `ip@interface`.
+    pub static_pods: Vec<StaticPod>,
 }
 
 /// Command line and environment.
@@ -77,6 +85,16 @@ pub struct Args {
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+    /// Redirect enrolled pods' traffic to ztunnel with eBPF.
+    #[arg(long, env = "ZTUNNEL_REDIRECT")]
+    pub redirect: bool,
+    /// Uplink interfaces (comma-separated) whose traffic to enrolled pods is captured.
+    #[arg(long = "uplink", env = "ZTUNNEL_UPLINKS", value_delimiter = ',')]
+    pub uplinks: Vec<String>,
+    /// Pods to enroll explicitly (comma-separated `ip` or `ip@interface`), for hosts without
+    /// Kubernetes.
+    #[arg(long = "enroll", env = "ZTUNNEL_ENROLL", value_delimiter = ',')]
+    pub static_pods: Vec<StaticPod>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +144,9 @@ impl Config {
             metrics_addr: args.metrics_addr,
             readiness_addr: args.readiness_addr,
             log_format: args.log_format,
+            redirect: args.redirect,
+            uplinks: args.uplinks,
+            static_pods: args.static_pods,
         })
     }
 }

@@ -1,0 +1,209 @@
+//! Pod enrollment: keeps the eBPF redirector's enrolled set equal to the workloads scheduled on
+//! this node (their `node` field is our node name) that have an IPv4 address, plus the pods
+//! configured explicitly (VM and ECS hosts without Kubernetes). A pod's interface is the one the
+//! host routes its address through, unless the explicit entry names it.
+//!
+//! Reconciles after every workload update, and every few seconds so that a pod whose interface
+//! was not up yet is retried. Failures are logged and counted; the pod is retried.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use common::xds::ResourceStore;
+use ebpf::{Redirector, Status};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use proto::workload::{Address, address};
+use tokio::sync::watch;
+use tracing::warn;
+
+/// How often enrollment is re-checked without an update (retries of failed enrollments).
+const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A pod to enroll whatever the control plane says: `ip` or `ip@interface`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StaticPod {
+    pub ip: IpAddr,
+    pub iface: Option<String>,
+}
+
+impl std::str::FromStr for StaticPod {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ip, iface) = match s.split_once('@') {
+            Some((ip, iface)) if !iface.is_empty() => (ip, Some(iface.to_string())),
+            Some(_) => return Err(format!("{s:?}: empty interface after @")),
+            None => (s, None),
+        };
+        let ip = ip.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        Ok(Self { ip, iface })
+    }
+}
+
+/// Enrollment metrics (`istio_redirect_*`).
+#[derive(Clone, Debug, Default)]
+struct RedirectMetrics {
+    enrolled: Gauge,
+    errors: Counter,
+}
+
+/// The running enrollment: the redirector and its last reported status.
+#[derive(Clone)]
+pub struct Enrollment {
+    /// Taken out on shutdown.
+    redirector: Arc<Mutex<Option<Redirector>>>,
+    status: watch::Receiver<Status>,
+}
+
+impl Enrollment {
+    /// Starts reconciling `workloads` into `redirector` for `node_name`; returns the handle
+    /// and the reconcile task.
+    pub fn start(
+        redirector: Redirector,
+        node_name: String,
+        static_pods: Vec<StaticPod>,
+        workloads: Arc<ResourceStore<Address>>,
+        registry: &mut Registry,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let metrics = RedirectMetrics::default();
+        let r = registry.sub_registry_with_prefix("redirect");
+        r.register("enrolled_pods", "Pods whose traffic is redirected to ztunnel", metrics.enrolled.clone());
+        r.register("enroll_errors", "Failed pod enrollments (retried)", metrics.errors.clone());
+        let (tx, status) = watch::channel(redirector.status());
+        let redirector = Arc::new(Mutex::new(Some(redirector)));
+        let task =
+            tokio::spawn(reconcile_loop(redirector.clone(), node_name, static_pods, workloads, metrics, tx));
+        (Self { redirector, status }, task)
+    }
+
+    /// What is attached and enrolled now.
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// Waits until `pred` holds for the status (checked after every reconcile).
+    pub async fn wait_for(&self, pred: impl Fn(&Status) -> bool) {
+        let mut rx = self.status.clone();
+        let _ = rx.wait_for(|s| pred(s)).await;
+    }
+
+    /// Detaches everything and removes the routing rule (on shutdown). Idempotent.
+    pub fn shutdown(&self) {
+        let taken = self.redirector.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(r) = taken
+            && let Err(e) = r.shutdown()
+        {
+            warn!(error = %e, "eBPF redirection teardown incomplete");
+        }
+    }
+}
+
+/// The pods that should be enrolled: ip -> explicit interface (if any).
+fn desired(
+    node_name: &str,
+    static_pods: &[StaticPod],
+    workloads: &ResourceStore<Address>,
+) -> BTreeMap<IpAddr, Option<String>> {
+    let mut want: BTreeMap<IpAddr, Option<String>> = BTreeMap::new();
+    for name in workloads.names() {
+        let Some(Address { r#type: Some(address::Type::Workload(w)) }) = workloads.get(&name) else {
+            continue;
+        };
+        if w.node != node_name {
+            continue;
+        }
+        for bytes in &w.addresses {
+            if let Ok(octets) = <[u8; 4]>::try_from(bytes.as_slice()) {
+                want.insert(IpAddr::from(octets), None);
+            }
+        }
+    }
+    for p in static_pods {
+        want.insert(p.ip, p.iface.clone());
+    }
+    want
+}
+
+async fn reconcile_loop(
+    redirector: Arc<Mutex<Option<Redirector>>>,
+    node_name: String,
+    static_pods: Vec<StaticPod>,
+    workloads: Arc<ResourceStore<Address>>,
+    metrics: RedirectMetrics,
+    status: watch::Sender<Status>,
+) {
+    let mut changes = workloads.subscribe();
+    loop {
+        let want = desired(&node_name, &static_pods, &workloads);
+        let redirector = redirector.clone();
+        let metrics_ = metrics.clone();
+        // Enrolling runs netlink and `ip`: keep it off the async workers.
+        let result = tokio::task::spawn_blocking(move || {
+            let mut guard = redirector.lock().unwrap_or_else(PoisonError::into_inner);
+            let r = guard.as_mut()?;
+            reconcile(r, &want, &metrics_);
+            Some(r.status())
+        })
+        .await;
+        match result {
+            Ok(None) => return,
+            Ok(Some(now)) => {
+                metrics.enrolled.set(now.pods.len() as i64);
+                status.send_replace(now);
+            }
+            Err(e) => warn!(error = %e, "enrollment task failed"),
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(RESYNC_INTERVAL) => {}
+        }
+    }
+}
+
+/// One pass: unenroll what is no longer wanted, enroll what is missing.
+fn reconcile(r: &mut Redirector, want: &BTreeMap<IpAddr, Option<String>>, metrics: &RedirectMetrics) {
+    let have: Vec<IpAddr> = r.enrolled().map(IpAddr::V4).collect();
+    for ip in have.iter().filter(|ip| !want.contains_key(ip)) {
+        if let Err(e) = r.unenroll(*ip) {
+            metrics.errors.inc();
+            warn!(%ip, error = %e, "unenroll failed");
+        }
+    }
+    for (ip, iface) in want {
+        let iface = match iface {
+            Some(i) => i.clone(),
+            None => match ebpf::interface_for(*ip) {
+                Ok(i) => i,
+                Err(e) => {
+                    metrics.errors.inc();
+                    warn!(%ip, error = %e, "cannot find the pod's interface; will retry");
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = r.enroll(*ip, &iface) {
+            metrics.errors.inc();
+            warn!(%ip, %iface, error = %e, "enroll failed; will retry");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_pods_parse() {
+        assert_eq!("10.0.0.1".parse(), Ok(StaticPod { ip: "10.0.0.1".parse().expect("ip"), iface: None }));
+        assert_eq!(
+            "10.0.0.1@veth1".parse(),
+            Ok(StaticPod { ip: "10.0.0.1".parse().expect("ip"), iface: Some("veth1".into()) })
+        );
+        assert!("10.0.0.1@".parse::<StaticPod>().is_err());
+        assert!("pod-a".parse::<StaticPod>().is_err());
+    }
+}
