@@ -218,6 +218,22 @@ impl Redirector {
         Ok(())
     }
 
+    /// Forgets uplinks whose interface no longer exists (their TCX link went with them).
+    pub fn prune_missing_uplinks(&mut self) {
+        self.interfaces.retain(|name, a| {
+            let keep = !(a.uplink && a.pods.is_empty() && !interface_exists(name));
+            if !keep {
+                debug!(iface = %name, "uplink interface gone");
+            }
+            keep
+        });
+    }
+
+    /// True if the program is attached to `iface` as an uplink.
+    pub fn is_uplink(&self, iface: &str) -> bool {
+        self.interfaces.get(iface).is_some_and(|a| a.uplink)
+    }
+
     /// Enrolled pod IPs.
     pub fn enrolled(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
         self.pods.keys().copied()
@@ -340,5 +356,6 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, RedirectError> {
 }
 
 fn interface_exists(iface: &str) -> bool {
-    std::path::Path::new("/sys/class/net").join(iface).exists()
+    // Unknown (the listing failed): assume it exists, so errors are reported, not hidden.
+    routing::interfaces().map(|names| names.iter().any(|n| n == iface)).unwrap_or(true)
 }

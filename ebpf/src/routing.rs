@@ -114,3 +114,20 @@ pub fn interface_for(addr: IpAddr) -> Result<String, RoutingError> {
         .map(String::from)
         .ok_or(RoutingError::NoInterface(addr))
 }
+
+/// Every network interface of this namespace but loopback (asked over netlink, so it follows
+/// the calling thread's namespace, unlike `/sys/class/net`).
+pub fn interfaces() -> Result<Vec<String>, RoutingError> {
+    let args = ["-j", "link", "show"];
+    let text = ip(&args)?;
+    let links: Vec<serde_json::Value> = serde_json::from_str(&text)
+        .map_err(|e| RoutingError::Output { args: args.join(" "), detail: e.to_string() })?;
+    let mut names: Vec<String> = links
+        .iter()
+        .filter_map(|l| l.get("ifname").and_then(|n| n.as_str()))
+        .filter(|n| *n != "lo")
+        .map(String::from)
+        .collect();
+    names.sort();
+    Ok(names)
+}

@@ -284,7 +284,7 @@ fn ztunnel_enrolls_the_workloads_scheduled_on_its_node() {
         readiness_addr: any,
         log_format: common::telemetry::LogFormat::Text,
         redirect: true,
-        uplinks: vec!["uplink".into()],
+        uplinks: vec!["*".into()],
         static_pods: vec![],
     };
     let rt = m.node.runtime();
@@ -301,6 +301,10 @@ fn ztunnel_enrolls_the_workloads_scheduled_on_its_node() {
     expect_landing(talk(&m.pod_a, "192.0.2.10:80"), 15001, "192.0.2.10:80", POD_A);
     expect_landing(talk(&m.outside, &format!("{POD_A}:8080")), 15006, "10.1.1.2:8080", OUTSIDE);
     assert_eq!(talk(&m.pod_b, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_B}")));
+    // With every interface watched, plaintext from an unenrolled pod on the same node to the
+    // enrolled pod is captured for inbound policy too.
+    expect_landing(talk(&m.pod_b, &format!("{POD_A}:8080")), 15006, "10.1.1.2:8080", POD_B);
+    assert!(enrollment.status().interfaces["veth-b"].uplink, "{:?}", enrollment.status());
 
     // The workload leaves: it is unenrolled and talks directly again.
     std::fs::write(&path, ZTUNNEL_MESH.replace("node: node-a", "node: node-c")).expect("rewrite");

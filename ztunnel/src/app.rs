@@ -63,13 +63,11 @@ impl App {
 
         let mut tasks = vec![config.source.clone().spawn(handlers, &ready, xds_metrics)];
         let enrollment = if config.redirect {
-            let mut redirector = Redirector::load(ebpf::Settings::default())?;
-            for uplink in &config.uplinks {
-                redirector.attach_uplink(uplink)?;
-            }
+            let redirector = Redirector::load(ebpf::Settings::default())?;
             let (enrollment, task) = Enrollment::start(
                 redirector,
                 config.node_name.clone(),
+                config.uplinks.clone(),
                 config.static_pods.clone(),
                 addresses.clone(),
                 &mut registry,

@@ -41,7 +41,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Redirect enrolled pods' traffic with eBPF (needs root or CAP_BPF + CAP_NET_ADMIN).
     pub redirect: bool,
-    /// Interfaces traffic from other nodes arrives on (captured for enrolled pods).
+    /// Interfaces traffic from other nodes arrives on (captured for enrolled pods); `*` is every
+    /// interface but loopback, including other pods' veths.
     pub uplinks: Vec<String>,
     /// Pods enrolled whatever the control plane says (VM/ECS hosts): `ip` or `ip@interface`.
     pub static_pods: Vec<StaticPod>,
@@ -88,7 +89,8 @@ pub struct Args {
     /// Redirect enrolled pods' traffic to ztunnel with eBPF.
     #[arg(long, env = "ZTUNNEL_REDIRECT")]
     pub redirect: bool,
-    /// Uplink interfaces (comma-separated) whose traffic to enrolled pods is captured.
+    /// Uplink interfaces (comma-separated) whose traffic to enrolled pods is captured; `*` for
+    /// every interface but loopback.
     #[arg(long = "uplink", env = "ZTUNNEL_UPLINKS", value_delimiter = ',')]
     pub uplinks: Vec<String>,
     /// Pods to enroll explicitly (comma-separated `ip` or `ip@interface`), for hosts without

@@ -3,6 +3,11 @@
 //! configured explicitly (VM and ECS hosts without Kubernetes). A pod's interface is the one the
 //! host routes its address through, unless the explicit entry names it.
 //!
+//! Uplinks (interfaces traffic from elsewhere arrives on) get the program too, so that traffic
+//! to an enrolled pod is captured for ztunnel's inbound listeners; `*` means every interface of
+//! the node but loopback, which also covers unenrolled pods on the same node (their veths) and
+//! picks up interfaces as they appear.
+//!
 //! Reconciles after every workload update, and every few seconds so that a pod whose interface
 //! was not up yet is retried. Failures are logged and counted; the pod is retried.
 
@@ -65,6 +70,7 @@ impl Enrollment {
     pub fn start(
         redirector: Redirector,
         node_name: String,
+        uplinks: Vec<String>,
         static_pods: Vec<StaticPod>,
         workloads: Arc<ResourceStore<Address>>,
         registry: &mut Registry,
@@ -75,8 +81,8 @@ impl Enrollment {
         r.register("enroll_errors", "Failed pod enrollments (retried)", metrics.errors.clone());
         let (tx, status) = watch::channel(redirector.status());
         let redirector = Arc::new(Mutex::new(Some(redirector)));
-        let task =
-            tokio::spawn(reconcile_loop(redirector.clone(), node_name, static_pods, workloads, metrics, tx));
+        let wanted = Wanted { node_name, uplinks, static_pods };
+        let task = tokio::spawn(reconcile_loop(redirector.clone(), wanted, workloads, metrics, tx));
         (Self { redirector, status }, task)
     }
 
@@ -102,18 +108,41 @@ impl Enrollment {
     }
 }
 
+/// What the configuration asks for.
+struct Wanted {
+    node_name: String,
+    uplinks: Vec<String>,
+    static_pods: Vec<StaticPod>,
+}
+
+impl Wanted {
+    /// Uplink interfaces, with `*` expanded to every current interface.
+    fn uplinks(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for u in &self.uplinks {
+            if u == "*" {
+                match ebpf::routing::interfaces() {
+                    Ok(names) => out.extend(names),
+                    Err(e) => warn!(error = %e, "cannot list interfaces for uplink *"),
+                }
+            } else {
+                out.push(u.clone());
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
 /// The pods that should be enrolled: ip -> explicit interface (if any).
-fn desired(
-    node_name: &str,
-    static_pods: &[StaticPod],
-    workloads: &ResourceStore<Address>,
-) -> BTreeMap<IpAddr, Option<String>> {
+fn desired(wanted: &Wanted, workloads: &ResourceStore<Address>) -> BTreeMap<IpAddr, Option<String>> {
     let mut want: BTreeMap<IpAddr, Option<String>> = BTreeMap::new();
     for name in workloads.names() {
         let Some(Address { r#type: Some(address::Type::Workload(w)) }) = workloads.get(&name) else {
             continue;
         };
-        if w.node != node_name {
+        if w.node != wanted.node_name {
             continue;
         }
         for bytes in &w.addresses {
@@ -122,7 +151,7 @@ fn desired(
             }
         }
     }
-    for p in static_pods {
+    for p in &wanted.static_pods {
         want.insert(p.ip, p.iface.clone());
     }
     want
@@ -130,22 +159,22 @@ fn desired(
 
 async fn reconcile_loop(
     redirector: Arc<Mutex<Option<Redirector>>>,
-    node_name: String,
-    static_pods: Vec<StaticPod>,
+    wanted: Wanted,
     workloads: Arc<ResourceStore<Address>>,
     metrics: RedirectMetrics,
     status: watch::Sender<Status>,
 ) {
     let mut changes = workloads.subscribe();
     loop {
-        let want = desired(&node_name, &static_pods, &workloads);
+        let want = desired(&wanted, &workloads);
+        let uplinks = wanted.uplinks();
         let redirector = redirector.clone();
         let metrics_ = metrics.clone();
         // Enrolling runs netlink and `ip`: keep it off the async workers.
         let result = tokio::task::spawn_blocking(move || {
             let mut guard = redirector.lock().unwrap_or_else(PoisonError::into_inner);
             let r = guard.as_mut()?;
-            reconcile(r, &want, &metrics_);
+            reconcile(r, &want, &uplinks, &metrics_);
             Some(r.status())
         })
         .await;
@@ -164,8 +193,23 @@ async fn reconcile_loop(
     }
 }
 
-/// One pass: unenroll what is no longer wanted, enroll what is missing.
-fn reconcile(r: &mut Redirector, want: &BTreeMap<IpAddr, Option<String>>, metrics: &RedirectMetrics) {
+/// One pass: unenroll what is no longer wanted, enroll what is missing, attach new uplinks.
+fn reconcile(
+    r: &mut Redirector,
+    want: &BTreeMap<IpAddr, Option<String>>,
+    uplinks: &[String],
+    metrics: &RedirectMetrics,
+) {
+    r.prune_missing_uplinks();
+    for iface in uplinks {
+        if r.is_uplink(iface) {
+            continue;
+        }
+        if let Err(e) = r.attach_uplink(iface) {
+            metrics.errors.inc();
+            warn!(%iface, error = %e, "cannot attach to uplink; will retry");
+        }
+    }
     let have: Vec<IpAddr> = r.enrolled().map(IpAddr::V4).collect();
     for ip in have.iter().filter(|ip| !want.contains_key(ip)) {
         if let Err(e) = r.unenroll(*ip) {
