@@ -55,6 +55,8 @@ struct Setup {
     hbone: SocketAddr,
     client: Arc<rustls::ClientConfig>,
     seen: mpsc::UnboundedReceiver<(Identity, Authority, Option<String>)>,
+    /// (sent, received) byte counts of each finished tunnel, from the server's copy.
+    bytes: mpsc::UnboundedReceiver<(u64, u64)>,
 }
 
 /// Starts an HBONE server as `echo` that forwards to the requested address unless the
@@ -66,8 +68,9 @@ async fn setup() -> Setup {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let hbone = listener.local_addr().expect("addr");
     let (tx, seen) = mpsc::unbounded_channel();
+    let (bytes_tx, bytes) = mpsc::unbounded_channel();
     let handler = move |req: ConnectRequest| -> server::BoxFuture<Decision> {
-        let tx = tx.clone();
+        let (tx, bytes_tx) = (tx.clone(), bytes_tx.clone());
         Box::pin(async move {
             let baggage = req.headers.get("baggage").and_then(|v| v.to_str().ok()).map(String::from);
             let _ = tx.send((req.peer.clone(), req.authority.clone(), baggage));
@@ -79,9 +82,11 @@ async fn setup() -> Setup {
             }
             match tokio::net::TcpStream::connect(target).await {
                 Err(e) => Decision::Refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-                Ok(mut upstream) => Decision::Accept(Box::new(move |mut stream| {
+                Ok(upstream) => Decision::Accept(Box::new(move |stream| {
                     Box::pin(async move {
-                        let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+                        let counters = common::copy::ByteCounters::default();
+                        let _ = common::copy::copy_bidirectional(stream, upstream, &counters).await;
+                        let _ = bytes_tx.send((counters.sent(), counters.received()));
                     })
                 })),
             }
@@ -95,7 +100,7 @@ async fn setup() -> Setup {
         Arc::new(handler),
     ));
     let client = Arc::new(tls::client_config(&client_cert, vec![id("echo")]).expect("client config"));
-    Setup { hbone, client, seen }
+    Setup { hbone, client, seen, bytes }
 }
 
 #[tokio::test]
@@ -130,6 +135,9 @@ async fn tunnel_carries_bytes_both_ways_with_half_close() {
     assert_eq!(got.len(), expected_len);
     assert_eq!(&got[..payload.len()], &payload[..]);
     assert_eq!(&got[payload.len()..], TRAILER);
+    let (sent, received) = s.bytes.recv().await.expect("tunnel finished");
+    assert_eq!(sent, payload.len() as u64, "bytes towards the upstream");
+    assert_eq!(received, expected_len as u64, "bytes back to the client");
 }
 
 #[tokio::test]
