@@ -265,6 +265,48 @@ workloads:
     node: node-b
 "#;
 
+/// A ztunnel app running inside the node namespace from a local config file.
+struct NodeZtunnel {
+    rt: tokio::runtime::Runtime,
+    app: ztunnel::app::App,
+    enrollment: ztunnel::redirect::Enrollment,
+}
+
+impl NodeZtunnel {
+    /// Starts ztunnel in `node` with `--redirect`, the config in `path` and `extra` flags.
+    fn start(node: &Netns, path: &std::path::Path, node_name: &str, extra: &[&str]) -> Self {
+        let mut flags =
+            vec!["ztunnel", "--local-config", path.to_str().expect("path"), "--node-name", node_name];
+        flags.extend(["--admin-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"]);
+        flags.extend(["--readiness-addr", "127.0.0.1:0", "--redirect"]);
+        flags.extend_from_slice(extra);
+        let args = ztunnel::config::Args::try_parse_from(flags).expect("flags");
+        let config = ztunnel::config::Config::from_args(args).expect("config");
+        let rt = node.runtime();
+        let app =
+            rt.block_on(rt.spawn(ztunnel::app::App::start(config))).expect("join").expect("ztunnel starts");
+        let enrollment = app.enrollment.clone().expect("redirection on");
+        Self { rt, app, enrollment }
+    }
+
+    /// Waits for the enrollment status to satisfy `pred`.
+    fn converge(&self, what: &str, pred: &dyn Fn(&ebpf::Status) -> bool) {
+        self.rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(15), self.enrollment.wait_for(pred)).await
+            })
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", self.enrollment.status()));
+    }
+
+    /// Shuts down inside the node (where the rule lives) and checks nothing is left behind.
+    fn stop(self, node: &Netns) {
+        let Self { rt, app, .. } = self;
+        node.enter(|| drop(app));
+        assert_eq!(routing_state(node), (0, 0));
+        drop(rt);
+    }
+}
+
 #[test]
 fn ztunnel_enrolls_the_workloads_scheduled_on_its_node() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -273,48 +315,25 @@ fn ztunnel_enrolls_the_workloads_scheduled_on_its_node() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("mesh.yaml");
     std::fs::write(&path, ZTUNNEL_MESH).expect("config");
-    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let config = ztunnel::config::Config {
-        source: common::xds::Source::File(path.clone()),
-        source_description: "test".into(),
-        node_name: "node-a".into(),
-        node: common::xds::NodeInfo { proxy_type: "ztunnel".into(), ..Default::default() },
-        admin_addr: any,
-        metrics_addr: any,
-        readiness_addr: any,
-        log_format: common::telemetry::LogFormat::Text,
-        redirect: true,
-        uplinks: vec!["*".into()],
-        static_pods: vec![],
-    };
-    let rt = m.node.runtime();
-    let app = rt.block_on(rt.spawn(ztunnel::app::App::start(config))).expect("join").expect("ztunnel starts");
-    let enrollment = app.enrollment.clone().expect("redirection on");
-    let converge = |what: &str, pred: &dyn Fn(&ebpf::Status) -> bool| {
-        rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), enrollment.wait_for(pred)).await })
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", enrollment.status()));
-    };
+    let zt = NodeZtunnel::start(&m.node, &path, "node-a", &["--uplink", "*"]);
 
     // Only the workload scheduled on node-a is enrolled, on the interface the node routes it by.
-    converge("pod A enrolled", &|s| s.pods.len() == 1);
-    assert_eq!(enrollment.status().pods.get(&POD_A.parse().expect("ip")).map(String::as_str), Some("veth-a"));
+    zt.converge("pod A enrolled", &|s| s.pods.len() == 1);
+    let status = zt.enrollment.status();
+    assert_eq!(status.pods.get(&POD_A.parse().expect("ip")).map(String::as_str), Some("veth-a"));
     expect_landing(talk(&m.pod_a, "192.0.2.10:80"), 15001, "192.0.2.10:80", POD_A);
     expect_landing(talk(&m.outside, &format!("{POD_A}:8080")), 15006, "10.1.1.2:8080", OUTSIDE);
     assert_eq!(talk(&m.pod_b, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_B}")));
     // With every interface watched, plaintext from an unenrolled pod on the same node to the
     // enrolled pod is captured for inbound policy too.
     expect_landing(talk(&m.pod_b, &format!("{POD_A}:8080")), 15006, "10.1.1.2:8080", POD_B);
-    assert!(enrollment.status().interfaces["veth-b"].uplink, "{:?}", enrollment.status());
+    assert!(status.interfaces["veth-b"].uplink, "{status:?}");
 
     // The workload leaves: it is unenrolled and talks directly again.
     std::fs::write(&path, ZTUNNEL_MESH.replace("node: node-a", "node: node-c")).expect("rewrite");
-    converge("pod A unenrolled", &|s| s.pods.is_empty());
+    zt.converge("pod A unenrolled", &|s| s.pods.is_empty());
     assert_eq!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_A}")));
-
-    // Shutting down (inside the node, where the rule lives) leaves nothing behind.
-    m.node.enter(|| drop(app));
-    assert_eq!(routing_state(&m.node), (0, 0));
-    drop(rt);
+    zt.stop(&m.node);
 }
 
 #[test]
@@ -325,35 +344,10 @@ fn explicit_enrollment_serves_hosts_without_kubernetes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("mesh.yaml");
     std::fs::write(&path, "workloads: []\n").expect("config");
-    let args = ztunnel::config::Args::try_parse_from([
-        "ztunnel",
-        "--local-config",
-        path.to_str().expect("path"),
-        "--node-name",
-        "vm-host",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--readiness-addr",
-        "127.0.0.1:0",
-        "--redirect",
-        "--enroll",
-        "10.1.2.2@veth-b",
-    ])
-    .expect("flags");
-    let config = ztunnel::config::Config::from_args(args).expect("config");
-    let rt = m.node.runtime();
-    let app = rt.block_on(rt.spawn(ztunnel::app::App::start(config))).expect("join").expect("ztunnel starts");
-    let enrollment = app.enrollment.clone().expect("redirection on");
-    rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(15), enrollment.wait_for(|s| s.pods.len() == 1)).await
-    })
-    .expect("explicit pod enrolled");
+    let zt = NodeZtunnel::start(&m.node, &path, "vm-host", &["--enroll", "10.1.2.2@veth-b"]);
+    zt.converge("explicit pod enrolled", &|s| s.pods.len() == 1);
     expect_landing(talk(&m.pod_b, "192.0.2.10:80"), 15001, "192.0.2.10:80", POD_B);
     // Pod A is not listed and not captured.
     assert_eq!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_A}")));
-    m.node.enter(|| drop(app));
-    assert_eq!(routing_state(&m.node), (0, 0));
-    drop(rt);
+    zt.stop(&m.node);
 }
