@@ -38,18 +38,18 @@ fn mesh(tag: &str) -> Mesh {
     wire(&m.node, &m.pod_b, "veth-b", "10.1.2");
     wire(&m.node, &m.outside, "uplink", "10.9.0");
     enable_forwarding(&m.node);
-    serve_outside(&m.outside);
+    serve(&m.outside, SERVER_PORT, "outside");
     m
 }
 
-/// A server in `ns` on 0.0.0.0:8080 answering `outside <peer ip>`.
-fn serve_outside(ns: &Netns) {
+/// A server in `ns` on 0.0.0.0:`port` answering `<tag> <peer ip>`.
+fn serve(ns: &Netns, port: u16, tag: &'static str) {
     ns.enter(|| {
-        let listener = std::net::TcpListener::bind(("0.0.0.0", SERVER_PORT)).expect("bind outside server");
+        let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind server");
         std::thread::spawn(move || {
             for mut s in listener.incoming().flatten() {
                 let peer = s.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
-                let _ = s.write_all(format!("outside {peer}").as_bytes());
+                let _ = s.write_all(format!("{tag} {peer}").as_bytes());
             }
         });
     });
@@ -171,6 +171,44 @@ fn without_a_listener_an_enrolled_pod_fails_closed() {
     // The unenrolled pod still reaches the server.
     assert_eq!(talk(&m.pod_b, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_B}")));
     m.node.enter(|| redirector.shutdown()).expect("shutdown");
+}
+
+#[test]
+fn ztunnel_connections_keep_the_client_source_and_are_not_recaptured() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = mesh("src");
+    let _listeners = node_listeners(&m.node);
+    serve(&m.pod_a, 9090, "pod-a");
+    let mut redirector = load(&m.node);
+    m.node.enter(|| redirector.enroll(POD_A.parse().expect("ip"), "veth-a")).expect("enroll");
+
+    // ztunnel delivers to the enrolled pod as the original client (a non-local address) with
+    // its own mark: the pod sees the client's address, and the pod's replies, addressed to that
+    // client, follow ztunnel's socket instead of being routed away or captured as new flows.
+    let rt = m.node.runtime();
+    let reply = rt
+        .block_on(rt.spawn(async {
+            use tokio::io::AsyncReadExt;
+            let dst: SocketAddr = format!("{POD_A}:9090").parse().expect("addr");
+            let client: SocketAddr = format!("{OUTSIDE}:0").parse().expect("addr");
+            let socket =
+                ztunnel::socket::outbound_socket(dst, ebpf::redirector::DEFAULT_ZTUNNEL_MARK, Some(client))
+                    .expect("marked transparent socket");
+            let mut stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(dst))
+                .await
+                .map_err(|_| "connect timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(reply)
+        }))
+        .expect("join");
+    assert_eq!(reply, Ok(format!("pod-a {OUTSIDE}")));
+    let stats = redirector.status().stats;
+    assert_eq!(stats["captured_outbound"], 0, "the pod's replies are not new flows: {stats:?}");
+    assert!(stats["followed_socket"] >= 1, "{stats:?}");
+    m.node.enter(|| redirector.shutdown()).expect("shutdown");
+    drop(rt);
 }
 
 /// Programs named like ours that the kernel holds.
