@@ -218,15 +218,21 @@ impl Redirector {
         Ok(())
     }
 
-    /// Forgets uplinks whose interface no longer exists (their TCX link went with them).
-    pub fn prune_missing_uplinks(&mut self) {
+    /// Forgets uplinks not among `existing` interfaces (their TCX link went with them).
+    pub fn prune_missing_uplinks(&mut self, existing: &[String]) {
         self.interfaces.retain(|name, a| {
-            let keep = !(a.uplink && a.pods.is_empty() && !interface_exists(name));
+            let keep = !(a.uplink && a.pods.is_empty() && !existing.contains(name));
             if !keep {
                 debug!(iface = %name, "uplink interface gone");
             }
             keep
         });
+    }
+
+    /// The interface `ip` is enrolled on, if it is.
+    pub fn interface_of(&self, ip: IpAddr) -> Option<&str> {
+        let IpAddr::V4(ip) = ip else { return None };
+        self.pods.get(&ip).map(String::as_str)
     }
 
     /// True if the program is attached to `iface` as an uplink.

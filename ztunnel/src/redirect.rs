@@ -200,7 +200,18 @@ fn reconcile(
     uplinks: &[String],
     metrics: &RedirectMetrics,
 ) {
-    r.prune_missing_uplinks();
+    // One listing per pass (each `ip` call is a process): uplink pruning and the check that an
+    // enrolled pod's interface is still there both use it.
+    let existing = match ebpf::routing::interfaces() {
+        Ok(names) => Some(names),
+        Err(e) => {
+            warn!(error = %e, "cannot list interfaces");
+            None
+        }
+    };
+    if let Some(names) = &existing {
+        r.prune_missing_uplinks(names);
+    }
     for iface in uplinks {
         if r.is_uplink(iface) {
             continue;
@@ -218,6 +229,14 @@ fn reconcile(
         }
     }
     for (ip, iface) in want {
+        // Enrolled on an interface that still exists: nothing to look up.
+        let current = r.interface_of(*ip);
+        if iface.is_none()
+            && let (Some(current), Some(names)) = (current, &existing)
+            && names.iter().any(|n| n == current)
+        {
+            continue;
+        }
         let iface = match iface {
             Some(i) => i.clone(),
             None => match ebpf::interface_for(*ip) {
