@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod copy;
+pub mod drain;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

@@ -13,6 +13,8 @@ use tokio::sync::watch;
 pub struct Ready {
     pending: Arc<Mutex<BTreeSet<String>>>,
     tx: Arc<watch::Sender<bool>>,
+    /// Number of pending tasks, published on every change.
+    count: Arc<watch::Sender<usize>>,
 }
 
 impl Default for Ready {
@@ -24,7 +26,7 @@ impl Default for Ready {
 impl Ready {
     pub fn new() -> Self {
         let (tx, _) = watch::channel(true);
-        Self { pending: Arc::default(), tx: Arc::new(tx) }
+        Self { pending: Arc::default(), tx: Arc::new(tx), count: Arc::new(watch::channel(0).0) }
     }
 
     /// Registers a task that blocks readiness until its guard is done or dropped.
@@ -32,6 +34,7 @@ impl Ready {
         let name = name.into();
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         pending.insert(name.clone());
+        self.count.send_replace(pending.len());
         self.tx.send_replace(false);
         BlockReady { ready: self.clone(), name: Some(name) }
     }
@@ -53,9 +56,30 @@ impl Ready {
         let _ = rx.wait_for(|ready| *ready).await;
     }
 
+    /// Waits until `name` is the only task still pending (or nothing is): for a start-up task
+    /// that must come after all the others (certificates after the first xDS sync).
+    pub async fn wait_for_others(&self, name: &str) {
+        let mut rx = self.count.subscribe();
+        let others = || {
+            let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            pending.iter().any(|p| p != name)
+        };
+        loop {
+            rx.borrow_and_update();
+            if !others() {
+                return;
+            }
+            // The sender lives in self, so the channel cannot close while we wait.
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     fn finish(&self, name: &str) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         pending.remove(name);
+        self.count.send_replace(pending.len());
         if pending.is_empty() {
             self.tx.send_replace(true);
         }
@@ -103,6 +127,24 @@ mod tests {
         assert!(!ready.is_ready());
         assert_eq!(ready.pending(), vec!["certs".to_string()]);
         drop(b);
+        assert!(ready.is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_task_can_wait_for_the_others() {
+        let ready = Ready::new();
+        let xds = ready.register("xds");
+        let certs = ready.register("certs");
+        let waiter = {
+            let ready = ready.clone();
+            tokio::spawn(async move { ready.wait_for_others("certs").await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "xds is still pending");
+        xds.done();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.expect("woken").expect("join");
+        assert!(!ready.is_ready(), "certs still pending");
+        certs.done();
         assert!(ready.is_ready());
     }
 }

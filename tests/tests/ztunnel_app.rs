@@ -23,6 +23,11 @@ fn config(source: Source) -> Config {
         redirect: false,
         uplinks: vec![],
         static_pods: vec![],
+        network: String::new(),
+        ca: ztunnel::config::CaConfig::Local { dir: std::env::temp_dir().join("ztunnel-app-test-ca") },
+        cert_lifetime: ztunnel::config::DEFAULT_CERT_LIFETIME,
+        proxy: None,
+        drain_period: ztunnel::config::DEFAULT_DRAIN_PERIOD,
     }
 }
 

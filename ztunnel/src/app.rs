@@ -1,31 +1,50 @@
-//! Wiring: the control-plane feed into the stores, and the metrics, readiness and admin
-//! servers. Returns once everything is bound and spawned.
+//! Wiring: the control-plane feed into the state, certificates, the proxies, eBPF enrollment,
+//! and the metrics, readiness and admin servers. Returns once everything is bound and spawned.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::admin::{self, Reply, Router};
+use common::drain::Drain;
+use common::hbone::pool::{Pool, PoolConfig, PoolMetrics};
+use common::identity::ca_client::IstioCaClient;
+use common::identity::local_ca::LocalCa;
+use common::identity::manager::{CaSource, CertMetrics};
+use common::identity::{CertificateManager, Identity};
 use common::readiness::Ready;
-use common::xds::{Handlers, ResourceStore, XdsMetrics, validate};
+use common::xds::{ResourceStore, XdsMetrics};
 use proto::security::Authorization;
 use proto::workload::Address;
 use tokio::task::JoinHandle;
+use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{CaConfig, Config};
+use crate::proxy::{self, Bound, Proxy};
 use crate::redirect::Enrollment;
+use crate::state::State;
 use ebpf::Redirector;
+
+/// Readiness task released once the certificates of this node's workloads are in.
+const CERTS_TASK: &str = "workload certificates";
 
 /// A running ztunnel.
 pub struct App {
     pub ready: Ready,
+    /// The indexed mesh state the proxies route on.
+    pub state: State,
     pub addresses: Arc<ResourceStore<Address>>,
     pub policies: Arc<ResourceStore<Authorization>>,
+    pub certs: CertificateManager,
     /// Bound addresses of admin, metrics and readiness (useful when configured with port 0).
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
+    /// The proxies' listeners, when proxying is on.
+    pub proxy_addrs: Option<Bound>,
     /// eBPF enrollment, when redirection is on.
     pub enrollment: Option<Enrollment>,
+    drain: Option<Drain>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -47,13 +66,9 @@ impl App {
         let mut registry = common::metrics::new_registry();
         register_build_info(&mut registry);
         let xds_metrics = XdsMetrics::new(&mut registry);
+        let certs = CertificateManager::new(ca_source(&config)?, CertMetrics::new(&mut registry));
 
-        let addresses = ResourceStore::<Address>::new(validate::address);
-        let policies = ResourceStore::<Authorization>::new(validate::authorization);
-        let mut handlers = Handlers::new();
-        handlers.add::<Address, _>(proto::ADDRESS_TYPE_URL, addresses.clone());
-        handlers.add::<Authorization, _>(proto::AUTHORIZATION_TYPE_URL, policies.clone());
-
+        let (state, handlers) = State::new(&config.network);
         let admin_listener = admin::bind(config.admin_addr).await?;
         let metrics_listener = admin::bind(config.metrics_addr).await?;
         let readiness_listener = admin::bind(config.readiness_addr).await?;
@@ -62,6 +77,33 @@ impl App {
         let readiness_addr = readiness_listener.local_addr()?;
 
         let mut tasks = vec![config.source.clone().spawn(handlers, &ready, xds_metrics)];
+        let drain = Drain::new();
+        let proxy_addrs = match &config.proxy {
+            Some(proxy_config) => {
+                let pool = Pool::new(certs.clone(), PoolConfig::default(), PoolMetrics::new(&mut registry));
+                let metrics = proxy::metrics::Metrics::new(&mut registry);
+                let proxy = Proxy::new(
+                    proxy_config.clone(),
+                    state.clone(),
+                    pool,
+                    certs.clone(),
+                    metrics,
+                    drain.watch(),
+                );
+                let (bound, proxy_tasks) = proxy.start()?;
+                tasks.extend(proxy_tasks);
+                let block = ready.register(CERTS_TASK);
+                tasks.push(tokio::spawn(prefetch_certificates(
+                    state.clone(),
+                    certs.clone(),
+                    config.node_name.clone(),
+                    ready.clone(),
+                    block,
+                )));
+                Some(bound)
+            }
+            None => None,
+        };
         let enrollment = if config.redirect {
             let redirector = Redirector::load(ebpf::Settings::default())?;
             let (enrollment, task) = Enrollment::start(
@@ -69,7 +111,7 @@ impl App {
                 config.node_name.clone(),
                 config.uplinks.clone(),
                 config.static_pods.clone(),
-                addresses.clone(),
+                state.addresses().clone(),
                 &mut registry,
             );
             tasks.push(task);
@@ -80,11 +122,88 @@ impl App {
         let registry = Arc::new(registry);
         let metrics_router = admin::metrics_routes(Router::new(), registry);
         let readiness_router = admin::readiness_routes(Router::new(), ready.clone());
-        let admin_router = admin_routes(&config, &ready, &addresses, &policies, enrollment.clone());
+        let admin_router = admin_routes(&config, &ready, &state, &certs, enrollment.clone());
         tasks.push(tokio::spawn(admin::serve(metrics_listener, metrics_router, "metrics")));
         tasks.push(tokio::spawn(admin::serve(readiness_listener, readiness_router, "readiness")));
         tasks.push(tokio::spawn(admin::serve(admin_listener, admin_router, "admin")));
-        Ok(Self { ready, addresses, policies, admin_addr, metrics_addr, readiness_addr, enrollment, tasks })
+        Ok(Self {
+            ready,
+            addresses: state.addresses().clone(),
+            policies: state.policies().clone(),
+            state,
+            certs,
+            admin_addr,
+            metrics_addr,
+            readiness_addr,
+            proxy_addrs,
+            enrollment,
+            drain: Some(drain),
+            tasks,
+        })
+    }
+
+    /// Stops accepting, lets open connections run for up to `period`, then closes them.
+    /// Returns how many were cut at the end of the period.
+    pub async fn drain(&mut self, period: Duration) -> usize {
+        match self.drain.take() {
+            Some(d) => d.run(period).await,
+            None => 0,
+        }
+    }
+}
+
+fn ca_source(config: &Config) -> anyhow::Result<CaSource> {
+    Ok(match &config.ca {
+        CaConfig::Local { dir } => {
+            let trust_domain =
+                config.proxy.as_ref().map_or(crate::config::DEFAULT_TRUST_DOMAIN, |p| &p.trust_domain);
+            CaSource::Local(Arc::new(LocalCa::load_or_create(dir, trust_domain)?), config.cert_lifetime)
+        }
+        CaConfig::Istio { target, .. } => {
+            CaSource::Istio(IstioCaClient::new(target.clone(), config.cert_lifetime, true)?)
+        }
+    })
+}
+
+/// Once the first xDS sync is in, fetches the certificates of this node's workloads and then
+/// releases readiness; afterwards keeps fetching for workloads that arrive, so a first
+/// connection never waits on the CA.
+async fn prefetch_certificates(
+    state: State,
+    certs: CertificateManager,
+    node: String,
+    ready: Ready,
+    block: common::readiness::BlockReady,
+) {
+    ready.wait_for_others(CERTS_TASK).await;
+    let mut changes = state.subscribe();
+    let mut block = Some(block);
+    loop {
+        changes.borrow_and_update();
+        let ids: std::collections::BTreeSet<Identity> =
+            state.snapshot().workloads_on(&node).map(|w| w.identity.clone()).collect();
+        for id in &ids {
+            if certs.current(id).is_none() {
+                match block {
+                    // Readiness waits for every certificate (the manager retries failures).
+                    Some(_) => {
+                        certs.wait_ready(id).await;
+                    }
+                    None => {
+                        if let Err(e) = certs.fetch(id).await {
+                            warn!(identity = %id, error = %e, "certificate prefetch failed; retrying in the background");
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(b) = block.take() {
+            info!(identities = ids.len(), "certificates of this node's workloads are ready");
+            b.done();
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -104,23 +223,26 @@ fn register_build_info(registry: &mut prometheus_client::registry::Registry) {
 fn admin_routes(
     config: &Config,
     ready: &Ready,
-    addresses: &Arc<ResourceStore<Address>>,
-    policies: &Arc<ResourceStore<Authorization>>,
+    state: &State,
+    certs: &CertificateManager,
     enrollment: Option<Enrollment>,
 ) -> Router {
     let config_json = serde_json::to_value(config).unwrap_or_default();
     let router = admin::readiness_routes(Router::new(), ready.clone());
-    let (ready, addresses, policies) = (ready.clone(), addresses.clone(), policies.clone());
-    router.route("/config_dump", move |_| {
+    let (ready, dump_state) = (ready.clone(), state.clone());
+    let router = router.route("/config_dump", move |_| {
         Reply::json(&serde_json::json!({
             "config": config_json,
             "ready": ready.is_ready(),
             "pending": ready.pending(),
             "resources": {
-                proto::ADDRESS_TYPE_URL: addresses.versions(),
-                proto::AUTHORIZATION_TYPE_URL: policies.versions(),
+                proto::ADDRESS_TYPE_URL: dump_state.addresses().versions(),
+                proto::AUTHORIZATION_TYPE_URL: dump_state.policies().versions(),
             },
+            "state": serde_json::to_value(&*dump_state.snapshot()).unwrap_or_default(),
             "redirection": enrollment.as_ref().map(Enrollment::status),
         }))
-    })
+    });
+    let certs = certs.clone();
+    router.route("/certs", move |_| Reply::json(&serde_json::to_value(certs.summary()).unwrap_or_default()))
 }

@@ -3,11 +3,13 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use common::telemetry::LogFormat;
 use common::xds::{NodeInfo, Source, XdsConfig};
 
+use crate::proxy::{OutboundPolicy, ProxyConfig};
 use crate::redirect::StaticPod;
 
 /// Admin endpoint (config dump, log level); loopback only.
@@ -18,6 +20,34 @@ pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr
 pub const DEFAULT_READINESS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15021);
 /// istiod's xDS address inside a cluster.
 pub const DEFAULT_XDS_ADDRESS: &str = "https://istiod.istio-system.svc:15012";
+/// Outbound capture listener.
+pub const DEFAULT_OUTBOUND_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15001);
+/// Inbound plaintext capture listener.
+pub const DEFAULT_INBOUND_PLAINTEXT_ADDR: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15006);
+/// Inbound HBONE listener.
+pub const DEFAULT_INBOUND_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15008);
+/// Trust domain of workloads that name none.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Lifetime asked for workload certificates.
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// How long open connections may run after SIGTERM.
+pub const DEFAULT_DRAIN_PERIOD: Duration = Duration::from_secs(5);
+
+/// Where workload certificates come from.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaConfig {
+    /// A local root kept in this directory (created on first use); for tests, the local demo
+    /// and lone hosts. Every ztunnel of a mesh must share it.
+    Local { dir: PathBuf },
+    /// istiod's CA (same TLS root and token as xDS).
+    Istio {
+        address: String,
+        #[serde(skip)]
+        target: common::grpc::GrpcTarget,
+    },
+}
 
 /// Everything ztunnel needs to start. Tests build it directly.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -46,6 +76,16 @@ pub struct Config {
     pub uplinks: Vec<String>,
     /// Pods enrolled whatever the control plane says (VM/ECS hosts): `ip` or `ip@interface`.
     pub static_pods: Vec<StaticPod>,
+    /// The network this node is on (workload and VIP addresses are looked up in it).
+    pub network: String,
+    /// Where workload certificates come from.
+    pub ca: CaConfig,
+    /// Lifetime asked for workload certificates.
+    pub cert_lifetime: Duration,
+    /// The proxies (15001/15006/15008); `None` when ztunnel only syncs configuration.
+    pub proxy: Option<ProxyConfig>,
+    /// After SIGTERM, how long open connections may run before they are closed.
+    pub drain_period: Duration,
 }
 
 /// Command line and environment.
@@ -97,6 +137,28 @@ pub struct Args {
     /// Kubernetes.
     #[arg(long = "enroll", env = "ZTUNNEL_ENROLL", value_delimiter = ',')]
     pub static_pods: Vec<StaticPod>,
+    /// Trust domain peers must share.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Network of this node.
+    #[arg(long, env = "NETWORK", default_value = "")]
+    pub network: String,
+    /// Sign workload certificates with a local root kept in DIR (shared by every ztunnel of
+    /// the mesh) instead of asking istiod's CA.
+    #[arg(long, env = "ZTUNNEL_LOCAL_CA", value_name = "DIR")]
+    pub local_ca: Option<PathBuf>,
+    /// istiod's CA (defaults to the xDS address when that is https, else istiod's).
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// Unknown destinations: `passthrough` (default) or `registry-only`.
+    #[arg(long, env = "OUTBOUND_POLICY", default_value = "passthrough")]
+    pub outbound_policy: OutboundPolicy,
+    /// Seconds open connections may run after SIGTERM.
+    #[arg(long, env = "DRAIN_PERIOD_SECONDS", default_value_t = DEFAULT_DRAIN_PERIOD.as_secs())]
+    pub drain_period_seconds: u64,
+    /// Only sync configuration; do not bind the proxies (15001/15006/15008).
+    #[arg(long)]
+    pub no_proxy: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +184,29 @@ impl Config {
             cluster_id: args.cluster_id,
             extra: Default::default(),
         };
+        let ca = match (&args.local_ca, &args.ca_address) {
+            (Some(dir), _) => CaConfig::Local { dir: dir.clone() },
+            (None, address) => {
+                let address = address
+                    .clone()
+                    .or_else(|| args.xds_address.clone().filter(|a| a.starts_with("https://")))
+                    .unwrap_or_else(|| DEFAULT_XDS_ADDRESS.to_string());
+                let mut target = common::grpc::GrpcTarget::new(address.clone());
+                target.root_cert = address.starts_with("https://").then(|| args.xds_root_cert.clone());
+                target.server_name = args.xds_server_name.clone();
+                target.token_path = args.xds_token_path.clone();
+                CaConfig::Istio { address, target }
+            }
+        };
+        let proxy = (!args.no_proxy).then(|| ProxyConfig {
+            node_name: args.node_name.clone(),
+            trust_domain: args.trust_domain.clone(),
+            outbound_addr: DEFAULT_OUTBOUND_ADDR,
+            inbound_addr: DEFAULT_INBOUND_ADDR,
+            inbound_plaintext_addr: DEFAULT_INBOUND_PLAINTEXT_ADDR,
+            mark: ebpf::redirector::DEFAULT_ZTUNNEL_MARK,
+            outbound_policy: args.outbound_policy,
+        });
         let (source, source_description) = match (args.local_config, args.xds_address) {
             (Some(_), Some(_)) => return Err(ConfigError::TwoSources),
             (Some(path), None) => {
@@ -149,6 +234,11 @@ impl Config {
             redirect: args.redirect,
             uplinks: args.uplinks,
             static_pods: args.static_pods,
+            network: args.network,
+            ca,
+            cert_lifetime: DEFAULT_CERT_LIFETIME,
+            proxy,
+            drain_period: Duration::from_secs(args.drain_period_seconds),
         })
     }
 }

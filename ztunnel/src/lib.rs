@@ -1,10 +1,13 @@
 //! ztunnel: the L4 node proxy of the ambient mesh.
 //!
-//! What exists so far: configuration, the control-plane feed (delta ADS or a local file) into
-//! the workload and policy stores, and the metrics, readiness and admin endpoints. The
-//! proxies (15001/15006/15008) arrive with the L4 data-plane work.
+//! Configuration (`config`), the indexed mesh state fed by xDS or a local file (`state`), L4
+//! authorization (`rbac`), the proxies on 15001/15006/15008 (`proxy`), eBPF pod enrollment
+//! (`redirect`) and the sockets redirected traffic needs (`socket`), wired together in `app`.
 
 pub mod app;
 pub mod config;
+pub mod proxy;
+pub mod rbac;
 pub mod redirect;
 pub mod socket;
+pub mod state;

@@ -11,14 +11,20 @@ async fn main() -> anyhow::Result<()> {
     common::telemetry::init(args.log_format);
     let config = Config::from_args(args)?;
     info!(config = %serde_json::to_string(&config)?, "starting ztunnel");
-    let app = App::start(config).await?;
+    let drain_period = config.drain_period;
+    let mut app = App::start(config).await?;
     let ready = app.ready.clone();
     tokio::select! {
         _ = ready.wait() => info!("ztunnel ready"),
-        _ = shutdown_signal() => return Ok(()),
+        _ = shutdown_signal() => {
+            app.drain(drain_period).await;
+            return Ok(());
+        }
     }
     shutdown_signal().await;
-    info!("shutting down");
+    info!(period_s = drain_period.as_secs(), "shutting down: draining connections");
+    let cut = app.drain(drain_period).await;
+    info!(cut, "shutting down");
     drop(app);
     Ok(())
 }

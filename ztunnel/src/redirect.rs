@@ -1,5 +1,6 @@
 //! Pod enrollment: keeps the eBPF redirector's enrolled set equal to the workloads scheduled on
-//! this node (their `node` field is our node name) that have an IPv4 address, plus the pods
+//! this node (their `node` field is our node name) that have an IPv4 address and do not speak
+//! HBONE natively (`native_tunnel`, e.g. waypoints), plus the pods
 //! configured explicitly (VM and ECS hosts without Kubernetes). A pod's interface is the one the
 //! host routes its address through, unless the explicit entry names it.
 //!
@@ -142,7 +143,8 @@ fn desired(wanted: &Wanted, workloads: &ResourceStore<Address>) -> BTreeMap<IpAd
         let Some(Address { r#type: Some(address::Type::Workload(w)) }) = workloads.get(&name) else {
             continue;
         };
-        if w.node != wanted.node_name {
+        // A workload that speaks HBONE itself (a waypoint) takes its traffic directly.
+        if w.node != wanted.node_name || w.native_tunnel {
             continue;
         }
         for bytes in &w.addresses {

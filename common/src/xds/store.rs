@@ -51,6 +51,11 @@ impl<T: Clone + Send + Sync + 'static> ResourceStore<T> {
         self.read().keys().cloned().collect()
     }
 
+    /// Every resource held, by name (a copy, for consumers that build their own indexes).
+    pub fn entries(&self) -> Vec<(String, T)> {
+        self.read().iter().map(|(k, v)| (k.clone(), v.resource.clone())).collect()
+    }
+
     /// Name -> version of everything held.
     pub fn versions(&self) -> BTreeMap<String, String> {
         self.read().iter().map(|(k, v)| (k.clone(), v.version.clone())).collect()

@@ -1,0 +1,282 @@
+//! The L4 proxies: outbound (15001), inbound HBONE (15008) and inbound plaintext (15006).
+//!
+//! Each connection goes through explicit phases: accept -> resolve (who is talking to what,
+//! from the state snapshot) -> authorize -> connect -> copy -> record. Every refusal is logged
+//! in the access log with its reason and counted in `istio_tcp_connections_failed_total`.
+
+pub mod inbound;
+pub mod inbound_plaintext;
+pub mod metrics;
+pub mod outbound;
+mod server_tls;
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::copy::{ByteCounters, copy_bidirectional};
+use common::drain::{Guard, Watch};
+use common::hbone::pool::Pool;
+use common::identity::CertificateManager;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::rbac::{self, Verdict};
+use crate::socket::{self, SocketError};
+use crate::state::{State, Workload};
+use metrics::{Failure, Metrics, Record};
+
+/// How long a TCP connect or an HBONE CONNECT may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Ports of ztunnel itself: never a destination (loops).
+pub const OWN_PORTS: [u16; 3] = [15001, 15006, 15008];
+
+/// What happens to outbound traffic for destinations the registry does not know.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutboundPolicy {
+    /// Pass it through as plain TCP from the pod's address (Istio's ALLOW_ANY).
+    #[default]
+    Passthrough,
+    /// Refuse it (Istio's REGISTRY_ONLY).
+    RegistryOnly,
+}
+
+impl std::str::FromStr for OutboundPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "passthrough" | "ALLOW_ANY" => Ok(Self::Passthrough),
+            "registry-only" | "REGISTRY_ONLY" => Ok(Self::RegistryOnly),
+            other => Err(format!("unknown outbound policy {other:?} (passthrough or registry-only)")),
+        }
+    }
+}
+
+/// Proxy settings (part of ztunnel's config).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProxyConfig {
+    /// Our node: workloads whose `node` is this are ours to serve.
+    pub node_name: String,
+    /// Trust domain peers must share.
+    pub trust_domain: String,
+    pub outbound_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub inbound_plaintext_addr: SocketAddr,
+    /// `SO_MARK` on ztunnel's own sockets, so the capture program lets them be.
+    pub mark: u32,
+    pub outbound_policy: OutboundPolicy,
+}
+
+/// Why a connection could not be proxied. Knows its response flag and CONNECT status.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("source {0} is not a workload on this node")]
+    UnknownSource(IpAddr),
+    #[error("{0} is not in the registry and the outbound policy is registry-only")]
+    RegistryOnly(SocketAddr),
+    #[error(transparent)]
+    NoEndpoint(#[from] crate::state::PickError),
+    #[error("waypoint of {0} cannot be resolved")]
+    NoWaypoint(String),
+    #[error("{0} is reached over Istio's legacy mTLS, which ztunnel does not speak")]
+    UnsupportedTunnel(String),
+    #[error("{0} is not a workload on this node")]
+    NotLocal(IpAddr),
+    #[error("port {0} is ztunnel's own")]
+    SelfCall(u16),
+    #[error("{0}")]
+    Denied(String),
+    #[error("authority {authority} is not the address the connection arrived for ({local})")]
+    AddressMismatch { authority: SocketAddr, local: IpAddr },
+    #[error("connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("HBONE to {addr}: {reason}")]
+    Hbone { addr: SocketAddr, reason: String },
+    #[error("draining")]
+    Draining,
+}
+
+impl ProxyError {
+    /// Envoy's response flag for this failure.
+    pub fn flags(&self) -> &'static str {
+        match self {
+            ProxyError::UnknownSource(_) | ProxyError::RegistryOnly(_) => "NR",
+            ProxyError::NoEndpoint(_) | ProxyError::NoWaypoint(_) | ProxyError::NotLocal(_) => "UH",
+            ProxyError::Connect { .. } | ProxyError::Hbone { .. } | ProxyError::UnsupportedTunnel(_) => "UF",
+            ProxyError::SelfCall(_) | ProxyError::Draining | ProxyError::AddressMismatch { .. } => "-",
+            ProxyError::Denied(_) => "-",
+        }
+    }
+
+    pub fn failure(&self) -> Failure {
+        Failure { reason: self.to_string(), flags: self.flags() }
+    }
+}
+
+struct Inner {
+    config: ProxyConfig,
+    state: State,
+    pool: Pool,
+    certs: CertificateManager,
+    metrics: Metrics,
+    drain: Watch,
+}
+
+/// What every proxy task shares. Cheap to clone.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+/// The proxies' bound addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub inbound_plaintext: SocketAddr,
+}
+
+impl Proxy {
+    pub fn new(
+        config: ProxyConfig,
+        state: State,
+        pool: Pool,
+        certs: CertificateManager,
+        metrics: Metrics,
+        drain: Watch,
+    ) -> Self {
+        Self { inner: Arc::new(Inner { config, state, pool, certs, metrics, drain }) }
+    }
+
+    /// Binds the three transparent listeners and spawns their accept loops, which stop when
+    /// the drain starts.
+    pub fn start(&self) -> Result<(Bound, Vec<JoinHandle<()>>), SocketError> {
+        let c = &self.inner.config;
+        let outbound = socket::transparent_listener(c.outbound_addr, Some(c.mark))?;
+        let inbound = socket::transparent_listener(c.inbound_addr, Some(c.mark))?;
+        let plaintext = socket::transparent_listener(c.inbound_plaintext_addr, Some(c.mark))?;
+        let local = |l: &TcpListener, a: SocketAddr| l.local_addr().unwrap_or(a);
+        let bound = Bound {
+            outbound: local(&outbound, c.outbound_addr),
+            inbound: local(&inbound, c.inbound_addr),
+            inbound_plaintext: local(&plaintext, c.inbound_plaintext_addr),
+        };
+        let tasks = vec![
+            tokio::spawn(outbound::serve(self.clone(), outbound)),
+            tokio::spawn(inbound::serve(self.clone(), inbound)),
+            tokio::spawn(inbound_plaintext::serve(self.clone(), plaintext)),
+        ];
+        Ok((bound, tasks))
+    }
+
+    fn config(&self) -> &ProxyConfig {
+        &self.inner.config
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    fn drain(&self) -> &Watch {
+        &self.inner.drain
+    }
+
+    fn is_local(&self, w: &Workload) -> bool {
+        w.node == self.inner.config.node_name
+    }
+
+    /// Evaluates the destination workload's policies, counting and logging the decision.
+    fn authorize(&self, direction: &'static str, dst: &Workload, conn: &rbac::Connection<'_>) -> Verdict {
+        let policies = self.inner.state.snapshot().policies_for(dst);
+        let verdict = rbac::evaluate(&policies, conn);
+        let policy = match &verdict {
+            Verdict::DeniedBy(p) => Some(p.as_str()),
+            _ => None,
+        };
+        self.metrics().decision(direction, verdict.label(), policy);
+        if !verdict.is_allow() {
+            warn!(
+                direction,
+                dst = %dst.name,
+                src = %conn.source.map_or_else(|| "-".to_string(), ToString::to_string),
+                src_ip = %conn.source_ip,
+                reason = %verdict.reason(),
+                "connection denied by policy"
+            );
+        }
+        verdict
+    }
+
+    /// A plain TCP connection carrying ztunnel's mark, from `source` when given (the client's
+    /// address, kept so the server sees who really called). Falls back to our own address if
+    /// the kernel refuses the source.
+    async fn connect_direct(&self, dst: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, ProxyError> {
+        let fail = |reason: String| ProxyError::Connect { addr: dst, reason };
+        let mark = self.inner.config.mark;
+        let socket = match socket::outbound_socket(dst, mark, source.map(|ip| SocketAddr::new(ip, 0))) {
+            Ok(s) => s,
+            Err(e) if source.is_some() => {
+                debug!(error = %e, "cannot keep the client's source address; connecting from ours");
+                socket::outbound_socket(dst, mark, None).map_err(|e| fail(e.to_string()))?
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(fail(e.to_string())),
+            Err(_) => Err(fail("timed out".into())),
+        }
+    }
+}
+
+/// Copies until both sides close, or until the drain period ends; then records the close.
+async fn relay<D, U>(proxy: &Proxy, downstream: D, upstream: U, records: Vec<Record>)
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let counters = ByteCounters::default();
+    let error = tokio::select! {
+        r = copy_bidirectional(downstream, upstream, &counters) => r.err().map(|e| e.to_string()),
+        _ = proxy.drain().closing() => Some("closed at the end of the drain period".to_string()),
+    };
+    for r in records {
+        r.closed(&counters, error.clone());
+    }
+}
+
+/// Accepts on `listener` until the drain starts, handing each connection (with its drain
+/// guard) to `handle` on its own task.
+async fn accept_loop<F, Fut>(proxy: Proxy, listener: TcpListener, name: &'static str, handle: F)
+where
+    F: Fn(Proxy, TcpStream, SocketAddr, Guard) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    if let Ok(addr) = listener.local_addr() {
+        info!(listener = name, %addr, "listening");
+    }
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = proxy.drain().draining() => {
+                info!(listener = name, "draining: no longer accepting");
+                return;
+            }
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let Some(guard) = proxy.drain().guard() else { return };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(proxy.clone(), stream, peer, guard));
+            }
+            Err(e) => {
+                warn!(listener = name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

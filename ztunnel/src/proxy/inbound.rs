@@ -1,0 +1,161 @@
+//! Inbound HBONE (15008): terminate mTLS with the destination workload's identity, check the
+//! CONNECT's authority is a workload on this node, authorize the peer's identity, connect to
+//! the pod from the original client's address, and answer 200 only once that connection is
+//! up. Refusals answer 400 (malformed, address mismatch), 401 (policy) or 503 (no such local
+//! workload, own port, pod unreachable, draining).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use common::hbone::connect::Authority;
+use common::hbone::server::{self, BoxFuture, ConnectHandler, ConnectRequest, Decision};
+use common::identity::Identity;
+use http::{HeaderMap, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::info;
+
+use super::metrics::{Peer, Record, Reporter};
+use super::server_tls::WorkloadTls;
+use super::{OWN_PORTS, Proxy, ProxyError, relay};
+use crate::rbac;
+
+pub(super) async fn serve(proxy: Proxy, listener: TcpListener) {
+    let c = proxy.config();
+    let tls =
+        Arc::new(WorkloadTls::new(proxy.inner.state.clone(), c.node_name.clone(), proxy.inner.certs.clone()));
+    let handler = Arc::new(Inbound(proxy.clone()));
+    let trust_domain = c.trust_domain.clone();
+    tokio::select! {
+        _ = server::serve(listener, tls, trust_domain, handler) => {}
+        _ = proxy.drain().draining() => info!(listener = "inbound", "draining: no longer accepting"),
+    }
+}
+
+struct Inbound(Proxy);
+
+impl ConnectHandler for Inbound {
+    fn handle(&self, req: ConnectRequest) -> BoxFuture<Decision> {
+        Box::pin(accept(self.0.clone(), req))
+    }
+}
+
+fn status_of(e: &ProxyError) -> StatusCode {
+    match e {
+        ProxyError::Denied(_) => StatusCode::UNAUTHORIZED,
+        ProxyError::AddressMismatch { .. } => StatusCode::BAD_REQUEST,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+async fn accept(proxy: Proxy, req: ConnectRequest) -> Decision {
+    let dst = match req.authority {
+        Authority::Addr(a) => a,
+        other => {
+            return Decision::Refuse(StatusCode::BAD_REQUEST, format!("authority {other} is not ip:port"));
+        }
+    };
+    // The client's address as its ztunnel saw it, believed only when the peer proves the
+    // identity of the workload at that address.
+    let snapshot = proxy.inner.state.snapshot();
+    let forwarded = forwarded_for(&req.headers)
+        .filter(|a| snapshot.workload_by_ip(a.ip()).is_some_and(|w| w.identity == req.peer));
+    let src_addr = forwarded.unwrap_or(req.peer_addr);
+    let mut rec = Record::new(proxy.metrics(), Reporter::Destination, "inbound", src_addr, dst);
+    rec.src = Peer {
+        workload: forwarded.and_then(|a| snapshot.workload_by_ip(a.ip()).cloned()),
+        identity: Some(req.peer.clone()),
+    };
+    rec.mtls = true;
+    let outcome = match proxy.drain().guard() {
+        None => Err(ProxyError::Draining),
+        Some(_) if dst.ip() != req.local_addr.ip() => {
+            Err(ProxyError::AddressMismatch { authority: dst, local: req.local_addr.ip() })
+        }
+        Some(guard) => {
+            let preserve = forwarded.map(|a| a.ip());
+            deliver(&proxy, &mut rec, Some(&req.peer), src_addr.ip(), preserve, dst).await.map(|s| (s, guard))
+        }
+    };
+    match outcome {
+        Err(e) => {
+            let status = status_of(&e);
+            let reason = e.to_string();
+            rec.failed(e.failure());
+            Decision::Refuse(status, reason)
+        }
+        Ok((upstream, guard)) => {
+            rec.opened();
+            Decision::Accept(Box::new(move |stream| {
+                Box::pin(async move {
+                    relay(&proxy, stream, upstream, vec![rec]).await;
+                    drop(guard);
+                })
+            }))
+        }
+    }
+}
+
+/// The destination half, shared by inbound HBONE and same-node outbound: `dst` must be a
+/// workload on this node and not one of our ports, and its policies must allow the source;
+/// then the pod is dialled (from `preserve` when given).
+pub(super) async fn deliver(
+    proxy: &Proxy,
+    rec: &mut Record,
+    source: Option<&Identity>,
+    source_ip: IpAddr,
+    preserve: Option<IpAddr>,
+    dst: SocketAddr,
+) -> Result<TcpStream, ProxyError> {
+    let snapshot = proxy.inner.state.snapshot();
+    let w = snapshot
+        .workload_by_ip(dst.ip())
+        .filter(|w| proxy.is_local(w))
+        .ok_or(ProxyError::NotLocal(dst.ip()))?
+        .clone();
+    rec.dst = Peer::of(&w);
+    if rec.service.is_none() {
+        rec.service = snapshot.service_of(&w).cloned();
+    }
+    if OWN_PORTS.contains(&dst.port()) {
+        return Err(ProxyError::SelfCall(dst.port()));
+    }
+    let conn = rbac::Connection { source, source_ip, destination_ip: dst.ip(), destination_port: dst.port() };
+    let verdict = proxy.authorize(rec.direction(), &w, &conn);
+    if !verdict.is_allow() {
+        return Err(ProxyError::Denied(verdict.reason()));
+    }
+    rec.upstream = Some(dst);
+    proxy.connect_direct(dst, preserve).await
+}
+
+/// The `for=` address of a `forwarded` header (`for="10.0.0.1:4000"`, `for=10.0.0.1`).
+pub fn forwarded_for(headers: &HeaderMap) -> Option<SocketAddr> {
+    let value = headers.get("forwarded")?.to_str().ok()?;
+    value.split([';', ',']).find_map(|part| {
+        let (k, v) = part.trim().split_once('=')?;
+        if !k.eq_ignore_ascii_case("for") {
+            return None;
+        }
+        let v = v.trim_matches('"');
+        v.parse::<SocketAddr>().ok().or_else(|| v.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_forms() {
+        let mut h = HeaderMap::new();
+        assert_eq!(forwarded_for(&h), None);
+        h.insert("forwarded", "for=\"10.1.1.2:4000\";host=echo.demo".parse().expect("value"));
+        assert_eq!(forwarded_for(&h), Some("10.1.1.2:4000".parse().expect("addr")));
+        h.insert("forwarded", "host=x;for=10.1.1.3".parse().expect("value"));
+        assert_eq!(forwarded_for(&h), Some("10.1.1.3:0".parse().expect("addr")));
+        h.insert("forwarded", "for=\"[2001:db8::1]:80\"".parse().expect("value"));
+        assert_eq!(forwarded_for(&h), Some("[2001:db8::1]:80".parse().expect("addr")));
+        h.insert("forwarded", "for=unknown".parse().expect("value"));
+        assert_eq!(forwarded_for(&h), None);
+    }
+}

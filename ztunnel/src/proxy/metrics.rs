@@ -1,0 +1,291 @@
+//! Istio's TCP metrics with Istio's labels, and the per-connection record that feeds them and
+//! writes the access log line when the connection ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use common::copy::ByteCounters;
+use common::identity::Identity;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tracing::{info, warn};
+
+use crate::state::{Service, Workload};
+
+/// Istio's standard L4 label set (shared/spec/telemetry.md).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    direction: &'static str,
+    decision: &'static str,
+    /// The deciding DENY policy, or `-`.
+    policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// ztunnel's traffic metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    failed: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    decisions: Family<DecisionLabels, Counter>,
+    passthrough: Family<OutcomeLabels, Counter>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register("tcp_connections_opened", "TCP connections opened", m.opened.clone());
+        registry.register("tcp_connections_closed", "TCP connections closed", m.closed.clone());
+        registry.register(
+            "tcp_connections_failed",
+            "TCP connections that could not be established or were refused",
+            m.failed.clone(),
+        );
+        registry.register("tcp_received_bytes", "Bytes received from the client", m.received.clone());
+        registry.register("tcp_sent_bytes", "Bytes sent to the client", m.sent.clone());
+        registry.register(
+            "authorization_decisions",
+            "L4 authorization decisions, by direction and deciding DENY policy",
+            m.decisions.clone(),
+        );
+        registry.register(
+            "outbound_passthrough_connections",
+            "Outbound connections to destinations outside the registry: passed through or refused",
+            m.passthrough.clone(),
+        );
+        m
+    }
+
+    pub fn decision(&self, direction: &'static str, decision: &'static str, policy: Option<&str>) {
+        let policy = policy.unwrap_or("-").to_string();
+        self.decisions.get_or_create(&DecisionLabels { direction, decision, policy }).inc();
+    }
+
+    pub fn passthrough(&self, outcome: &'static str) {
+        self.passthrough.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+}
+
+/// Who reports: the client's ztunnel or the server's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+/// One side of a connection as telemetry knows it.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    pub workload: Option<Arc<Workload>>,
+    pub identity: Option<Identity>,
+}
+
+impl Peer {
+    pub fn of(w: &Arc<Workload>) -> Self {
+        Self { workload: Some(w.clone()), identity: Some(w.identity.clone()) }
+    }
+}
+
+/// Why a connection failed, and its Envoy-style response flag.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub reason: String,
+    pub flags: &'static str,
+}
+
+/// One proxied connection, from accept to close.
+pub struct Record {
+    metrics: Metrics,
+    id: u64,
+    start: Instant,
+    reporter: Reporter,
+    direction: &'static str,
+    pub src_addr: SocketAddr,
+    pub dst_addr: SocketAddr,
+    pub src: Peer,
+    pub dst: Peer,
+    pub service: Option<Arc<Service>>,
+    /// Where bytes actually went (an HBONE peer, a pod, a passthrough address).
+    pub upstream: Option<SocketAddr>,
+    pub mtls: bool,
+    opened: bool,
+}
+
+const UNKNOWN: &str = "unknown";
+
+fn or_unknown(s: Option<&str>) -> String {
+    s.filter(|s| !s.is_empty()).unwrap_or(UNKNOWN).to_string()
+}
+
+impl Record {
+    pub fn new(
+        metrics: &Metrics,
+        reporter: Reporter,
+        direction: &'static str,
+        src_addr: SocketAddr,
+        dst_addr: SocketAddr,
+    ) -> Self {
+        Self {
+            id: metrics.next_id.fetch_add(1, Ordering::Relaxed),
+            metrics: metrics.clone(),
+            start: Instant::now(),
+            reporter,
+            direction,
+            src_addr,
+            dst_addr,
+            src: Peer::default(),
+            dst: Peer::default(),
+            service: None,
+            upstream: None,
+            mtls: false,
+            opened: false,
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn direction(&self) -> &'static str {
+        self.direction
+    }
+
+    fn labels(&self, flags: &'static str) -> TcpLabels {
+        let s = self.src.workload.as_deref();
+        let d = self.dst.workload.as_deref();
+        let svc = self.service.as_deref();
+        let principal = |p: &Peer| or_unknown(p.identity.as_ref().map(ToString::to_string).as_deref());
+        TcpLabels {
+            reporter: match self.reporter {
+                Reporter::Source => "source",
+                Reporter::Destination => "destination",
+            },
+            source_workload: or_unknown(s.map(|w| w.workload_name.as_str())),
+            source_canonical_service: or_unknown(s.map(|w| w.canonical_name.as_str())),
+            source_canonical_revision: or_unknown(s.map(|w| w.canonical_revision.as_str())),
+            source_workload_namespace: or_unknown(
+                s.map(|w| w.namespace.as_str()).or(self.src.identity.as_ref().map(Identity::namespace)),
+            ),
+            source_principal: principal(&self.src),
+            source_app: or_unknown(s.map(|w| w.canonical_name.as_str())),
+            source_version: or_unknown(s.map(|w| w.canonical_revision.as_str())),
+            source_cluster: or_unknown(s.map(|w| w.cluster_id.as_str())),
+            destination_service: or_unknown(svc.map(|s| s.hostname.as_str())),
+            destination_service_namespace: or_unknown(svc.map(|s| s.namespace.as_str())),
+            destination_service_name: or_unknown(svc.map(|s| s.name.as_str())),
+            destination_workload: or_unknown(d.map(|w| w.workload_name.as_str())),
+            destination_canonical_service: or_unknown(d.map(|w| w.canonical_name.as_str())),
+            destination_canonical_revision: or_unknown(d.map(|w| w.canonical_revision.as_str())),
+            destination_workload_namespace: or_unknown(d.map(|w| w.namespace.as_str())),
+            destination_principal: principal(&self.dst),
+            destination_app: or_unknown(d.map(|w| w.canonical_name.as_str())),
+            destination_version: or_unknown(d.map(|w| w.canonical_revision.as_str())),
+            destination_cluster: or_unknown(d.map(|w| w.cluster_id.as_str())),
+            request_protocol: "tcp",
+            response_flags: flags,
+            connection_security_policy: if self.mtls { "mutual_tls" } else { UNKNOWN },
+        }
+    }
+
+    /// The connection is established end to end.
+    pub fn opened(&mut self) {
+        self.opened = true;
+        self.metrics.opened.get_or_create(&self.labels("-")).inc();
+    }
+
+    /// The connection was refused or could not be established: counted and logged.
+    pub fn failed(self, failure: Failure) {
+        self.metrics.failed.get_or_create(&self.labels(failure.flags)).inc();
+        self.log(0, 0, Some(&failure));
+    }
+
+    /// The connection ended after [`Record::opened`].
+    pub fn closed(self, bytes: &ByteCounters, error: Option<String>) {
+        let labels = self.labels("-");
+        // Istio's view: "received" is what the client sent, "sent" what it got back.
+        self.metrics.received.get_or_create(&labels).inc_by(bytes.sent());
+        self.metrics.sent.get_or_create(&labels).inc_by(bytes.received());
+        self.metrics.closed.get_or_create(&labels).inc();
+        let failure = error.map(|reason| Failure { reason, flags: "-" });
+        self.log(bytes.sent(), bytes.received(), failure.as_ref());
+    }
+
+    fn log(&self, sent: u64, received: u64, failure: Option<&Failure>) {
+        let s = self.src.workload.as_deref();
+        let d = self.dst.workload.as_deref();
+        let name = |w: Option<&Workload>| w.map_or("-", |w| w.name.as_str()).to_string();
+        let ns = |w: Option<&Workload>| w.map_or("-", |w| w.namespace.as_str()).to_string();
+        let id = |p: &Peer| p.identity.as_ref().map_or_else(|| "-".to_string(), ToString::to_string);
+        let upstream = self.upstream.map_or_else(|| "-".to_string(), |u| u.to_string());
+        let service = self.service.as_ref().map_or("-", |s| s.hostname.as_str());
+        let duration_ms = self.start.elapsed().as_millis() as u64;
+        macro_rules! record {
+            ($level:ident, $msg:literal, $($extra:tt)*) => {
+                $level!(
+                    target: "access",
+                    conn = self.id,
+                    direction = self.direction,
+                    src.addr = %self.src_addr,
+                    src.workload = %name(s),
+                    src.namespace = %ns(s),
+                    src.identity = %id(&self.src),
+                    dst.addr = %self.dst_addr,
+                    dst.upstream = %upstream,
+                    dst.service = %service,
+                    dst.workload = %name(d),
+                    dst.namespace = %ns(d),
+                    dst.identity = %id(&self.dst),
+                    bytes_sent = sent,
+                    bytes_recv = received,
+                    duration_ms,
+                    $($extra)*
+                    $msg
+                )
+            };
+        }
+        match failure {
+            None => record!(info, "connection complete",),
+            Some(f) if self.opened => record!(info, "connection complete", error = %f.reason,),
+            Some(f) => record!(warn, "connection refused", reason = %f.reason, response_flags = f.flags,),
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Outbound (15001): a pod on this node dialled somewhere. The original destination decides:
+//! - a service VIP: an endpoint is picked per the service's load balancing (or, if the service
+//!   has a waypoint, the connection goes to the waypoint with the VIP as authority);
+//! - a workload address: that workload (or its waypoint);
+//! - anything else: passed through as plain TCP, or refused when registry-only.
+//!
+//! A workload reached over HBONE is dialled at `<pod ip>:15008` (its node's ztunnel captures
+//! that) presenting the source workload's identity and requiring the destination's. A workload
+//! on this node is served in-process by the inbound half; `tunnel_protocol: NONE` gets plain TCP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use common::drain::Guard;
+use common::hbone::connect::Authority;
+use common::hbone::pool::{PoolKey, PooledStream};
+use common::identity::Identity;
+use http::{HeaderMap, HeaderValue};
+use rand::Rng;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::warn;
+
+use super::inbound::deliver;
+use super::metrics::{Peer, Record, Reporter};
+use super::{CONNECT_TIMEOUT, OutboundPolicy, Proxy, ProxyError, accept_loop, relay};
+use crate::socket;
+use crate::state::workload::DEFAULT_HBONE_PORT;
+use crate::state::{Gateway, Snapshot, Target, Tunnel, Workload};
+
+pub(super) async fn serve(proxy: Proxy, listener: TcpListener) {
+    accept_loop(proxy, listener, "outbound", handle).await;
+}
+
+/// Where the bytes go once routed.
+enum Upstream {
+    /// Plain TCP; with the destination's own record when served in-process (same node).
+    Tcp(TcpStream, Option<Box<Record>>),
+    Hbone(PooledStream),
+}
+
+async fn handle(proxy: Proxy, downstream: TcpStream, peer: SocketAddr, guard: Guard) {
+    let dst = match socket::original_dst(&downstream) {
+        Ok(d) => d.0,
+        Err(e) => {
+            warn!(%peer, error = %e, "no original destination; closing");
+            return;
+        }
+    };
+    let mut rec = Record::new(proxy.metrics(), Reporter::Source, "outbound", peer, dst);
+    match route(&proxy, &mut rec, peer, dst).await {
+        Err(e) => rec.failed(e.failure()),
+        Ok(Upstream::Tcp(upstream, local)) => {
+            rec.opened();
+            let records = std::iter::once(rec).chain(local.map(|r| *r)).collect();
+            relay(&proxy, downstream, upstream, records).await;
+        }
+        Ok(Upstream::Hbone(upstream)) => {
+            rec.opened();
+            relay(&proxy, downstream, upstream, vec![rec]).await;
+        }
+    }
+    drop(guard);
+}
+
+async fn route(
+    proxy: &Proxy,
+    rec: &mut Record,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) -> Result<Upstream, ProxyError> {
+    let snapshot = proxy.inner.state.snapshot();
+    let src = snapshot
+        .workload_by_ip(peer.ip())
+        .filter(|w| proxy.is_local(w))
+        .cloned()
+        .ok_or(ProxyError::UnknownSource(peer.ip()))?;
+    rec.src = Peer::of(&src);
+    match snapshot.lookup_destination(dst) {
+        Target::Unknown => {
+            if proxy.config().outbound_policy == OutboundPolicy::RegistryOnly {
+                proxy.metrics().passthrough("refused");
+                return Err(ProxyError::RegistryOnly(dst));
+            }
+            proxy.metrics().passthrough("passthrough");
+            rec.upstream = Some(dst);
+            Ok(Upstream::Tcp(proxy.connect_direct(dst, Some(peer.ip())).await?, None))
+        }
+        Target::Service(svc) => {
+            rec.service = Some(svc.clone());
+            if let Some(gw) = &svc.waypoint {
+                return via_waypoint(proxy, rec, &snapshot, &src, gw, dst, peer).await;
+            }
+            if svc.load_balancing.as_ref().is_some_and(|lb| lb.mode == "PASSTHROUGH") {
+                rec.upstream = Some(dst);
+                return Ok(Upstream::Tcp(proxy.connect_direct(dst, Some(peer.ip())).await?, None));
+            }
+            let (endpoint, port) = snapshot.pick_endpoint(&svc, dst.port(), Some(&src))?;
+            let ip = endpoint.workload.addresses.iter().find(|a| a.is_ipv4() == dst.is_ipv4());
+            let ip = ip.or(endpoint.workload.addresses.first()).copied().ok_or_else(|| {
+                ProxyError::NoEndpoint(crate::state::PickError::NoHealthyEndpoint {
+                    service: svc.key(),
+                    port: dst.port(),
+                })
+            })?;
+            let sans = svc.subject_alt_names.iter().filter_map(|s| s.parse::<Identity>().ok()).collect();
+            to_workload(proxy, rec, &src, &endpoint.workload, SocketAddr::new(ip, port), sans, peer).await
+        }
+        Target::Workload(w) => {
+            rec.service = snapshot.service_of(&w).cloned();
+            if let Some(gw) = &w.waypoint {
+                return via_waypoint(proxy, rec, &snapshot, &src, gw, dst, peer).await;
+            }
+            to_workload(proxy, rec, &src, &w, dst, vec![], peer).await
+        }
+    }
+}
+
+async fn to_workload(
+    proxy: &Proxy,
+    rec: &mut Record,
+    src: &Arc<Workload>,
+    dst: &Arc<Workload>,
+    target: SocketAddr,
+    sans: Vec<Identity>,
+    peer: SocketAddr,
+) -> Result<Upstream, ProxyError> {
+    rec.dst = Peer::of(dst);
+    match dst.tunnel {
+        Tunnel::LegacyIstioMtls => Err(ProxyError::UnsupportedTunnel(dst.name.clone())),
+        Tunnel::None => {
+            rec.upstream = Some(target);
+            Ok(Upstream::Tcp(proxy.connect_direct(target, Some(peer.ip())).await?, None))
+        }
+        Tunnel::Hbone if proxy.is_local(dst) => {
+            // Same node: no tunnel; the destination half runs here with the source identity
+            // we already know (the pod's, by its address on this node).
+            rec.mtls = true;
+            let mut inbound = Record::new(proxy.metrics(), Reporter::Destination, "inbound", peer, target);
+            inbound.src = Peer::of(src);
+            inbound.service = rec.service.clone();
+            inbound.mtls = true;
+            match deliver(proxy, &mut inbound, Some(&src.identity), peer.ip(), Some(peer.ip()), target).await
+            {
+                Ok(stream) => {
+                    inbound.opened();
+                    rec.upstream = Some(target);
+                    Ok(Upstream::Tcp(stream, Some(Box::new(inbound))))
+                }
+                Err(e) => {
+                    inbound.failed(e.failure());
+                    Err(e)
+                }
+            }
+        }
+        Tunnel::Hbone => {
+            let mut expected = vec![dst.identity.clone()];
+            expected.extend(sans);
+            let hbone = SocketAddr::new(target.ip(), DEFAULT_HBONE_PORT);
+            rec.mtls = true;
+            Ok(Upstream::Hbone(hbone_connect(proxy, rec, src, expected, hbone, target, peer).await?))
+        }
+    }
+}
+
+async fn via_waypoint(
+    proxy: &Proxy,
+    rec: &mut Record,
+    snapshot: &Snapshot,
+    src: &Arc<Workload>,
+    gateway: &Gateway,
+    dst: SocketAddr,
+    peer: SocketAddr,
+) -> Result<Upstream, ProxyError> {
+    let (addr, identity) = snapshot
+        .resolve_gateway(gateway, Some(src))
+        .ok_or_else(|| ProxyError::NoWaypoint(dst.to_string()))?;
+    rec.dst =
+        Peer { workload: snapshot.workload_by_ip(addr.ip()).cloned(), identity: Some(identity.clone()) };
+    rec.mtls = true;
+    Ok(Upstream::Hbone(hbone_connect(proxy, rec, src, vec![identity], addr, dst, peer).await?))
+}
+
+/// Opens a CONNECT stream to `authority` through the peer proxy at `hbone`, as `src`.
+async fn hbone_connect(
+    proxy: &Proxy,
+    rec: &mut Record,
+    src: &Workload,
+    expected: Vec<Identity>,
+    hbone: SocketAddr,
+    authority: SocketAddr,
+    peer: SocketAddr,
+) -> Result<PooledStream, ProxyError> {
+    rec.upstream = Some(hbone);
+    let key = PoolKey::new(src.identity.clone(), expected, None, hbone);
+    let fail = |reason: String| ProxyError::Hbone { addr: hbone, reason };
+    let authority = Authority::Addr(authority);
+    let connect = proxy.inner.pool.connect(&key, &authority, connect_headers(src, peer));
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(fail(e.to_string())),
+        Err(_) => Err(fail("timed out".into())),
+    }
+}
+
+/// `baggage`, `forwarded` and `traceparent` as Istio's proxies send them.
+fn connect_headers(src: &Workload, peer: SocketAddr) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let baggage = format!(
+        "k8s.namespace.name={},k8s.{}.name={},service.name={},service.version={},k8s.cluster.name={}",
+        src.namespace,
+        src.workload_type.to_ascii_lowercase(),
+        src.workload_name,
+        src.canonical_name,
+        src.canonical_revision,
+        src.cluster_id
+    );
+    let mut rng = rand::rng();
+    let traceparent = format!("00-{:032x}-{:016x}-01", rng.random::<u128>(), rng.random::<u64>());
+    for (name, value) in
+        [("baggage", baggage), ("forwarded", format!("for=\"{peer}\"")), ("traceparent", traceparent)]
+    {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+    h
+}

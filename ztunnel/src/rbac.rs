@@ -1,0 +1,127 @@
+//! L4 authorization with Istio's semantics: DENY policies first (any match refuses), then ALLOW
+//! policies (none means allow; otherwise one must match). Dry-run policies are evaluated and
+//! logged but never decide.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use common::identity::Identity;
+use tracing::info;
+
+use crate::state::policy::{Match, StringMatch};
+use crate::state::{Action, Policy};
+
+/// What a connection looks like to a policy.
+#[derive(Clone, Debug)]
+pub struct Connection<'a> {
+    /// The verified peer identity; `None` for plaintext.
+    pub source: Option<&'a Identity>,
+    pub source_ip: IpAddr,
+    pub destination_ip: IpAddr,
+    pub destination_port: u16,
+}
+
+/// The outcome of evaluating a workload's policies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// Denied by the named DENY policy.
+    DeniedBy(String),
+    /// ALLOW policies exist and none matched.
+    NotAllowed,
+}
+
+impl Verdict {
+    pub fn is_allow(&self) -> bool {
+        *self == Verdict::Allow
+    }
+
+    /// A short reason for logs, access records and CONNECT replies.
+    pub fn reason(&self) -> String {
+        match self {
+            Verdict::Allow => "allowed".into(),
+            Verdict::DeniedBy(p) => format!("denied by policy {p}"),
+            Verdict::NotAllowed => "no ALLOW policy matched".into(),
+        }
+    }
+
+    /// The metric label of the decision.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::DeniedBy(_) => "deny",
+            Verdict::NotAllowed => "deny",
+        }
+    }
+}
+
+/// Evaluates `policies` (those that apply to the destination workload) for `conn`.
+pub fn evaluate(policies: &[Arc<Policy>], conn: &Connection<'_>) -> Verdict {
+    let (dry, live): (Vec<&Arc<Policy>>, Vec<&Arc<Policy>>) = policies.iter().partition(|p| p.dry_run);
+    for p in &dry {
+        let matched = policy_matches(p, conn);
+        let would = match (p.action, matched) {
+            (Action::Deny, true) => "deny",
+            (Action::Allow, true) => "allow",
+            _ => "not match",
+        };
+        info!(policy = %p.key(), action = ?p.action, outcome = would, "dry-run policy evaluated");
+    }
+    if let Some(p) = live.iter().find(|p| p.action == Action::Deny && policy_matches(p, conn)) {
+        return Verdict::DeniedBy(p.key());
+    }
+    let allows: Vec<&&Arc<Policy>> = live.iter().filter(|p| p.action == Action::Allow).collect();
+    if allows.is_empty() || allows.iter().any(|p| policy_matches(p, conn)) {
+        Verdict::Allow
+    } else {
+        Verdict::NotAllowed
+    }
+}
+
+/// Any rule; in a rule, every clause; in a clause, any match.
+fn policy_matches(p: &Policy, conn: &Connection<'_>) -> bool {
+    p.rules.iter().any(|rule| {
+        rule.clauses.iter().all(|clause| clause.matches.iter().any(|m| match_holds(m, p.action, conn)))
+    })
+}
+
+/// One match: every field given must hold.
+fn match_holds(m: &Match, action: Action, conn: &Connection<'_>) -> bool {
+    if m.unsupported {
+        return action == Action::Deny;
+    }
+    let principal = conn.source.map(Identity::principal);
+    let namespace = conn.source.map(Identity::namespace);
+    let strings =
+        |list: &[StringMatch], value: Option<&str>| value.is_some_and(|v| list.iter().any(|s| s.matches(v)));
+    let account = |list: &[(String, String)]| {
+        conn.source
+            .is_some_and(|id| list.iter().any(|(ns, sa)| ns == id.namespace() && sa == id.service_account()))
+    };
+    let positive = |empty: bool, holds: bool| empty || holds;
+    let negative = |empty: bool, holds: bool| empty || !holds;
+    positive(m.namespaces.is_empty(), strings(&m.namespaces, namespace))
+        && negative(m.not_namespaces.is_empty(), strings(&m.not_namespaces, namespace))
+        && positive(m.principals.is_empty(), strings(&m.principals, principal.as_deref()))
+        && negative(m.not_principals.is_empty(), strings(&m.not_principals, principal.as_deref()))
+        && positive(m.source_ips.is_empty(), m.source_ips.iter().any(|n| n.contains(&conn.source_ip)))
+        && negative(m.not_source_ips.is_empty(), m.not_source_ips.iter().any(|n| n.contains(&conn.source_ip)))
+        && positive(
+            m.destination_ips.is_empty(),
+            m.destination_ips.iter().any(|n| n.contains(&conn.destination_ip)),
+        )
+        && negative(
+            m.not_destination_ips.is_empty(),
+            m.not_destination_ips.iter().any(|n| n.contains(&conn.destination_ip)),
+        )
+        && positive(m.destination_ports.is_empty(), m.destination_ports.contains(&conn.destination_port))
+        && negative(
+            m.not_destination_ports.is_empty(),
+            m.not_destination_ports.contains(&conn.destination_port),
+        )
+        && positive(m.service_accounts.is_empty(), account(&m.service_accounts))
+        && negative(m.not_service_accounts.is_empty(), account(&m.not_service_accounts))
+}
+
+#[cfg(test)]
+mod tests;

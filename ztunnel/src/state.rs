@@ -1,0 +1,415 @@
+//! The indexed view of the mesh that proxies route on: workloads by UID and address, services by
+//! VIP and `namespace/hostname`, endpoints per service, waypoints, and policies by scope.
+//!
+//! The xDS handlers are the only writers: each applied batch goes into the raw
+//! [`ResourceStore`]s (validation, versions) and then a new immutable [`Snapshot`] is built and
+//! swapped in. Proxies take the current snapshot (one `Arc` clone under a short read lock) and
+//! ask it narrow questions; they never see the raw maps.
+
+pub mod policy;
+pub mod workload;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use common::identity::Identity;
+use common::xds::{Handler, Handlers, Rejection, ResourceStore, XdsUpdate, validate};
+use proto::security::Authorization;
+use proto::workload::{Address, address};
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::warn;
+
+pub use policy::{Action, Policy, Scope};
+pub use workload::{Gateway, GatewayTarget, Port, Service, Tunnel, Workload};
+
+/// Rejects what the store would accept but ztunnel cannot route on.
+fn check_address(name: &str, a: &Address) -> Result<(), String> {
+    validate::address(name, a)?;
+    match &a.r#type {
+        Some(address::Type::Workload(w)) => Workload::from_proto(w).map(drop),
+        Some(address::Type::Service(s)) => Service::from_proto(s).map(drop),
+        None => Ok(()),
+    }
+}
+
+fn check_authorization(name: &str, a: &Authorization) -> Result<(), String> {
+    validate::authorization(name, a)?;
+    Policy::from_proto(a).map(drop)
+}
+
+/// A service backend: a workload and the ports it serves the service on.
+#[derive(Clone, Debug, Serialize)]
+pub struct Endpoint {
+    #[serde(rename = "workload", serialize_with = "uid_of")]
+    pub workload: Arc<Workload>,
+    pub ports: Vec<Port>,
+}
+
+fn uid_of<S: serde::Serializer>(w: &Arc<Workload>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&w.uid)
+}
+
+impl Endpoint {
+    /// The port this endpoint listens on for `service_port`: its own mapping, else the
+    /// service's, else the service port itself.
+    pub fn target_port(&self, service: &Service, service_port: u16) -> Option<u16> {
+        let own = self.ports.iter().find(|p| p.service_port == service_port).map(|p| p.target_port);
+        let declared = service.port(service_port).map(|p| p.target_port);
+        if own.is_none() && declared.is_none() && !self.ports.is_empty() {
+            return None;
+        }
+        [own, declared].into_iter().flatten().find(|p| *p != 0).or(Some(service_port))
+    }
+}
+
+/// One immutable view of the mesh.
+#[derive(Debug, Default, Serialize)]
+pub struct Snapshot {
+    /// By UID.
+    workloads: BTreeMap<String, Arc<Workload>>,
+    #[serde(skip)]
+    workloads_by_ip: HashMap<(String, IpAddr), Arc<Workload>>,
+    /// By `namespace/hostname`.
+    services: BTreeMap<String, Arc<Service>>,
+    #[serde(skip)]
+    services_by_vip: HashMap<(String, IpAddr), Arc<Service>>,
+    /// Service `namespace/hostname` -> its endpoints.
+    endpoints: BTreeMap<String, Vec<Endpoint>>,
+    /// By `namespace/name`.
+    policies: BTreeMap<String, Arc<Policy>>,
+    #[serde(skip)]
+    global_policies: Vec<Arc<Policy>>,
+    #[serde(skip)]
+    namespace_policies: HashMap<String, Vec<Arc<Policy>>>,
+    /// The network this ztunnel is on (addresses are looked up in it).
+    #[serde(skip)]
+    network: String,
+}
+
+/// What an original destination address is.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Service(Arc<Service>),
+    Workload(Arc<Workload>),
+    Unknown,
+}
+
+/// Why no endpoint could be picked.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PickError {
+    #[error("service {service} has no port {port}")]
+    NoSuchPort { service: String, port: u16 },
+    #[error("service {service} has no healthy endpoint for port {port}")]
+    NoHealthyEndpoint { service: String, port: u16 },
+}
+
+impl Snapshot {
+    fn build(
+        network: &str,
+        addresses: Vec<(String, Address)>,
+        policies: Vec<(String, Authorization)>,
+    ) -> Self {
+        let mut s = Snapshot { network: network.to_string(), ..Default::default() };
+        for (name, a) in addresses {
+            let converted = match &a.r#type {
+                Some(address::Type::Workload(w)) => {
+                    Workload::from_proto(w).map(|w| s.add_workload(Arc::new(w)))
+                }
+                Some(address::Type::Service(svc)) => {
+                    Service::from_proto(svc).map(|svc| s.add_service(Arc::new(svc)))
+                }
+                None => Ok(()),
+            };
+            if let Err(reason) = converted {
+                // The store's validator runs the same conversion; this cannot happen for a
+                // resource it accepted.
+                warn!(resource = %name, %reason, "skipping address that does not convert");
+            }
+        }
+        for (name, p) in policies {
+            match Policy::from_proto(&p) {
+                Ok(p) => s.add_policy(Arc::new(p)),
+                Err(reason) => warn!(resource = %name, %reason, "skipping policy that does not convert"),
+            }
+        }
+        s
+    }
+
+    fn add_workload(&mut self, w: Arc<Workload>) {
+        for ip in &w.addresses {
+            self.workloads_by_ip.insert((w.network.clone(), *ip), w.clone());
+        }
+        for (service, ports) in &w.services {
+            self.endpoints
+                .entry(service.clone())
+                .or_default()
+                .push(Endpoint { workload: w.clone(), ports: ports.clone() });
+        }
+        self.workloads.insert(w.uid.clone(), w);
+    }
+
+    fn add_service(&mut self, svc: Arc<Service>) {
+        for vip in &svc.vips {
+            self.services_by_vip.insert(vip.clone(), svc.clone());
+        }
+        self.services.insert(svc.key(), svc);
+    }
+
+    fn add_policy(&mut self, p: Arc<Policy>) {
+        match p.scope {
+            Scope::Global => self.global_policies.push(p.clone()),
+            Scope::Namespace => {
+                self.namespace_policies.entry(p.namespace.clone()).or_default().push(p.clone())
+            }
+            Scope::WorkloadSelector => {}
+        }
+        self.policies.insert(p.key(), p);
+    }
+
+    /// The workload with this address on our network.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads_by_ip.get(&(self.network.clone(), ip))
+    }
+
+    pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.get(uid)
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.services_by_vip.get(&(self.network.clone(), ip))
+    }
+
+    pub fn service(&self, namespace: &str, hostname: &str) -> Option<&Arc<Service>> {
+        self.services.get(&format!("{namespace}/{hostname}"))
+    }
+
+    /// What `dst` (an original destination) is: a service VIP, a workload, or neither.
+    pub fn lookup_destination(&self, dst: SocketAddr) -> Target {
+        if let Some(svc) = self.service_by_vip(dst.ip()) {
+            return Target::Service(svc.clone());
+        }
+        match self.workload_by_ip(dst.ip()) {
+            Some(w) => Target::Workload(w.clone()),
+            None => Target::Unknown,
+        }
+    }
+
+    pub fn endpoints(&self, service: &Service) -> &[Endpoint] {
+        self.endpoints.get(&service.key()).map_or(&[], Vec::as_slice)
+    }
+
+    /// Picks an endpoint of `service` for `port` at random among the candidates its
+    /// load-balancing settings allow for a client `near` (its node and locality): healthy ones
+    /// only unless the service allows all; with `STRICT` only those sharing every preferred scope;
+    /// with `FAILOVER` those sharing the most. Returns the endpoint and its target port.
+    pub fn pick_endpoint(
+        &self,
+        service: &Service,
+        port: u16,
+        near: Option<&Workload>,
+    ) -> Result<(Endpoint, u16), PickError> {
+        if !service.ports.is_empty() && service.port(port).is_none() {
+            return Err(PickError::NoSuchPort { service: service.key(), port });
+        }
+        let allow_unhealthy = service.load_balancing.as_ref().is_some_and(|lb| lb.allow_unhealthy);
+        let mut candidates: Vec<(&Endpoint, u16)> = self
+            .endpoints(service)
+            .iter()
+            .filter(|e| allow_unhealthy || e.workload.healthy)
+            .filter(|e| e.workload.network == self.network && !e.workload.addresses.is_empty())
+            .filter_map(|e| e.target_port(service, port).map(|p| (e, p)))
+            .collect();
+        if let (Some(lb), Some(near)) = (&service.load_balancing, near)
+            && !lb.routing_preference.is_empty()
+        {
+            let rank = |e: &Endpoint| {
+                lb.routing_preference.iter().take_while(|scope| same_scope(scope, &e.workload, near)).count()
+            };
+            match lb.mode {
+                "STRICT" => {
+                    let all = lb.routing_preference.len();
+                    candidates.retain(|(e, _)| rank(e) == all);
+                }
+                "FAILOVER" => {
+                    let best = candidates.iter().map(|(e, _)| rank(e)).max().unwrap_or(0);
+                    candidates.retain(|(e, _)| rank(e) == best);
+                }
+                _ => {}
+            }
+        }
+        if candidates.is_empty() {
+            return Err(PickError::NoHealthyEndpoint { service: service.key(), port });
+        }
+        let (e, p) = candidates[rand::rng().random_range(0..candidates.len())];
+        Ok((e.clone(), p))
+    }
+
+    /// The waypoint `gateway` designates: its HBONE address and the identity it must prove.
+    pub fn resolve_gateway(
+        &self,
+        gateway: &Gateway,
+        near: Option<&Workload>,
+    ) -> Option<(SocketAddr, Identity)> {
+        match &gateway.target {
+            GatewayTarget::Address { network, ip } => {
+                let w = self.workloads_by_ip.get(&(network.clone(), *ip))?;
+                Some((SocketAddr::new(*ip, gateway.hbone_port), w.identity.clone()))
+            }
+            GatewayTarget::Hostname { namespace, hostname } => {
+                let svc = self.service(namespace, hostname)?;
+                let candidates: Vec<&Endpoint> =
+                    self.endpoints(svc).iter().filter(|e| e.workload.healthy).collect();
+                let local = candidates.iter().find(|e| near.is_some_and(|n| n.node == e.workload.node));
+                let e = local.or(candidates.first())?;
+                let ip = *e.workload.addresses.first()?;
+                Some((SocketAddr::new(ip, gateway.hbone_port), e.workload.identity.clone()))
+            }
+        }
+    }
+
+    /// Policies that apply to `w`: global ones, its namespace's, and those selecting it.
+    pub fn policies_for(&self, w: &Workload) -> Vec<Arc<Policy>> {
+        let mut out = self.global_policies.clone();
+        if let Some(ns) = self.namespace_policies.get(&w.namespace) {
+            out.extend(ns.iter().cloned());
+        }
+        out.extend(
+            w.authorization_policies
+                .iter()
+                .filter_map(|name| self.policies.get(name))
+                .filter(|p| p.scope == Scope::WorkloadSelector)
+                .cloned(),
+        );
+        out
+    }
+
+    /// Workloads scheduled on `node`.
+    pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+        self.workloads.values().filter(move |w| w.node == node)
+    }
+
+    /// The service a workload address belongs to, for telemetry (the first one it backs).
+    pub fn service_of(&self, w: &Workload) -> Option<&Arc<Service>> {
+        w.services.keys().find_map(|k| self.services.get(k))
+    }
+}
+
+fn same_scope(scope: &str, a: &Workload, b: &Workload) -> bool {
+    match scope {
+        "REGION" => a.locality.region == b.locality.region,
+        "ZONE" => a.locality.region == b.locality.region && a.locality.zone == b.locality.zone,
+        "SUBZONE" => a.locality == b.locality,
+        "NODE" => a.node == b.node,
+        "CLUSTER" => a.cluster_id == b.cluster_id,
+        "NETWORK" => a.network == b.network,
+        _ => true,
+    }
+}
+
+struct Inner {
+    network: String,
+    addresses: Arc<ResourceStore<Address>>,
+    policies: Arc<ResourceStore<Authorization>>,
+    current: RwLock<Arc<Snapshot>>,
+    changed: watch::Sender<u64>,
+}
+
+/// The read handle proxies hold. Cheap to clone.
+#[derive(Clone)]
+pub struct State {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.snapshot();
+        f.debug_struct("State")
+            .field("workloads", &s.workloads.len())
+            .field("services", &s.services.len())
+            .field("policies", &s.policies.len())
+            .finish()
+    }
+}
+
+impl State {
+    /// An empty state for `network`, and the handlers that feed it (register them with the
+    /// xDS client or the file source).
+    pub fn new(network: &str) -> (Self, Handlers) {
+        let inner = Arc::new(Inner {
+            network: network.to_string(),
+            addresses: ResourceStore::new(check_address),
+            policies: ResourceStore::new(check_authorization),
+            current: RwLock::new(Arc::new(Snapshot { network: network.to_string(), ..Default::default() })),
+            changed: watch::channel(0).0,
+        });
+        let state = Self { inner };
+        let mut handlers = Handlers::new();
+        handlers.add::<Address, _>(proto::ADDRESS_TYPE_URL, Feed(state.clone()));
+        handlers.add::<Authorization, _>(proto::AUTHORIZATION_TYPE_URL, Feed(state.clone()));
+        (state, handlers)
+    }
+
+    /// The current view.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The raw address resources as received (for enrollment and the config dump).
+    pub fn addresses(&self) -> &Arc<ResourceStore<Address>> {
+        &self.inner.addresses
+    }
+
+    pub fn policies(&self) -> &Arc<ResourceStore<Authorization>> {
+        &self.inner.policies
+    }
+
+    /// A receiver that changes after every new snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+
+    /// Waits until `pred` holds for the current snapshot.
+    pub async fn wait_for(&self, pred: impl Fn(&Snapshot) -> bool) {
+        let mut rx = self.subscribe();
+        while !pred(&self.snapshot()) {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn rebuild(&self) {
+        let snapshot = Snapshot::build(
+            &self.inner.network,
+            self.inner.addresses.entries(),
+            self.inner.policies.entries(),
+        );
+        *self.inner.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snapshot);
+        self.inner.changed.send_modify(|n| *n += 1);
+    }
+}
+
+/// The handler feeding [`State`]: applies to the raw store, then rebuilds the snapshot.
+struct Feed(State);
+
+impl Handler<Address> for Feed {
+    fn handle(&self, updates: Vec<XdsUpdate<Address>>) -> Vec<Rejection> {
+        let rejected = self.0.inner.addresses.handle(updates);
+        self.0.rebuild();
+        rejected
+    }
+}
+
+impl Handler<Authorization> for Feed {
+    fn handle(&self, updates: Vec<XdsUpdate<Authorization>>) -> Vec<Rejection> {
+        let rejected = self.0.inner.policies.handle(updates);
+        self.0.rebuild();
+        rejected
+    }
+}
+
+#[cfg(test)]
+mod tests;
