@@ -4,6 +4,7 @@
 pub mod ca_server;
 pub mod http;
 pub mod netns;
+pub mod node;
 pub mod xds_server;
 
 use std::sync::Arc;

@@ -8,9 +8,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use clap::Parser;
 use ebpf::{Redirector, Settings};
 use mesh_tests::netns::{Netns, enable_forwarding, require_root, wire};
+use mesh_tests::node::{NodeZtunnel, routing_state};
 
 /// The tests share the kernel's program list and run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -102,17 +102,6 @@ fn expect_landing(reply: Result<String, String>, port: u16, orig: &str, peer_ip:
 fn load(node: &Netns) -> Redirector {
     node.enter(|| Redirector::load(Settings::default()))
         .unwrap_or_else(|e| panic!("cannot load the eBPF program (kernel or privileges missing?): {e}"))
-}
-
-/// (rules, routes) of the redirection in the node.
-fn routing_state(node: &Netns) -> (usize, usize) {
-    let s = Settings::default();
-    node.enter(|| {
-        (
-            ebpf::routing::count_rules(s.redirect_mark, s.route_table).expect("rules"),
-            ebpf::routing::count_routes(s.route_table).expect("routes"),
-        )
-    })
 }
 
 #[test]
@@ -303,46 +292,12 @@ workloads:
     node: node-b
 "#;
 
-/// A ztunnel app running inside the node namespace from a local config file.
-struct NodeZtunnel {
-    rt: tokio::runtime::Runtime,
-    app: ztunnel::app::App,
-    enrollment: ztunnel::redirect::Enrollment,
-}
-
-impl NodeZtunnel {
-    /// Starts ztunnel in `node` with `--redirect`, the config in `path` and `extra` flags.
-    fn start(node: &Netns, path: &std::path::Path, node_name: &str, extra: &[&str]) -> Self {
-        let mut flags =
-            vec!["ztunnel", "--local-config", path.to_str().expect("path"), "--node-name", node_name];
-        flags.extend(["--admin-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"]);
-        flags.extend(["--readiness-addr", "127.0.0.1:0", "--redirect"]);
-        flags.extend_from_slice(extra);
-        let args = ztunnel::config::Args::try_parse_from(flags).expect("flags");
-        let config = ztunnel::config::Config::from_args(args).expect("config");
-        let rt = node.runtime();
-        let app =
-            rt.block_on(rt.spawn(ztunnel::app::App::start(config))).expect("join").expect("ztunnel starts");
-        let enrollment = app.enrollment.clone().expect("redirection on");
-        Self { rt, app, enrollment }
-    }
-
-    /// Waits for the enrollment status to satisfy `pred`.
-    fn converge(&self, what: &str, pred: &dyn Fn(&ebpf::Status) -> bool) {
-        self.rt
-            .block_on(async {
-                tokio::time::timeout(Duration::from_secs(15), self.enrollment.wait_for(pred)).await
-            })
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", self.enrollment.status()));
-    }
-
-    /// Shuts down inside the node (where the rule lives) and checks nothing is left behind.
-    fn stop(self, node: &Netns) {
-        let Self { rt, app, .. } = self;
-        node.enter(|| drop(app));
-        assert_eq!(routing_state(node), (0, 0));
-        drop(rt);
-    }
+/// ztunnel in `node` with `--redirect`, the config in `path` and `extra` flags.
+fn start_ztunnel(node: &Netns, path: &std::path::Path, node_name: &str, extra: &[&str]) -> NodeZtunnel {
+    let mut flags = vec!["--local-config", path.to_str().expect("path"), "--node-name", node_name];
+    flags.extend(["--redirect", "--no-proxy"]);
+    flags.extend_from_slice(extra);
+    NodeZtunnel::start(node, &flags)
 }
 
 #[test]
@@ -353,11 +308,11 @@ fn ztunnel_enrolls_the_workloads_scheduled_on_its_node() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("mesh.yaml");
     std::fs::write(&path, ZTUNNEL_MESH).expect("config");
-    let zt = NodeZtunnel::start(&m.node, &path, "node-a", &["--uplink", "*"]);
+    let zt = start_ztunnel(&m.node, &path, "node-a", &["--uplink", "*"]);
 
     // Only the workload scheduled on node-a is enrolled, on the interface the node routes it by.
     zt.converge("pod A enrolled", &|s| s.pods.len() == 1);
-    let status = zt.enrollment.status();
+    let status = zt.app.enrollment.as_ref().expect("redirection on").status();
     assert_eq!(status.pods.get(&POD_A.parse().expect("ip")).map(String::as_str), Some("veth-a"));
     expect_landing(talk(&m.pod_a, "192.0.2.10:80"), 15001, "192.0.2.10:80", POD_A);
     expect_landing(talk(&m.outside, &format!("{POD_A}:8080")), 15006, "10.1.1.2:8080", OUTSIDE);
@@ -382,7 +337,7 @@ fn explicit_enrollment_serves_hosts_without_kubernetes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("mesh.yaml");
     std::fs::write(&path, "workloads: []\n").expect("config");
-    let zt = NodeZtunnel::start(&m.node, &path, "vm-host", &["--enroll", "10.1.2.2@veth-b"]);
+    let zt = start_ztunnel(&m.node, &path, "vm-host", &["--enroll", "10.1.2.2@veth-b"]);
     zt.converge("explicit pod enrolled", &|s| s.pods.len() == 1);
     expect_landing(talk(&m.pod_b, "192.0.2.10:80"), 15001, "192.0.2.10:80", POD_B);
     // Pod A is not listed and not captured.

@@ -69,6 +69,16 @@ async fn ready_after_first_sync_with_dump_and_metrics() {
     let held = &dump["resources"][proto::ADDRESS_TYPE_URL];
     assert!(held.get("Kubernetes//Pod/demo/client").is_some(), "{dump}");
     assert!(held.get("demo/echo.demo.svc.cluster.local").is_some(), "{dump}");
+    // The indexed state the proxies route on: services with their endpoints, policies.
+    let state = &dump["state"];
+    assert_eq!(state["services"]["demo/echo.demo.svc.cluster.local"]["vips"][0][1], "10.96.0.80", "{dump}");
+    let endpoints = state["endpoints"]["demo/echo.demo.svc.cluster.local"].as_array().expect("endpoints");
+    assert_eq!(endpoints.len(), 2, "{dump}");
+    assert_eq!(state["policies"]["demo/demo-only"]["action"], "ALLOW", "{dump}");
+    assert_eq!(
+        state["workloads"]["Kubernetes//Pod/demo/client"]["identity"],
+        "spiffe://cluster.local/ns/demo/sa/client"
+    );
 
     let (status, metrics) = get(app.metrics_addr, "/metrics").await.expect("metrics");
     assert_eq!(status, 200);

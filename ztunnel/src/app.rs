@@ -35,7 +35,8 @@ pub struct App {
     pub state: State,
     pub addresses: Arc<ResourceStore<Address>>,
     pub policies: Arc<ResourceStore<Authorization>>,
-    pub certs: CertificateManager,
+    /// Workload certificates, when proxying is on.
+    pub certs: Option<CertificateManager>,
     /// Bound addresses of admin, metrics and readiness (useful when configured with port 0).
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -66,7 +67,6 @@ impl App {
         let mut registry = common::metrics::new_registry();
         register_build_info(&mut registry);
         let xds_metrics = XdsMetrics::new(&mut registry);
-        let certs = CertificateManager::new(ca_source(&config)?, CertMetrics::new(&mut registry));
 
         let (state, handlers) = State::new(&config.network);
         let admin_listener = admin::bind(config.admin_addr).await?;
@@ -78,8 +78,12 @@ impl App {
 
         let mut tasks = vec![config.source.clone().spawn(handlers, &ready, xds_metrics)];
         let drain = Drain::new();
+        let mut certs = None;
         let proxy_addrs = match &config.proxy {
             Some(proxy_config) => {
+                let manager = CertificateManager::new(ca_source(&config)?, CertMetrics::new(&mut registry));
+                certs = Some(manager.clone());
+                let certs = manager;
                 let pool = Pool::new(certs.clone(), PoolConfig::default(), PoolMetrics::new(&mut registry));
                 let metrics = proxy::metrics::Metrics::new(&mut registry);
                 let proxy = Proxy::new(
@@ -122,7 +126,7 @@ impl App {
         let registry = Arc::new(registry);
         let metrics_router = admin::metrics_routes(Router::new(), registry);
         let readiness_router = admin::readiness_routes(Router::new(), ready.clone());
-        let admin_router = admin_routes(&config, &ready, &state, &certs, enrollment.clone());
+        let admin_router = admin_routes(&config, &ready, &state, certs.clone(), enrollment.clone());
         tasks.push(tokio::spawn(admin::serve(metrics_listener, metrics_router, "metrics")));
         tasks.push(tokio::spawn(admin::serve(readiness_listener, readiness_router, "readiness")));
         tasks.push(tokio::spawn(admin::serve(admin_listener, admin_router, "admin")));
@@ -224,7 +228,7 @@ fn admin_routes(
     config: &Config,
     ready: &Ready,
     state: &State,
-    certs: &CertificateManager,
+    certs: Option<CertificateManager>,
     enrollment: Option<Enrollment>,
 ) -> Router {
     let config_json = serde_json::to_value(config).unwrap_or_default();
@@ -243,6 +247,8 @@ fn admin_routes(
             "redirection": enrollment.as_ref().map(Enrollment::status),
         }))
     });
-    let certs = certs.clone();
-    router.route("/certs", move |_| Reply::json(&serde_json::to_value(certs.summary()).unwrap_or_default()))
+    router.route("/certs", move |_| {
+        let summary = certs.as_ref().map(CertificateManager::summary).unwrap_or_default();
+        Reply::json(&serde_json::to_value(summary).unwrap_or_default())
+    })
 }

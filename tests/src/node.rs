@@ -1,0 +1,82 @@
+//! A ztunnel app running in-process inside a node's network namespace (root-only tests).
+
+use std::future::Future;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::netns::Netns;
+
+/// Routing rules and routes of the redirection in `node`: (rules, routes).
+pub fn routing_state(node: &Netns) -> (usize, usize) {
+    let s = ebpf::Settings::default();
+    node.enter(|| {
+        (
+            ebpf::routing::count_rules(s.redirect_mark, s.route_table).expect("rules"),
+            ebpf::routing::count_routes(s.route_table).expect("routes"),
+        )
+    })
+}
+
+/// ztunnel started from command-line flags on a runtime whose threads live in the node.
+pub struct NodeZtunnel {
+    pub rt: tokio::runtime::Runtime,
+    pub app: ztunnel::app::App,
+}
+
+impl NodeZtunnel {
+    /// Starts ztunnel in `node` with `flags` (after the program name); admin, metrics and
+    /// readiness bind to ephemeral loopback ports.
+    pub fn start(node: &Netns, flags: &[&str]) -> Self {
+        let mut all = vec!["ztunnel", "--admin-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"];
+        all.extend(["--readiness-addr", "127.0.0.1:0"]);
+        all.extend_from_slice(flags);
+        let args = ztunnel::config::Args::try_parse_from(all).expect("flags");
+        let config = ztunnel::config::Config::from_args(args).expect("config");
+        let rt = node.runtime();
+        let app = rt
+            .block_on(rt.spawn(ztunnel::app::App::start(config)))
+            .expect("join")
+            .unwrap_or_else(|e| panic!("ztunnel does not start in {}: {e:#}", node.name));
+        Self { rt, app }
+    }
+
+    /// Runs `fut` on the node's runtime (inside the namespace) and waits for it.
+    pub fn block<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> T {
+        self.rt.block_on(self.rt.spawn(fut)).expect("task")
+    }
+
+    /// Waits for the enrollment status to satisfy `pred`.
+    pub fn converge(&self, what: &str, pred: &dyn Fn(&ebpf::Status) -> bool) {
+        let enrollment = self.app.enrollment.clone().expect("redirection on");
+        self.rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(15), enrollment.wait_for(pred)).await
+            })
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", enrollment.status()));
+    }
+
+    /// Waits until ztunnel reports ready (first xDS sync and certificates in).
+    pub fn wait_ready(&self, what: &str) {
+        let ready = self.app.ready.clone();
+        self.rt
+            .block_on(async { tokio::time::timeout(crate::CONVERGE_TIMEOUT, ready.wait()).await })
+            .unwrap_or_else(|_| panic!("{what} never became ready: pending {:?}", self.app.ready.pending()));
+    }
+
+    /// The Prometheus text on the metrics endpoint.
+    pub fn metrics(&self) -> String {
+        let addr = self.app.metrics_addr;
+        let (status, body) = self.block(crate::http::get(addr, "/metrics")).expect("metrics endpoint");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Shuts down inside the node (where the rule lives) and checks nothing is left behind.
+    pub fn stop(self, node: &Netns) {
+        let Self { rt, app } = self;
+        node.enter(|| drop(app));
+        assert_eq!(routing_state(node), (0, 0), "redirection left behind in {}", node.name);
+        drop(rt);
+    }
+}
