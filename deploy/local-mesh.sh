@@ -1,104 +1,169 @@
 #!/usr/bin/env bash
-# The local mesh on this machine, on embedded defaults: the in-repo control plane serving
-# deploy/local-mesh.yaml, and one ztunnel per simulated node (node-a, node-b) syncing from it
-# over delta ADS. It shows both nodes syncing, a live config change reaching them, and their
-# readiness, config dump and xDS metrics; then it stops everything (pass --keep to leave it
-# running until Ctrl-C).
+# The local mesh on this machine, on embedded defaults (needs root: network namespaces, eBPF).
 #
-# What this does not show yet: pods, eBPF capture and HBONE traffic; those arrive with the
-# ztunnel data-plane work and will be added here.
+# Two simulated nodes (network namespaces joined by a veth link) and four pods wired to them:
+#
+#   node-a (10.0.0.1)                      node-b (10.0.0.2)
+#     client    10.42.1.2  demo/client       echo-2    10.43.1.2  demo/echo
+#     echo-1    10.42.2.2  demo/echo         intruder  10.43.2.2  other/intruder
+#
+# The in-repo control plane (in node-a) serves deploy/local-mesh.yaml over delta ADS; one ztunnel
+# per node captures its pods' traffic with eBPF and carries it over HBONE (mTLS, certificates from
+# a local CA both nodes share). The script shows mTLS between nodes, the service VIP balanced over
+# both nodes, a connection denied by policy, a policy change arriving live, and the metrics; then
+# drains the ztunnels and removes everything (pass --keep to leave it running until Ctrl-C).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 keep=false
 [ "${1:-}" = "--keep" ] && keep=true
 
-command -v curl >/dev/null || { echo "local-mesh: curl is needed (apt-get install curl)" >&2; exit 1; }
+if [ "$(id -u)" != 0 ]; then
+  echo "local-mesh: needs root (network namespaces and eBPF); run it as root or with sudo" >&2
+  exit 1
+fi
+for tool in ip curl cargo; do
+  command -v "$tool" >/dev/null || { echo "local-mesh: $tool is needed" >&2; exit 1; }
+done
 
-echo "==> building (first run takes a few minutes)"
-cargo build --quiet --bin xds-server --bin ztunnel
+echo "==> building (the first run takes a few minutes)"
+cargo build --quiet --bin xds-server --bin ztunnel --bin mesh-demo
+bin=$PWD/target/debug
 
 work=$(mktemp -d)
+tag=lm$$
 pids=()
+namespaces=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  # ztunnel drains for up to 5 s on SIGTERM; anything still alive after 8 s is killed.
+  for _ in $(seq 1 80); do
+    alive=false
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=true; done
+    $alive || break
+    sleep 0.1
+  done
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
 
-cp deploy/local-mesh.yaml "$work/mesh.yaml"
-XDS=127.0.0.1:15010
-echo "==> control plane on $XDS serving $work/mesh.yaml"
-target/debug/xds-server --listen "$XDS" --config "$work/mesh.yaml" 2>"$work/xds-server.log" &
-pids+=($!)
-
-# node-a uses Istio's default ports; node-b shifts them by 1000 (both share this host).
-start_ztunnel() { # name admin metrics readiness
-  target/debug/ztunnel --xds-address "http://$XDS" --node-name "$1" --pod-name "ztunnel-$1" \
-    --admin-addr "127.0.0.1:$2" --metrics-addr "127.0.0.1:$3" --readiness-addr "127.0.0.1:$4" \
-    2>"$work/ztunnel-$1.log" &
+netns() { # name -> creates the namespace with loopback up
+  ip netns add "$tag-$1"
+  namespaces+=("$tag-$1")
+  ip -n "$tag-$1" link set lo up
+}
+in_ns() { local ns=$1; shift; ip netns exec "$tag-$ns" "$@"; }
+# Runs a program in a namespace in the background; its pid (not a subshell's) goes to $pids.
+spawn_in() { # ns log program args...
+  local ns=$1 log=$2; shift 2
+  (exec ip netns exec "$tag-$ns" "$@" 2>"$log") &
   pids+=($!)
 }
-start_ztunnel node-a 15000 15020 15021
-start_ztunnel node-b 16000 16020 16021
+pod() { # node pod host-if subnet: veth pair, pod = <subnet>.2, node side = <subnet>.1
+  netns "$2"
+  ip link add "$3" netns "$tag-$1" type veth peer name eth0 netns "$tag-$2"
+  ip -n "$tag-$1" addr add "$4.1/24" dev "$3"
+  ip -n "$tag-$1" link set "$3" up
+  ip -n "$tag-$2" addr add "$4.2/24" dev eth0
+  ip -n "$tag-$2" link set eth0 up
+  ip -n "$tag-$2" route add default via "$4.1"
+}
 
-wait_ready() { # name readiness-port
-  for _ in $(seq 1 200); do
-    if curl -fsS "http://127.0.0.1:$2/healthz/ready" >/dev/null 2>&1; then
-      echo "    $1: $(curl -sS "http://127.0.0.1:$2/healthz/ready")"
+echo "==> network: two nodes, four pods"
+netns node-a
+netns node-b
+ip link add link-a netns "$tag-node-a" type veth peer name link-b netns "$tag-node-b"
+ip -n "$tag-node-a" addr add 10.0.0.1/24 dev link-a
+ip -n "$tag-node-b" addr add 10.0.0.2/24 dev link-b
+ip -n "$tag-node-a" link set link-a up
+ip -n "$tag-node-b" link set link-b up
+pod node-a client v-client 10.42.1
+pod node-a echo-1 v-echo1 10.42.2
+pod node-b echo-2 v-echo2 10.43.1
+pod node-b intruder v-intr 10.43.2
+ip -n "$tag-node-a" route add 10.43.0.0/16 via 10.0.0.2
+ip -n "$tag-node-b" route add 10.42.0.0/16 via 10.0.0.1
+in_ns node-a sysctl -q -w net.ipv4.ip_forward=1
+in_ns node-b sysctl -q -w net.ipv4.ip_forward=1
+for p in echo-1 echo-2 intruder; do
+  spawn_in "$p" "$work/$p.log" "$bin/mesh-demo" serve --name "$p"
+done
+
+cp deploy/local-mesh.yaml "$work/mesh.yaml"
+echo "==> control plane on 10.0.0.1:15010 (in node-a) serving $work/mesh.yaml"
+spawn_in node-a "$work/xds-server.log" "$bin/xds-server" --listen 10.0.0.1:15010 --config "$work/mesh.yaml"
+
+start_ztunnel() { # node [flags...]
+  local node=$1; shift
+  spawn_in "$node" "$work/ztunnel-$node.log" "$bin/ztunnel" --xds-address http://10.0.0.1:15010 \
+    --node-name "$node" --local-ca "$work/ca" --redirect --uplink '*' "$@"
+  for _ in $(seq 1 300); do
+    if in_ns "$node" curl -fsS http://127.0.0.1:15021/healthz/ready >/dev/null 2>&1; then
+      echo "    ztunnel on $node ready (xDS synced, workload certificates issued)"
       return 0
     fi
     sleep 0.1
   done
-  echo "$1 never became ready; its log:" >&2
-  cat "$work/ztunnel-$1.log" >&2
+  echo "ztunnel on $node never became ready; its log:" >&2
+  cat "$work/ztunnel-$node.log" >&2
   return 1
 }
-echo "==> waiting for both ztunnels to sync"
-wait_ready node-a 15021
-wait_ready node-b 16021
-
-held() { # admin-port: resource names held, one line each
-  curl -sS "http://127.0.0.1:$1/config_dump" | python3 -c '
-import json, sys
-d = json.load(sys.stdin)
-for url, names in d["resources"].items():
-    for n in names:
-        print("      %-40s %s" % (url.rsplit("/", 1)[1], n))'
-}
-echo "==> node-a holds:"
-held 15000
-
-echo "==> live change: echo-2 leaves the mesh and a DENY policy arrives"
-python3 - "$work/mesh.yaml" <<'PY'
-import sys
-path = sys.argv[1]
-text = open(path).read()
-start = text.index("  - name: echo-2")
-end = text.index("  - name: intruder")
-text = text[:start] + text[end:]
-text += """  - name: deny-intruder
-    namespace: demo
-    scope: NAMESPACE
-    action: DENY
-    rules: [{clauses: [{matches: [{principals: [{exact: cluster.local/ns/other/sa/intruder}]}]}]}]
-"""
-open(path, "w").write(text)
-PY
+echo "==> one ztunnel per node, eBPF capture on, local CA in $work/ca"
+start_ztunnel node-a
+start_ztunnel node-b
+enrolled() { in_ns "$1" curl -fsS http://127.0.0.1:15000/config_dump 2>/dev/null | grep -q "\"$2\": *\"$3\""; }
 for _ in $(seq 1 100); do
-  a=$(held 15000); b=$(held 16000)
-  if ! grep -q echo-2 <<<"$a$b" && grep -q deny-intruder <<<"$a" && grep -q deny-intruder <<<"$b"; then break; fi
+  if enrolled node-a 10.42.1.2 v-client && enrolled node-b 10.43.2.2 v-intr; then break; fi
   sleep 0.1
 done
-echo "==> node-b now holds:"
-held 16000
 
-echo "==> node-a xDS metrics (http://127.0.0.1:15020/metrics):"
-curl -sS http://127.0.0.1:15020/metrics | grep -E '^istio_(xds|build)' | sed 's/^/      /'
+talk() { local from=$1; shift; in_ns "$from" "$bin/mesh-demo" talk "$@"; }
+
+echo "==> client (node-a) -> echo-2 (node-b) at 10.43.1.2:8080, through both ztunnels over HBONE"
+talk client 10.43.1.2:8080 --line "hello over mTLS"
+echo "    node-b's access log: the server side knows the client's identity"
+{ grep 'direction="inbound"' "$work/ztunnel-node-b.log" || true; } | grep -o 'src.identity=[^ ]*' | head -1 | sed 's/^/      /' || true
+
+echo "==> client -> service echo (VIP 10.96.0.80:80), balanced over echo-1 (node-a) and echo-2 (node-b)"
+talk client 10.96.0.80:80 --count 20
+
+echo "==> intruder (namespace other) -> echo: policy demo-only admits namespace demo only"
+talk intruder 10.96.0.80:80
+{ grep -h 'connection denied by policy' "$work"/ztunnel-node-*.log || true; } | head -1 | sed 's/^.*WARN/     /'
+
+echo "==> live change over xDS: an ALLOW policy for the intruder's principal"
+cat >>"$work/mesh.yaml" <<'YAML'
+  - name: allow-intruder
+    namespace: demo
+    scope: NAMESPACE
+    action: ALLOW
+    rules: [{clauses: [{matches: [{principals: [{exact: cluster.local/ns/other/sa/intruder}]}]}]}]
+YAML
+for _ in $(seq 1 100); do
+  a=$(in_ns node-a curl -fsS http://127.0.0.1:15000/config_dump || true)
+  b=$(in_ns node-b curl -fsS http://127.0.0.1:15000/config_dump || true)
+  if grep -q '"demo/allow-intruder"' <<<"$a" && grep -q '"demo/allow-intruder"' <<<"$b"; then break; fi
+  sleep 0.1
+done
+talk intruder 10.96.0.80:80 --line "let me in"
+
+echo "==> node-b metrics (http://127.0.0.1:15020/metrics in node-b), connections it served:"
+in_ns node-b curl -fsS http://127.0.0.1:15020/metrics |
+  { grep -E '^istio_tcp_connections_opened_total\{reporter="destination"' || true; } | while read -r line; do
+    labels=$(grep -oE '(source_principal|destination_workload|connection_security_policy)="[^"]*"' <<<"$line" | paste -sd' ')
+    echo "      ${line##* } x $labels"
+  done
+echo "==> authorization decisions on node-a and node-b:"
+for n in node-a node-b; do
+  in_ns "$n" curl -fsS http://127.0.0.1:15020/metrics | { grep -E '^istio_authorization_decisions_total' || true; } |
+    sed "s/^/      $n: /"
+done
 
 if $keep; then
-  echo "==> running; Ctrl-C stops. Logs in $work"
+  echo "==> running; Ctrl-C stops. Logs in $work; e.g. ip netns exec $tag-client $bin/mesh-demo talk 10.96.0.80:80"
   wait
 fi
-echo "==> done"
+echo "==> draining the ztunnels and removing the namespaces"

@@ -1,0 +1,97 @@
+//! Pod-side helpers for the local demo (`deploy/local-mesh.sh`), run inside pod namespaces:
+//! `serve` is a line echo server that says who it is and which client address it saw; `talk`
+//! opens connections and reports who answered, or that the connection was refused.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "Pod-side helpers for the local mesh demo")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Answer each line with `<name> saw <client ip>: <line>`.
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// Connect `count` times to `dst`, send a line, and report the answers.
+    Talk {
+        dst: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value = "hello")]
+        line: String,
+    },
+}
+
+fn serve(name: String, port: u16) -> std::io::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    for stream in listener.incoming().flatten() {
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let peer = stream.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+            let Ok(mut out) = stream.try_clone() else { return };
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { return };
+                if writeln!(out, "{name} saw {peer}: {line}").is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// One connection: the reply, or why there was none.
+fn talk_once(dst: SocketAddr, line: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    writeln!(s, "{line}").map_err(|e| e.to_string())?;
+    s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+    match reply.trim_end() {
+        "" => Err("closed without a reply".into()),
+        r => Ok(r.to_string()),
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn main() -> std::io::Result<()> {
+    match Args::parse().command {
+        Command::Serve { name, port } => serve(name, port),
+        Command::Talk { dst, count, line } => {
+            let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+            for _ in 0..count {
+                let outcome = talk_once(dst, &line);
+                if count == 1 {
+                    match &outcome {
+                        Ok(r) => println!("      {r}"),
+                        Err(e) => println!("      refused: {e}"),
+                    }
+                }
+                let key = match outcome {
+                    Ok(r) => r.split(' ').next().unwrap_or_default().to_string(),
+                    Err(_) => "refused".to_string(),
+                };
+                *tally.entry(key).or_default() += 1;
+            }
+            if count > 1 {
+                let parts: Vec<String> = tally.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                println!("      {count} connections -> {}", parts.join(", "));
+            }
+            Ok(())
+        }
+    }
+}
