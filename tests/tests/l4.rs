@@ -268,6 +268,40 @@ fn hbone_server(ns: &Netns, ca_dir: &std::path::Path, sa: &'static str) -> tokio
     rt
 }
 
+/// CONNECTs to the ztunnel that captures `pod`:15008, over one mTLS connection as
+/// `<ns>/<sa>`, one per authority; returns each answer's status (200 when accepted).
+fn connect_statuses(
+    rt: &tokio::runtime::Runtime,
+    ca_dir: &std::path::Path,
+    (ns, sa): (&str, &str),
+    pod: &str,
+    authorities: &[&str],
+) -> Vec<u16> {
+    use common::hbone::client::{ClientError, Connection};
+    let ca = LocalCa::load_or_create(ca_dir, "cluster.local").expect("shared CA");
+    let cert = ca
+        .issue(&Identity::new("cluster.local", ns, sa).expect("id"), Duration::from_secs(3600))
+        .expect("cert");
+    let server = Identity::new("cluster.local", "demo", "echo").expect("id");
+    let config = Arc::new(common::tls::client_config(&cert, vec![server]).expect("client config"));
+    let addr: SocketAddr = format!("{pod}:15008").parse().expect("addr");
+    let authorities: Vec<_> =
+        authorities.iter().map(|a| common::hbone::connect::parse_authority(a).expect("authority")).collect();
+    rt.block_on(rt.spawn(async move {
+        let conn = Connection::connect(addr, config).await.expect("mTLS to the pod's ztunnel");
+        let mut statuses = Vec::new();
+        for a in &authorities {
+            match conn.open(a, http::HeaderMap::new()).await {
+                Ok(_) => statuses.push(200),
+                Err(ClientError::Status { status, .. }) => statuses.push(status.as_u16()),
+                Err(e) => panic!("CONNECT {a}: {e}"),
+            }
+        }
+        statuses
+    }))
+    .expect("join")
+}
+
 fn push(store: &XdsStore, yaml: &str) {
     store.load_yaml(yaml).unwrap_or_else(|e| panic!("config does not load: {e:#}"));
 }
@@ -311,7 +345,7 @@ fn l4_mesh_end_to_end() {
     let enrolled_b = zt_b.app.enrollment.as_ref().expect("redirection on").status();
     let waypoint_ip = WAYPOINT.parse().expect("ip");
     assert!(!enrolled_b.pods.contains_key(&waypoint_ip), "a native-tunnel waypoint is not captured");
-    let _rogue = hbone_server(&c.rogue, ca_dir.path(), "rogue");
+    let rogue_rt = hbone_server(&c.rogue, ca_dir.path(), "rogue");
     let _waypoint = hbone_server(&c.waypoint, ca_dir.path(), "waypoint");
 
     // Pod to pod across nodes, through both ztunnels over HBONE; the server sees the client's
@@ -370,6 +404,20 @@ fn l4_mesh_end_to_end() {
     // A destination that cannot prove the identity the registry gives it is refused.
     expect_refused(talk(&c.client, &format!("{ROGUE}:8080"), "trust me"), "rogue destination");
 
+    // node-a's inbound HBONE answers a CONNECT per its checks: 200 for its workload, 400 for an
+    // authority other than the address the connection came to, 503 for ztunnel's own ports,
+    // 401 when policy refuses the caller.
+    let echo_1 = format!("{ECHO_1}:8080");
+    let elsewhere = format!("{CLIENT}:8080");
+    let own_port = format!("{ECHO_1}:15006");
+    let checks = [echo_1.as_str(), elsewhere.as_str(), own_port.as_str()];
+    assert_eq!(
+        connect_statuses(&rogue_rt, ca_dir.path(), ("demo", "client"), ECHO_1, &checks),
+        [200, 400, 503]
+    );
+    let stranger = connect_statuses(&rogue_rt, ca_dir.path(), ("other", "stranger"), ECHO_1, &[&echo_1]);
+    assert_eq!(stranger, [401]);
+
     // xDS changes the service's endpoints: echo-3 joins, echo-2 leaves.
     let echo_2_start = with_allow.find("  - {name: echo-2").expect("echo-2 entry");
     let echo_2_end =
@@ -417,7 +465,7 @@ fn l4_mesh_end_to_end() {
     );
     assert_eq!(sample_sum(&failed), 1.0, "the rogue destination: {failed:?}");
     let denied = samples(&a, "istio_authorization_decisions_total", &["decision=\"deny\"", "policy=\"-\""]);
-    assert_eq!(sample_sum(&denied), 2.0, "intruder and plaintext refused at node-a: {denied:?}");
+    assert_eq!(sample_sum(&denied), 3.0, "intruder, stranger and plaintext refused at node-a: {denied:?}");
     assert!(
         sample_sum(&samples(
             &a,
