@@ -2,6 +2,7 @@
 //! and helpers for whole-app tests.
 
 pub mod ca_server;
+pub mod echo;
 pub mod http;
 pub mod netns;
 pub mod node;

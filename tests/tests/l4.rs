@@ -95,23 +95,8 @@ const ECHO_3_WORKLOAD: &str = r#"
 
 /// A line echo server on 0.0.0.0:8080 in `ns`: each line gets `<name> <peer ip> <line>`.
 fn echo_server(ns: &Netns, name: &'static str) {
-    ns.enter(|| {
-        let listener = std::net::TcpListener::bind(("0.0.0.0", 8080)).expect("bind echo server");
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                std::thread::spawn(move || {
-                    let peer = stream.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
-                    let Ok(mut out) = stream.try_clone() else { return };
-                    for line in BufReader::new(stream).lines() {
-                        let Ok(line) = line else { return };
-                        if writeln!(out, "{name} {peer} {line}").is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-    });
+    let listener = ns.enter(|| std::net::TcpListener::bind(("0.0.0.0", 8080)).expect("bind echo server"));
+    mesh_tests::echo::serve_lines(listener, |name, peer, line| format!("{name} {peer} {line}"), name.into());
 }
 
 /// Connects from `ns` to `dst`, sends `line`, half-closes, and returns everything received.

@@ -249,11 +249,20 @@ where
     }
 }
 
-/// Accepts on `listener` until the drain starts, handing each connection (with its drain
-/// guard) to `handle` on its own task.
+/// One accepted, redirected connection: the client's address and where it was going.
+struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    /// Keeps a drain waiting while the connection runs.
+    guard: Guard,
+}
+
+/// Accepts on a transparent `listener` until the drain starts, handing each connection to
+/// `handle` on its own task.
 async fn accept_loop<F, Fut>(proxy: Proxy, listener: TcpListener, name: &'static str, handle: F)
 where
-    F: Fn(Proxy, TcpStream, SocketAddr, Guard) -> Fut,
+    F: Fn(Proxy, Accepted) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     if let Ok(addr) = listener.local_addr() {
@@ -270,8 +279,15 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 let Some(guard) = proxy.drain().guard() else { return };
+                let dst = match socket::original_dst(&stream) {
+                    Ok(d) => d.0,
+                    Err(e) => {
+                        warn!(listener = name, %peer, error = %e, "no original destination; closing");
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(proxy.clone(), stream, peer, guard));
+                tokio::spawn(handle(proxy.clone(), Accepted { stream, peer, dst, guard }));
             }
             Err(e) => {
                 warn!(listener = name, error = %e, "accept failed");

@@ -3,7 +3,7 @@
 //! opens connections and reports who answered, or that the connection was refused.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
@@ -37,20 +37,10 @@ enum Command {
 
 fn serve(name: String, port: u16) -> std::io::Result<()> {
     let listener = TcpListener::bind(("0.0.0.0", port))?;
-    for stream in listener.incoming().flatten() {
-        let name = name.clone();
-        std::thread::spawn(move || {
-            let peer = stream.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
-            let Ok(mut out) = stream.try_clone() else { return };
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { return };
-                if writeln!(out, "{name} saw {peer}: {line}").is_err() {
-                    return;
-                }
-            }
-        });
+    mesh_tests::echo::serve_lines(listener, |name, peer, line| format!("{name} saw {peer}: {line}"), name);
+    loop {
+        std::thread::park();
     }
-    Ok(())
 }
 
 /// One connection: the reply, or why there was none.

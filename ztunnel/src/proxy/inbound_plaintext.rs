@@ -2,29 +2,18 @@
 //! identity to check, but the pod's policies still apply (a policy that requires a principal
 //! or namespace refuses it).
 
-use std::net::SocketAddr;
-
-use common::drain::Guard;
-use tokio::net::{TcpListener, TcpStream};
-use tracing::warn;
+use tokio::net::TcpListener;
 
 use super::inbound::deliver;
 use super::metrics::{Peer, Record, Reporter};
-use super::{Proxy, accept_loop, relay};
-use crate::socket;
+use super::{Accepted, Proxy, accept_loop, relay};
 
 pub(super) async fn serve(proxy: Proxy, listener: TcpListener) {
     accept_loop(proxy, listener, "inbound_plaintext", handle).await;
 }
 
-async fn handle(proxy: Proxy, downstream: TcpStream, peer: SocketAddr, guard: Guard) {
-    let dst = match socket::original_dst(&downstream) {
-        Ok(d) => d.0,
-        Err(e) => {
-            warn!(%peer, error = %e, "no original destination; closing");
-            return;
-        }
-    };
+async fn handle(proxy: Proxy, accepted: Accepted) {
+    let Accepted { stream: downstream, peer, dst, guard } = accepted;
     let mut rec = Record::new(proxy.metrics(), Reporter::Destination, "inbound_plaintext", peer, dst);
     rec.src =
         Peer { workload: proxy.inner.state.snapshot().workload_by_ip(peer.ip()).cloned(), identity: None };

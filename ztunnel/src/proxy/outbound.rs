@@ -11,19 +11,16 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use common::drain::Guard;
 use common::hbone::connect::Authority;
 use common::hbone::pool::{PoolKey, PooledStream};
 use common::identity::Identity;
 use http::{HeaderMap, HeaderValue};
 use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::warn;
 
 use super::inbound::deliver;
 use super::metrics::{Peer, Record, Reporter};
-use super::{CONNECT_TIMEOUT, OutboundPolicy, Proxy, ProxyError, accept_loop, relay};
-use crate::socket;
+use super::{Accepted, CONNECT_TIMEOUT, OutboundPolicy, Proxy, ProxyError, accept_loop, relay};
 use crate::state::workload::DEFAULT_HBONE_PORT;
 use crate::state::{Gateway, Snapshot, Target, Tunnel, Workload};
 
@@ -38,14 +35,8 @@ enum Upstream {
     Hbone(PooledStream),
 }
 
-async fn handle(proxy: Proxy, downstream: TcpStream, peer: SocketAddr, guard: Guard) {
-    let dst = match socket::original_dst(&downstream) {
-        Ok(d) => d.0,
-        Err(e) => {
-            warn!(%peer, error = %e, "no original destination; closing");
-            return;
-        }
-    };
+async fn handle(proxy: Proxy, accepted: Accepted) {
+    let Accepted { stream: downstream, peer, dst, guard } = accepted;
     let mut rec = Record::new(proxy.metrics(), Reporter::Source, "outbound", peer, dst);
     match route(&proxy, &mut rec, peer, dst).await {
         Err(e) => rec.failed(e.failure()),
