@@ -1,5 +1,6 @@
-//! What ztunnel and waypoint share: the delta-ADS xDS client and its local-file twin, readiness,
-//! metrics and admin plumbing, and logging setup.
+//! What ztunnel and waypoint share: the delta-ADS xDS client and its local-file twin, the
+//! indexed mesh state and L4 authorization, identity, mTLS and HBONE, byte copying, drain,
+//! readiness, metrics and admin plumbing, and logging setup.
 
 pub mod admin;
 pub mod backoff;
@@ -9,7 +10,9 @@ pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;
+pub mod rbac;
 pub mod readiness;
+pub mod state;
 pub mod telemetry;
 pub mod tls;
 pub mod xds;

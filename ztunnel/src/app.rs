@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::config::{CaConfig, Config};
 use crate::proxy::{self, Bound, Proxy};
 use crate::redirect::Enrollment;
-use crate::state::State;
+use common::state::State;
 use ebpf::Redirector;
 
 /// Readiness task released once the certificates of this node's workloads are in.

@@ -7,7 +7,7 @@
 pub mod app;
 pub mod config;
 pub mod proxy;
-pub mod rbac;
 pub mod redirect;
 pub mod socket;
-pub mod state;
+/// The mesh state and L4 authorization live in `common` (the waypoint shares them).
+pub use common::{rbac, state};

@@ -24,9 +24,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::rbac::{self, Verdict};
 use crate::socket::{self, SocketError};
-use crate::state::{State, Workload};
+use common::rbac::{self, Verdict};
+use common::state::{State, Workload};
 use metrics::{Failure, Metrics, Record};
 
 /// How long a TCP connect or an HBONE CONNECT may take.
@@ -79,7 +79,7 @@ pub enum ProxyError {
     #[error("{0} is not in the registry and the outbound policy is registry-only")]
     RegistryOnly(SocketAddr),
     #[error(transparent)]
-    NoEndpoint(#[from] crate::state::PickError),
+    NoEndpoint(#[from] common::state::PickError),
     #[error("waypoint of {0} cannot be resolved")]
     NoWaypoint(String),
     #[error("{0} is reached over Istio's legacy mTLS, which ztunnel does not speak")]

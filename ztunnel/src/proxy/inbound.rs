@@ -17,7 +17,7 @@ use tracing::info;
 use super::metrics::{Peer, Record, Reporter};
 use super::server_tls::WorkloadTls;
 use super::{OWN_PORTS, Proxy, ProxyError, relay};
-use crate::rbac;
+use common::rbac;
 
 pub(super) async fn serve(proxy: Proxy, listener: TcpListener) {
     let c = proxy.config();

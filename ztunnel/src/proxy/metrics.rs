@@ -14,7 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
-use crate::state::{Service, Workload};
+use common::state::{Service, Workload};
 
 /// Istio's standard L4 label set (shared/spec/telemetry.md).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -21,8 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 use super::inbound::deliver;
 use super::metrics::{Peer, Record, Reporter};
 use super::{Accepted, CONNECT_TIMEOUT, OutboundPolicy, Proxy, ProxyError, accept_loop, relay};
-use crate::state::workload::DEFAULT_HBONE_PORT;
-use crate::state::{Gateway, Snapshot, Target, Tunnel, Workload};
+use common::state::workload::DEFAULT_HBONE_PORT;
+use common::state::{Gateway, Snapshot, Target, Tunnel, Workload};
 
 pub(super) async fn serve(proxy: Proxy, listener: TcpListener) {
     accept_loop(proxy, listener, "outbound", handle).await;
@@ -88,7 +88,7 @@ async fn route(
             let (endpoint, port) = snapshot.pick_endpoint(&svc, dst.port(), Some(&src))?;
             let ip = endpoint.workload.addresses.iter().find(|a| a.is_ipv4() == dst.is_ipv4());
             let ip = ip.or(endpoint.workload.addresses.first()).copied().ok_or_else(|| {
-                ProxyError::NoEndpoint(crate::state::PickError::NoHealthyEndpoint {
+                ProxyError::NoEndpoint(common::state::PickError::NoHealthyEndpoint {
                     service: svc.key(),
                     port: dst.port(),
                 })

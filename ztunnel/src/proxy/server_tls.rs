@@ -9,7 +9,7 @@ use common::hbone::server::{BoxFuture, ServerTls};
 use common::identity::{CertificateManager, Identity, WorkloadCertificate};
 use common::tls;
 
-use crate::state::State;
+use common::state::State;
 
 /// A server config and the certificate it was built from, per identity.
 type Configs = HashMap<Identity, (Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>)>;

@@ -2,8 +2,8 @@
 //! preferences, policy scopes, and rejection keeping the last good state.
 
 use super::*;
-use common::xds::LocalConfig;
-use common::xds::handler::RawResource;
+use crate::xds::LocalConfig;
+use crate::xds::handler::RawResource;
 
 const MESH: &str = r#"
 workloads:

@@ -5,7 +5,7 @@ use ipnet::IpNet;
 use proto::security as sec;
 use serde::Serialize;
 
-use common::xds::validate::ip_bytes;
+use crate::xds::validate::ip_bytes;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use common::identity::Identity;
-use common::xds::validate::ip_bytes;
+use crate::identity::Identity;
+use crate::xds::validate::ip_bytes;
 use proto::workload as wl;
 use serde::Serialize;
 

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use common::identity::Identity;
+use crate::identity::Identity;
 use tracing::info;
 
 use crate::state::policy::{Match, StringMatch};

@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use common::identity::Identity;
-use common::xds::{Handler, Handlers, Rejection, ResourceStore, XdsUpdate, validate};
+use crate::identity::Identity;
+use crate::xds::{Handler, Handlers, Rejection, ResourceStore, XdsUpdate, validate};
 use proto::security::Authorization;
 use proto::workload::{Address, address};
 use rand::Rng;
