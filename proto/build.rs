@@ -7,6 +7,7 @@ fn main() -> anyhow::Result<()> {
         "proto/istio/workload/workload.proto",
         "proto/istio/security/authorization.proto",
         "proto/istio/v1/auth/ca.proto",
+        "proto/ambient/waypoint/v1alpha1/resource.proto",
     ];
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()

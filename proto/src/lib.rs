@@ -25,6 +25,15 @@ pub mod istio {
     }
 }
 
+pub mod ambient {
+    pub mod waypoint {
+        pub mod v1alpha1 {
+            tonic::include_proto!("ambient.waypoint.v1alpha1");
+        }
+    }
+}
+
+pub use ambient::waypoint::v1alpha1 as waypoint;
 pub use envoy::service::discovery::v3 as discovery;
 pub use istio::security;
 pub use istio::workload;
@@ -33,3 +42,5 @@ pub use istio::workload;
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// Type URL of `istio.security.Authorization` resources (L4 authorization policies).
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+/// Type URL of the waypoint's L7 resources (routes and policies).
+pub const WAYPOINT_RESOURCE_TYPE_URL: &str = "type.googleapis.com/ambient.waypoint.v1alpha1.Resource";

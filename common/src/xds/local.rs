@@ -5,6 +5,7 @@
 //! handlers as updates, vanished ones as removals. A file that does not parse changes nothing;
 //! a resource a handler rejects keeps its previous state. Both are logged and counted.
 
+pub mod routes;
 pub mod schema;
 
 use std::collections::{BTreeMap, HashMap};
@@ -12,7 +13,7 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use schema::{EncodedResource, LocalConfig, SchemaError};
 
@@ -144,7 +145,8 @@ impl LocalSource {
                 updates.iter().map(|u| (u.name.clone(), u.version.clone())).collect();
             let count = versions.len() + removed.len();
             let Some(rejections) = self.handlers.apply(&type_url, updates, removed.clone()) else {
-                warn!(%type_url, "local config has resources of a type nothing consumes");
+                // A file shared by ztunnel and waypoints holds types only one of them reads.
+                debug!(%type_url, "local config has resources of a type nothing here consumes");
                 continue;
             };
             self.metrics.messages.get_or_create(&label).inc();

@@ -47,6 +47,9 @@ pub struct LocalConfig {
     pub services: Vec<ServiceSpec>,
     #[serde(default)]
     pub policies: Vec<PolicySpec>,
+    /// The waypoint's L7 routes (`ambient.waypoint.v1alpha1`); see [`super::routes`].
+    #[serde(default)]
+    pub routes: Vec<super::routes::RouteSpec>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -669,6 +672,11 @@ impl LocalConfig {
             let name = p.resource_name();
             let policy = p.to_proto().map_err(err(format!("policy {name}")))?;
             out.push(EncodedResource::new(proto::AUTHORIZATION_TYPE_URL, name, &policy));
+        }
+        for r in &self.routes {
+            let name = r.resource_name();
+            let route = r.to_proto().map_err(err(format!("route {name}")))?;
+            out.push(EncodedResource::new(proto::WAYPOINT_RESOURCE_TYPE_URL, name, &route));
         }
         Ok(out)
     }

@@ -1,0 +1,395 @@
+//! The YAML form of the waypoint's L7 resources (`ambient.waypoint.v1alpha1`), under `routes:`:
+//!
+//! ```yaml
+//! routes:
+//!   - name: echo-v2
+//!     namespace: demo
+//!     parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+//!     matches: [{path: {prefix: /v2}, headers: [{name: x-canary, exact: "yes"}]}]
+//!     filters: [{requestHeaderModifier: {set: [{name: x-route, value: v2}]}}]
+//!     backends:
+//!       - {service: {namespace: demo, hostname: echo-v2.demo.svc.cluster.local, port: 80}, weight: 90}
+//!       - {service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}, weight: 10}
+//!     timeouts: {request: 5s}
+//! ```
+
+use std::time::Duration;
+
+use proto::waypoint as wp;
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceRefSpec {
+    pub namespace: String,
+    pub hostname: String,
+    #[serde(default)]
+    pub port: u32,
+}
+
+impl ServiceRefSpec {
+    fn to_proto(&self) -> wp::ServiceRef {
+        wp::ServiceRef { namespace: self.namespace.clone(), hostname: self.hostname.clone(), port: self.port }
+    }
+}
+
+/// A service, or a waypoint by `namespace/name`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ParentSpec {
+    #[serde(default)]
+    pub service: Option<ServiceRefSpec>,
+    #[serde(default)]
+    pub waypoint: Option<String>,
+}
+
+impl ParentSpec {
+    fn to_proto(&self) -> Result<wp::ParentRef, String> {
+        use wp::parent_ref::Target;
+        let target = match (&self.service, &self.waypoint) {
+            (Some(s), None) => Target::Service(s.to_proto()),
+            (None, Some(w)) => Target::Waypoint(w.clone()),
+            _ => return Err("a parent needs exactly one of service or waypoint".into()),
+        };
+        Ok(wp::ParentRef { target: Some(target) })
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathSpec {
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ValueMatchSpec {
+    pub name: String,
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+}
+
+impl ValueMatchSpec {
+    fn to_proto(&self) -> Result<wp::ValueMatch, String> {
+        use wp::value_match::Value;
+        let value = match (&self.exact, &self.regex) {
+            (Some(e), None) => Value::Exact(e.clone()),
+            (None, Some(r)) => Value::Regex(r.clone()),
+            _ => return Err(format!("match on {:?} needs exactly one of exact or regex", self.name)),
+        };
+        Ok(wp::ValueMatch { name: self.name.clone(), value: Some(value) })
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcSpec {
+    #[serde(default)]
+    pub service: String,
+    #[serde(default)]
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteMatchSpec {
+    #[serde(default)]
+    pub path: Option<PathSpec>,
+    #[serde(default)]
+    pub headers: Vec<ValueMatchSpec>,
+    #[serde(default)]
+    pub query_params: Vec<ValueMatchSpec>,
+    #[serde(default)]
+    pub method: String,
+    #[serde(default)]
+    pub grpc: Option<GrpcSpec>,
+}
+
+impl RouteMatchSpec {
+    fn to_proto(&self) -> Result<wp::RouteMatch, String> {
+        use wp::path_match::Kind;
+        let path = match &self.path {
+            None => None,
+            Some(p) => Some(wp::PathMatch {
+                kind: Some(match (&p.exact, &p.prefix, &p.regex) {
+                    (Some(e), None, None) => Kind::Exact(e.clone()),
+                    (None, Some(e), None) => Kind::Prefix(e.clone()),
+                    (None, None, Some(e)) => Kind::Regex(e.clone()),
+                    _ => return Err("a path match needs exactly one of exact, prefix or regex".into()),
+                }),
+            }),
+        };
+        Ok(wp::RouteMatch {
+            path,
+            headers: self.headers.iter().map(ValueMatchSpec::to_proto).collect::<Result<_, _>>()?,
+            query_params: self.query_params.iter().map(ValueMatchSpec::to_proto).collect::<Result<_, _>>()?,
+            method: self.method.clone(),
+            grpc: self
+                .grpc
+                .as_ref()
+                .map(|g| wp::GrpcMethodMatch { service: g.service.clone(), method: g.method.clone() }),
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderSpec {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderModifierSpec {
+    #[serde(default)]
+    pub set: Vec<HeaderSpec>,
+    #[serde(default)]
+    pub add: Vec<HeaderSpec>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+impl HeaderModifierSpec {
+    fn to_proto(&self) -> wp::HeaderModifier {
+        let headers = |v: &[HeaderSpec]| {
+            v.iter().map(|h| wp::Header { name: h.name.clone(), value: h.value.clone() }).collect()
+        };
+        wp::HeaderModifier { set: headers(&self.set), add: headers(&self.add), remove: self.remove.clone() }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathModifierSpec {
+    #[serde(default)]
+    pub replace_full_path: Option<String>,
+    #[serde(default)]
+    pub replace_prefix_match: Option<String>,
+}
+
+impl PathModifierSpec {
+    fn to_proto(&self) -> Result<wp::PathModifier, String> {
+        use wp::path_modifier::Kind;
+        let kind = match (&self.replace_full_path, &self.replace_prefix_match) {
+            (Some(p), None) => Kind::ReplaceFullPath(p.clone()),
+            (None, Some(p)) => Kind::ReplacePrefixMatch(p.clone()),
+            _ => {
+                return Err(
+                    "a path modifier needs exactly one of replaceFullPath or replacePrefixMatch".into()
+                );
+            }
+        };
+        Ok(wp::PathModifier { kind: Some(kind) })
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedirectSpec {
+    #[serde(default)]
+    pub scheme: String,
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub port: u32,
+    #[serde(default)]
+    pub path: Option<PathModifierSpec>,
+    #[serde(default)]
+    pub status_code: u32,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RewriteSpec {
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub path: Option<PathModifierSpec>,
+}
+
+/// Exactly one of the fields.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FilterSpec {
+    #[serde(default)]
+    pub request_header_modifier: Option<HeaderModifierSpec>,
+    #[serde(default)]
+    pub response_header_modifier: Option<HeaderModifierSpec>,
+    #[serde(default)]
+    pub request_redirect: Option<RedirectSpec>,
+    #[serde(default)]
+    pub url_rewrite: Option<RewriteSpec>,
+}
+
+impl FilterSpec {
+    fn to_proto(&self) -> Result<wp::Filter, String> {
+        use wp::filter::Kind;
+        let mut kinds = Vec::new();
+        if let Some(m) = &self.request_header_modifier {
+            kinds.push(Kind::RequestHeaderModifier(m.to_proto()));
+        }
+        if let Some(m) = &self.response_header_modifier {
+            kinds.push(Kind::ResponseHeaderModifier(m.to_proto()));
+        }
+        if let Some(r) = &self.request_redirect {
+            kinds.push(Kind::RequestRedirect(wp::RequestRedirect {
+                scheme: r.scheme.clone(),
+                hostname: r.hostname.clone(),
+                port: r.port,
+                path: r.path.as_ref().map(PathModifierSpec::to_proto).transpose()?,
+                status_code: r.status_code,
+            }));
+        }
+        if let Some(r) = &self.url_rewrite {
+            kinds.push(Kind::UrlRewrite(wp::UrlRewrite {
+                hostname: r.hostname.clone(),
+                path: r.path.as_ref().map(PathModifierSpec::to_proto).transpose()?,
+            }));
+        }
+        match kinds.len() {
+            1 => Ok(wp::Filter { kind: kinds.pop() }),
+            n => Err(format!("a filter needs exactly one kind, this one has {n}")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendSpec {
+    pub service: ServiceRefSpec,
+    #[serde(default)]
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub filters: Vec<FilterSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TimeoutsSpec {
+    /// `500ms`, `5s`, `1m`.
+    #[serde(default)]
+    pub request: Option<String>,
+    #[serde(default)]
+    pub backend_request: Option<String>,
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h`.
+fn duration(s: &str) -> Result<prost_types::Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("duration {s:?} has no unit"))?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("duration {s:?} is not a number"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("duration {s:?}: unit must be ms, s, m or h")),
+    };
+    prost_types::Duration::try_from(d).map_err(|e| e.to_string())
+}
+
+/// One HTTPRoute/GRPCRoute rule.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteSpec {
+    pub name: String,
+    pub namespace: String,
+    pub parent: ParentSpec,
+    /// HTTP (default) or GRPC.
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub matches: Vec<RouteMatchSpec>,
+    #[serde(default)]
+    pub filters: Vec<FilterSpec>,
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+    #[serde(default)]
+    pub timeouts: Option<TimeoutsSpec>,
+}
+
+impl RouteSpec {
+    pub fn resource_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn to_proto(&self) -> Result<wp::Resource, String> {
+        let kind = match self.kind.as_deref() {
+            None => wp::route::Kind::Http,
+            Some(k) => {
+                wp::route::Kind::from_str_name(k).ok_or_else(|| format!("unknown route kind {k:?}"))?
+            }
+        };
+        let filters = |v: &[FilterSpec]| v.iter().map(FilterSpec::to_proto).collect::<Result<Vec<_>, _>>();
+        let backends = self
+            .backends
+            .iter()
+            .map(|b| {
+                Ok(wp::Backend {
+                    service: Some(b.service.to_proto()),
+                    weight: b.weight,
+                    filters: filters(&b.filters)?,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        let timeouts = match &self.timeouts {
+            None => None,
+            Some(t) => Some(wp::Timeouts {
+                request: t.request.as_deref().map(duration).transpose()?,
+                backend_request: t.backend_request.as_deref().map(duration).transpose()?,
+            }),
+        };
+        let route = wp::Route {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            parent: Some(self.parent.to_proto()?),
+            kind: kind as i32,
+            matches: self.matches.iter().map(RouteMatchSpec::to_proto).collect::<Result<_, _>>()?,
+            filters: filters(&self.filters)?,
+            backends,
+            timeouts,
+        };
+        Ok(wp::Resource { kind: Some(wp::resource::Kind::Route(route)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_in_yaml_becomes_its_wire_form() {
+        let yaml = r#"
+name: canary
+namespace: demo
+parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+matches: [{path: {prefix: /api}, headers: [{name: x-canary, exact: "yes"}], method: GET}]
+filters: [{requestHeaderModifier: {set: [{name: x-a, value: b}], remove: [x-drop]}}]
+backends:
+  - {service: {namespace: demo, hostname: v2.demo.svc.cluster.local, port: 80}, weight: 90}
+  - {service: {namespace: demo, hostname: v1.demo.svc.cluster.local, port: 80}}
+timeouts: {request: 1500ms}
+"#;
+        let spec: RouteSpec = serde_yaml::from_str(yaml).expect("yaml");
+        let Some(wp::resource::Kind::Route(r)) = spec.to_proto().expect("converts").kind else {
+            panic!("a route")
+        };
+        assert_eq!(r.backends[0].weight, Some(90));
+        assert_eq!(r.backends[1].weight, None, "unset weight stays unset (means 1)");
+        assert_eq!(r.matches[0].method, "GET");
+        let t = r.timeouts.and_then(|t| t.request).expect("timeout");
+        assert_eq!((t.seconds, t.nanos), (1, 500_000_000));
+        let two_kinds = "{requestHeaderModifier: {}, urlRewrite: {}}";
+        let f: FilterSpec = serde_yaml::from_str(two_kinds).expect("yaml");
+        assert!(f.to_proto().is_err());
+        assert!(duration("5 s").is_err());
+    }
+}
