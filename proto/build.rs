@@ -8,6 +8,7 @@ fn main() -> anyhow::Result<()> {
         "proto/istio/security/authorization.proto",
         "proto/istio/v1/auth/ca.proto",
         "proto/ambient/waypoint/v1alpha1/resource.proto",
+        "proto/ambient/testing/v1/echo.proto",
     ];
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()

@@ -9,6 +9,8 @@ pub mod connect;
 pub mod pool;
 pub mod server;
 
+pub use connect::forwarded_for;
+
 use std::time::Duration;
 
 use hyper::upgrade::Upgraded;

@@ -10,5 +10,5 @@ mod spiffe;
 
 pub use cert::{CertError, WorkloadCertificate};
 pub use local_ca::LocalCa;
-pub use manager::{CaSource, CertMetrics, CertificateManager};
+pub use manager::{CaConfig, CaSource, CertMetrics, CertificateManager};
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, Identity, IdentityError};

@@ -22,5 +22,107 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
+/// Registers `istio_build{component, tag} 1`.
+pub fn register_build_info(registry: &mut Registry, component: &str) {
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    let build: Family<Vec<(String, String)>, Gauge> = Family::default();
+    build
+        .get_or_create(&vec![
+            ("component".to_string(), component.to_string()),
+            ("tag".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        ])
+        .set(1);
+    registry.register("build", "Build information", build);
+}
+
 /// A frozen registry shared with the metrics endpoint.
 pub type SharedRegistry = Arc<Registry>;
+
+/// Istio's standard traffic labels (shared/spec/telemetry.md), shared by ztunnel's TCP metrics
+/// and the waypoint's request metrics (which add their own on top with `flatten`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct TrafficLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+/// Istio's word for a label value nobody knows.
+pub const UNKNOWN: &str = "unknown";
+
+fn or_unknown(s: Option<&str>) -> String {
+    s.filter(|s| !s.is_empty()).unwrap_or(UNKNOWN).to_string()
+}
+
+/// Who is talking to whom, as the labels need it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Parties<'a> {
+    pub source: Option<&'a crate::state::Workload>,
+    pub source_identity: Option<&'a crate::identity::Identity>,
+    pub destination: Option<&'a crate::state::Workload>,
+    pub destination_identity: Option<&'a crate::identity::Identity>,
+    pub service: Option<&'a crate::state::Service>,
+}
+
+impl TrafficLabels {
+    pub fn new(
+        reporter: &'static str,
+        p: Parties<'_>,
+        request_protocol: &'static str,
+        response_flags: &'static str,
+        mtls: bool,
+    ) -> Self {
+        let (s, d, svc) = (p.source, p.destination, p.service);
+        let principal =
+            |id: Option<&crate::identity::Identity>| or_unknown(id.map(ToString::to_string).as_deref());
+        Self {
+            reporter,
+            source_workload: or_unknown(s.map(|w| w.workload_name.as_str())),
+            source_canonical_service: or_unknown(s.map(|w| w.canonical_name.as_str())),
+            source_canonical_revision: or_unknown(s.map(|w| w.canonical_revision.as_str())),
+            source_workload_namespace: or_unknown(
+                s.map(|w| w.namespace.as_str())
+                    .or(p.source_identity.map(crate::identity::Identity::namespace)),
+            ),
+            source_principal: principal(p.source_identity),
+            source_app: or_unknown(s.map(|w| w.canonical_name.as_str())),
+            source_version: or_unknown(s.map(|w| w.canonical_revision.as_str())),
+            source_cluster: or_unknown(s.map(|w| w.cluster_id.as_str())),
+            destination_service: or_unknown(svc.map(|s| s.hostname.as_str())),
+            destination_service_namespace: or_unknown(svc.map(|s| s.namespace.as_str())),
+            destination_service_name: or_unknown(svc.map(|s| s.name.as_str())),
+            destination_workload: or_unknown(d.map(|w| w.workload_name.as_str())),
+            destination_canonical_service: or_unknown(d.map(|w| w.canonical_name.as_str())),
+            destination_canonical_revision: or_unknown(d.map(|w| w.canonical_revision.as_str())),
+            destination_workload_namespace: or_unknown(d.map(|w| w.namespace.as_str())),
+            destination_principal: principal(p.destination_identity),
+            destination_app: or_unknown(d.map(|w| w.canonical_name.as_str())),
+            destination_version: or_unknown(d.map(|w| w.canonical_revision.as_str())),
+            destination_cluster: or_unknown(d.map(|w| w.cluster_id.as_str())),
+            request_protocol,
+            response_flags,
+            connection_security_policy: if mtls { "mutual_tls" } else { UNKNOWN },
+        }
+    }
+}

@@ -26,6 +26,12 @@ pub mod istio {
 }
 
 pub mod ambient {
+    /// Test-only service used by the integration tests.
+    pub mod testing {
+        pub mod v1 {
+            tonic::include_proto!("ambient.testing.v1");
+        }
+    }
     pub mod waypoint {
         pub mod v1alpha1 {
             tonic::include_proto!("ambient.waypoint.v1alpha1");

@@ -1,5 +1,12 @@
-//! waypoint: the per-namespace L7 proxy of the ambient mesh (HBONE in, HTTPRoute/GRPCRoute
-//! routing and L7 policy, HBONE out).
-//!
-//! Not built yet: this crate is reserved for the waypoint issues. It will take its workload
-//! state from the shared `common::xds` client, as ztunnel does.
+//! waypoint: the per-namespace L7 proxy of the ambient mesh. HBONE in on the `mesh` listener
+//! (`listener`), HTTPRoute/GRPCRoute routing (`route`), the request path (`proxy`), HBONE out to
+//! endpoints (`upstream`), request metrics and access log (`metrics`), wired in `app`.
+
+pub mod app;
+pub mod body;
+pub mod config;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod upstream;

@@ -8,8 +8,6 @@ use std::time::Duration;
 use common::admin::{self, Reply, Router};
 use common::drain::Drain;
 use common::hbone::pool::{Pool, PoolConfig, PoolMetrics};
-use common::identity::ca_client::IstioCaClient;
-use common::identity::local_ca::LocalCa;
 use common::identity::manager::{CaSource, CertMetrics};
 use common::identity::{CertificateManager, Identity};
 use common::readiness::Ready;
@@ -19,7 +17,7 @@ use proto::workload::Address;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::config::{CaConfig, Config};
+use crate::config::Config;
 use crate::proxy::{self, Bound, Proxy};
 use crate::redirect::Enrollment;
 use common::state::State;
@@ -65,7 +63,7 @@ impl App {
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let ready = Ready::new();
         let mut registry = common::metrics::new_registry();
-        register_build_info(&mut registry);
+        common::metrics::register_build_info(&mut registry, "ztunnel");
         let xds_metrics = XdsMetrics::new(&mut registry);
 
         let (state, handlers) = State::new(&config.network);
@@ -157,16 +155,8 @@ impl App {
 }
 
 fn ca_source(config: &Config) -> anyhow::Result<CaSource> {
-    Ok(match &config.ca {
-        CaConfig::Local { dir } => {
-            let trust_domain =
-                config.proxy.as_ref().map_or(crate::config::DEFAULT_TRUST_DOMAIN, |p| &p.trust_domain);
-            CaSource::Local(Arc::new(LocalCa::load_or_create(dir, trust_domain)?), config.cert_lifetime)
-        }
-        CaConfig::Istio { target, .. } => {
-            CaSource::Istio(IstioCaClient::new(target.clone(), config.cert_lifetime, true)?)
-        }
-    })
+    let trust_domain = config.proxy.as_ref().map_or(crate::config::DEFAULT_TRUST_DOMAIN, |p| &p.trust_domain);
+    config.ca.source(trust_domain, config.cert_lifetime, true).map_err(anyhow::Error::msg)
 }
 
 /// Once the first xDS sync is in, fetches the certificates of this node's workloads and then
@@ -209,19 +199,6 @@ async fn prefetch_certificates(
             return;
         }
     }
-}
-
-fn register_build_info(registry: &mut prometheus_client::registry::Registry) {
-    use prometheus_client::metrics::family::Family;
-    use prometheus_client::metrics::gauge::Gauge;
-    let build: Family<Vec<(String, String)>, Gauge> = Family::default();
-    build
-        .get_or_create(&vec![
-            ("component".to_string(), "ztunnel".to_string()),
-            ("tag".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-        ])
-        .set(1);
-    registry.register("build", "Build information", build);
 }
 
 fn admin_routes(

@@ -34,20 +34,7 @@ pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// How long open connections may run after SIGTERM.
 pub const DEFAULT_DRAIN_PERIOD: Duration = Duration::from_secs(5);
 
-/// Where workload certificates come from.
-#[derive(Clone, Debug, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CaConfig {
-    /// A local root kept in this directory (created on first use); for tests, the local demo
-    /// and lone hosts. Every ztunnel of a mesh must share it.
-    Local { dir: PathBuf },
-    /// istiod's CA (same TLS root and token as xDS).
-    Istio {
-        address: String,
-        #[serde(skip)]
-        target: common::grpc::GrpcTarget,
-    },
-}
+pub use common::identity::CaConfig;
 
 /// Everything ztunnel needs to start. Tests build it directly.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -184,20 +171,14 @@ impl Config {
             cluster_id: args.cluster_id,
             extra: Default::default(),
         };
-        let ca = match (&args.local_ca, &args.ca_address) {
-            (Some(dir), _) => CaConfig::Local { dir: dir.clone() },
-            (None, address) => {
-                let address = address
-                    .clone()
-                    .or_else(|| args.xds_address.clone().filter(|a| a.starts_with("https://")))
-                    .unwrap_or_else(|| DEFAULT_XDS_ADDRESS.to_string());
-                let mut target = common::grpc::GrpcTarget::new(address.clone());
-                target.root_cert = address.starts_with("https://").then(|| args.xds_root_cert.clone());
-                target.server_name = args.xds_server_name.clone();
-                target.token_path = args.xds_token_path.clone();
-                CaConfig::Istio { address, target }
-            }
-        };
+        let ca = CaConfig::from_flags(
+            args.local_ca.as_deref(),
+            args.ca_address.as_deref(),
+            args.xds_address.as_deref(),
+            DEFAULT_XDS_ADDRESS,
+            &args.xds_root_cert,
+            args.xds_token_path.as_deref(),
+        );
         let proxy = (!args.no_proxy).then(|| ProxyConfig {
             node_name: args.node_name.clone(),
             trust_domain: args.trust_domain.clone(),

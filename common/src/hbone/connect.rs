@@ -1,6 +1,6 @@
 //! Validation of an incoming CONNECT request: method, authority form, no path or scheme.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::{Method, StatusCode};
 
@@ -89,6 +89,19 @@ pub fn parse_authority(authority: &str) -> Result<Authority, ConnectError> {
     Ok(Authority::Host { host: host.to_ascii_lowercase(), port })
 }
 
+/// The `for=` address of a `forwarded` header (`for="10.0.0.1:4000"`, `for=10.0.0.1`).
+pub fn forwarded_for(headers: &http::HeaderMap) -> Option<SocketAddr> {
+    let value = headers.get("forwarded")?.to_str().ok()?;
+    value.split([';', ',']).find_map(|part| {
+        let (k, v) = part.trim().split_once('=')?;
+        if !k.eq_ignore_ascii_case("for") {
+            return None;
+        }
+        let v = v.trim_matches('"');
+        v.parse::<SocketAddr>().ok().or_else(|| v.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +181,19 @@ mod tests {
             }
         }
         assert!(accepted > 0, "the generator should hit some valid authorities");
+    }
+
+    #[test]
+    fn forwarded_for_forms() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(forwarded_for(&h), None);
+        h.insert("forwarded", "for=\"10.1.1.2:4000\";host=echo.demo".parse().expect("value"));
+        assert_eq!(forwarded_for(&h), Some("10.1.1.2:4000".parse().expect("addr")));
+        h.insert("forwarded", "host=x;for=10.1.1.3".parse().expect("value"));
+        assert_eq!(forwarded_for(&h), Some("10.1.1.3:0".parse().expect("addr")));
+        h.insert("forwarded", "for=\"[2001:db8::1]:80\"".parse().expect("value"));
+        assert_eq!(forwarded_for(&h), Some("[2001:db8::1]:80".parse().expect("addr")));
+        h.insert("forwarded", "for=unknown".parse().expect("value"));
+        assert_eq!(forwarded_for(&h), None);
     }
 }

@@ -425,3 +425,61 @@ mod tests {
         assert!(m.summary().is_empty());
     }
 }
+
+/// Where a proxy's certificates come from, as configured (serializable for config dumps).
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaConfig {
+    /// A local root kept in this directory (created on first use); for tests, the local demo
+    /// and lone hosts. Every proxy of a mesh must share it.
+    Local { dir: std::path::PathBuf },
+    /// istiod's CA (the same TLS root and token as xDS).
+    Istio {
+        address: String,
+        #[serde(skip)]
+        target: crate::grpc::GrpcTarget,
+    },
+}
+
+impl CaConfig {
+    /// The local root when `local` is given, else istiod's CA at `ca_address`, or at the xDS
+    /// address when that is https, or at istiod's default; verified like xDS.
+    pub fn from_flags(
+        local: Option<&std::path::Path>,
+        ca_address: Option<&str>,
+        xds_address: Option<&str>,
+        default_address: &str,
+        root_cert: &std::path::Path,
+        token_path: Option<&std::path::Path>,
+    ) -> Self {
+        if let Some(dir) = local {
+            return CaConfig::Local { dir: dir.to_path_buf() };
+        }
+        let https = |a: &str| a.starts_with("https://");
+        let address = ca_address.or(xds_address.filter(|a| https(a))).unwrap_or(default_address).to_string();
+        let mut target = crate::grpc::GrpcTarget::new(address.clone());
+        target.root_cert = https(&address).then(|| root_cert.to_path_buf());
+        target.token_path = token_path.map(std::path::Path::to_path_buf);
+        CaConfig::Istio { address, target }
+    }
+
+    /// The certificate source: certificates valid for `lifetime`; for istiod's CA, asking on
+    /// behalf of workloads when `impersonate` (ztunnel) or as ourselves (waypoint).
+    pub fn source(
+        &self,
+        trust_domain: &str,
+        lifetime: Duration,
+        impersonate: bool,
+    ) -> Result<CaSource, String> {
+        Ok(match self {
+            CaConfig::Local { dir } => CaSource::Local(
+                Arc::new(super::LocalCa::load_or_create(dir, trust_domain).map_err(|e| e.to_string())?),
+                lifetime,
+            ),
+            CaConfig::Istio { target, .. } => CaSource::Istio(
+                super::ca_client::IstioCaClient::new(target.clone(), lifetime, impersonate)
+                    .map_err(|e| e.to_string())?,
+            ),
+        })
+    }
+}

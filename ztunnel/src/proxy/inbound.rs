@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::hbone::connect::Authority;
 use common::hbone::server::{self, BoxFuture, ConnectHandler, ConnectRequest, Decision};
 use common::identity::Identity;
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::info;
 
@@ -57,7 +57,7 @@ async fn accept(proxy: Proxy, req: ConnectRequest) -> Decision {
     // The client's address as its ztunnel saw it, believed only when the peer proves the
     // identity of the workload at that address.
     let snapshot = proxy.inner.state.snapshot();
-    let forwarded = forwarded_for(&req.headers)
+    let forwarded = common::hbone::forwarded_for(&req.headers)
         .filter(|a| snapshot.workload_by_ip(a.ip()).is_some_and(|w| w.identity == req.peer));
     let src_addr = forwarded.unwrap_or(req.peer_addr);
     let mut rec = Record::new(proxy.metrics(), Reporter::Destination, "inbound", src_addr, dst);
@@ -126,36 +126,4 @@ pub(super) async fn deliver(
     }
     rec.upstream = Some(dst);
     proxy.connect_direct(dst, preserve).await
-}
-
-/// The `for=` address of a `forwarded` header (`for="10.0.0.1:4000"`, `for=10.0.0.1`).
-pub fn forwarded_for(headers: &HeaderMap) -> Option<SocketAddr> {
-    let value = headers.get("forwarded")?.to_str().ok()?;
-    value.split([';', ',']).find_map(|part| {
-        let (k, v) = part.trim().split_once('=')?;
-        if !k.eq_ignore_ascii_case("for") {
-            return None;
-        }
-        let v = v.trim_matches('"');
-        v.parse::<SocketAddr>().ok().or_else(|| v.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0)))
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forwarded_for_forms() {
-        let mut h = HeaderMap::new();
-        assert_eq!(forwarded_for(&h), None);
-        h.insert("forwarded", "for=\"10.1.1.2:4000\";host=echo.demo".parse().expect("value"));
-        assert_eq!(forwarded_for(&h), Some("10.1.1.2:4000".parse().expect("addr")));
-        h.insert("forwarded", "host=x;for=10.1.1.3".parse().expect("value"));
-        assert_eq!(forwarded_for(&h), Some("10.1.1.3:0".parse().expect("addr")));
-        h.insert("forwarded", "for=\"[2001:db8::1]:80\"".parse().expect("value"));
-        assert_eq!(forwarded_for(&h), Some("[2001:db8::1]:80".parse().expect("addr")));
-        h.insert("forwarded", "for=unknown".parse().expect("value"));
-        assert_eq!(forwarded_for(&h), None);
-    }
 }

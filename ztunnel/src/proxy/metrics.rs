@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use common::copy::ByteCounters;
 use common::identity::Identity;
+use common::metrics::Parties;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -16,33 +17,7 @@ use tracing::{info, warn};
 
 use common::state::{Service, Workload};
 
-/// Istio's standard L4 label set (shared/spec/telemetry.md).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
-    pub request_protocol: &'static str,
-    pub response_flags: &'static str,
-    pub connection_security_policy: &'static str,
-}
+pub use common::metrics::TrafficLabels as TcpLabels;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
@@ -150,12 +125,6 @@ pub struct Record {
     opened: bool,
 }
 
-const UNKNOWN: &str = "unknown";
-
-fn or_unknown(s: Option<&str>) -> String {
-    s.filter(|s| !s.is_empty()).unwrap_or(UNKNOWN).to_string()
-}
-
 impl Record {
     pub fn new(
         metrics: &Metrics,
@@ -190,40 +159,18 @@ impl Record {
     }
 
     fn labels(&self, flags: &'static str) -> TcpLabels {
-        let s = self.src.workload.as_deref();
-        let d = self.dst.workload.as_deref();
-        let svc = self.service.as_deref();
-        let principal = |p: &Peer| or_unknown(p.identity.as_ref().map(ToString::to_string).as_deref());
-        TcpLabels {
-            reporter: match self.reporter {
-                Reporter::Source => "source",
-                Reporter::Destination => "destination",
-            },
-            source_workload: or_unknown(s.map(|w| w.workload_name.as_str())),
-            source_canonical_service: or_unknown(s.map(|w| w.canonical_name.as_str())),
-            source_canonical_revision: or_unknown(s.map(|w| w.canonical_revision.as_str())),
-            source_workload_namespace: or_unknown(
-                s.map(|w| w.namespace.as_str()).or(self.src.identity.as_ref().map(Identity::namespace)),
-            ),
-            source_principal: principal(&self.src),
-            source_app: or_unknown(s.map(|w| w.canonical_name.as_str())),
-            source_version: or_unknown(s.map(|w| w.canonical_revision.as_str())),
-            source_cluster: or_unknown(s.map(|w| w.cluster_id.as_str())),
-            destination_service: or_unknown(svc.map(|s| s.hostname.as_str())),
-            destination_service_namespace: or_unknown(svc.map(|s| s.namespace.as_str())),
-            destination_service_name: or_unknown(svc.map(|s| s.name.as_str())),
-            destination_workload: or_unknown(d.map(|w| w.workload_name.as_str())),
-            destination_canonical_service: or_unknown(d.map(|w| w.canonical_name.as_str())),
-            destination_canonical_revision: or_unknown(d.map(|w| w.canonical_revision.as_str())),
-            destination_workload_namespace: or_unknown(d.map(|w| w.namespace.as_str())),
-            destination_principal: principal(&self.dst),
-            destination_app: or_unknown(d.map(|w| w.canonical_name.as_str())),
-            destination_version: or_unknown(d.map(|w| w.canonical_revision.as_str())),
-            destination_cluster: or_unknown(d.map(|w| w.cluster_id.as_str())),
-            request_protocol: "tcp",
-            response_flags: flags,
-            connection_security_policy: if self.mtls { "mutual_tls" } else { UNKNOWN },
-        }
+        let reporter = match self.reporter {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        };
+        let parties = Parties {
+            source: self.src.workload.as_deref(),
+            source_identity: self.src.identity.as_ref(),
+            destination: self.dst.workload.as_deref(),
+            destination_identity: self.dst.identity.as_ref(),
+            service: self.service.as_deref(),
+        };
+        TcpLabels::new(reporter, parties, "tcp", flags, self.mtls)
     }
 
     /// The connection is established end to end.

@@ -1,0 +1,138 @@
+//! Wiring: the xDS feed into the mesh state and the route table, the waypoint's certificate,
+//! the `mesh` listener, and the metrics, readiness and admin servers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use common::admin::{self, Reply, Router};
+use common::hbone::pool::{Pool, PoolConfig, PoolMetrics};
+use common::hbone::server::{self, ManagedTls};
+use common::identity::manager::{CaSource, CertMetrics};
+use common::identity::{CertificateManager, Identity};
+use common::readiness::Ready;
+use common::state::State;
+use common::xds::XdsMetrics;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::config::Config;
+use crate::listener::{Listener, SelfRef};
+use crate::metrics::Metrics;
+use crate::proxy::Context;
+use crate::route::table::{Routes, summary};
+use crate::upstream::Upstream;
+
+/// A running waypoint.
+pub struct App {
+    pub ready: Ready,
+    pub state: State,
+    pub routes: Routes,
+    pub identity: Identity,
+    pub listen_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl App {
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let ready = Ready::new();
+        let mut registry = common::metrics::new_registry();
+        common::metrics::register_build_info(&mut registry, "waypoint");
+        let xds_metrics = XdsMetrics::new(&mut registry);
+        let identity = Identity::new(&config.trust_domain, &config.namespace, &config.service_account)?;
+        let certs = CertificateManager::new(ca_source(&config)?, CertMetrics::new(&mut registry));
+        let (state, mut handlers) = State::new(&config.network);
+        let routes = Routes::new(&mut handlers);
+
+        let listener = crate::listener::bind(config.listen_addr).await?;
+        let listen_addr = listener.local_addr()?;
+        let admin_listener = admin::bind(config.admin_addr).await?;
+        let metrics_listener = admin::bind(config.metrics_addr).await?;
+        let readiness_listener = admin::bind(config.readiness_addr).await?;
+        let admin_addr = admin_listener.local_addr()?;
+        let metrics_addr = metrics_listener.local_addr()?;
+        let readiness_addr = readiness_listener.local_addr()?;
+
+        let mut tasks = vec![config.source.clone().spawn(handlers, &ready, xds_metrics)];
+        let pool = Pool::new(certs.clone(), PoolConfig::default(), PoolMetrics::new(&mut registry));
+        let ctx = Arc::new(Context {
+            state: state.clone(),
+            routes: routes.clone(),
+            upstream: Upstream::new(pool, identity.clone(), config.balance),
+            metrics: Metrics::new(&mut registry, config.log_format),
+            waypoint: config.name.clone(),
+        });
+        let (ns, host) = config.service_hostname.split_once('/').unwrap_or(("", &config.service_hostname));
+        let me = SelfRef { service: (ns.to_string(), host.to_string()), addresses: config.addresses.clone() };
+        let tls = Arc::new(ManagedTls::new(certs.clone(), identity.clone()));
+        let handler = Arc::new(Listener { ctx, me });
+        tasks.push(tokio::spawn(server::serve(listener, tls, config.trust_domain.clone(), handler)));
+
+        // Ready once the first xDS sync and our own certificate are in.
+        let block = ready.register("waypoint certificate");
+        let (r, c, id) = (ready.clone(), certs.clone(), identity.clone());
+        tasks.push(tokio::spawn(async move {
+            r.wait_for_others("waypoint certificate").await;
+            c.wait_ready(&id).await;
+            info!(identity = %id, "waypoint certificate ready");
+            block.done();
+        }));
+
+        let registry = Arc::new(registry);
+        let config_json = serde_json::to_value(&config).unwrap_or_default();
+        let (dump_ready, dump_state, dump_routes) = (ready.clone(), state.clone(), routes.clone());
+        let admin_router = admin::readiness_routes(Router::new(), ready.clone())
+            .route("/config_dump", move |_| {
+                Reply::json(&serde_json::json!({
+                    "config": config_json,
+                    "ready": dump_ready.is_ready(),
+                    "pending": dump_ready.pending(),
+                    "resources": { proto::WAYPOINT_RESOURCE_TYPE_URL: dump_routes.versions() },
+                    "routes": summary(&dump_routes.table()),
+                    "route_table": serde_json::to_value(&*dump_routes.table()).unwrap_or_default(),
+                    "state": serde_json::to_value(&*dump_state.snapshot()).unwrap_or_default(),
+                }))
+            })
+            .route("/certs", {
+                let certs = certs.clone();
+                move |_| Reply::json(&serde_json::to_value(certs.summary()).unwrap_or_default())
+            });
+        tasks.push(tokio::spawn(admin::serve(
+            metrics_listener,
+            admin::metrics_routes(Router::new(), registry),
+            "metrics",
+        )));
+        tasks.push(tokio::spawn(admin::serve(
+            readiness_listener,
+            admin::readiness_routes(Router::new(), ready.clone()),
+            "readiness",
+        )));
+        tasks.push(tokio::spawn(admin::serve(admin_listener, admin_router, "admin")));
+        Ok(Self {
+            ready,
+            state,
+            routes,
+            identity,
+            listen_addr,
+            admin_addr,
+            metrics_addr,
+            readiness_addr,
+            tasks,
+        })
+    }
+}
+
+/// The waypoint asks for its own identity, without impersonation.
+fn ca_source(config: &Config) -> anyhow::Result<CaSource> {
+    config.ca.source(&config.trust_domain, config.cert_lifetime, false).map_err(anyhow::Error::msg)
+}

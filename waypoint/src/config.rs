@@ -1,0 +1,176 @@
+//! The waypoint's configuration: one plain struct, parsed from flags and environment in one
+//! place. Names follow Istio's where Istio has one (POD_NAMESPACE, XDS_ADDRESS, ...).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use common::telemetry::LogFormat;
+use common::xds::{NodeInfo, Source, XdsConfig};
+
+use crate::upstream::Balance;
+
+/// The `mesh` listener (HBONE).
+pub const DEFAULT_LISTEN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15008);
+pub const DEFAULT_ADMIN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
+pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15020);
+pub const DEFAULT_READINESS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15021);
+pub const DEFAULT_XDS_ADDRESS: &str = "https://istiod.istio-system.svc:15012";
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+pub use common::identity::CaConfig;
+
+/// Everything the waypoint needs to start. Tests build it directly.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Config {
+    #[serde(skip)]
+    pub source: Source,
+    pub source_description: String,
+    pub node: NodeInfo,
+    /// `namespace/name` of this waypoint (the Gateway); routes may attach to it.
+    pub name: String,
+    pub namespace: String,
+    /// The identity the waypoint proves: `spiffe://<trust domain>/ns/<namespace>/sa/<this>`.
+    pub service_account: String,
+    pub trust_domain: String,
+    /// `namespace/hostname` of the waypoint's own service (how services name their waypoint).
+    pub service_hostname: String,
+    /// The waypoint's own addresses (services may name their waypoint by address).
+    pub addresses: Vec<IpAddr>,
+    pub network: String,
+    pub listen_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub log_format: LogFormat,
+    pub ca: CaConfig,
+    pub cert_lifetime: Duration,
+    pub balance: Balance,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "waypoint", version, about = "L7 proxy of the ambient mesh")]
+pub struct Args {
+    /// Local config YAML (workloads, services, routes) instead of a control plane.
+    #[arg(long, env = "LOCAL_XDS_PATH")]
+    pub local_config: Option<PathBuf>,
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+    #[arg(long, env = "XDS_ROOT_CA", default_value = "/var/run/secrets/istio/root-cert.pem")]
+    pub xds_root_cert: PathBuf,
+    #[arg(long, env = "XDS_TOKEN_PATH")]
+    pub xds_token_path: Option<PathBuf>,
+    /// Name of the waypoint (its Gateway).
+    #[arg(long, env = "WAYPOINT_NAME", default_value = "waypoint")]
+    pub name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Service account (defaults to the waypoint's name, as Istio deploys it).
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Hostname of the waypoint's service (default `<name>.<namespace>.svc.cluster.local`).
+    #[arg(long, env = "WAYPOINT_SERVICE")]
+    pub service_hostname: Option<String>,
+    /// The waypoint's own addresses (comma-separated).
+    #[arg(long = "address", env = "INSTANCE_IP", value_delimiter = ',')]
+    pub addresses: Vec<IpAddr>,
+    #[arg(long, env = "NETWORK", default_value = "")]
+    pub network: String,
+    #[arg(long, env = "NODE_NAME", default_value = "local")]
+    pub node_name: String,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    #[arg(long, default_value_t = DEFAULT_LISTEN_ADDR)]
+    pub listen_addr: SocketAddr,
+    #[arg(long, default_value_t = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    #[arg(long, default_value_t = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, default_value_t = DEFAULT_READINESS_ADDR)]
+    pub readiness_addr: SocketAddr,
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    /// Sign the waypoint's certificate with the local root in DIR instead of istiod's CA.
+    #[arg(long, env = "WAYPOINT_LOCAL_CA", value_name = "DIR")]
+    pub local_ca: Option<PathBuf>,
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// `least-request` (default) or `round-robin`.
+    #[arg(long, env = "LOAD_BALANCING", default_value = "least-request")]
+    pub balance: Balance,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("admin address {0} is not a loopback address; admin is served on localhost only")]
+    AdminNotLoopback(SocketAddr),
+    #[error("give either --local-config or --xds-address, not both")]
+    TwoSources,
+}
+
+impl Config {
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        if !args.admin_addr.ip().is_loopback() {
+            return Err(ConfigError::AdminNotLoopback(args.admin_addr));
+        }
+        let node = NodeInfo {
+            proxy_type: "waypoint".into(),
+            ip: args.addresses.first().map(ToString::to_string).unwrap_or_default(),
+            pod_name: args.name.clone(),
+            namespace: args.namespace.clone(),
+            node_name: args.node_name.clone(),
+            cluster_id: args.cluster_id.clone(),
+            extra: Default::default(),
+        };
+        let https = |a: &str| a.starts_with("https://");
+        let ca = CaConfig::from_flags(
+            args.local_ca.as_deref(),
+            args.ca_address.as_deref(),
+            args.xds_address.as_deref(),
+            DEFAULT_XDS_ADDRESS,
+            &args.xds_root_cert,
+            args.xds_token_path.as_deref(),
+        );
+        let (source, source_description) = match (args.local_config, args.xds_address) {
+            (Some(_), Some(_)) => return Err(ConfigError::TwoSources),
+            (Some(path), None) => {
+                let d = format!("file {}", path.display());
+                (Source::File(path), d)
+            }
+            (None, address) => {
+                let address = address.unwrap_or_else(|| DEFAULT_XDS_ADDRESS.to_string());
+                let mut xds = XdsConfig::new(address.clone(), node.clone());
+                xds.target.root_cert = https(&address).then_some(args.xds_root_cert);
+                xds.target.token_path = args.xds_token_path;
+                (Source::Xds(Box::new(xds)), format!("xds {address}"))
+            }
+        };
+        let service_hostname = args
+            .service_hostname
+            .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", args.name, args.namespace));
+        Ok(Self {
+            source,
+            source_description,
+            node,
+            name: format!("{}/{}", args.namespace, args.name),
+            service_account: args.service_account.unwrap_or_else(|| args.name.clone()),
+            namespace: args.namespace.clone(),
+            trust_domain: args.trust_domain,
+            service_hostname: format!("{}/{service_hostname}", args.namespace),
+            addresses: args.addresses,
+            network: args.network,
+            listen_addr: args.listen_addr,
+            admin_addr: args.admin_addr,
+            metrics_addr: args.metrics_addr,
+            readiness_addr: args.readiness_addr,
+            log_format: args.log_format,
+            ca,
+            cert_lifetime: DEFAULT_CERT_LIFETIME,
+            balance: args.balance,
+        })
+    }
+}

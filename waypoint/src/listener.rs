@@ -1,0 +1,186 @@
+//! The `mesh` listener: HBONE on 15008 with the waypoint's own identity. A CONNECT is accepted
+//! when its authority is a service VIP:port (or a workload address) whose waypoint is this one;
+//! anything else is refused with 403 (not ours) or 400 (malformed). The peer's identity, the
+//! source workload's as its ztunnel proves it, is kept for policy and telemetry.
+//!
+//! Inside the tunnel the service port's `app_protocol` decides: TCP and TLS are passed through
+//! to an endpoint; everything else is served as HTTP/1.1 or HTTP/2 (h2c, gRPC included).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use common::copy::{ByteCounters, copy_bidirectional};
+use common::hbone::HboneStream;
+use common::hbone::connect::Authority;
+use common::hbone::server::{BoxFuture, ConnectHandler, ConnectRequest, Decision};
+use common::metrics::{Parties, TrafficLabels};
+use common::state::{Gateway, GatewayTarget, Service, Snapshot};
+use http::StatusCode;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tracing::{debug, info, warn};
+
+use crate::proxy::{self, Context, Downstream, HEADER_READ_TIMEOUT};
+
+/// Who this waypoint is, as services name their waypoint.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SelfRef {
+    /// `namespace/hostname` of the waypoint's own service.
+    pub service: (String, String),
+    /// The waypoint's own addresses (pod IPs).
+    pub addresses: Vec<IpAddr>,
+}
+
+impl SelfRef {
+    /// Whether `gateway` designates this waypoint.
+    pub fn is(&self, gateway: &Gateway, snapshot: &Snapshot) -> bool {
+        match &gateway.target {
+            GatewayTarget::Hostname { namespace, hostname } => {
+                (namespace, hostname) == (&self.service.0, &self.service.1)
+            }
+            GatewayTarget::Address { ip, .. } => {
+                self.addresses.contains(ip)
+                    || snapshot
+                        .service(&self.service.0, &self.service.1)
+                        .is_some_and(|s| s.vips.iter().any(|(_, vip)| vip == ip))
+            }
+        }
+    }
+}
+
+pub struct Listener {
+    pub ctx: Arc<Context>,
+    pub me: SelfRef,
+}
+
+impl ConnectHandler for Listener {
+    fn handle(&self, req: ConnectRequest) -> BoxFuture<Decision> {
+        let decision = self.decide(req);
+        Box::pin(async move { decision })
+    }
+}
+
+/// What a CONNECT asked for, once accepted.
+struct Accepted {
+    down: Arc<Downstream>,
+    tcp: bool,
+}
+
+impl Listener {
+    fn decide(&self, req: ConnectRequest) -> Decision {
+        let snapshot = self.ctx.state.snapshot();
+        let accepted = match self.resolve(&snapshot, &req) {
+            Ok(a) => a,
+            Err((status, reason)) => {
+                warn!(authority = %req.authority, peer = %req.peer, %reason, "CONNECT refused");
+                return Decision::Refuse(status, reason);
+            }
+        };
+        let ctx = self.ctx.clone();
+        Decision::Accept(Box::new(move |stream| {
+            Box::pin(async move {
+                if accepted.tcp {
+                    passthrough(ctx, accepted.down, stream).await;
+                } else {
+                    serve_http(ctx, accepted.down, stream).await;
+                }
+            })
+        }))
+    }
+
+    fn resolve(&self, snapshot: &Snapshot, req: &ConnectRequest) -> Result<Accepted, (StatusCode, String)> {
+        let addr = match &req.authority {
+            Authority::Addr(a) => *a,
+            Authority::Host { .. } => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    format!("authority {} is not a service address", req.authority),
+                ));
+            }
+        };
+        let not_ours = || (StatusCode::FORBIDDEN, format!("{addr} is not served by this waypoint"));
+        let service: Arc<Service> = match snapshot.service_by_vip(addr.ip()) {
+            Some(svc) if svc.waypoint.as_ref().is_some_and(|g| self.me.is(g, snapshot)) => svc.clone(),
+            Some(_) => return Err(not_ours()),
+            None => {
+                let w = snapshot.workload_by_ip(addr.ip()).ok_or_else(not_ours)?;
+                if !w.waypoint.as_ref().is_some_and(|g| self.me.is(g, snapshot)) {
+                    return Err(not_ours());
+                }
+                snapshot.service_of(w).cloned().ok_or_else(not_ours)?
+            }
+        };
+        let port = service.port(addr.port());
+        if !service.ports.is_empty() && port.is_none() {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!("service {} has no port {}", service.hostname, addr.port()),
+            ));
+        }
+        let protocol = port.map_or("UNKNOWN", |p| p.app_protocol);
+        let client_addr = common::hbone::forwarded_for(&req.headers).unwrap_or(req.peer_addr);
+        let source_workload =
+            snapshot.workload_by_ip(client_addr.ip()).filter(|w| w.identity == req.peer).cloned();
+        let down = Downstream {
+            service,
+            port: addr.port(),
+            upstream_h2: matches!(protocol, "HTTP2" | "GRPC"),
+            source_identity: req.peer.clone(),
+            source_workload,
+            client_addr,
+            local_addr: req.local_addr,
+        };
+        Ok(Accepted { down: Arc::new(down), tcp: matches!(protocol, "TCP" | "TLS") })
+    }
+}
+
+async fn serve_http(ctx: Arc<Context>, down: Arc<Downstream>, stream: HboneStream) {
+    let svc = service_fn(move |req| {
+        let (ctx, down) = (ctx.clone(), down.clone());
+        async move { Ok::<_, std::convert::Infallible>(proxy::handle(ctx, down, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await {
+        debug!(error = %e, "HTTP in the tunnel ended");
+    }
+}
+
+/// TCP (or TLS) ports: bytes go to an endpoint as they are.
+async fn passthrough(ctx: Arc<Context>, down: Arc<Downstream>, stream: HboneStream) {
+    let snapshot = ctx.state.snapshot();
+    let Some(target) = ctx.upstream.choose(&snapshot, &down.service, down.port) else {
+        warn!(service = %down.service.hostname, "TCP passthrough: no healthy endpoint");
+        return;
+    };
+    let upstream = match ctx.upstream.tunnel(&target, Some(down.client_addr)).await {
+        Ok(u) => u,
+        Err(e) => {
+            warn!(error = %e, "TCP passthrough: upstream unreachable");
+            return;
+        }
+    };
+    let counters = ByteCounters::default();
+    if let Err(e) = copy_bidirectional(stream, upstream, &counters).await {
+        debug!(error = %e, "TCP passthrough ended with an error");
+    }
+    let parties = Parties {
+        source: down.source_workload.as_deref(),
+        source_identity: Some(&down.source_identity),
+        destination: Some(&target.workload),
+        destination_identity: Some(&target.identity),
+        service: Some(&down.service),
+    };
+    ctx.metrics.tcp(
+        &TrafficLabels::new("waypoint", parties, "tcp", "-", true),
+        counters.sent(),
+        counters.received(),
+    );
+    info!(target: "access", service = %down.service.hostname, upstream = %target.addr, sent = counters.sent(), received = counters.received(), "TCP connection complete");
+}
+
+/// Binds the mesh listener on `addr`.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

@@ -1,0 +1,187 @@
+//! Istio's request metrics (`reporter="waypoint"`) and the per-request access log, written as
+//! one line to stdout (JSON with `--log-format json`, in the shape of shared/spec/telemetry.md).
+
+use std::io::Write;
+use std::time::{Duration, SystemTime};
+
+use common::metrics::TrafficLabels;
+use common::telemetry::LogFormat;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub traffic: TrafficLabels,
+    pub response_code: String,
+    pub grpc_response_status: String,
+}
+
+type Histograms = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    ])
+}
+
+fn bytes_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 10.0, 9))
+}
+
+/// The waypoint's request metrics.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: Histograms,
+    request_bytes: Histograms,
+    response_bytes: Histograms,
+    tcp_opened: Family<TrafficLabels, Counter>,
+    tcp_closed: Family<TrafficLabels, Counter>,
+    tcp_received: Family<TrafficLabels, Counter>,
+    tcp_sent: Family<TrafficLabels, Counter>,
+    log_format: LogFormat,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry, log_format: LogFormat) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            request_bytes: Family::new_with_constructor(bytes_histogram),
+            response_bytes: Family::new_with_constructor(bytes_histogram),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_received: Family::default(),
+            tcp_sent: Family::default(),
+            log_format,
+        };
+        registry.register("requests", "Requests handled", m.requests.clone());
+        registry.register("request_duration_milliseconds", "Request duration", m.duration.clone());
+        registry.register("request_bytes", "Request body sizes", m.request_bytes.clone());
+        registry.register("response_bytes", "Response body sizes", m.response_bytes.clone());
+        registry.register("tcp_connections_opened", "TCP connections opened", m.tcp_opened.clone());
+        registry.register("tcp_connections_closed", "TCP connections closed", m.tcp_closed.clone());
+        registry.register("tcp_received_bytes", "Bytes received from the client", m.tcp_received.clone());
+        registry.register("tcp_sent_bytes", "Bytes sent to the client", m.tcp_sent.clone());
+        m
+    }
+
+    /// Records one finished request and writes its access log line.
+    pub fn request(
+        &self,
+        labels: RequestLabels,
+        duration: Duration,
+        req_bytes: u64,
+        resp_bytes: u64,
+        log: &AccessLog,
+    ) {
+        self.requests.get_or_create(&labels).inc();
+        self.duration.get_or_create(&labels).observe(duration.as_secs_f64() * 1000.0);
+        self.request_bytes.get_or_create(&labels).observe(req_bytes as f64);
+        self.response_bytes.get_or_create(&labels).observe(resp_bytes as f64);
+        self.write(log);
+    }
+
+    /// Records one TCP connection passed through.
+    pub fn tcp(&self, labels: &TrafficLabels, received: u64, sent: u64) {
+        self.tcp_opened.get_or_create(labels).inc();
+        self.tcp_received.get_or_create(labels).inc_by(received);
+        self.tcp_sent.get_or_create(labels).inc_by(sent);
+        self.tcp_closed.get_or_create(labels).inc();
+    }
+
+    fn write(&self, log: &AccessLog) {
+        let line = match self.log_format {
+            LogFormat::Json => serde_json::to_string(log).unwrap_or_default(),
+            LogFormat::Text => log.text(),
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+    }
+}
+
+/// One request as the access log shows it (Envoy's field names; `None` is `null`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AccessLog {
+    pub authority: Option<String>,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub connection_termination_details: Option<String>,
+    pub downstream_local_address: Option<String>,
+    pub downstream_remote_address: Option<String>,
+    /// Milliseconds.
+    pub duration: u64,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub protocol: Option<String>,
+    pub request_id: Option<String>,
+    pub requested_server_name: Option<String>,
+    pub response_code: u16,
+    pub response_code_details: Option<String>,
+    pub response_flags: String,
+    pub route_name: Option<String>,
+    pub start_time: String,
+    pub upstream_cluster: Option<String>,
+    pub upstream_host: Option<String>,
+    pub upstream_local_address: Option<String>,
+    pub upstream_service_time: Option<u64>,
+    pub upstream_transport_failure_reason: Option<String>,
+    pub user_agent: Option<String>,
+    pub x_forwarded_for: Option<String>,
+    /// The caller's SPIFFE identity (from its ztunnel's certificate).
+    pub source_principal: Option<String>,
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    let format = time::format_description::parse_borrowed::<2>(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z",
+    );
+    match format {
+        Ok(f) => time::OffsetDateTime::from(t).format(&f).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+impl AccessLog {
+    fn text(&self) -> String {
+        let o = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        format!(
+            "[{}] \"{} {} {}\" {} {} {} {} {} \"{}\" \"{}\" \"{}\" \"{}\" {} {} route={} src={}",
+            self.start_time,
+            o(&self.method),
+            o(&self.path),
+            o(&self.protocol),
+            self.response_code,
+            self.response_flags,
+            self.bytes_received,
+            self.bytes_sent,
+            self.duration,
+            o(&self.x_forwarded_for),
+            o(&self.user_agent),
+            o(&self.request_id),
+            o(&self.authority),
+            o(&self.upstream_host),
+            o(&self.upstream_cluster),
+            o(&self.route_name),
+            o(&self.source_principal),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_with_milliseconds() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
+        assert_eq!(rfc3339(t), "2026-11-18T11:06:40.123Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+}

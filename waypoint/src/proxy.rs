@@ -1,0 +1,467 @@
+//! The HTTP request path, in stages: route -> filters (redirect, header modifiers, rewrite) ->
+//! backend (weighted) -> endpoint -> upstream (with timeouts) -> response filters -> record.
+//! Every local answer (404 no route, 503 no endpoint or connect failure, 504 timeout, 3xx
+//! redirect) carries a response flag in the metrics and the access log.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::identity::Identity;
+use common::metrics::{Parties, TrafficLabels};
+use common::state::{Service, State, Workload};
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use rand::Rng;
+use tracing::debug;
+
+use crate::body::{self, Counted, Observed, ProxyBody};
+use crate::metrics::{AccessLog, Metrics, RequestLabels, rfc3339};
+use crate::route::table::{Lookup, RequestView, Routes, Selected};
+use crate::route::{Filter, HeaderModifier, PathModifier, ServiceRef};
+use crate::upstream::{Target, Upstream};
+
+/// What every request shares.
+pub struct Context {
+    pub state: State,
+    pub routes: Routes,
+    pub upstream: Upstream,
+    pub metrics: Metrics,
+    /// `namespace/name` of this waypoint (routes may attach to it).
+    pub waypoint: String,
+}
+
+/// The tunnel a request arrived in.
+#[derive(Clone, Debug)]
+pub struct Downstream {
+    pub service: Arc<Service>,
+    pub port: u16,
+    /// The app protocol of the service port (`HTTP2`/`GRPC` upstreams speak HTTP/2).
+    pub upstream_h2: bool,
+    pub source_identity: Identity,
+    pub source_workload: Option<Arc<Workload>>,
+    /// The original client (from the CONNECT's `forwarded`), else the peer proxy.
+    pub client_addr: SocketAddr,
+    pub local_addr: SocketAddr,
+}
+
+/// Hop-by-hop headers a proxy must not forward (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let keeps_trailers =
+        headers.get(header::TE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("trailers"));
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    if keeps_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn apply_headers(headers: &mut HeaderMap, m: &HeaderModifier) {
+    for (n, v) in &m.set {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v)) {
+            headers.insert(n, v);
+        }
+    }
+    for (n, v) in &m.add {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v)) {
+            headers.append(n, v);
+        }
+    }
+    for n in &m.remove {
+        headers.remove(n.as_str());
+    }
+}
+
+/// The new path for `path` under a path modifier, given the prefix the route matched.
+fn modify_path(path: &str, m: &PathModifier, matched_prefix: Option<&str>) -> String {
+    match m {
+        PathModifier::ReplaceFullPath(p) => p.clone(),
+        PathModifier::ReplacePrefixMatch(p) => {
+            let rest = matched_prefix.and_then(|pre| path.strip_prefix(pre)).unwrap_or(path);
+            let joined = format!("{}/{}", p.trim_end_matches('/'), rest.trim_start_matches('/'));
+            if rest.is_empty() && p != "/" { p.clone() } else { joined }
+        }
+    }
+}
+
+fn request_id() -> String {
+    let n: u128 = rand::rng().random();
+    let h = format!("{n:032x}");
+    format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+}
+
+/// What the access log and metrics need about one request, filled in as it goes.
+struct Exchange {
+    start: Instant,
+    start_time: SystemTime,
+    log: AccessLog,
+    grpc: bool,
+    route: Option<Arc<crate::route::Route>>,
+    target: Option<Target>,
+    backend_service: Option<Arc<Service>>,
+    request_bytes: Arc<AtomicU64>,
+}
+
+fn local_reply(status: StatusCode, details: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(body::text(format!("{details}\n")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// Handles one request from the tunnel `down`.
+pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(request_id, str::to_string);
+    let header = |n: HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| header(header::HOST));
+    let mut ex = Exchange {
+        start: Instant::now(),
+        start_time: SystemTime::now(),
+        log: AccessLog {
+            authority,
+            method: Some(req.method().to_string()),
+            path: req.uri().path_and_query().map(|p| p.to_string()),
+            protocol: Some(format!("{:?}", req.version())),
+            request_id: Some(request_id.clone()),
+            user_agent: header(header::USER_AGENT),
+            x_forwarded_for: header(HeaderName::from_static("x-forwarded-for")),
+            downstream_remote_address: Some(down.client_addr.to_string()),
+            downstream_local_address: Some(down.local_addr.to_string()),
+            source_principal: Some(down.source_identity.to_string()),
+            response_flags: "-".into(),
+            ..Default::default()
+        },
+        grpc,
+        route: None,
+        target: None,
+        backend_service: None,
+        request_bytes: Arc::new(AtomicU64::new(0)),
+    };
+    let (response, flags) = match route_and_send(&ctx, &down, req, &mut ex, &request_id).await {
+        Ok(r) => (r.map(BodyExt::boxed), "-"),
+        Err((status, flags, details)) => {
+            ex.log.response_code_details = Some(details.clone());
+            let mut r = local_reply(status, &details);
+            if status.is_redirection() {
+                // A redirect is an answer, not a failure: details carry the Location.
+                if let Ok(v) = HeaderValue::from_str(&details) {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+            }
+            (r, flags)
+        }
+    };
+    finish(ctx, down, ex, response, flags)
+}
+
+type Refusal = (StatusCode, &'static str, String);
+
+async fn route_and_send(
+    ctx: &Context,
+    down: &Downstream,
+    req: Request<Incoming>,
+    ex: &mut Exchange,
+    request_id: &str,
+) -> Result<Response<Incoming>, Refusal> {
+    let (mut parts, incoming) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().map(str::to_string);
+    let table = ctx.routes.table();
+    let view =
+        RequestView { method: &parts.method, path: &path, query: query.as_deref(), headers: &parts.headers };
+    let selected = match table.select(&down.service.key(), down.port, &ctx.waypoint, &view) {
+        Lookup::NoMatch => return Err((StatusCode::NOT_FOUND, "NR", "route_not_found".into())),
+        Lookup::Default => None,
+        Lookup::Route(s) => Some(s),
+    };
+    ex.route = selected.as_ref().map(|s| s.route.clone());
+    ex.log.route_name = ex.route.as_ref().map(|r| r.key.clone());
+
+    // The backend: weighted among the route's, or the service itself.
+    let (backend, backend_filters) = match &selected {
+        None => (
+            ServiceRef {
+                namespace: down.service.namespace.clone(),
+                hostname: down.service.hostname.clone(),
+                port: down.port,
+            },
+            Vec::new(),
+        ),
+        Some(Selected { route, .. }) => {
+            if let Some(redirect) = route.filters.iter().find_map(|f| match f {
+                Filter::Redirect(r) => Some(r),
+                _ => None,
+            }) {
+                let host = parts
+                    .uri
+                    .host()
+                    .map(str::to_string)
+                    .or_else(|| {
+                        parts
+                            .headers
+                            .get(header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .map(|h| h.split(':').next().unwrap_or(h).to_string())
+                    })
+                    .unwrap_or_default();
+                let scheme = redirect.scheme.clone().unwrap_or_else(|| "http".into());
+                let host = redirect.hostname.clone().unwrap_or(host);
+                let port = redirect.port.map(|p| format!(":{p}")).unwrap_or_default();
+                let prefix = selected.as_ref().and_then(|s| s.matched_prefix.as_deref());
+                let new_path = redirect.path.as_ref().map_or(path.clone(), |m| modify_path(&path, m, prefix));
+                let query = query.as_ref().map(|q| format!("?{q}")).unwrap_or_default();
+                let status = StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::FOUND);
+                return Err((status, "-", format!("{scheme}://{host}{port}{new_path}{query}")));
+            }
+            let total: u64 = route.backends.iter().map(|b| u64::from(b.weight)).sum();
+            if total == 0 {
+                return Err((StatusCode::INTERNAL_SERVER_ERROR, "NR", "all backend weights are zero".into()));
+            }
+            let mut pick = rand::rng().random_range(0..total);
+            let chosen = route
+                .backends
+                .iter()
+                .find(|b| {
+                    let w = u64::from(b.weight);
+                    if pick < w {
+                        true
+                    } else {
+                        pick -= w;
+                        false
+                    }
+                })
+                .unwrap_or(&route.backends[0]);
+            let mut backend = chosen.service.clone();
+            if backend.port == 0 {
+                backend.port = down.port;
+            }
+            (backend, chosen.filters.clone())
+        }
+    };
+
+    // Request filters: the route's, then the backend's.
+    let route_filters = selected.as_ref().map(|s| s.route.filters.clone()).unwrap_or_default();
+    let prefix = selected.as_ref().and_then(|s| s.matched_prefix.clone());
+    let mut new_path = path.clone();
+    let mut new_host: Option<String> = None;
+    for f in route_filters.iter().chain(backend_filters.iter()) {
+        match f {
+            Filter::RequestHeaders(m) => apply_headers(&mut parts.headers, m),
+            Filter::Rewrite(r) => {
+                if let Some(m) = &r.path {
+                    new_path = modify_path(&path, m, prefix.as_deref());
+                }
+                if let Some(h) = &r.hostname {
+                    new_host = Some(h.clone());
+                }
+            }
+            Filter::ResponseHeaders(_) | Filter::Redirect(_) => {}
+        }
+    }
+
+    // The endpoint.
+    let snapshot = ctx.state.snapshot();
+    let service = snapshot.service(&backend.namespace, &backend.hostname).cloned().ok_or_else(|| {
+        (StatusCode::INTERNAL_SERVER_ERROR, "NR", format!("backend {} not found", backend.key()))
+    })?;
+    ex.backend_service = Some(service.clone());
+    ex.log.upstream_cluster = Some(format!("outbound|{}||{}", backend.port, service.hostname));
+    let target = ctx
+        .upstream
+        .choose(&snapshot, &service, backend.port)
+        .ok_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, "UH", "no_healthy_upstream".into()))?;
+    ex.log.upstream_host = Some(target.addr.to_string());
+    target.outstanding.fetch_add(1, Ordering::Relaxed);
+    ex.target = Some(target.clone());
+
+    // The upstream request.
+    let authority = new_host.clone().unwrap_or_else(|| {
+        ex.log.authority.clone().unwrap_or_else(|| format!("{}:{}", service.hostname, backend.port))
+    });
+    let path_and_query = match &query {
+        Some(q) => format!("{new_path}?{q}"),
+        None => new_path,
+    };
+    let h2 = down.upstream_h2 || grpc_or_h2(&parts, ex.grpc);
+    parts.uri = if h2 {
+        Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(path_and_query.as_str())
+            .build()
+    } else {
+        Uri::builder().path_and_query(path_and_query.as_str()).build()
+    }
+    .map_err(|e| (StatusCode::BAD_REQUEST, "-", format!("cannot build upstream URI: {e}")))?;
+    parts.version = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    strip_hop_by_hop(&mut parts.headers);
+    if h2 {
+        parts.headers.remove(header::HOST);
+    } else if let Ok(v) = HeaderValue::from_str(&authority) {
+        parts.headers.insert(header::HOST, v);
+    }
+    let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", down.client_addr.ip()),
+        None => down.client_addr.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        parts.headers.insert("x-request-id", v);
+    }
+    parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let counted = Counted::new(incoming, ex.request_bytes.clone()).boxed();
+    let upstream_req = Request::from_parts(parts, counted);
+
+    let timeout = match (
+        ex.route.as_ref().and_then(|r| r.request_timeout),
+        ex.route.as_ref().and_then(|r| r.backend_timeout),
+    ) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let sent = Instant::now();
+    let send = ctx.upstream.send(&target, h2, upstream_req);
+    let result = match timeout {
+        Some(t) => tokio::time::timeout(t, send)
+            .await
+            .map_err(|_| (StatusCode::GATEWAY_TIMEOUT, "UT", "upstream_response_timeout".to_string()))?,
+        None => send.await,
+    };
+    ex.log.upstream_service_time = Some(sent.elapsed().as_millis() as u64);
+    result.map_err(|e| {
+        debug!(error = %e, "upstream request failed");
+        ex.log.upstream_transport_failure_reason = Some(e.to_string());
+        (StatusCode::SERVICE_UNAVAILABLE, "UF", "upstream_connect_failure".to_string())
+    })
+}
+
+/// gRPC always goes over HTTP/2; so does HTTP/2 from the client when the port does not say.
+fn grpc_or_h2(parts: &http::request::Parts, grpc: bool) -> bool {
+    grpc || parts.version == Version::HTTP_2
+}
+
+/// Applies response filters, wraps the body so the request is recorded when it ends.
+fn finish(
+    ctx: Arc<Context>,
+    down: Arc<Downstream>,
+    mut ex: Exchange,
+    response: Response<ProxyBody>,
+    flags: &'static str,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(route) = &ex.route {
+        for f in &route.filters {
+            if let Filter::ResponseHeaders(m) = f {
+                apply_headers(&mut parts.headers, m);
+            }
+        }
+    }
+    let status = parts.status;
+    let header_grpc_status =
+        parts.headers.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
+    ex.log.response_code = status.as_u16();
+    ex.log.response_flags = flags.to_string();
+    let observed = Observed::new(body, move |done| {
+        if let Some(t) = &ex.target {
+            t.outstanding.fetch_sub(1, Ordering::Relaxed);
+        }
+        let service = ex.backend_service.clone().or_else(|| Some(down.service.clone()));
+        let target_workload = ex.target.as_ref().map(|t| t.workload.clone());
+        let parties = Parties {
+            source: down.source_workload.as_deref(),
+            source_identity: Some(&down.source_identity),
+            destination: target_workload.as_deref(),
+            destination_identity: ex.target.as_ref().map(|t| &t.identity),
+            service: service.as_deref(),
+        };
+        let protocol = if ex.grpc { "grpc" } else { "http" };
+        let flags = if done.aborted && flags == "-" { "DC" } else { flags };
+        let grpc_status = done.grpc_status.or(header_grpc_status);
+        let labels = RequestLabels {
+            traffic: TrafficLabels::new("waypoint", parties, protocol, flags, true),
+            response_code: status.as_u16().to_string(),
+            grpc_response_status: grpc_status.unwrap_or_default(),
+        };
+        let duration = ex.start.elapsed();
+        ex.log.duration = duration.as_millis() as u64;
+        ex.log.bytes_received = ex.request_bytes.load(Ordering::Relaxed);
+        ex.log.bytes_sent = done.bytes;
+        ex.log.response_flags = flags.to_string();
+        ex.log.start_time = rfc3339(ex.start_time);
+        ctx.metrics.request(labels, duration, ex.log.bytes_received, done.bytes, &ex.log);
+    });
+    Response::from_parts(parts, observed.boxed())
+}
+
+/// How long the waypoint waits for a client's request line before closing (slowloris guard).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_rewrites_follow_gateway_api() {
+        let m = PathModifier::ReplacePrefixMatch("/v2".into());
+        assert_eq!(modify_path("/api/users", &m, Some("/api")), "/v2/users");
+        assert_eq!(modify_path("/api", &m, Some("/api")), "/v2");
+        let root = PathModifier::ReplacePrefixMatch("/".into());
+        assert_eq!(modify_path("/api/users", &root, Some("/api")), "/users");
+        let full = PathModifier::ReplaceFullPath("/fixed".into());
+        assert_eq!(modify_path("/anything", &full, None), "/fixed");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_and_te_trailers_kept() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(
+            h.get("x-secret").is_none() && h.get("connection").is_none() && h.get("keep-alive").is_none()
+        );
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert!(h.get("x-kept").is_some());
+    }
+}

@@ -1,0 +1,271 @@
+//! The route table: routes by the service (or waypoint) they attach to, and the choice of one
+//! route for a request with Gateway API precedence: an exact path beats a prefix, a longer
+//! prefix beats a shorter one, then a method match, more header matches, more query matches;
+//! remaining ties go to the route whose `namespace/name` sorts first.
+//!
+//! Routes attached to the service win over routes attached to the waypoint. A service with
+//! routes and no match answers 404; a service with none goes to itself.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use common::xds::{Handler, Handlers, Rejection, ResourceStore, XdsUpdate};
+use http::{HeaderMap, Method};
+use proto::waypoint as wp;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::{Parent, PathMatch, Route, RouteMatch};
+
+/// What a request is matched on.
+pub struct RequestView<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+/// The route chosen for a request and the prefix its path matched (for prefix rewrites).
+#[derive(Clone, Debug)]
+pub struct Selected {
+    pub route: Arc<Route>,
+    pub matched_prefix: Option<String>,
+}
+
+pub enum Lookup {
+    Route(Selected),
+    /// Routes exist for the service and none matched: 404.
+    NoMatch,
+    /// No route at all: send to the service itself.
+    Default,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct RouteTable {
+    by_service: BTreeMap<String, Vec<Arc<Route>>>,
+    by_waypoint: BTreeMap<String, Vec<Arc<Route>>>,
+}
+
+fn path_matches(m: &PathMatch, path: &str) -> bool {
+    match m {
+        PathMatch::Exact(p) => path == p,
+        PathMatch::Prefix(p) => {
+            p.is_empty()
+                || path == p
+                || (path.starts_with(p.as_str()) && path.as_bytes().get(p.len()) == Some(&b'/'))
+        }
+        PathMatch::Regex(r) => r.is_match(path),
+    }
+}
+
+fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn matches(m: &RouteMatch, req: &RequestView<'_>) -> bool {
+    if let Some(p) = &m.path
+        && !path_matches(p, req.path)
+    {
+        return false;
+    }
+    if let Some(method) = &m.method
+        && method != req.method.as_str()
+    {
+        return false;
+    }
+    if let Some((service, method)) = &m.grpc {
+        let mut parts = req.path.trim_start_matches('/').splitn(2, '/');
+        let (s, me) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if (!service.is_empty() && service != s) || (!method.is_empty() && method != me) {
+            return false;
+        }
+    }
+    let headers_ok = m.headers.iter().all(|(name, v)| {
+        req.headers.get_all(name.as_str()).iter().any(|h| h.to_str().is_ok_and(|h| v.matches(h)))
+    });
+    headers_ok
+        && m.query_params.iter().all(|(name, v)| query_value(req.query, name).is_some_and(|q| v.matches(q)))
+}
+
+/// How specific a match is: path kind, prefix length, method, header and query counts.
+type Precedence = (u8, usize, bool, usize, usize);
+
+/// Higher is more specific.
+fn precedence(m: &RouteMatch) -> Precedence {
+    let (kind, len) = match &m.path {
+        Some(PathMatch::Exact(p)) => (3, p.len()),
+        Some(PathMatch::Prefix(p)) => (2, p.len()),
+        Some(PathMatch::Regex(_)) => (1, 0),
+        None => (0, 0),
+    };
+    (kind, len, m.method.is_some(), m.headers.len(), m.query_params.len())
+}
+
+impl RouteTable {
+    fn build(routes: impl IntoIterator<Item = Route>) -> Self {
+        let mut t = Self::default();
+        for r in routes {
+            let r = Arc::new(r);
+            match &r.parent {
+                Parent::Service(s) => t.by_service.entry(s.key()).or_default().push(r.clone()),
+                Parent::Waypoint(w) => t.by_waypoint.entry(w.clone()).or_default().push(r.clone()),
+            }
+        }
+        for v in t.by_service.values_mut().chain(t.by_waypoint.values_mut()) {
+            v.sort_by(|a, b| a.key.cmp(&b.key));
+        }
+        t
+    }
+
+    /// Picks the route for a request to `service` (`namespace/hostname`) on `port`, served by
+    /// waypoint `waypoint` (`namespace/name`).
+    pub fn select(&self, service: &str, port: u16, waypoint: &str, req: &RequestView<'_>) -> Lookup {
+        let for_service: Vec<&Arc<Route>> = self
+            .by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter(|r| matches!(&r.parent, Parent::Service(s) if s.port == 0 || s.port == port))
+            .collect();
+        let candidates: Vec<&Arc<Route>> = if for_service.is_empty() {
+            self.by_waypoint.get(waypoint).into_iter().flatten().collect()
+        } else {
+            for_service
+        };
+        if candidates.is_empty() {
+            return Lookup::Default;
+        }
+        let mut best: Option<(Precedence, Selected)> = None;
+        // Candidates are sorted by name, so on equal precedence the first one stays.
+        for route in candidates {
+            let all = RouteMatch::default();
+            let ms: Vec<&RouteMatch> =
+                if route.matches.is_empty() { vec![&all] } else { route.matches.iter().collect() };
+            for m in ms {
+                if !matches(m, req) {
+                    continue;
+                }
+                let p = precedence(m);
+                if best.as_ref().is_none_or(|(b, _)| p > *b) {
+                    let matched_prefix = match &m.path {
+                        Some(PathMatch::Prefix(pre)) => Some(pre.clone()),
+                        _ => None,
+                    };
+                    best = Some((p, Selected { route: route.clone(), matched_prefix }));
+                }
+            }
+        }
+        match best {
+            Some((_, s)) => Lookup::Route(s),
+            None => Lookup::NoMatch,
+        }
+    }
+}
+
+/// Checks a waypoint resource on receipt: the name, and that a route compiles.
+fn check(name: &str, r: &wp::Resource) -> Result<(), String> {
+    let (ns, n) = match &r.kind {
+        Some(wp::resource::Kind::Route(route)) => {
+            Route::from_proto(route)?;
+            (&route.namespace, &route.name)
+        }
+        Some(wp::resource::Kind::Policy(p)) => (&p.namespace, &p.name),
+        None => return Err("resource has neither route nor policy".into()),
+    };
+    if n.is_empty() || name != format!("{ns}/{n}") {
+        return Err(format!("resource name should be {ns}/{n}"));
+    }
+    Ok(())
+}
+
+struct Inner {
+    resources: Arc<ResourceStore<wp::Resource>>,
+    current: RwLock<Arc<RouteTable>>,
+    changed: watch::Sender<u64>,
+}
+
+/// The route table handle; the xDS handler is its only writer.
+#[derive(Clone)]
+pub struct Routes {
+    inner: Arc<Inner>,
+}
+
+impl Routes {
+    /// An empty table, registered in `handlers` for the waypoint resource type.
+    pub fn new(handlers: &mut Handlers) -> Self {
+        let routes = Self {
+            inner: Arc::new(Inner {
+                resources: ResourceStore::new(check),
+                current: RwLock::default(),
+                changed: watch::channel(0).0,
+            }),
+        };
+        handlers.add::<wp::Resource, _>(proto::WAYPOINT_RESOURCE_TYPE_URL, Feed(routes.clone()));
+        routes
+    }
+
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.inner.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    pub fn versions(&self) -> BTreeMap<String, String> {
+        self.inner.resources.versions()
+    }
+
+    /// Waits until `pred` holds for the current table.
+    pub async fn wait_for(&self, pred: impl Fn(&RouteTable) -> bool) {
+        let mut rx = self.inner.changed.subscribe();
+        while !pred(&self.table()) {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.resources.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+struct Feed(Routes);
+
+impl Handler<wp::Resource> for Feed {
+    fn handle(&self, updates: Vec<XdsUpdate<wp::Resource>>) -> Vec<Rejection> {
+        let inner = &self.0.inner;
+        let rejected = inner.resources.handle(updates);
+        let routes = inner.resources.entries().into_iter().filter_map(|(_, r)| match r.kind {
+            Some(wp::resource::Kind::Route(route)) => Route::from_proto(&route).ok(),
+            _ => None,
+        });
+        let table = Arc::new(RouteTable::build(routes));
+        *inner.current.write().unwrap_or_else(PoisonError::into_inner) = table;
+        inner.changed.send_modify(|n| *n += 1);
+        rejected
+    }
+}
+
+impl std::fmt::Debug for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routes").field("resources", &self.len()).finish()
+    }
+}
+
+/// Routes per service, for the config dump.
+pub fn summary(table: &RouteTable) -> HashMap<String, Vec<String>> {
+    table
+        .by_service
+        .iter()
+        .chain(table.by_waypoint.iter())
+        .map(|(k, v)| (k.clone(), v.iter().map(|r| r.key.clone()).collect()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

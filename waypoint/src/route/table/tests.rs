@@ -1,0 +1,106 @@
+//! Gateway API matching and precedence.
+
+use super::*;
+use common::xds::LocalConfig;
+
+fn table(yaml: &str) -> RouteTable {
+    let config = LocalConfig::from_yaml(yaml).expect("yaml");
+    let routes = config.routes.iter().map(|r| {
+        let Some(wp::resource::Kind::Route(route)) = r.to_proto().expect("proto").kind else {
+            panic!("route")
+        };
+        Route::from_proto(&route).expect("compiles")
+    });
+    RouteTable::build(routes.collect::<Vec<_>>())
+}
+
+const ROUTES: &str = r#"
+routes:
+  - name: a-prefix
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo, port: 80}}
+    matches: [{path: {prefix: /api}}]
+    backends: [{service: {namespace: demo, hostname: prefix}}]
+  - name: b-longer
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo}}
+    matches: [{path: {prefix: /api/v2}}]
+    backends: [{service: {namespace: demo, hostname: longer}}]
+  - name: c-exact
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo}}
+    matches: [{path: {exact: /api}}]
+    backends: [{service: {namespace: demo, hostname: exact}}]
+  - name: d-header
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo}}
+    matches: [{path: {prefix: /api}, headers: [{name: X-Canary, exact: "yes"}], queryParams: [{name: v, regex: "[0-9]+"}]}]
+    backends: [{service: {namespace: demo, hostname: header}}]
+  - name: e-method
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo}}
+    matches: [{path: {prefix: /api}, method: POST}]
+    backends: [{service: {namespace: demo, hostname: method}}]
+  - name: wp-all
+    namespace: demo
+    parent: {waypoint: demo/waypoint}
+    backends: [{service: {namespace: demo, hostname: everything}}]
+"#;
+
+fn pick(t: &RouteTable, service: &str, method: &str, uri: &str, headers: &[(&str, &str)]) -> String {
+    let uri: http::Uri = uri.parse().expect("uri");
+    let method: Method = method.parse().expect("method");
+    let mut h = HeaderMap::new();
+    for (k, v) in headers {
+        h.insert(http::HeaderName::from_bytes(k.as_bytes()).expect("name"), v.parse().expect("value"));
+    }
+    let req = RequestView { method: &method, path: uri.path(), query: uri.query(), headers: &h };
+    match t.select(service, 80, "demo/waypoint", &req) {
+        Lookup::Route(s) => s.route.backends[0].service.hostname.clone(),
+        Lookup::NoMatch => "404".into(),
+        Lookup::Default => "default".into(),
+    }
+}
+
+#[test]
+fn the_most_specific_match_wins() {
+    let t = table(ROUTES);
+    assert_eq!(pick(&t, "demo/echo", "GET", "/api", &[]), "exact");
+    assert_eq!(pick(&t, "demo/echo", "GET", "/api/", &[]), "prefix");
+    assert_eq!(pick(&t, "demo/echo", "GET", "/api/v2/x", &[]), "longer");
+    assert_eq!(pick(&t, "demo/echo", "POST", "/api/x", &[]), "method");
+    assert_eq!(pick(&t, "demo/echo", "GET", "/api/x?v=12", &[("x-canary", "yes")]), "header");
+    assert_eq!(
+        pick(&t, "demo/echo", "GET", "/api/x?v=abc", &[("x-canary", "yes")]),
+        "prefix",
+        "regex is anchored"
+    );
+    // Prefixes match whole path segments.
+    assert_eq!(pick(&t, "demo/echo", "GET", "/apix", &[]), "404");
+}
+
+#[test]
+fn service_routes_win_then_waypoint_routes_then_the_service_itself() {
+    let t = table(ROUTES);
+    assert_eq!(pick(&t, "demo/echo", "GET", "/other", &[]), "404", "service routes exist, none match");
+    assert_eq!(pick(&t, "demo/other", "GET", "/x", &[]), "everything", "waypoint-attached route");
+    let no_waypoint_routes = ROUTES.split("  - name: wp-all").next().expect("split");
+    assert_eq!(pick(&table(no_waypoint_routes), "demo/other", "GET", "/x", &[]), "default");
+}
+
+#[test]
+fn bad_routes_are_rejected_with_a_reason() {
+    let bad = |yaml: &str| {
+        let config = LocalConfig::from_yaml(yaml).expect("yaml");
+        let Some(wp::resource::Kind::Route(route)) = config.routes[0].to_proto().expect("proto").kind else {
+            panic!("route")
+        };
+        Route::from_proto(&route).expect_err("must be rejected")
+    };
+    let base = "routes: [{name: r, namespace: demo, parent: {service: {namespace: demo, hostname: echo}}, ";
+    assert!(bad(&format!("{base}matches: [{{path: {{regex: \"(\"}}}}], backends: [{{service: {{namespace: d, hostname: h}}}}]}}]"))
+        .contains("regex"));
+    assert!(bad(&format!("{base}backends: []}}]")).contains("neither"));
+    assert!(bad(&format!("{base}matches: [{{path: {{prefix: relative}}}}], backends: [{{service: {{namespace: d, hostname: h}}}}]}}]"))
+        .contains("absolute"));
+}

@@ -1,0 +1,263 @@
+//! Upstream: requests to an endpoint over HBONE to its node's ztunnel (`<pod ip>:15008`,
+//! authority `<pod ip>:<target port>`), presenting the waypoint's identity and requiring the
+//! endpoint's. HTTP/2 upstreams share one connection per endpoint; HTTP/1.1 upstreams keep a
+//! few idle connections per endpoint. Endpoints are chosen round robin or by least requests
+//! (power of two choices).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use common::hbone::connect::Authority;
+use common::hbone::pool::{Pool, PoolKey, PooledStream};
+use common::identity::Identity;
+use common::state::{Endpoint, Service, Snapshot};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rand::Rng;
+use tracing::debug;
+
+use crate::body::ProxyBody;
+
+/// HTTP/1.1 connections kept idle per endpoint.
+const MAX_IDLE_H1: usize = 16;
+/// The HBONE port of every node's ztunnel (and of pods that speak HBONE themselves).
+const HBONE_PORT: u16 = 15008;
+
+/// How to choose among endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    RoundRobin,
+    /// Power of two choices on outstanding requests (Istio's default).
+    #[default]
+    LeastRequest,
+}
+
+impl std::str::FromStr for Balance {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "round-robin" | "ROUND_ROBIN" => Ok(Self::RoundRobin),
+            "least-request" | "LEAST_REQUEST" => Ok(Self::LeastRequest),
+            other => Err(format!("unknown load balancing {other:?} (round-robin or least-request)")),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("HBONE to {addr}: {reason}")]
+    Tunnel { addr: SocketAddr, reason: String },
+    #[error("HTTP to {addr}: {source}")]
+    Http { addr: SocketAddr, source: hyper::Error },
+}
+
+/// The endpoint a request goes to.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Pod IP and target port.
+    pub addr: SocketAddr,
+    pub identity: Identity,
+    pub workload: Arc<common::state::Workload>,
+    /// Dropped when the request ends (least-request accounting).
+    pub outstanding: Arc<AtomicUsize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ClientKey {
+    addr: SocketAddr,
+    identity: Identity,
+    h2: bool,
+}
+
+enum Client {
+    H2(http2::SendRequest<ProxyBody>),
+    H1(Vec<http1::SendRequest<ProxyBody>>),
+}
+
+/// Sends requests to endpoints. Cheap to clone.
+#[derive(Clone)]
+pub struct Upstream {
+    pool: Pool,
+    identity: Identity,
+    balance: Balance,
+    clients: Arc<Mutex<HashMap<ClientKey, Client>>>,
+    outstanding: Arc<Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>>,
+    round_robin: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Upstream {
+    pub fn new(pool: Pool, identity: Identity, balance: Balance) -> Self {
+        Self {
+            pool,
+            identity,
+            balance,
+            clients: Arc::default(),
+            outstanding: Arc::default(),
+            round_robin: Arc::default(),
+        }
+    }
+
+    fn outstanding(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
+        self.outstanding.lock().unwrap_or_else(PoisonError::into_inner).entry(addr).or_default().clone()
+    }
+
+    /// Chooses an endpoint of `service` for `port` among the healthy ones.
+    pub fn choose(&self, snapshot: &Snapshot, service: &Service, port: u16) -> Option<Target> {
+        let candidates: Vec<(&Endpoint, SocketAddr)> = snapshot
+            .endpoints(service)
+            .iter()
+            .filter(|e| e.workload.healthy)
+            .filter_map(|e| {
+                let ip: IpAddr = *e.workload.addresses.first()?;
+                Some((e, SocketAddr::new(ip, e.target_port(service, port)?)))
+            })
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let index = match self.balance {
+            Balance::RoundRobin => {
+                let mut rr = self.round_robin.lock().unwrap_or_else(PoisonError::into_inner);
+                let n = rr.entry(service.key()).or_default();
+                *n = n.wrapping_add(1);
+                *n % candidates.len()
+            }
+            Balance::LeastRequest => {
+                let mut rng = rand::rng();
+                let a = rng.random_range(0..candidates.len());
+                let b = rng.random_range(0..candidates.len());
+                let load = |i: usize| self.outstanding(candidates[i].1).load(Ordering::Relaxed);
+                if load(b) < load(a) { b } else { a }
+            }
+        };
+        let (e, addr) = candidates[index];
+        Some(Target {
+            addr,
+            identity: e.workload.identity.clone(),
+            workload: e.workload.clone(),
+            outstanding: self.outstanding(addr),
+        })
+    }
+
+    /// Opens a CONNECT stream to `target` as the waypoint.
+    pub async fn tunnel(
+        &self,
+        target: &Target,
+        forwarded: Option<SocketAddr>,
+    ) -> Result<PooledStream, UpstreamError> {
+        let hbone = SocketAddr::new(target.addr.ip(), HBONE_PORT);
+        let key = PoolKey::new(self.identity.clone(), vec![target.identity.clone()], None, hbone);
+        let mut headers = HeaderMap::new();
+        if let Some(f) = forwarded
+            && let Ok(v) = HeaderValue::from_str(&format!("for=\"{f}\""))
+        {
+            headers.insert("forwarded", v);
+        }
+        self.pool
+            .connect(&key, &Authority::Addr(target.addr), headers)
+            .await
+            .map_err(|e| UpstreamError::Tunnel { addr: target.addr, reason: e.to_string() })
+    }
+
+    /// Sends `req` to `target` over HTTP/2 or HTTP/1.1, reusing a connection when one is free.
+    pub async fn send(
+        &self,
+        target: &Target,
+        h2: bool,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let key = ClientKey { addr: target.addr, identity: target.identity.clone(), h2 };
+        let http_err = |source| UpstreamError::Http { addr: target.addr, source };
+        if h2 {
+            let sender = match self.h2_ready(&key) {
+                Some(s) => s,
+                None => {
+                    let stream = self.tunnel(target, None).await?;
+                    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                        .await
+                        .map_err(http_err)?;
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            debug!(error = %e, "upstream HTTP/2 connection ended");
+                        }
+                    });
+                    self.put(key.clone(), Client::H2(sender.clone()));
+                    sender
+                }
+            };
+            let mut sender = sender;
+            return sender.send_request(req).await.map_err(|e| {
+                self.evict(&key);
+                http_err(e)
+            });
+        }
+        let mut sender = match self.h1_ready(&key) {
+            Some(s) => s,
+            None => {
+                let stream = self.tunnel(target, None).await?;
+                let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(http_err)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        debug!(error = %e, "upstream HTTP/1.1 connection ended");
+                    }
+                });
+                sender
+            }
+        };
+        let response = sender.send_request(req).await.map_err(http_err)?;
+        // Back to the idle list; it takes a new request once this response's body is read.
+        self.return_h1(key, sender);
+        Ok(response)
+    }
+
+    fn h2_ready(&self, key: &ClientKey) -> Option<http2::SendRequest<ProxyBody>> {
+        let clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        match clients.get(key) {
+            Some(Client::H2(s)) if !s.is_closed() => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    fn h1_ready(&self, key: &ClientKey) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(Client::H1(idle)) = clients.get_mut(key) else { return None };
+        idle.retain(|s| !s.is_closed());
+        let i = idle.iter().position(http1::SendRequest::is_ready)?;
+        Some(idle.swap_remove(i))
+    }
+
+    fn return_h1(&self, key: ClientKey, sender: http1::SendRequest<ProxyBody>) {
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Client::H1(idle) = clients.entry(key).or_insert_with(|| Client::H1(Vec::new()))
+            && idle.len() < MAX_IDLE_H1
+        {
+            idle.push(sender);
+        }
+    }
+
+    fn put(&self, key: ClientKey, client: Client) {
+        self.clients.lock().unwrap_or_else(PoisonError::into_inner).insert(key, client);
+    }
+
+    fn evict(&self, key: &ClientKey) {
+        self.clients.lock().unwrap_or_else(PoisonError::into_inner).remove(key);
+    }
+
+    /// Connections held (for the config dump).
+    pub fn connection_count(&self) -> usize {
+        self.clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|c| match c {
+                Client::H2(_) => 1,
+                Client::H1(v) => v.len(),
+            })
+            .sum()
+    }
+}
