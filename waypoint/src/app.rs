@@ -17,7 +17,7 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::listener::{Listener, SelfRef};
-use crate::metrics::Metrics;
+use crate::metrics::{AccessSink, Metrics};
 use crate::proxy::Context;
 use crate::route::table::{Routes, summary};
 use crate::upstream::Upstream;
@@ -69,7 +69,7 @@ impl App {
             state: state.clone(),
             routes: routes.clone(),
             upstream: Upstream::new(pool, identity.clone(), config.balance),
-            metrics: Metrics::new(&mut registry, config.log_format),
+            metrics: Metrics::new(&mut registry, config.log_format, AccessSink::open(&config.access_log)?),
             waypoint: config.name.clone(),
         });
         let (ns, host) = config.service_hostname.split_once('/').unwrap_or(("", &config.service_hostname));

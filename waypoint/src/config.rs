@@ -48,6 +48,8 @@ pub struct Config {
     pub ca: CaConfig,
     pub cert_lifetime: Duration,
     pub balance: Balance,
+    /// Access log destination: `-` (stdout) or a file.
+    pub access_log: String,
 }
 
 #[derive(Debug, Parser)]
@@ -102,6 +104,9 @@ pub struct Args {
     /// `least-request` (default) or `round-robin`.
     #[arg(long, env = "LOAD_BALANCING", default_value = "least-request")]
     pub balance: Balance,
+    /// Access log: `-` for stdout, or a file to append to.
+    #[arg(long, env = "ACCESS_LOG", default_value = "-")]
+    pub access_log: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +176,7 @@ impl Config {
             ca,
             cert_lifetime: DEFAULT_CERT_LIFETIME,
             balance: args.balance,
+            access_log: args.access_log,
         })
     }
 }

@@ -124,7 +124,11 @@ impl Listener {
         let down = Downstream {
             service,
             port: addr.port(),
-            upstream_h2: matches!(protocol, "HTTP2" | "GRPC"),
+            upstream_h2: match protocol {
+                "HTTP2" | "GRPC" => Some(true),
+                "HTTP11" => Some(false),
+                _ => None,
+            },
             source_identity: req.peer.clone(),
             source_workload,
             client_addr,

@@ -2,6 +2,7 @@
 //! one line to stdout (JSON with `--log-format json`, in the shape of shared/spec/telemetry.md).
 
 use std::io::Write;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use common::metrics::TrafficLabels;
@@ -45,10 +46,31 @@ pub struct Metrics {
     tcp_received: Family<TrafficLabels, Counter>,
     tcp_sent: Family<TrafficLabels, Counter>,
     log_format: LogFormat,
+    sink: AccessSink,
+}
+
+/// Where access log lines go.
+#[derive(Clone, Debug, Default)]
+pub enum AccessSink {
+    #[default]
+    Stdout,
+    /// Appended to a file.
+    File(Arc<Mutex<std::fs::File>>),
+}
+
+impl AccessSink {
+    /// `-` is stdout; anything else a file opened for appending.
+    pub fn open(path: &str) -> std::io::Result<Self> {
+        if path == "-" {
+            return Ok(Self::Stdout);
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self::File(Arc::new(Mutex::new(file))))
+    }
 }
 
 impl Metrics {
-    pub fn new(registry: &mut Registry, log_format: LogFormat) -> Self {
+    pub fn new(registry: &mut Registry, log_format: LogFormat, sink: AccessSink) -> Self {
         let m = Self {
             requests: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
@@ -59,6 +81,7 @@ impl Metrics {
             tcp_received: Family::default(),
             tcp_sent: Family::default(),
             log_format,
+            sink,
         };
         registry.register("requests", "Requests handled", m.requests.clone());
         registry.register("request_duration_milliseconds", "Request duration", m.duration.clone());
@@ -100,8 +123,14 @@ impl Metrics {
             LogFormat::Json => serde_json::to_string(log).unwrap_or_default(),
             LogFormat::Text => log.text(),
         };
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
+        match &self.sink {
+            AccessSink::Stdout => {
+                let _ = writeln!(std::io::stdout().lock(), "{line}");
+            }
+            AccessSink::File(f) => {
+                let _ = writeln!(f.lock().unwrap_or_else(PoisonError::into_inner), "{line}");
+            }
+        }
     }
 }
 

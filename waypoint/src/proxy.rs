@@ -39,8 +39,9 @@ pub struct Context {
 pub struct Downstream {
     pub service: Arc<Service>,
     pub port: u16,
-    /// The app protocol of the service port (`HTTP2`/`GRPC` upstreams speak HTTP/2).
-    pub upstream_h2: bool,
+    /// What the service port declares: `Some(true)` HTTP/2 (`HTTP2`, `GRPC`), `Some(false)`
+    /// HTTP/1.1 (`HTTP11`), `None` to follow the client (gRPC always goes over HTTP/2).
+    pub upstream_h2: Option<bool>,
     pub source_identity: Identity,
     pub source_workload: Option<Arc<Workload>>,
     /// The original client (from the CONNECT's `forwarded`), else the peer proxy.
@@ -317,7 +318,7 @@ async fn route_and_send(
         Some(q) => format!("{new_path}?{q}"),
         None => new_path,
     };
-    let h2 = down.upstream_h2 || grpc_or_h2(&parts, ex.grpc);
+    let h2 = down.upstream_h2.unwrap_or(ex.grpc || parts.version == Version::HTTP_2);
     parts.uri = if h2 {
         Uri::builder()
             .scheme("http")
@@ -370,11 +371,6 @@ async fn route_and_send(
         ex.log.upstream_transport_failure_reason = Some(e.to_string());
         (StatusCode::SERVICE_UNAVAILABLE, "UF", "upstream_connect_failure".to_string())
     })
-}
-
-/// gRPC always goes over HTTP/2; so does HTTP/2 from the client when the port does not say.
-fn grpc_or_h2(parts: &http::request::Parts, grpc: bool) -> bool {
-    grpc || parts.version == Version::HTTP_2
 }
 
 /// Applies response filters, wraps the body so the request is recorded when it ends.

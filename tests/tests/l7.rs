@@ -1,0 +1,608 @@
+//! The waypoint end to end (root; CI runs as root, elsewhere this fails saying why):
+//! client -> ztunnel (node-a) -> HBONE -> waypoint -> HBONE -> ztunnel -> server, in network
+//! namespaces with eBPF capture, mTLS everywhere and the in-repo xDS server.
+//!
+//! ```text
+//!   node-a (10.0.0.1) ---- link ---- node-b (10.0.0.2)
+//!   client  10.1.1.2                 v1        10.2.1.2  (HTTP 8080, gRPC 9090)
+//!   v2      10.1.2.2                 waypoint  10.2.5.2  (demo/waypoint, not captured)
+//! ```
+//! Service `echo` (10.96.0.10: 80 HTTP/1.1, 81 HTTP/2, 9090 gRPC) has the waypoint; `echo-v1`
+//! and `echo-v2` are the route backends.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_tests::netns::{Netns, enable_forwarding, require_root, run, wire};
+use mesh_tests::node::NodeZtunnel;
+use mesh_tests::xds_server::{self, XdsStore};
+use proto::ambient::testing::v1::echo_client::EchoClient;
+use proto::ambient::testing::v1::echo_server::{Echo, EchoServer};
+use proto::ambient::testing::v1::{EchoReply, EchoRequest};
+
+const VIP: &str = "10.96.0.10";
+const WAYPOINT_IP: &str = "10.2.5.2";
+const XDS_ADDR: &str = "10.0.0.1:15010";
+
+const MESH: &str = r#"
+workloads:
+  - {name: client, namespace: demo, serviceAccount: client, addresses: [10.1.1.2], node: node-a,
+     workloadName: client, canonicalName: client, canonicalRevision: v1}
+  - {name: v1, namespace: demo, serviceAccount: echo, addresses: [10.2.1.2], node: node-b,
+     workloadName: echo-v1, canonicalName: echo, canonicalRevision: v1,
+     services: {demo/echo.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 81, targetPort: 8080}, {servicePort: 9090}],
+                demo/echo-v1.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 9090}]}}
+  - {name: v2, namespace: demo, serviceAccount: echo, addresses: [10.1.2.2], node: node-a,
+     workloadName: echo-v2, canonicalName: echo, canonicalRevision: v2,
+     services: {demo/echo.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 81, targetPort: 8080}, {servicePort: 9090}],
+                demo/echo-v2.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 9090}]}}
+  - {name: waypoint, namespace: demo, serviceAccount: waypoint, addresses: [10.2.5.2], node: node-b,
+     nativeTunnel: true, services: {demo/waypoint.demo.svc.cluster.local: [{servicePort: 15008}]}}
+services:
+  - {name: echo, namespace: demo, hostname: echo.demo.svc.cluster.local, addresses: [10.96.0.10],
+     ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP11}, {servicePort: 81, targetPort: 8080, appProtocol: HTTP2},
+             {servicePort: 9090, appProtocol: GRPC}],
+     waypoint: {hostname: {namespace: demo, hostname: waypoint.demo.svc.cluster.local}}}
+  - {name: echo-v1, namespace: demo, hostname: echo-v1.demo.svc.cluster.local, addresses: [10.96.0.11],
+     ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP11}, {servicePort: 9090, appProtocol: GRPC}]}
+  - {name: echo-v2, namespace: demo, hostname: echo-v2.demo.svc.cluster.local, addresses: [10.96.0.12],
+     ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP11}, {servicePort: 9090, appProtocol: GRPC}]}
+  - {name: waypoint, namespace: demo, hostname: waypoint.demo.svc.cluster.local, addresses: [10.96.0.20],
+     ports: [{servicePort: 15008}]}
+routes:
+  - name: exact
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {exact: /exact}}]
+    filters: [{responseHeaderModifier: {set: [{name: x-route, value: exact}]}}]
+    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
+  - name: api
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /api}}]
+    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
+  - name: api-v2-header
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /api}, headers: [{name: x-version, exact: v2}]}]
+    filters: [{requestHeaderModifier: {set: [{name: x-added, value: "yes"}], remove: [x-remove-me]}}]
+    backends: [{service: {namespace: demo, hostname: echo-v2.demo.svc.cluster.local, port: 80}}]
+  - name: api-post
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /api}, method: POST}]
+    backends: [{service: {namespace: demo, hostname: echo-v2.demo.svc.cluster.local, port: 80}}]
+  - name: api-query
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /api}, queryParams: [{name: canary, exact: "true"}]}]
+    backends: [{service: {namespace: demo, hostname: echo-v2.demo.svc.cluster.local, port: 80}}]
+  - name: split
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /split}}]
+    backends:
+      - {service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}, weight: 90}
+      - {service: {namespace: demo, hostname: echo-v2.demo.svc.cluster.local, port: 80}, weight: 10}
+  - name: moved
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /old}}]
+    filters: [{requestRedirect: {path: {replacePrefixMatch: /new}, statusCode: 301}}]
+  - name: rewrite
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /rw}}]
+    filters: [{urlRewrite: {hostname: rewritten.example, path: {replacePrefixMatch: /inner}}}]
+    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
+  - name: grpc-say
+    namespace: demo
+    kind: GRPC
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 9090}}
+    matches: [{grpc: {service: ambient.testing.v1.Echo, method: Say}}]
+    backends: [{service: {namespace: demo, hostname: echo-v2.demo.svc.cluster.local, port: 9090}}]
+  - name: grpc-stream
+    namespace: demo
+    kind: GRPC
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 9090}}
+    matches: [{grpc: {service: ambient.testing.v1.Echo, method: Stream}}]
+    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 9090}}]
+"#;
+
+/// An HTTP/1.1 + h2c server on 8080 answering `<name> <method> <path> <version>` with the
+/// request headers as `x-echo-<name>` response headers.
+fn http_server(rt: &tokio::runtime::Runtime, name: &'static str) {
+    let listener = rt
+        .block_on(rt.spawn(tokio::net::TcpListener::bind("0.0.0.0:8080")))
+        .expect("join")
+        .expect("bind 8080");
+    rt.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
+                        let mut resp = http::Response::new(http_body_util::Full::new(Bytes::from(format!(
+                            "{name} {} {} {:?}",
+                            req.method(),
+                            req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+                            req.version()
+                        ))));
+                        for (k, v) in req.headers() {
+                            if let Ok(n) = http::HeaderName::from_bytes(format!("x-echo-{k}").as_bytes()) {
+                                resp.headers_mut().insert(n, v.clone());
+                            }
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
+                    });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+}
+
+struct EchoService(&'static str);
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn say(
+        &self,
+        req: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        let text = req.into_inner().text;
+        if text == "fail" {
+            return Err(tonic::Status::not_found("asked to fail"));
+        }
+        Ok(tonic::Response::new(EchoReply { text, server: self.0.into() }))
+    }
+
+    type StreamStream = tokio_stream::wrappers::ReceiverStream<Result<EchoReply, tonic::Status>>;
+
+    async fn stream(
+        &self,
+        req: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        let r = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let server = self.0.to_string();
+        tokio::spawn(async move {
+            for i in 0..r.count {
+                let reply = EchoReply { text: format!("{} {i}", r.text), server: server.clone() };
+                if tx.send(Ok(reply)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+fn grpc_server(rt: &tokio::runtime::Runtime, name: &'static str) {
+    let listener = rt
+        .block_on(rt.spawn(tokio::net::TcpListener::bind("0.0.0.0:9090")))
+        .expect("join")
+        .expect("bind 9090");
+    rt.spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let _ = tonic::transport::Server::builder()
+            .add_service(EchoServer::new(EchoService(name)))
+            .serve_with_incoming(incoming)
+            .await;
+    });
+}
+
+/// One HTTP connection from a pod, reused for several requests.
+enum HttpClient {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+struct Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+impl HttpClient {
+    async fn connect(addr: SocketAddr, h2: bool) -> Self {
+        let stream =
+            tokio::net::TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (s, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.expect("h2");
+            tokio::spawn(conn);
+            HttpClient::H2(s)
+        } else {
+            let (s, conn) = hyper::client::conn::http1::handshake(io).await.expect("h1");
+            tokio::spawn(conn);
+            HttpClient::H1(s)
+        }
+    }
+
+    async fn send(&mut self, method: &str, uri: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut b = http::Request::builder().method(method);
+        b = match self {
+            HttpClient::H1(_) => b.uri(uri).header("host", "echo.demo.svc.cluster.local"),
+            HttpClient::H2(_) => b.uri(format!("http://echo.demo.svc.cluster.local{uri}")),
+        };
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Empty::<Bytes>::new()).expect("request");
+        let resp = match self {
+            HttpClient::H1(s) => {
+                s.ready().await.expect("ready");
+                s.send_request(req).await
+            }
+            HttpClient::H2(s) => s.send_request(req).await,
+        }
+        .unwrap_or_else(|e| panic!("{method} {uri}: {e}"));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+    }
+}
+
+struct Pods {
+    node_a: Netns,
+    node_b: Netns,
+    client: Netns,
+    v1: Netns,
+    v2: Netns,
+    waypoint: Netns,
+}
+
+fn pods() -> Pods {
+    require_root("waypoint end-to-end tests");
+    let pid = std::process::id();
+    let ns = |role: &str| Netns::create(&format!("l7{pid}-{role}"));
+    let p = Pods {
+        node_a: ns("na"),
+        node_b: ns("nb"),
+        client: ns("client"),
+        v1: ns("v1"),
+        v2: ns("v2"),
+        waypoint: ns("wp"),
+    };
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            "link-a",
+            "netns",
+            &p.node_a.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "link-b",
+            "netns",
+            &p.node_b.name,
+        ],
+    );
+    p.node_a.ip(&["addr", "add", "10.0.0.1/24", "dev", "link-a"]);
+    p.node_a.ip(&["link", "set", "link-a", "up"]);
+    p.node_b.ip(&["addr", "add", "10.0.0.2/24", "dev", "link-b"]);
+    p.node_b.ip(&["link", "set", "link-b", "up"]);
+    wire(&p.node_a, &p.client, "v-client", "10.1.1");
+    wire(&p.node_a, &p.v2, "v-v2", "10.1.2");
+    wire(&p.node_b, &p.v1, "v-v1", "10.2.1");
+    wire(&p.node_b, &p.waypoint, "v-wp", "10.2.5");
+    p.node_a.ip(&["route", "add", "10.2.0.0/16", "via", "10.0.0.2"]);
+    p.node_b.ip(&["route", "add", "10.1.0.0/16", "via", "10.0.0.1"]);
+    enable_forwarding(&p.node_a);
+    enable_forwarding(&p.node_b);
+    p
+}
+
+fn samples(metrics: &str, metric: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) && labels.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn waypoint_end_to_end() {
+    let p = pods();
+    if std::env::var_os("RUST_LOG").is_some() {
+        common::telemetry::init(common::telemetry::LogFormat::Text);
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca").to_str().expect("path").to_string();
+    let access_log = dir.path().join("access.log");
+
+    let store = XdsStore::new();
+    store.load_yaml(MESH).unwrap_or_else(|e| panic!("mesh config: {e:#}"));
+    let cp_rt = p.node_a.runtime();
+    let xds = cp_rt
+        .block_on(cp_rt.spawn(xds_server::start(XDS_ADDR.parse().expect("addr"), store.clone())))
+        .expect("join")
+        .expect("xds server");
+    let url = format!("http://{XDS_ADDR}");
+    let flags = ["--xds-address", &url, "--local-ca", &ca, "--redirect", "--uplink", "*"];
+    let zt_a = NodeZtunnel::start(&p.node_a, &[&flags[..], &["--node-name", "node-a"]].concat());
+    zt_a.wait_ready("ztunnel on node-a");
+    let zt_b = NodeZtunnel::start(&p.node_b, &[&flags[..], &["--node-name", "node-b"]].concat());
+    zt_b.wait_ready("ztunnel on node-b");
+    zt_a.converge("node-a pods enrolled", &|s| s.pods.len() == 2);
+    zt_b.converge("node-b pod enrolled", &|s| s.pods.len() == 1);
+
+    // The waypoint, in its own pod, from the same control plane and CA.
+    let wp_rt = p.waypoint.runtime();
+    let args = waypoint::config::Args::try_parse_from([
+        "waypoint",
+        "--xds-address",
+        &url,
+        "--local-ca",
+        &ca,
+        "--name",
+        "waypoint",
+        "--namespace",
+        "demo",
+        "--address",
+        WAYPOINT_IP,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--readiness-addr",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--access-log",
+        access_log.to_str().expect("path"),
+    ])
+    .expect("waypoint flags");
+    let config = waypoint::config::Config::from_args(args).expect("config");
+    let wp = wp_rt
+        .block_on(wp_rt.spawn(waypoint::app::App::start(config)))
+        .expect("join")
+        .expect("waypoint starts");
+    let ready = wp.ready.clone();
+    wp_rt
+        .block_on(async { tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, ready.wait()).await })
+        .unwrap_or_else(|_| panic!("waypoint never ready: {:?}", wp.ready.pending()));
+    let routes = wp.routes.clone();
+    wp_rt
+        .block_on(async {
+            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 10)).await
+        })
+        .expect("routes arrive");
+
+    let (v1_rt, v2_rt) = (p.v1.runtime(), p.v2.runtime());
+    http_server(&v1_rt, "v1");
+    http_server(&v2_rt, "v2");
+    grpc_server(&v1_rt, "v1");
+    grpc_server(&v2_rt, "v2");
+
+    let client_rt = p.client.runtime();
+    let vip80: SocketAddr = format!("{VIP}:80").parse().expect("addr");
+    let vip81: SocketAddr = format!("{VIP}:81").parse().expect("addr");
+    let replies = client_rt
+        .block_on(client_rt.spawn(async move {
+            let mut h1 = HttpClient::connect(vip80, false).await;
+            let mut out = BTreeMap::new();
+            out.insert("exact", h1.send("GET", "/exact", &[]).await);
+            out.insert("api", h1.send("GET", "/api/users", &[]).await);
+            out.insert(
+                "header",
+                h1.send("GET", "/api/users", &[("x-version", "v2"), ("x-remove-me", "1")]).await,
+            );
+            out.insert("post", h1.send("POST", "/api/users", &[]).await);
+            out.insert("query", h1.send("GET", "/api/users?canary=true", &[]).await);
+            out.insert("redirect", h1.send("GET", "/old/page?x=1", &[]).await);
+            out.insert("rewrite", h1.send("GET", "/rw/thing", &[]).await);
+            out.insert("nomatch", h1.send("GET", "/nothing", &[]).await);
+            let mut h2 = HttpClient::connect(vip80, true).await;
+            out.insert("h2-on-80", h2.send("GET", "/exact", &[]).await);
+            let mut h2_81 = HttpClient::connect(vip81, true).await;
+            out.insert("h2-default", h2_81.send("GET", "/anything", &[]).await);
+            let mut split = BTreeMap::<String, usize>::new();
+            for _ in 0..1000 {
+                let r = h1.send("GET", "/split", &[]).await;
+                *split.entry(r.body.split(' ').next().unwrap_or_default().to_string()).or_default() += 1;
+            }
+            (out, split)
+        }))
+        .expect("client");
+    let (out, split) = replies;
+    let body = |k: &str| out[k].body.clone();
+    assert_eq!(out["exact"].status, 200);
+    assert_eq!(body("exact"), "v1 GET /exact HTTP/1.1");
+    assert_eq!(
+        out["exact"].headers.get("x-route").map(|v| v.as_bytes()),
+        Some(&b"exact"[..]),
+        "response header set"
+    );
+    assert!(body("api").starts_with("v1 GET /api/users"), "{}", body("api"));
+    assert!(body("header").starts_with("v2 GET /api/users"), "{}", body("header"));
+    assert_eq!(out["header"].headers.get("x-echo-x-added").map(|v| v.as_bytes()), Some(&b"yes"[..]));
+    assert!(out["header"].headers.get("x-echo-x-remove-me").is_none(), "request header removed");
+    assert!(body("post").starts_with("v2 POST"), "{}", body("post"));
+    assert!(body("query").starts_with("v2 GET /api/users?canary=true"), "{}", body("query"));
+    assert_eq!(out["redirect"].status, 301);
+    assert_eq!(
+        out["redirect"].headers.get("location").map(|v| v.to_str().unwrap_or_default()),
+        Some("http://echo.demo.svc.cluster.local/new/page?x=1")
+    );
+    assert_eq!(body("rewrite"), "v1 GET /inner/thing HTTP/1.1");
+    assert_eq!(
+        out["rewrite"].headers.get("x-echo-host").map(|v| v.as_bytes()),
+        Some(&b"rewritten.example"[..])
+    );
+    assert_eq!(out["nomatch"].status, 404, "{}", body("nomatch"));
+    assert_eq!(body("h2-on-80"), "v1 GET /exact HTTP/1.1", "an HTTP/2 client reaches an HTTP/1.1 port");
+    assert!(out["h2-default"].body.ends_with("HTTP/2.0"), "HTTP/2 port: {}", body("h2-default"));
+    assert!(out["h2-default"].headers.contains_key("x-echo-x-forwarded-for"));
+    assert!(out["exact"].headers.contains_key("x-echo-x-request-id"));
+    // 90/10 over 1000 requests: v2 expects 100 (sd ~9.5); +-4 sd.
+    let v2 = split.get("v2").copied().unwrap_or(0);
+    assert_eq!(split.values().sum::<usize>(), 1000, "{split:?}");
+    assert!((62..=138).contains(&v2), "90/10 split landed {split:?}");
+
+    // gRPC through the waypoint: unary, server streaming, and an error status in trailers.
+    let grpc = client_rt
+        .block_on(client_rt.spawn(async move {
+            let mut c = EchoClient::connect(format!("http://{VIP}:9090")).await.expect("grpc connect");
+            let say = c.say(EchoRequest { text: "hi".into(), count: 0 }).await.expect("say").into_inner();
+            let mut stream =
+                c.stream(EchoRequest { text: "s".into(), count: 3 }).await.expect("stream").into_inner();
+            let mut got = Vec::new();
+            while let Some(m) = stream.message().await.expect("message") {
+                got.push(format!("{} {}", m.server, m.text));
+            }
+            let fail = c.say(EchoRequest { text: "fail".into(), count: 0 }).await.expect_err("fails");
+            (say, got, fail.code())
+        }))
+        .expect("grpc client");
+    assert_eq!((grpc.0.server.as_str(), grpc.0.text.as_str()), ("v2", "hi"));
+    assert_eq!(grpc.1, ["v1 s 0", "v1 s 1", "v1 s 2"]);
+    assert_eq!(grpc.2, tonic::Code::NotFound, "the status in the trailers came through");
+
+    // Real clients: curl (HTTP/1.1 and prior-knowledge HTTP/2) and Python grpcio.
+    let curl = |extra: &[&str]| {
+        let mut args = vec!["netns", "exec", p.client.name.as_str(), "curl", "-sS", "--max-time", "10"];
+        args.extend_from_slice(extra);
+        args.push("http://10.96.0.10/api/curl");
+        run("ip", &args)
+    };
+    assert!(curl(&[]).starts_with("v1 GET /api/curl HTTP/1.1"), "curl");
+    assert!(
+        curl(&["--http2-prior-knowledge"]).starts_with("v1 GET /api/curl HTTP/1.1"),
+        "curl --http2-prior-knowledge"
+    );
+    let python = std::process::Command::new("python3").args(["-c", "import grpc"]).output();
+    assert!(
+        python.as_ref().is_ok_and(|o| o.status.success()),
+        "python3 with grpcio is needed for the independent gRPC client (pip install grpcio): {python:?}"
+    );
+    let script = r#"
+import grpc, sys
+channel = grpc.insecure_channel("10.96.0.10:9090")
+say = channel.unary_unary("/ambient.testing.v1.Echo/Say")
+# EchoRequest{text: "py"} by hand: field 1, length-delimited.
+reply = say(b"\x0a\x02py", timeout=10)
+# EchoReply{text: 1, server: 2}
+sys.stdout.write(repr(reply))
+"#;
+    let py = run("ip", &["netns", "exec", &p.client.name, "python3", "-c", script]);
+    assert!(py.contains("py") && py.contains("v2"), "grpcio reply via the waypoint: {py}");
+
+    // A CONNECT for a service this waypoint does not serve is refused; one it serves is not.
+    let statuses = client_rt
+        .block_on(client_rt.spawn({
+            let ca = ca.clone();
+            async move {
+                use common::hbone::client::{ClientError, Connection};
+                let local =
+                    common::identity::LocalCa::load_or_create(std::path::Path::new(&ca), "cluster.local")
+                        .expect("ca");
+                let me = common::identity::Identity::new("cluster.local", "demo", "client").expect("id");
+                let cert = local.issue(&me, Duration::from_secs(600)).expect("cert");
+                let wp_id = common::identity::Identity::new("cluster.local", "demo", "waypoint").expect("id");
+                let config = Arc::new(common::tls::client_config(&cert, vec![wp_id]).expect("tls"));
+                let conn = Connection::connect(format!("{WAYPOINT_IP}:15008").parse().expect("addr"), config)
+                    .await
+                    .expect("mTLS to the waypoint");
+                let mut out = Vec::new();
+                for a in ["10.96.0.11:80", "10.96.0.10:80", "10.96.0.10:7777"] {
+                    let authority = common::hbone::connect::parse_authority(a).expect("authority");
+                    out.push(match conn.open(&authority, http::HeaderMap::new()).await {
+                        Ok(_) => 200,
+                        Err(ClientError::Status { status, .. }) => status.as_u16(),
+                        Err(e) => panic!("{a}: {e}"),
+                    });
+                }
+                out
+            }
+        }))
+        .expect("connect checks");
+    assert_eq!(statuses, [403, 200, 403], "not ours / ours / no such port");
+
+    // Metrics with Istio's labels, reported by the waypoint.
+    let metrics_addr = wp.metrics_addr;
+    let (status, m) = wp_rt
+        .block_on(wp_rt.spawn(mesh_tests::http::get(metrics_addr, "/metrics")))
+        .expect("join")
+        .expect("metrics");
+    assert_eq!(status, 200);
+    let base = [
+        "reporter=\"waypoint\"",
+        "source_workload=\"client\"",
+        "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+    ];
+    let v1_ok = samples(
+        &m,
+        "istio_requests_total",
+        &[
+            &base[..],
+            &[
+                "destination_service=\"echo-v1.demo.svc.cluster.local\"",
+                "response_code=\"200\"",
+                "request_protocol=\"http\"",
+                "destination_workload=\"echo-v1\"",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(v1_ok >= 800.0, "{v1_ok}\n{m}");
+    let not_found = samples(
+        &m,
+        "istio_requests_total",
+        &[&base[..], &["response_code=\"404\"", "response_flags=\"NR\""]].concat(),
+    );
+    assert_eq!(not_found, 1.0);
+    let grpc_ok =
+        samples(&m, "istio_requests_total", &["request_protocol=\"grpc\"", "grpc_response_status=\"0\""]);
+    assert!(grpc_ok >= 3.0, "{grpc_ok}");
+    let grpc_nf =
+        samples(&m, "istio_requests_total", &["request_protocol=\"grpc\"", "grpc_response_status=\"5\""]);
+    assert_eq!(grpc_nf, 1.0);
+    assert!(samples(&m, "istio_request_duration_milliseconds_count", &["reporter=\"waypoint\""]) >= 1000.0);
+    assert!(m.contains("istio_response_bytes_bucket"), "{m}");
+
+    // The JSON access log: one line per request with the fields users parse.
+    let log = std::fs::read_to_string(&access_log).expect("access log");
+    let lines: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    assert!(lines.len() >= 1000, "{} lines", lines.len());
+    let redirect = lines.iter().find(|l| l["path"] == "/old/page?x=1").expect("redirect logged");
+    assert_eq!(redirect["response_code"], 301);
+    assert_eq!(redirect["route_name"], "demo/moved");
+    let exact = lines.iter().find(|l| l["path"] == "/exact").expect("exact logged");
+    for field in [
+        "authority",
+        "method",
+        "protocol",
+        "request_id",
+        "start_time",
+        "upstream_cluster",
+        "upstream_host",
+        "x_forwarded_for",
+        "duration",
+        "bytes_sent",
+        "bytes_received",
+        "response_flags",
+    ] {
+        assert!(exact.get(field).is_some(), "{field} missing: {exact}");
+    }
+    assert_eq!(exact["upstream_cluster"], "outbound|80||echo-v1.demo.svc.cluster.local");
+    assert!(exact["requested_server_name"].is_null(), "null where not applicable");
+
+    drop(wp);
+    zt_a.stop(&p.node_a);
+    zt_b.stop(&p.node_b);
+    cp_rt.block_on(xds.stop());
+}
+
+use clap::Parser as _;
