@@ -124,8 +124,24 @@ fn http_server(rt: &tokio::runtime::Runtime, name: &'static str) {
     rt.spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
+                let svc = hyper::service::service_fn(
+                    move |mut req: http::Request<hyper::body::Incoming>| async move {
+                        if req.headers().get("upgrade").is_some_and(|u| u == "echo") {
+                            // An upgraded connection echoes its bytes back.
+                            let on = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                if let Ok(up) = on.await {
+                                    let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                                }
+                            });
+                            let mut resp = http::Response::new(http_body_util::Full::new(Bytes::new()));
+                            *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                            resp.headers_mut()
+                                .insert("connection", http::HeaderValue::from_static("upgrade"));
+                            resp.headers_mut().insert("upgrade", http::HeaderValue::from_static("echo"));
+                            return Ok::<_, std::convert::Infallible>(resp);
+                        }
                         let mut resp = http::Response::new(http_body_util::Full::new(Bytes::from(format!(
                             "{name} {} {} {:?}",
                             req.method(),
@@ -138,9 +154,10 @@ fn http_server(rt: &tokio::runtime::Runtime, name: &'static str) {
                             }
                         }
                         Ok::<_, std::convert::Infallible>(resp)
-                    });
+                    },
+                );
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
             });
         }
     });
@@ -449,6 +466,34 @@ fn waypoint_end_to_end() {
     let v2 = split.get("v2").copied().unwrap_or(0);
     assert_eq!(split.values().sum::<usize>(), 1000, "{split:?}");
     assert!((62..=138).contains(&v2), "90/10 split landed {split:?}");
+
+    // An HTTP/1.1 upgrade passes through the waypoint: 101, then raw bytes both ways.
+    let upgraded = client_rt
+        .block_on(client_rt.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(vip80).await.expect("connect");
+            let hello = "GET /api/ws HTTP/1.1\r\nhost: echo\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n";
+            s.write_all(hello.as_bytes()).await.expect("write");
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 1];
+                if s.read(&mut b).await.expect("read") == 0 {
+                    break;
+                }
+                head.push(b[0]);
+            }
+            s.write_all(b"ping over the upgrade").await.expect("write");
+            let mut echoed = [0u8; 21];
+            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut echoed))
+                .await
+                .expect("in time")
+                .expect("echo");
+            (String::from_utf8_lossy(&head).into_owned(), String::from_utf8_lossy(&echoed).into_owned())
+        }))
+        .expect("upgrade client");
+    assert!(upgraded.0.starts_with("HTTP/1.1 101"), "{}", upgraded.0);
+    assert!(upgraded.0.to_ascii_lowercase().contains("upgrade: echo"), "{}", upgraded.0);
+    assert_eq!(upgraded.1, "ping over the upgrade");
 
     // gRPC through the waypoint: unary, server streaming, and an error status in trailers.
     let grpc = client_rt

@@ -15,6 +15,7 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use rand::Rng;
 use tracing::debug;
 
@@ -195,10 +196,16 @@ type Refusal = (StatusCode, &'static str, String);
 async fn route_and_send(
     ctx: &Context,
     down: &Downstream,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     ex: &mut Exchange,
     request_id: &str,
 ) -> Result<Response<Incoming>, Refusal> {
+    // An HTTP/1.1 upgrade (WebSocket and the like) passes through: the headers go upstream and,
+    // on 101, the two upgraded connections are joined.
+    let upgrade = (req.version() == Version::HTTP_11)
+        .then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
+        .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let (mut parts, incoming) = req.into_parts();
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_string);
@@ -318,7 +325,7 @@ async fn route_and_send(
         Some(q) => format!("{new_path}?{q}"),
         None => new_path,
     };
-    let h2 = down.upstream_h2.unwrap_or(ex.grpc || parts.version == Version::HTTP_2);
+    let h2 = upgrade.is_none() && down.upstream_h2.unwrap_or(ex.grpc || parts.version == Version::HTTP_2);
     parts.uri = if h2 {
         Uri::builder()
             .scheme("http")
@@ -347,6 +354,10 @@ async fn route_and_send(
         parts.headers.insert("x-request-id", v);
     }
     parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some((protocol, _)) = &upgrade {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+    }
     let counted = Counted::new(incoming, ex.request_bytes.clone()).boxed();
     let upstream_req = Request::from_parts(parts, counted);
 
@@ -366,12 +377,34 @@ async fn route_and_send(
         None => send.await,
     };
     ex.log.upstream_service_time = Some(sent.elapsed().as_millis() as u64);
-    result.map_err(|e| {
+    let mut response = result.map_err(|e| {
         debug!(error = %e, "upstream request failed");
         ex.log.upstream_transport_failure_reason = Some(e.to_string());
         (StatusCode::SERVICE_UNAVAILABLE, "UF", "upstream_connect_failure".to_string())
-    })
+    })?;
+    if let Some((protocol, downstream)) = upgrade
+        && response.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        let upstream = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            match tokio::try_join!(downstream, upstream) {
+                Ok((d, u)) => {
+                    let counters = common::copy::ByteCounters::default();
+                    let _ =
+                        common::copy::copy_bidirectional(TokioIo::new(d), TokioIo::new(u), &counters).await;
+                }
+                Err(e) => debug!(error = %e, "upgrade did not complete"),
+            }
+        });
+        // Hop-by-hop stripping on the way back must keep what makes this a 101.
+        response.extensions_mut().insert(Upgraded(protocol));
+    }
+    Ok(response)
 }
+
+/// Marks a 101 response whose `connection`/`upgrade` headers must reach the client.
+#[derive(Clone)]
+struct Upgraded(HeaderValue);
 
 /// Applies response filters, wraps the body so the request is recorded when it ends.
 fn finish(
@@ -383,6 +416,10 @@ fn finish(
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(Upgraded(protocol)) = parts.extensions.get::<Upgraded>() {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+    }
     if let Some(route) = &ex.route {
         for f in &route.filters {
             if let Filter::ResponseHeaders(m) = f {
