@@ -261,3 +261,63 @@ impl Upstream {
             .sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::identity::{CaSource, CertMetrics, CertificateManager, LocalCa};
+    use common::xds::LocalConfig;
+    use common::xds::handler::RawResource;
+
+    const MESH: &str = r#"
+workloads:
+  - {name: a, namespace: demo, addresses: [10.0.0.1], services: {demo/s: [{servicePort: 80, targetPort: 8080}]}}
+  - {name: b, namespace: demo, addresses: [10.0.0.2], services: {demo/s: [{servicePort: 80, targetPort: 8080}]}}
+  - {name: c, namespace: demo, addresses: [10.0.0.3], services: {demo/s: [{servicePort: 80, targetPort: 8080}]}}
+  - {name: sick, namespace: demo, addresses: [10.0.0.4], status: UNHEALTHY, services: {demo/s: [{servicePort: 80}]}}
+services:
+  - {name: s, namespace: demo, hostname: s, addresses: [10.96.0.1], ports: [{servicePort: 80}]}
+"#;
+
+    fn upstream(balance: Balance) -> (Upstream, Arc<Snapshot>) {
+        let (state, handlers) = common::state::State::new("");
+        let resources = LocalConfig::from_yaml(MESH).expect("yaml").to_resources().expect("resources");
+        let raw = resources
+            .into_iter()
+            .map(|r| RawResource { name: r.name, version: "1".into(), body: Some(r.body) })
+            .collect();
+        assert_eq!(handlers.apply(proto::ADDRESS_TYPE_URL, raw, vec![]), Some(vec![]));
+        let ca = Arc::new(LocalCa::generate("cluster.local").expect("ca"));
+        let certs = CertificateManager::new(
+            CaSource::Local(ca, std::time::Duration::from_secs(3600)),
+            CertMetrics::default(),
+        );
+        let pool = Pool::new(certs, Default::default(), Default::default());
+        let id = Identity::new("cluster.local", "demo", "waypoint").expect("id");
+        (Upstream::new(pool, id, balance), state.snapshot())
+    }
+
+    #[tokio::test]
+    async fn round_robin_takes_turns_over_healthy_endpoints() {
+        let (u, snapshot) = upstream(Balance::RoundRobin);
+        let svc = snapshot.service("demo", "s").expect("service").clone();
+        let picks: Vec<SocketAddr> =
+            (0..6).map(|_| u.choose(&snapshot, &svc, 80).expect("endpoint").addr).collect();
+        assert_eq!(picks[0..3], picks[3..6], "a fixed rotation");
+        let distinct: std::collections::BTreeSet<_> = picks.iter().collect();
+        assert_eq!(distinct.len(), 3, "the unhealthy endpoint is skipped: {picks:?}");
+        assert!(picks.iter().all(|a| a.port() == 8080), "target port mapped");
+    }
+
+    #[tokio::test]
+    async fn least_request_avoids_the_busy_endpoint() {
+        let (u, snapshot) = upstream(Balance::LeastRequest);
+        let svc = snapshot.service("demo", "s").expect("service").clone();
+        let busy: SocketAddr = "10.0.0.1:8080".parse().expect("addr");
+        u.outstanding(busy).store(100, Ordering::Relaxed);
+        let picks =
+            (0..300).filter(|_| u.choose(&snapshot, &svc, 80).expect("endpoint").addr == busy).count();
+        // Chosen only when both random choices land on it: ~1/9 of the time.
+        assert!(picks < 70, "busy endpoint picked {picks} times of 300");
+    }
+}
