@@ -35,18 +35,18 @@ workloads:
      workloadName: client, canonicalName: client, canonicalRevision: v1}
   - {name: v1, namespace: demo, serviceAccount: echo, addresses: [10.2.1.2], node: node-b,
      workloadName: echo-v1, canonicalName: echo, canonicalRevision: v1,
-     services: {demo/echo.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 81, targetPort: 8080}, {servicePort: 9090}],
+     services: {demo/echo.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 81, targetPort: 8080}, {servicePort: 82, targetPort: 8080}, {servicePort: 9090}],
                 demo/echo-v1.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 9090}]}}
   - {name: v2, namespace: demo, serviceAccount: echo, addresses: [10.1.2.2], node: node-a,
      workloadName: echo-v2, canonicalName: echo, canonicalRevision: v2,
-     services: {demo/echo.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 81, targetPort: 8080}, {servicePort: 9090}],
+     services: {demo/echo.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 81, targetPort: 8080}, {servicePort: 82, targetPort: 8080}, {servicePort: 9090}],
                 demo/echo-v2.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 9090}]}}
   - {name: waypoint, namespace: demo, serviceAccount: waypoint, addresses: [10.2.5.2], node: node-b,
      nativeTunnel: true, services: {demo/waypoint.demo.svc.cluster.local: [{servicePort: 15008}]}}
 services:
   - {name: echo, namespace: demo, hostname: echo.demo.svc.cluster.local, addresses: [10.96.0.10],
      ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP11}, {servicePort: 81, targetPort: 8080, appProtocol: HTTP2},
-             {servicePort: 9090, appProtocol: GRPC}],
+             {servicePort: 82, targetPort: 8080, appProtocol: TCP}, {servicePort: 9090, appProtocol: GRPC}],
      waypoint: {hostname: {namespace: demo, hostname: waypoint.demo.svc.cluster.local}}}
   - {name: echo-v1, namespace: demo, hostname: echo-v1.demo.svc.cluster.local, addresses: [10.96.0.11],
      ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP11}, {servicePort: 9090, appProtocol: GRPC}]}
@@ -495,6 +495,26 @@ fn waypoint_end_to_end() {
     assert!(upgraded.0.to_ascii_lowercase().contains("upgrade: echo"), "{}", upgraded.0);
     assert_eq!(upgraded.1, "ping over the upgrade");
 
+    // A TCP port: the waypoint passes the bytes through to an endpoint untouched (no route, no
+    // x-forwarded-for added).
+    let raw = client_rt
+        .block_on(client_rt.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let addr: SocketAddr = format!("{VIP}:82").parse().expect("addr");
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"GET /tcp HTTP/1.1\r\nhost: raw\r\nconnection: close\r\n\r\n").await.expect("write");
+            let mut out = String::new();
+            tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+                .await
+                .expect("in time")
+                .expect("read");
+            out
+        }))
+        .expect("tcp client");
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(raw.contains(" GET /tcp HTTP/1.1"), "{raw}");
+    assert!(!raw.contains("x-echo-x-forwarded-for"), "bytes untouched: {raw}");
+
     // gRPC through the waypoint: unary, server streaming, and an error status in trailers.
     let grpc = client_rt
         .block_on(client_rt.spawn(async move {
@@ -615,6 +635,12 @@ sys.stdout.write(repr(reply))
     assert_eq!(grpc_nf, 1.0);
     assert!(samples(&m, "istio_request_duration_milliseconds_count", &["reporter=\"waypoint\""]) >= 1000.0);
     assert!(m.contains("istio_response_bytes_bucket"), "{m}");
+    let tcp = samples(
+        &m,
+        "istio_tcp_connections_opened_total",
+        &["reporter=\"waypoint\"", "request_protocol=\"tcp\""],
+    );
+    assert_eq!(tcp, 1.0, "the TCP passthrough");
 
     // The JSON access log: one line per request with the fields users parse.
     let log = std::fs::read_to_string(&access_log).expect("access log");
