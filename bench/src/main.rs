@@ -1,0 +1,229 @@
+//! mesh-bench: the benchmark runner (`run`) and the workers it starts inside pods.
+//!
+//! `run` builds two nodes and pods in network namespaces, measures every scenario directly and
+//! through the mesh in the same run, and writes a Markdown + JSON report. See benches/run.sh.
+
+mod load;
+mod report;
+mod scenarios;
+mod topology;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use tracing::info;
+
+use scenarios::{Phase, Proxies, Settings};
+use topology::{Cluster, Mesh, Placement};
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks of the mesh against no mesh, in network namespaces")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every scenario, direct and through the mesh, and write the report (root).
+    Run {
+        /// Where ztunnel, waypoint, xds-server and mesh-bench are.
+        #[arg(long, default_value = "target/release")]
+        bin_dir: PathBuf,
+        /// Report directory.
+        #[arg(long, default_value = "benches/results")]
+        out: PathBuf,
+        /// A few seconds of everything (CI's check that the runner works).
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Echo server (request/response and churn).
+    EchoServer {
+        #[arg(long)]
+        port: u16,
+    },
+    /// HTTP/1.1 + h2c server.
+    HttpServer {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Fixed-rate request/response client.
+    Rr {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        rate: u64,
+        #[arg(long)]
+        conns: usize,
+        #[arg(long)]
+        size: usize,
+        #[arg(long)]
+        seconds: u64,
+    },
+    /// New connections per second.
+    Churn {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        concurrency: usize,
+        #[arg(long)]
+        seconds: u64,
+    },
+    /// Hold idle connections until stdin closes.
+    Hold {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+    /// Fixed-rate then closed-loop HTTP GETs.
+    Http {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        authority: String,
+        #[arg(long)]
+        rate: u64,
+        #[arg(long)]
+        conns: usize,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        h2: bool,
+    },
+}
+
+/// Open-file limit for the runner and everything it starts (10k proxied connections).
+const NOFILE: u64 = 262_144;
+
+#[allow(clippy::print_stdout)]
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string(v).unwrap_or_default());
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => panic!("tokio runtime: {e}"),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, NOFILE, NOFILE);
+    match args.command {
+        Command::Run { bin_dir, out, smoke } => {
+            common::telemetry::init(common::telemetry::LogFormat::Text);
+            run(bin_dir, out, smoke)?;
+        }
+        Command::EchoServer { port } => runtime().block_on(load::echo_server(port))?,
+        Command::HttpServer { port } => runtime().block_on(load::http_server(port))?,
+        Command::Rr { addr, rate, conns, size, seconds } => {
+            let l = runtime().block_on(load::request_response(
+                addr,
+                rate,
+                conns,
+                size,
+                Duration::from_secs(seconds),
+            ));
+            print_json(&l);
+        }
+        Command::Churn { addr, concurrency, seconds } => {
+            print_json(&runtime().block_on(load::churn(addr, concurrency, Duration::from_secs(seconds))));
+        }
+        Command::Hold { addr, count } => {
+            runtime().block_on(load::hold(addr, count));
+        }
+        Command::Http { addr, authority, rate, conns, seconds, h2 } => {
+            let h = runtime().block_on(load::http_load(
+                addr,
+                authority,
+                h2,
+                rate,
+                conns,
+                Duration::from_secs(seconds),
+            ));
+            print_json(&h);
+        }
+    }
+    Ok(())
+}
+
+fn commit() -> String {
+    let out = std::process::Command::new("git").args(["rev-parse", "--short", "HEAD"]).output();
+    out.ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn run(bin_dir: PathBuf, out: PathBuf, smoke: bool) -> anyhow::Result<()> {
+    mesh_tests::netns::require_root("the benchmark runner");
+    for tool in ["iperf3", "taskset", "curl"] {
+        let found = std::process::Command::new("sh").args(["-c", &format!("command -v {tool}")]).output();
+        anyhow::ensure!(
+            found.is_ok_and(|o| o.status.success()),
+            "{tool} is needed (benches/run.sh installs it)"
+        );
+    }
+    for bin in ["ztunnel", "waypoint", "xds-server", "mesh-bench"] {
+        anyhow::ensure!(
+            bin_dir.join(bin).exists(),
+            "{} is missing: build it first",
+            bin_dir.join(bin).display()
+        );
+    }
+    let started = Instant::now();
+    let settings = if smoke { Settings::smoke() } else { Settings::full() };
+    let work = tempfile::tempdir()?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let placement = Placement::for_cpus(cpus);
+    let cluster = Cluster::build(&bin_dir, placement.clone(), work.path());
+    let _servers = cluster.servers();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut direct = Phase::default();
+    for r in 0..settings.repeats {
+        info!(repeat = r + 1, of = settings.repeats, "direct");
+        scenarios::run_once(&cluster, &settings, &Proxies { mesh: None }, &mut direct);
+    }
+    let mesh_procs = Mesh::start(&cluster);
+    // Warm up: certificates, pooled HBONE connections, waypoint upstreams.
+    let warm = Settings { seconds: 1, repeats: 1, ..settings.clone() };
+    scenarios::run_once(&cluster, &warm, &Proxies { mesh: Some(&mesh_procs) }, &mut Phase::default());
+    let mut mesh = Phase::default();
+    for r in 0..settings.repeats {
+        info!(repeat = r + 1, of = settings.repeats, "mesh");
+        scenarios::run_once(&cluster, &settings, &Proxies { mesh: Some(&mesh_procs) }, &mut mesh);
+    }
+    let memory = scenarios::memory(&cluster, &settings, &mesh_procs);
+    drop(mesh_procs);
+
+    let date = common_date();
+    let report = report::Report {
+        date,
+        commit: commit(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine: report::Machine::read(),
+        placement,
+        settings,
+        figures: scenarios::figures(&direct, &mesh),
+        memory,
+        duration_seconds: started.elapsed().as_secs_f64(),
+    };
+    let path = report.write(&out)?;
+    info!(report = %path.display(), seconds = report.duration_seconds, "report written");
+    Ok(())
+}
+
+/// Today as `YYYY-MM-DDTHH:MM:SSZ`.
+fn common_date() -> String {
+    let format =
+        time::format_description::parse_borrowed::<2>("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    match format {
+        Ok(f) => time::OffsetDateTime::now_utc().format(&f).unwrap_or_default(),
+        Err(_) => "unknown".into(),
+    }
+}

@@ -1,0 +1,137 @@
+//! The report: JSON (everything, raw runs included) and Markdown (the tables people read),
+//! with the machine, the commit, the CPU placement and the command that produced it.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::scenarios::{Figure, Settings};
+use crate::topology::Placement;
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cpus: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+}
+
+impl Machine {
+    pub fn read() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            .unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let kib: f64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0);
+        let kernel =
+            std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+        Self {
+            cpu,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_gib: kib / 1048576.0,
+            kernel,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub date: String,
+    pub commit: String,
+    pub command: String,
+    pub machine: Machine,
+    pub placement: Placement,
+    pub settings: Settings,
+    pub figures: Vec<Figure>,
+    /// Mesh-only memory figures: (what, unit, value).
+    pub memory: Vec<(String, String, f64)>,
+    pub duration_seconds: f64,
+}
+
+fn num(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+impl Report {
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "# Benchmark report: {} ({})\n", self.date, self.commit);
+        let _ = writeln!(md, "Command: `{}`  ", self.command);
+        let m = &self.machine;
+        let _ = writeln!(
+            md,
+            "Machine: {} CPU(s), {}, {:.0} GiB, kernel {}  ",
+            m.cpus, m.cpu, m.memory_gib, m.kernel
+        );
+        let p = &self.placement;
+        let _ = writeln!(
+            md,
+            "CPU placement (the same for direct and mesh runs): client {}, server {}, ztunnel node A {}, ztunnel node B {}, waypoint {}, control plane {}  ",
+            p.client, p.server, p.ztunnel_a, p.ztunnel_b, p.waypoint, p.control_plane
+        );
+        let s = &self.settings;
+        let _ = writeln!(
+            md,
+            "Each figure: {} run(s) of {} s; min / median / max; ratio = mesh median / direct median. Took {:.0} s.\n",
+            s.repeats, s.seconds, self.duration_seconds
+        );
+        let _ = writeln!(
+            md,
+            "Direct = client pod -> node A -> link -> node B -> server pod, no mesh. Mesh = the same path with eBPF capture, ztunnel A -> HBONE/mTLS -> ztunnel B (L4), and for L7 ztunnel A -> waypoint -> ztunnel B.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| scenario | metric | direct (min / median / max) | mesh (min / median / max) | mesh/direct | added |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
+        for f in &self.figures {
+            let spread = |s: &crate::scenarios::Spread| {
+                format!("{} / **{}** / {} {}", num(s.min), num(s.median), num(s.max), f.unit)
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                f.scenario,
+                f.metric,
+                f.direct.as_ref().map_or("-".to_string(), spread),
+                spread(&f.mesh),
+                f.ratio.map_or("-".to_string(), |r| format!("{r:.2}x")),
+                f.added.map_or("-".to_string(), |a| format!("{} {}", num(a), f.unit)),
+            );
+        }
+        let _ = writeln!(md, "\n## Memory (ztunnel, mesh only)\n");
+        let _ = writeln!(md, "| figure | value |");
+        let _ = writeln!(md, "|---|---|");
+        for (what, unit, v) in &self.memory {
+            let _ = writeln!(md, "| {what} | {} {unit} |", num(*v));
+        }
+        md
+    }
+
+    /// Writes `<dir>/<date>-<commit>.{json,md}`; returns the Markdown path.
+    pub fn write(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        std::fs::create_dir_all(dir)?;
+        let stem = format!("{}-{}", &self.date[..10.min(self.date.len())], self.commit);
+        std::fs::write(
+            dir.join(format!("{stem}.json")),
+            serde_json::to_string_pretty(self).unwrap_or_default(),
+        )?;
+        let md = dir.join(format!("{stem}.md"));
+        std::fs::write(&md, self.markdown())?;
+        Ok(md)
+    }
+}

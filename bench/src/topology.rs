@@ -1,0 +1,355 @@
+//! The benchmark's cluster: two nodes joined by a veth link, a client pod on node A and a
+//! server pod and a waypoint pod on node B; the mesh (control plane, one ztunnel per node,
+//! the waypoint) started and stopped around it; processes pinned to CPUs and measured from
+//! /proc.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_tests::netns::{Netns, enable_forwarding, run, wire};
+
+pub const CLIENT_IP: &str = "10.1.1.2";
+pub const SERVER_IP: &str = "10.2.1.2";
+pub const WAYPOINT_IP: &str = "10.2.5.2";
+/// L7 through the waypoint: HTTP/1.1 and HTTP/2 services.
+pub const WEB_H1_VIP: &str = "10.96.0.60";
+pub const WEB_H2_VIP: &str = "10.96.0.61";
+const XDS_ADDR: &str = "10.0.0.1:15010";
+
+/// The mesh the control plane serves.
+pub const MESH: &str = r#"
+workloads:
+  - {name: client, namespace: bench, serviceAccount: client, addresses: [10.1.1.2], node: node-a, workloadName: client}
+  - {name: server, namespace: bench, serviceAccount: server, addresses: [10.2.1.2], node: node-b, workloadName: server,
+     services: {bench/web.bench.svc.cluster.local: [{servicePort: 80, targetPort: 8080}],
+                bench/web2.bench.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]}}
+  - {name: waypoint, namespace: bench, serviceAccount: waypoint, addresses: [10.2.5.2], node: node-b, nativeTunnel: true,
+     services: {bench/waypoint.bench.svc.cluster.local: [{servicePort: 15008}]}}
+services:
+  - {name: web, namespace: bench, hostname: web.bench.svc.cluster.local, addresses: [10.96.0.60],
+     ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP11}],
+     waypoint: {hostname: {namespace: bench, hostname: waypoint.bench.svc.cluster.local}}}
+  - {name: web2, namespace: bench, hostname: web2.bench.svc.cluster.local, addresses: [10.96.0.61],
+     ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP2}],
+     waypoint: {hostname: {namespace: bench, hostname: waypoint.bench.svc.cluster.local}}}
+  - {name: waypoint, namespace: bench, hostname: waypoint.bench.svc.cluster.local, addresses: [10.96.0.70],
+     ports: [{servicePort: 15008}]}
+"#;
+
+/// Which CPU each party runs on (the same in direct and mesh runs).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Placement {
+    pub client: usize,
+    pub server: usize,
+    pub ztunnel_a: usize,
+    pub ztunnel_b: usize,
+    pub waypoint: usize,
+    pub control_plane: usize,
+}
+
+impl Placement {
+    pub fn for_cpus(n: usize) -> Self {
+        // Node A's side on the first CPU, node B's on the last: with two CPUs each node gets one.
+        let (a, b) = (0, n.saturating_sub(1));
+        Self { client: a, server: b, ztunnel_a: a, ztunnel_b: b, waypoint: b, control_plane: a }
+    }
+}
+
+/// A long-running process in a namespace, killed on drop.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU seconds used so far (user + system).
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.pid())
+    }
+
+    /// Resident set size in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Writes to its stdin (used to tell the holder to let go).
+    pub fn close_stdin(&mut self) {
+        drop(self.child.stdin.take());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        tracing::debug!(process = %self.name, "stopping");
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clock_ticks() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output();
+    out.ok().and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok()).unwrap_or(100.0)
+}
+
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<f64>().ok()).sum();
+    ticks / clock_ticks()
+}
+
+pub struct Cluster {
+    pub node_a: Netns,
+    pub node_b: Netns,
+    pub client: Netns,
+    pub server: Netns,
+    pub waypoint: Netns,
+    pub bin: PathBuf,
+    pub placement: Placement,
+    pub work: PathBuf,
+}
+
+impl Cluster {
+    pub fn build(bin: &Path, placement: Placement, work: &Path) -> Self {
+        let pid = std::process::id();
+        let ns = |role: &str| Netns::create(&format!("bn{pid}-{role}"));
+        let c = Self {
+            node_a: ns("na"),
+            node_b: ns("nb"),
+            client: ns("client"),
+            server: ns("server"),
+            waypoint: ns("wp"),
+            bin: bin.to_path_buf(),
+            placement,
+            work: work.to_path_buf(),
+        };
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                "link-a",
+                "netns",
+                &c.node_a.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "link-b",
+                "netns",
+                &c.node_b.name,
+            ],
+        );
+        c.node_a.ip(&["addr", "add", "10.0.0.1/24", "dev", "link-a"]);
+        c.node_a.ip(&["link", "set", "link-a", "up"]);
+        c.node_b.ip(&["addr", "add", "10.0.0.2/24", "dev", "link-b"]);
+        c.node_b.ip(&["link", "set", "link-b", "up"]);
+        wire(&c.node_a, &c.client, "v-client", "10.1.1");
+        wire(&c.node_b, &c.server, "v-server", "10.2.1");
+        wire(&c.node_b, &c.waypoint, "v-wp", "10.2.5");
+        c.node_a.ip(&["route", "add", "10.2.0.0/16", "via", "10.0.0.2"]);
+        c.node_b.ip(&["route", "add", "10.1.0.0/16", "via", "10.0.0.1"]);
+        enable_forwarding(&c.node_a);
+        enable_forwarding(&c.node_b);
+        c
+    }
+
+    fn command(&self, ns: &Netns, cpu: usize, program: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name, "taskset", "-c", &cpu.to_string()]).arg(program).args(args);
+        cmd
+    }
+
+    /// Starts a long-running process; its stderr goes to `<work>/<name>.log`.
+    pub fn spawn(&self, name: &str, ns: &Netns, cpu: usize, program: &Path, args: &[&str]) -> Proc {
+        let log = std::fs::File::create(self.work.join(format!("{name}.log"))).expect("log file");
+        let child = self
+            .command(ns, cpu, program, args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Proc { name: name.to_string(), child }
+    }
+
+    /// Runs a worker of ours to completion and parses the JSON it prints.
+    pub fn worker<T: serde::de::DeserializeOwned>(&self, ns: &Netns, cpu: usize, args: &[&str]) -> T {
+        let out = self
+            .command(ns, cpu, &self.bin.join("mesh-bench"), args)
+            .output()
+            .unwrap_or_else(|e| panic!("worker {args:?}: {e}"));
+        assert!(out.status.success(), "worker {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("worker {args:?} printed {:?}: {e}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    /// Runs any program in a namespace on a CPU, returning stdout.
+    pub fn exec(&self, ns: &Netns, cpu: usize, program: &str, args: &[&str]) -> String {
+        let out = self
+            .command(ns, cpu, Path::new(program), args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(out.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The servers in the server pod: echo on 7000, HTTP on 8080, iperf3 on 5201.
+    pub fn servers(&self) -> Vec<Proc> {
+        let cpu = self.placement.server;
+        let me = self.bin.join("mesh-bench");
+        vec![
+            self.spawn("echo-server", &self.server, cpu, &me, &["echo-server", "--port", "7000"]),
+            self.spawn("http-server", &self.server, cpu, &me, &["http-server", "--port", "8080"]),
+            self.spawn("iperf3-server", &self.server, cpu, Path::new("iperf3"), &["-s", "-p", "5201"]),
+        ]
+    }
+
+    /// Holds `count` connections from the client pod to `addr`; returns once they are all open.
+    pub fn hold(&self, addr: &str, count: usize) -> (Proc, usize) {
+        let me = self.bin.join("mesh-bench");
+        let n = count.to_string();
+        let mut p = self.spawn(
+            "hold",
+            &self.client,
+            self.placement.client,
+            &me,
+            &["hold", "--addr", addr, "--count", &n],
+        );
+        let stdout = p.child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let opened = line.trim().strip_prefix("READY ").and_then(|n| n.parse().ok()).unwrap_or(0);
+        (p, opened)
+    }
+}
+
+/// The running mesh: control plane, ztunnels, waypoint.
+pub struct Mesh {
+    pub ztunnel_a: Proc,
+    pub ztunnel_b: Proc,
+    pub waypoint: Proc,
+    _control_plane: Proc,
+}
+
+fn wait_ready(c: &Cluster, ns: &Netns, what: &str, log: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "curl", "-fsS", "http://127.0.0.1:15021/healthz/ready"])
+            .output();
+        if out.is_ok_and(|o| o.status.success()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(c.work.join(log)).unwrap_or_default();
+    panic!("{what} never became ready; its log:\n{log}");
+}
+
+/// Waits until the node's ztunnel reports `ip` enrolled for capture.
+fn wait_enrolled(node: &Netns, ip: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node.name, "curl", "-fsS", "http://127.0.0.1:15000/config_dump"])
+            .output();
+        let dump: Option<serde_json::Value> = out.ok().and_then(|o| serde_json::from_slice(&o.stdout).ok());
+        if dump.is_some_and(|d| !d["redirection"]["pods"][ip].is_null()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{ip} was never enrolled in {}", node.name);
+}
+
+impl Mesh {
+    pub fn start(c: &Cluster) -> Self {
+        let config = c.work.join("mesh.yaml");
+        std::fs::File::create(&config).and_then(|mut f| f.write_all(MESH.as_bytes())).expect("mesh config");
+        let ca = c.work.join("ca");
+        let (ca, config) = (ca.to_str().expect("path"), config.to_str().expect("path"));
+        let p = &c.placement;
+        let control_plane = c.spawn(
+            "xds-server",
+            &c.node_a,
+            p.control_plane,
+            &c.bin.join("xds-server"),
+            &["--listen", XDS_ADDR, "--config", config],
+        );
+        let url = format!("http://{XDS_ADDR}");
+        let zt = |node: &str| {
+            vec![
+                "--xds-address",
+                url.as_str(),
+                "--node-name",
+                node,
+                "--local-ca",
+                ca,
+                "--redirect",
+                "--uplink",
+                "*",
+            ]
+            .into_iter()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+        };
+        let args_a = zt("node-a");
+        let args_b = zt("node-b");
+        fn refs(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+        let ztunnel_a = c.spawn("ztunnel-a", &c.node_a, p.ztunnel_a, &c.bin.join("ztunnel"), &refs(&args_a));
+        wait_ready(c, &c.node_a, "ztunnel on node-a", "ztunnel-a.log");
+        let ztunnel_b = c.spawn("ztunnel-b", &c.node_b, p.ztunnel_b, &c.bin.join("ztunnel"), &refs(&args_b));
+        wait_ready(c, &c.node_b, "ztunnel on node-b", "ztunnel-b.log");
+        let waypoint = c.spawn(
+            "waypoint",
+            &c.waypoint,
+            p.waypoint,
+            &c.bin.join("waypoint"),
+            &[
+                "--xds-address",
+                &url,
+                "--local-ca",
+                ca,
+                "--name",
+                "waypoint",
+                "--namespace",
+                "bench",
+                "--address",
+                WAYPOINT_IP,
+                "--access-log",
+                "/dev/null",
+            ],
+        );
+        wait_ready(c, &c.waypoint, "waypoint", "waypoint.log");
+        wait_enrolled(&c.node_a, CLIENT_IP);
+        wait_enrolled(&c.node_b, SERVER_IP);
+        Self { ztunnel_a, ztunnel_b, waypoint, _control_plane: control_plane }
+    }
+}
