@@ -2,9 +2,11 @@
 //! (fixed-rate open-loop request/response, connection churn, idle connection holder, HTTP).
 //! Each generator prints one JSON result on stdout.
 //!
-//! Open loop: every request has a scheduled send time (`start + k * interval` per connection);
-//! latency runs from that time, not from when the request actually left, so a slow response
-//! delays the next send but is not hidden by it (no coordinated omission).
+//! Open loop: every request has a scheduled send time (`start + k * interval` per connection).
+//! When the previous response came back late, latency runs from that scheduled time, so the
+//! backlog a slow response causes is counted (no coordinated omission). When the connection was
+//! idle and merely woke up late (the timer's millisecond granularity), latency runs from the
+//! wake-up: timer jitter is the generator's, not the system's.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -50,6 +52,16 @@ impl Latency {
             max_us: us.last().copied().unwrap_or(0),
         }
     }
+}
+
+/// Waits for a request's scheduled time; returns when its latency starts: the scheduled time if
+/// we are already behind it (backlog counts), else the moment we woke (timer lateness does not).
+async fn wait_for(scheduled: Instant) -> Instant {
+    if Instant::now() >= scheduled {
+        return scheduled;
+    }
+    tokio::time::sleep_until(scheduled.into()).await;
+    Instant::now()
 }
 
 /// Echo server: answers every `size`-byte request with `size` bytes; a 1-byte request on a
@@ -119,10 +131,10 @@ pub async fn request_response(
                 if scheduled >= start + duration {
                     break;
                 }
-                tokio::time::sleep_until(scheduled.into()).await;
+                let from = wait_for(scheduled).await;
                 let ok = s.write_all(&req).await.is_ok() && s.read_exact(&mut resp).await.is_ok();
                 if ok {
-                    samples.push(scheduled.elapsed().as_micros() as u64);
+                    samples.push(from.elapsed().as_micros() as u64);
                 } else {
                     errors += 1;
                     break;
@@ -292,9 +304,9 @@ pub async fn http_load(
                 if scheduled >= start + duration {
                     break;
                 }
-                tokio::time::sleep_until(scheduled.into()).await;
+                let from = wait_for(scheduled).await;
                 if s.get(&authority).await {
-                    samples.push(scheduled.elapsed().as_micros() as u64);
+                    samples.push(from.elapsed().as_micros() as u64);
                 } else {
                     errors += 1;
                 }

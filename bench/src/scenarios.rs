@@ -110,16 +110,52 @@ impl Proxies<'_> {
     }
 }
 
+/// One iperf3 test against a fresh one-off server (`-s -1`), so that a test that goes wrong
+/// cannot leave the server stuck for the next. Bounded by `timeout`; retried once.
 fn iperf(c: &Cluster, streams: usize, reverse: bool, seconds: u64) -> (f64, f64) {
     let (p, t) = (streams.to_string(), seconds.to_string());
-    let mut args = vec!["-c", SERVER_IP, "-p", "5201", "-t", t.as_str(), "-P", p.as_str(), "-J"];
-    if reverse {
-        args.push("-R");
+    let limit = (seconds + 20).to_string();
+    for attempt in 1..=2 {
+        let server = c.spawn(
+            "iperf3-server",
+            &c.server,
+            c.placement.server,
+            std::path::Path::new("iperf3"),
+            &["-s", "-1", "-p", "5201"],
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let mut args = vec![
+            limit.as_str(),
+            "iperf3",
+            "-c",
+            SERVER_IP,
+            "-p",
+            "5201",
+            "-t",
+            t.as_str(),
+            "-P",
+            p.as_str(),
+            "-J",
+        ];
+        if reverse {
+            args.push("-R");
+        }
+        let out = c.try_exec(&c.client, c.placement.client, "timeout", &args);
+        drop(server);
+        match out
+            .and_then(|o| serde_json::from_str::<Value>(&o).map_err(|e| format!("iperf3 JSON: {e}: {o}")))
+        {
+            Ok(v) => {
+                let sum = &v["end"]["sum_received"];
+                return (
+                    sum["bits_per_second"].as_f64().unwrap_or(0.0),
+                    sum["bytes"].as_f64().unwrap_or(0.0),
+                );
+            }
+            Err(e) => tracing::warn!(attempt, error = %e, "iperf3 run failed"),
+        }
     }
-    let out = c.exec(&c.client, c.placement.client, "iperf3", &args);
-    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("iperf3 JSON: {e}: {out}"));
-    let sum = &v["end"]["sum_received"];
-    (sum["bits_per_second"].as_f64().unwrap_or(0.0), sum["bytes"].as_f64().unwrap_or(0.0))
+    panic!("iperf3 failed twice ({streams} streams, reverse {reverse})");
 }
 
 /// Runs every scenario once (one repeat) in the current mode.

@@ -208,24 +208,29 @@ impl Cluster {
         })
     }
 
-    /// Runs any program in a namespace on a CPU, returning stdout.
-    pub fn exec(&self, ns: &Netns, cpu: usize, program: &str, args: &[&str]) -> String {
+    /// Runs any program in a namespace on a CPU; its stdout, or why it failed.
+    pub fn try_exec(&self, ns: &Netns, cpu: usize, program: &str, args: &[&str]) -> Result<String, String> {
         let out = self
             .command(ns, cpu, Path::new(program), args)
             .output()
-            .unwrap_or_else(|e| panic!("{program}: {e}"));
-        assert!(out.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+            .map_err(|e| format!("{program}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{program} {args:?}: {} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// The servers in the server pod: echo on 7000, HTTP on 8080, iperf3 on 5201.
+    /// The servers in the server pod: echo on 7000, HTTP on 8080 (iperf3 runs per test).
     pub fn servers(&self) -> Vec<Proc> {
         let cpu = self.placement.server;
         let me = self.bin.join("mesh-bench");
         vec![
             self.spawn("echo-server", &self.server, cpu, &me, &["echo-server", "--port", "7000"]),
             self.spawn("http-server", &self.server, cpu, &me, &["http-server", "--port", "8080"]),
-            self.spawn("iperf3-server", &self.server, cpu, Path::new("iperf3"), &["-s", "-p", "5201"]),
         ]
     }
 
