@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mesh_tests::netns::{Netns, enable_forwarding, run, wire};
+use mesh_tests::netns::{Netns, link_nodes, wire};
 
 pub const CLIENT_IP: &str = "10.1.1.2";
 pub const SERVER_IP: &str = "10.2.1.2";
@@ -146,34 +146,10 @@ impl Cluster {
             placement,
             work: work.to_path_buf(),
         };
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                "link-a",
-                "netns",
-                &c.node_a.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "link-b",
-                "netns",
-                &c.node_b.name,
-            ],
-        );
-        c.node_a.ip(&["addr", "add", "10.0.0.1/24", "dev", "link-a"]);
-        c.node_a.ip(&["link", "set", "link-a", "up"]);
-        c.node_b.ip(&["addr", "add", "10.0.0.2/24", "dev", "link-b"]);
-        c.node_b.ip(&["link", "set", "link-b", "up"]);
+        link_nodes(&c.node_a, &c.node_b);
         wire(&c.node_a, &c.client, "v-client", "10.1.1");
         wire(&c.node_b, &c.server, "v-server", "10.2.1");
         wire(&c.node_b, &c.waypoint, "v-wp", "10.2.5");
-        c.node_a.ip(&["route", "add", "10.2.0.0/16", "via", "10.0.0.2"]);
-        c.node_b.ip(&["route", "add", "10.1.0.0/16", "via", "10.0.0.1"]);
-        enable_forwarding(&c.node_a);
-        enable_forwarding(&c.node_b);
         c
     }
 

@@ -6,6 +6,7 @@
 //! [`handler::Handler`]. Resources that fail to decode or that the handler rejects are NACKed
 //! (or, for the file source, logged and counted) and the previous good state stays in force.
 
+pub mod args;
 pub mod client;
 pub mod handler;
 pub mod local;
@@ -13,6 +14,7 @@ pub mod metrics;
 pub mod store;
 pub mod validate;
 
+pub use args::{ControlPlaneArgs, SourceError};
 pub use client::{NodeInfo, XdsClient, XdsConfig};
 pub use handler::{Handler, Handlers, Rejection, XdsResource, XdsUpdate};
 pub use local::{LocalConfig, LocalSource};

@@ -117,3 +117,23 @@ pub fn wire(node: &Netns, pod: &Netns, host_if: &str, subnet: &str) {
 pub fn enable_forwarding(node: &Netns) {
     node.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
 }
+
+/// Joins two nodes with a veth link (`link-a` 10.0.0.1 in `a`, `link-b` 10.0.0.2 in `b`), routes
+/// node A's pod range 10.1.0.0/16 and node B's 10.2.0.0/16 across it, and lets both forward.
+pub fn link_nodes(a: &Netns, b: &Netns) {
+    run(
+        "ip",
+        &[
+            "link", "add", "link-a", "netns", &a.name, "type", "veth", "peer", "name", "link-b", "netns",
+            &b.name,
+        ],
+    );
+    a.ip(&["addr", "add", "10.0.0.1/24", "dev", "link-a"]);
+    a.ip(&["link", "set", "link-a", "up"]);
+    b.ip(&["addr", "add", "10.0.0.2/24", "dev", "link-b"]);
+    b.ip(&["link", "set", "link-b", "up"]);
+    a.ip(&["route", "add", "10.2.0.0/16", "via", "10.0.0.2"]);
+    b.ip(&["route", "add", "10.1.0.0/16", "via", "10.0.0.1"]);
+    enable_forwarding(a);
+    enable_forwarding(b);
+}

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use common::hbone::server::{self, BoxFuture, ConnectRequest, Decision, FixedTls};
 use common::identity::Identity;
 use common::identity::local_ca::LocalCa;
-use mesh_tests::netns::{Netns, enable_forwarding, require_root, run, wire};
+use mesh_tests::netns::{Netns, link_nodes, require_root, wire};
 use mesh_tests::node::NodeZtunnel;
 use mesh_tests::xds_server::{self, XdsStore};
 
@@ -177,27 +177,7 @@ fn cluster() -> Cluster {
         waypoint: ns("wp"),
         outside: ns("out"),
     };
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            "link-a",
-            "netns",
-            &c.node_a.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "link-b",
-            "netns",
-            &c.node_b.name,
-        ],
-    );
-    c.node_a.ip(&["addr", "add", "10.0.0.1/24", "dev", "link-a"]);
-    c.node_a.ip(&["link", "set", "link-a", "up"]);
-    c.node_b.ip(&["addr", "add", "10.0.0.2/24", "dev", "link-b"]);
-    c.node_b.ip(&["link", "set", "link-b", "up"]);
+    link_nodes(&c.node_a, &c.node_b);
     wire(&c.node_a, &c.client, "v-client", "10.1.1");
     wire(&c.node_a, &c.echo_1, "v-echo1", "10.1.2");
     wire(&c.node_a, &c.outside, "v-out", "10.9.0");
@@ -206,11 +186,7 @@ fn cluster() -> Cluster {
     wire(&c.node_b, &c.rogue, "v-rogue", "10.2.3");
     wire(&c.node_b, &c.echo_3, "v-echo3", "10.2.4");
     wire(&c.node_b, &c.waypoint, "v-wp", "10.2.5");
-    c.node_a.ip(&["route", "add", "10.2.0.0/16", "via", "10.0.0.2"]);
-    c.node_b.ip(&["route", "add", "10.1.0.0/16", "via", "10.0.0.1"]);
     c.node_b.ip(&["route", "add", "10.9.0.0/24", "via", "10.0.0.1"]);
-    enable_forwarding(&c.node_a);
-    enable_forwarding(&c.node_b);
     for (ns, name) in [
         (&c.echo_1, "echo-1"),
         (&c.echo_2, "echo-2"),

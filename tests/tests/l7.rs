@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mesh_tests::netns::{Netns, enable_forwarding, require_root, run, wire};
+use mesh_tests::netns::{Netns, link_nodes, require_root, run, wire};
 use mesh_tests::node::NodeZtunnel;
 use mesh_tests::xds_server::{self, XdsStore};
 use proto::ambient::testing::v1::echo_client::EchoClient;
@@ -288,35 +288,11 @@ fn pods() -> Pods {
         v2: ns("v2"),
         waypoint: ns("wp"),
     };
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            "link-a",
-            "netns",
-            &p.node_a.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "link-b",
-            "netns",
-            &p.node_b.name,
-        ],
-    );
-    p.node_a.ip(&["addr", "add", "10.0.0.1/24", "dev", "link-a"]);
-    p.node_a.ip(&["link", "set", "link-a", "up"]);
-    p.node_b.ip(&["addr", "add", "10.0.0.2/24", "dev", "link-b"]);
-    p.node_b.ip(&["link", "set", "link-b", "up"]);
+    link_nodes(&p.node_a, &p.node_b);
     wire(&p.node_a, &p.client, "v-client", "10.1.1");
     wire(&p.node_a, &p.v2, "v-v2", "10.1.2");
     wire(&p.node_b, &p.v1, "v-v1", "10.2.1");
     wire(&p.node_b, &p.waypoint, "v-wp", "10.2.5");
-    p.node_a.ip(&["route", "add", "10.2.0.0/16", "via", "10.0.0.2"]);
-    p.node_b.ip(&["route", "add", "10.1.0.0/16", "via", "10.0.0.1"]);
-    enable_forwarding(&p.node_a);
-    enable_forwarding(&p.node_b);
     p
 }
 

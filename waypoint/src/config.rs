@@ -2,12 +2,11 @@
 //! place. Names follow Istio's where Istio has one (POD_NAMESPACE, XDS_ADDRESS, ...).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 use common::telemetry::LogFormat;
-use common::xds::{NodeInfo, Source, XdsConfig};
+use common::xds::{ControlPlaneArgs, NodeInfo, Source, SourceError};
 
 use crate::upstream::Balance;
 
@@ -16,7 +15,6 @@ pub const DEFAULT_LISTEN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr:
 pub const DEFAULT_ADMIN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
 pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15020);
 pub const DEFAULT_READINESS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15021);
-pub const DEFAULT_XDS_ADDRESS: &str = "https://istiod.istio-system.svc:15012";
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
@@ -55,15 +53,8 @@ pub struct Config {
 #[derive(Debug, Parser)]
 #[command(name = "waypoint", version, about = "L7 proxy of the ambient mesh")]
 pub struct Args {
-    /// Local config YAML (workloads, services, routes) instead of a control plane.
-    #[arg(long, env = "LOCAL_XDS_PATH")]
-    pub local_config: Option<PathBuf>,
-    #[arg(long, env = "XDS_ADDRESS")]
-    pub xds_address: Option<String>,
-    #[arg(long, env = "XDS_ROOT_CA", default_value = "/var/run/secrets/istio/root-cert.pem")]
-    pub xds_root_cert: PathBuf,
-    #[arg(long, env = "XDS_TOKEN_PATH")]
-    pub xds_token_path: Option<PathBuf>,
+    #[command(flatten)]
+    pub control_plane: ControlPlaneArgs,
     /// Name of the waypoint (its Gateway).
     #[arg(long, env = "WAYPOINT_NAME", default_value = "waypoint")]
     pub name: String,
@@ -96,11 +87,6 @@ pub struct Args {
     pub readiness_addr: SocketAddr,
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
-    /// Sign the waypoint's certificate with the local root in DIR instead of istiod's CA.
-    #[arg(long, env = "WAYPOINT_LOCAL_CA", value_name = "DIR")]
-    pub local_ca: Option<PathBuf>,
-    #[arg(long, env = "CA_ADDRESS")]
-    pub ca_address: Option<String>,
     /// `least-request` (default) or `round-robin`.
     #[arg(long, env = "LOAD_BALANCING", default_value = "least-request")]
     pub balance: Balance,
@@ -113,8 +99,8 @@ pub struct Args {
 pub enum ConfigError {
     #[error("admin address {0} is not a loopback address; admin is served on localhost only")]
     AdminNotLoopback(SocketAddr),
-    #[error("give either --local-config or --xds-address, not both")]
-    TwoSources,
+    #[error(transparent)]
+    Source(#[from] SourceError),
 }
 
 impl Config {
@@ -131,29 +117,8 @@ impl Config {
             cluster_id: args.cluster_id.clone(),
             extra: Default::default(),
         };
-        let https = |a: &str| a.starts_with("https://");
-        let ca = CaConfig::from_flags(
-            args.local_ca.as_deref(),
-            args.ca_address.as_deref(),
-            args.xds_address.as_deref(),
-            DEFAULT_XDS_ADDRESS,
-            &args.xds_root_cert,
-            args.xds_token_path.as_deref(),
-        );
-        let (source, source_description) = match (args.local_config, args.xds_address) {
-            (Some(_), Some(_)) => return Err(ConfigError::TwoSources),
-            (Some(path), None) => {
-                let d = format!("file {}", path.display());
-                (Source::File(path), d)
-            }
-            (None, address) => {
-                let address = address.unwrap_or_else(|| DEFAULT_XDS_ADDRESS.to_string());
-                let mut xds = XdsConfig::new(address.clone(), node.clone());
-                xds.target.root_cert = https(&address).then_some(args.xds_root_cert);
-                xds.target.token_path = args.xds_token_path;
-                (Source::Xds(Box::new(xds)), format!("xds {address}"))
-            }
-        };
+        let ca = args.control_plane.ca();
+        let (source, source_description) = args.control_plane.source(&node)?;
         let service_hostname = args
             .service_hostname
             .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", args.name, args.namespace));

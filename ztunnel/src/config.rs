@@ -2,12 +2,11 @@
 //! Environment names follow Istio's ztunnel so a DaemonSet spec carries over.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 use common::telemetry::LogFormat;
-use common::xds::{NodeInfo, Source, XdsConfig};
+use common::xds::{ControlPlaneArgs, NodeInfo, Source, SourceError};
 
 use crate::proxy::{OutboundPolicy, ProxyConfig};
 use crate::redirect::StaticPod;
@@ -19,7 +18,7 @@ pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr
 /// Readiness endpoint.
 pub const DEFAULT_READINESS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15021);
 /// istiod's xDS address inside a cluster.
-pub const DEFAULT_XDS_ADDRESS: &str = "https://istiod.istio-system.svc:15012";
+pub const DEFAULT_XDS_ADDRESS: &str = common::xds::args::DEFAULT_ISTIOD_ADDRESS;
 /// Outbound capture listener.
 pub const DEFAULT_OUTBOUND_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15001);
 /// Inbound plaintext capture listener.
@@ -79,21 +78,8 @@ pub struct Config {
 #[derive(Debug, Parser)]
 #[command(name = "ztunnel", version, about = "L4 node proxy of the ambient mesh")]
 pub struct Args {
-    /// Local config YAML (workloads, services, policies) instead of a control plane.
-    #[arg(long, env = "LOCAL_XDS_PATH")]
-    pub local_config: Option<PathBuf>,
-    /// xDS server: `https://host:15012` (istiod) or `http://host:port` (local control plane).
-    #[arg(long, env = "XDS_ADDRESS")]
-    pub xds_address: Option<String>,
-    /// PEM root(s) to verify an https xDS server with.
-    #[arg(long, env = "XDS_ROOT_CA", default_value = "/var/run/secrets/istio/root-cert.pem")]
-    pub xds_root_cert: PathBuf,
-    /// TLS name of the xDS server (defaults to the address host).
-    #[arg(long, env = "XDS_SERVER_NAME")]
-    pub xds_server_name: Option<String>,
-    /// Bearer token file sent to the xDS server (a service-account JWT).
-    #[arg(long, env = "XDS_TOKEN_PATH")]
-    pub xds_token_path: Option<PathBuf>,
+    #[command(flatten)]
+    pub control_plane: ControlPlaneArgs,
     #[arg(long, env = "NODE_NAME", default_value = "local")]
     pub node_name: String,
     #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
@@ -130,13 +116,6 @@ pub struct Args {
     /// Network of this node.
     #[arg(long, env = "NETWORK", default_value = "")]
     pub network: String,
-    /// Sign workload certificates with a local root kept in DIR (shared by every ztunnel of
-    /// the mesh) instead of asking istiod's CA.
-    #[arg(long, env = "ZTUNNEL_LOCAL_CA", value_name = "DIR")]
-    pub local_ca: Option<PathBuf>,
-    /// istiod's CA (defaults to the xDS address when that is https, else istiod's).
-    #[arg(long, env = "CA_ADDRESS")]
-    pub ca_address: Option<String>,
     /// Unknown destinations: `passthrough` (default) or `registry-only`.
     #[arg(long, env = "OUTBOUND_POLICY", default_value = "passthrough")]
     pub outbound_policy: OutboundPolicy,
@@ -152,8 +131,8 @@ pub struct Args {
 pub enum ConfigError {
     #[error("admin address {0} is not a loopback address; admin is served on localhost only")]
     AdminNotLoopback(SocketAddr),
-    #[error("give either --local-config or --xds-address, not both")]
-    TwoSources,
+    #[error(transparent)]
+    Source(#[from] SourceError),
 }
 
 impl Config {
@@ -171,14 +150,7 @@ impl Config {
             cluster_id: args.cluster_id,
             extra: Default::default(),
         };
-        let ca = CaConfig::from_flags(
-            args.local_ca.as_deref(),
-            args.ca_address.as_deref(),
-            args.xds_address.as_deref(),
-            DEFAULT_XDS_ADDRESS,
-            &args.xds_root_cert,
-            args.xds_token_path.as_deref(),
-        );
+        let ca = args.control_plane.ca();
         let proxy = (!args.no_proxy).then(|| ProxyConfig {
             node_name: args.node_name.clone(),
             trust_domain: args.trust_domain.clone(),
@@ -188,21 +160,7 @@ impl Config {
             mark: ebpf::redirector::DEFAULT_ZTUNNEL_MARK,
             outbound_policy: args.outbound_policy,
         });
-        let (source, source_description) = match (args.local_config, args.xds_address) {
-            (Some(_), Some(_)) => return Err(ConfigError::TwoSources),
-            (Some(path), None) => {
-                let d = format!("file {}", path.display());
-                (Source::File(path), d)
-            }
-            (None, address) => {
-                let address = address.unwrap_or_else(|| DEFAULT_XDS_ADDRESS.to_string());
-                let mut xds = XdsConfig::new(address.clone(), node.clone());
-                xds.target.root_cert = address.starts_with("https://").then_some(args.xds_root_cert);
-                xds.target.server_name = args.xds_server_name;
-                xds.target.token_path = args.xds_token_path;
-                (Source::Xds(Box::new(xds)), format!("xds {address}"))
-            }
-        };
+        let (source, source_description) = args.control_plane.source(&node)?;
         Ok(Self {
             source,
             source_description,
@@ -243,7 +201,7 @@ mod tests {
     #[test]
     fn one_source_only() {
         let both = parse(&["--local-config", "a.yaml", "--xds-address", "http://127.0.0.1:1"]);
-        assert!(matches!(both, Err(ConfigError::TwoSources)));
+        assert!(matches!(both, Err(ConfigError::Source(SourceError::TwoSources))));
         let local = parse(&["--local-config", "a.yaml"]).expect("local");
         assert!(matches!(local.source, Source::File(_)));
         let istiod = parse(&[]).expect("default");

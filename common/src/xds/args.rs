@@ -1,0 +1,73 @@
+//! The control-plane flags both binaries take (flattened into their own `Args`): where
+//! configuration comes from (istiod, a local control plane or a file) and where certificates
+//! come from (istiod's CA or a local root). Environment names follow Istio's.
+
+use std::path::PathBuf;
+
+use super::{NodeInfo, Source, XdsConfig};
+use crate::identity::CaConfig;
+
+/// istiod's xDS and CA address inside a cluster.
+pub const DEFAULT_ISTIOD_ADDRESS: &str = "https://istiod.istio-system.svc:15012";
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ControlPlaneArgs {
+    /// Local config YAML (workloads, services, policies, routes) instead of a control plane.
+    #[arg(long, env = "LOCAL_XDS_PATH")]
+    pub local_config: Option<PathBuf>,
+    /// xDS server: `https://host:15012` (istiod) or `http://host:port` (local control plane).
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+    /// PEM root(s) to verify an https xDS server (and istiod's CA) with.
+    #[arg(long, env = "XDS_ROOT_CA", default_value = "/var/run/secrets/istio/root-cert.pem")]
+    pub xds_root_cert: PathBuf,
+    /// TLS name of the xDS server (defaults to the address host).
+    #[arg(long, env = "XDS_SERVER_NAME")]
+    pub xds_server_name: Option<String>,
+    /// Bearer token file sent to the xDS server and the CA (a service-account JWT).
+    #[arg(long, env = "XDS_TOKEN_PATH")]
+    pub xds_token_path: Option<PathBuf>,
+    /// Sign certificates with a local root kept in DIR (shared by every proxy of the mesh)
+    /// instead of asking istiod's CA.
+    #[arg(long, env = "LOCAL_CA_DIR", value_name = "DIR")]
+    pub local_ca: Option<PathBuf>,
+    /// istiod's CA (defaults to the xDS address when that is https, else istiod's).
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("give either --local-config or --xds-address, not both")]
+    TwoSources,
+}
+
+impl ControlPlaneArgs {
+    /// The configuration source for `node`, and a description for logs and dumps.
+    pub fn source(&self, node: &NodeInfo) -> Result<(Source, String), SourceError> {
+        match (&self.local_config, &self.xds_address) {
+            (Some(_), Some(_)) => Err(SourceError::TwoSources),
+            (Some(path), None) => Ok((Source::File(path.clone()), format!("file {}", path.display()))),
+            (None, address) => {
+                let address = address.clone().unwrap_or_else(|| DEFAULT_ISTIOD_ADDRESS.to_string());
+                let mut xds = XdsConfig::new(address.clone(), node.clone());
+                xds.target.root_cert = address.starts_with("https://").then(|| self.xds_root_cert.clone());
+                xds.target.server_name = self.xds_server_name.clone();
+                xds.target.token_path = self.xds_token_path.clone();
+                Ok((Source::Xds(Box::new(xds)), format!("xds {address}")))
+            }
+        }
+    }
+
+    /// Where certificates come from.
+    pub fn ca(&self) -> CaConfig {
+        CaConfig::from_flags(
+            self.local_ca.as_deref(),
+            self.ca_address.as_deref(),
+            self.xds_address.as_deref(),
+            DEFAULT_ISTIOD_ADDRESS,
+            &self.xds_root_cert,
+            self.xds_token_path.as_deref(),
+        )
+    }
+}
