@@ -6,12 +6,14 @@
 #   node-a (10.0.0.1)                      node-b (10.0.0.2)
 #     client    10.42.1.2  demo/client       echo-2    10.43.1.2  demo/echo
 #     echo-1    10.42.2.2  demo/echo         intruder  10.43.2.2  other/intruder
+#                                            waypoint  10.43.5.2  demo/waypoint
 #
 # The in-repo control plane (in node-a) serves deploy/local-mesh.yaml over delta ADS; one ztunnel
 # per node captures its pods' traffic with eBPF and carries it over HBONE (mTLS, certificates from
 # a local CA both nodes share). The script shows mTLS between nodes, the service VIP balanced over
-# both nodes, a connection denied by policy, a policy change arriving live, and the metrics; then
-# drains the ztunnels and removes everything (pass --keep to leave it running until Ctrl-C).
+# both nodes, a connection denied by policy, a policy change arriving live, HTTP through the
+# namespace's waypoint with a header route, and the metrics; then drains the proxies and removes
+# everything (pass --keep to leave it running until Ctrl-C).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +29,7 @@ for tool in ip curl cargo; do
 done
 
 echo "==> building (the first run takes a few minutes)"
-cargo build --quiet --bin xds-server --bin ztunnel --bin mesh-demo
+cargo build --quiet --bin xds-server --bin ztunnel --bin waypoint --bin mesh-demo
 bin=$PWD/target/debug
 
 work=$(mktemp -d)
@@ -72,7 +74,7 @@ pod() { # node pod host-if subnet: veth pair, pod = <subnet>.2, node side = <sub
   ip -n "$tag-$2" route add default via "$4.1"
 }
 
-echo "==> network: two nodes, four pods"
+echo "==> network: two nodes, five pods"
 netns node-a
 netns node-b
 ip link add link-a netns "$tag-node-a" type veth peer name link-b netns "$tag-node-b"
@@ -84,6 +86,7 @@ pod node-a client v-client 10.42.1
 pod node-a echo-1 v-echo1 10.42.2
 pod node-b echo-2 v-echo2 10.43.1
 pod node-b intruder v-intr 10.43.2
+pod node-b waypoint v-wp 10.43.5
 ip -n "$tag-node-a" route add 10.43.0.0/16 via 10.0.0.2
 ip -n "$tag-node-b" route add 10.42.0.0/16 via 10.0.0.1
 in_ns node-a sysctl -q -w net.ipv4.ip_forward=1
@@ -91,25 +94,30 @@ in_ns node-b sysctl -q -w net.ipv4.ip_forward=1
 for p in echo-1 echo-2 intruder; do
   spawn_in "$p" "$work/$p.log" "$bin/mesh-demo" serve --name "$p"
 done
+for p in echo-1 echo-2; do
+  spawn_in "$p" "$work/$p-http.log" "$bin/mesh-demo" http-serve --name "$p"
+done
 
 cp deploy/local-mesh.yaml "$work/mesh.yaml"
 echo "==> control plane on 10.0.0.1:15010 (in node-a) serving $work/mesh.yaml"
 spawn_in node-a "$work/xds-server.log" "$bin/xds-server" --listen 10.0.0.1:15010 --config "$work/mesh.yaml"
 
-start_ztunnel() { # node [flags...]
-  local node=$1; shift
-  spawn_in "$node" "$work/ztunnel-$node.log" "$bin/ztunnel" --xds-address http://10.0.0.1:15010 \
-    --node-name "$node" --local-ca "$work/ca" --redirect --uplink '*' "$@"
+wait_ready() { # ns what log
   for _ in $(seq 1 300); do
-    if in_ns "$node" curl -fsS http://127.0.0.1:15021/healthz/ready >/dev/null 2>&1; then
-      echo "    ztunnel on $node ready (xDS synced, workload certificates issued)"
+    if in_ns "$1" curl -fsS http://127.0.0.1:15021/healthz/ready >/dev/null 2>&1; then
+      echo "    $2 ready"
       return 0
     fi
     sleep 0.1
   done
-  echo "ztunnel on $node never became ready; its log:" >&2
-  cat "$work/ztunnel-$node.log" >&2
+  echo "$2 never became ready; its log:" >&2
+  cat "$3" >&2
   return 1
+}
+start_ztunnel() { # node
+  spawn_in "$1" "$work/ztunnel-$1.log" "$bin/ztunnel" --xds-address http://10.0.0.1:15010 \
+    --node-name "$1" --local-ca "$work/ca" --redirect --uplink '*'
+  wait_ready "$1" "ztunnel on $1 (xDS synced, workload certificates issued)" "$work/ztunnel-$1.log"
 }
 echo "==> one ztunnel per node, eBPF capture on, local CA in $work/ca"
 start_ztunnel node-a
@@ -150,6 +158,28 @@ for _ in $(seq 1 100); do
 done
 talk intruder 10.96.0.80:80 --line "let me in"
 
+echo "==> the waypoint of namespace demo (in its own pod on node-b), same control plane and CA"
+spawn_in waypoint "$work/waypoint.log" "$bin/waypoint" --xds-address http://10.0.0.1:15010 \
+  --local-ca "$work/ca" --name waypoint --namespace demo --address 10.43.5.2 \
+  --log-format json --access-log "$work/waypoint-access.log"
+wait_ready waypoint "waypoint demo/waypoint (routes synced, certificate issued)" "$work/waypoint.log"
+echo "==> HTTP: client -> web (10.96.0.90) -> ztunnel -> waypoint -> ztunnel -> echo pods"
+for _ in $(seq 1 10); do in_ns client curl -sS --max-time 5 http://10.96.0.90/hello; done |
+  awk '{print $1}' | sort | uniq -c | sed 's/^ */      /; s/$/ (route web-default: both pods)/'
+echo "    with x-canary: yes (route web-canary: echo-2 only, response header x-route: canary)"
+for _ in $(seq 1 5); do in_ns client curl -sS --max-time 5 -H 'x-canary: yes' http://10.96.0.90/hello; done |
+  awk '{print $1}' | sort | uniq -c | sed 's/^ */      /'
+in_ns client curl -sS --max-time 5 -o /dev/null -D - -H 'x-canary: yes' http://10.96.0.90/hello |
+  { grep -i '^x-route' || true; } | sed 's/^/      /'
+echo "    one line of the waypoint's JSON access log:"
+head -1 "$work/waypoint-access.log" | cut -c1-400 | sed 's/^/      /'
+echo "    waypoint metrics: requests by route destination"
+in_ns waypoint curl -fsS http://127.0.0.1:15020/metrics |
+  { grep -E '^istio_requests_total' || true; } | while read -r line; do
+    labels=$(grep -oE '(destination_service|response_code|source_principal)="[^"]*"' <<<"$line" | paste -sd' ')
+    echo "      ${line##* } x $labels"
+  done
+
 echo "==> node-b metrics (http://127.0.0.1:15020/metrics in node-b), connections it served:"
 in_ns node-b curl -fsS http://127.0.0.1:15020/metrics |
   { grep -E '^istio_tcp_connections_opened_total\{reporter="destination"' || true; } | while read -r line; do
@@ -166,4 +196,4 @@ if $keep; then
   echo "==> running; Ctrl-C stops. Logs in $work; e.g. ip netns exec $tag-client $bin/mesh-demo talk 10.96.0.80:80"
   wait
 fi
-echo "==> draining the ztunnels and removing the namespaces"
+echo "==> draining the proxies and removing the namespaces"

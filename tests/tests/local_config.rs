@@ -151,10 +151,21 @@ fn demo_config_is_valid() {
             ADDRESS_TYPE_URL => {
                 validate::address(&r.name, &prost::Message::decode(r.body.value.as_slice()).expect("decodes"))
             }
-            _ => validate::authorization(
+            proto::AUTHORIZATION_TYPE_URL => validate::authorization(
                 &r.name,
                 &prost::Message::decode(r.body.value.as_slice()).expect("decodes"),
             ),
+            proto::WAYPOINT_RESOURCE_TYPE_URL => {
+                let resource: proto::waypoint::Resource =
+                    prost::Message::decode(r.body.value.as_slice()).expect("decodes");
+                match resource.kind {
+                    Some(proto::waypoint::resource::Kind::Route(route)) => {
+                        waypoint::route::Route::from_proto(&route).map(drop)
+                    }
+                    other => Err(format!("unexpected waypoint resource {other:?}")),
+                }
+            }
+            other => Err(format!("unexpected type {other}")),
         };
         assert_eq!(ok, Ok(()), "{}", r.name);
     }

@@ -25,6 +25,13 @@ enum Command {
         #[arg(long, default_value_t = 8080)]
         port: u16,
     },
+    /// HTTP/1.1 + h2c: answer each request with `<name> saw <client ip>: <method> <path>`.
+    HttpServe {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 8081)]
+        port: u16,
+    },
     /// Connect `count` times to `dst`, send a line, and report the answers.
     Talk {
         dst: SocketAddr,
@@ -57,10 +64,35 @@ fn talk_once(dst: SocketAddr, line: &str) -> Result<String, String> {
     }
 }
 
+fn http_serve(name: String, port: u16) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+        loop {
+            let (stream, peer) = listener.accept().await?;
+            let name = name.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let body = format!("{name} saw {}: {} {}\n", peer.ip(), req.method(), req.uri().path());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(body),
+                        )))
+                    }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    })
+}
+
 #[allow(clippy::print_stdout)]
 fn main() -> std::io::Result<()> {
     match Args::parse().command {
         Command::Serve { name, port } => serve(name, port),
+        Command::HttpServe { name, port } => http_serve(name, port),
         Command::Talk { dst, count, line } => {
             let mut tally: BTreeMap<String, usize> = BTreeMap::new();
             for _ in 0..count {
