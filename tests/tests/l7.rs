@@ -646,6 +646,34 @@ sys.stdout.write(repr(reply))
     assert_eq!(exact["upstream_cluster"], "outbound|80||echo-v1.demo.svc.cluster.local");
     assert!(exact["requested_server_name"].is_null(), "null where not applicable");
 
+    // Drain: with an idle keep-alive connection open, the waypoint closes it gracefully and the
+    // drain ends early; afterwards new requests no longer get through it.
+    let idle = client_rt
+        .block_on(client_rt.spawn(async move {
+            let mut c = HttpClient::connect(vip80, false).await;
+            let status = c.send("GET", "/exact", &[]).await.status;
+            (c, status)
+        }))
+        .expect("idle client");
+    assert_eq!(idle.1, 200);
+    let mut wp = wp;
+    let started = std::time::Instant::now();
+    let cut = wp_rt.block_on(wp.drain(Duration::from_secs(10)));
+    assert_eq!(cut, 0, "the idle tunnel closed gracefully");
+    assert!(started.elapsed() < Duration::from_secs(8), "drain took {:?}", started.elapsed());
+    let after = client_rt
+        .block_on(client_rt.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(vip80).await.expect("captured by ztunnel");
+            let _ = s.write_all(b"GET /exact HTTP/1.1\r\nhost: echo\r\nconnection: close\r\n\r\n").await;
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+            String::from_utf8_lossy(&out).into_owned()
+        }))
+        .expect("after drain");
+    assert!(!after.starts_with("HTTP/1.1 200"), "a drained waypoint took a new request: {after}");
+    drop(idle);
+
     drop(wp);
     zt_a.stop(&p.node_a);
     zt_b.stop(&p.node_b);

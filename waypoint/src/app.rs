@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use common::admin::{self, Reply, Router};
+use common::drain::Drain;
 use common::hbone::pool::{Pool, PoolConfig, PoolMetrics};
 use common::hbone::server::{self, ManagedTls};
 use common::identity::manager::{CaSource, CertMetrics};
@@ -32,6 +33,7 @@ pub struct App {
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
+    drain: Option<Drain>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -75,8 +77,16 @@ impl App {
         let (ns, host) = config.service_hostname.split_once('/').unwrap_or(("", &config.service_hostname));
         let me = SelfRef { service: (ns.to_string(), host.to_string()), addresses: config.addresses.clone() };
         let tls = Arc::new(ManagedTls::new(certs.clone(), identity.clone()));
-        let handler = Arc::new(Listener { ctx, me });
-        tasks.push(tokio::spawn(server::serve(listener, tls, config.trust_domain.clone(), handler)));
+        let drain = Drain::new();
+        let watch = drain.watch();
+        let handler = Arc::new(Listener { ctx, me, drain: watch.clone() });
+        let serve = server::serve(listener, tls, config.trust_domain.clone(), handler);
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = serve => {}
+                _ = watch.draining() => info!("draining: the mesh listener no longer accepts"),
+            }
+        }));
 
         // Ready once the first xDS sync and our own certificate are in.
         let block = ready.register("waypoint certificate");
@@ -127,8 +137,18 @@ impl App {
             admin_addr,
             metrics_addr,
             readiness_addr,
+            drain: Some(drain),
             tasks,
         })
+    }
+
+    /// Stops accepting tunnels, lets requests in flight finish for up to `period`, then closes
+    /// what is left. Returns how many tunnels were cut.
+    pub async fn drain(&mut self, period: std::time::Duration) -> usize {
+        match self.drain.take() {
+            Some(d) => d.run(period).await,
+            None => 0,
+        }
     }
 }
 

@@ -48,6 +48,8 @@ pub struct Config {
     pub balance: Balance,
     /// Access log destination: `-` (stdout) or a file.
     pub access_log: String,
+    /// After SIGTERM, how long requests in flight may run before their tunnels are closed.
+    pub drain_period: Duration,
 }
 
 #[derive(Debug, Parser)]
@@ -93,6 +95,9 @@ pub struct Args {
     /// Access log: `-` for stdout, or a file to append to.
     #[arg(long, env = "ACCESS_LOG", default_value = "-")]
     pub access_log: String,
+    /// Seconds requests in flight may run after SIGTERM.
+    #[arg(long, env = "DRAIN_PERIOD_SECONDS", default_value_t = 5)]
+    pub drain_period_seconds: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +147,7 @@ impl Config {
             cert_lifetime: DEFAULT_CERT_LIFETIME,
             balance: args.balance,
             access_log: args.access_log,
+            drain_period: Duration::from_secs(args.drain_period_seconds),
         })
     }
 }

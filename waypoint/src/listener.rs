@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use common::copy::{ByteCounters, copy_bidirectional};
+use common::drain::Watch;
 use common::hbone::HboneStream;
 use common::hbone::connect::Authority;
 use common::hbone::server::{BoxFuture, ConnectHandler, ConnectRequest, Decision};
@@ -51,6 +52,7 @@ impl SelfRef {
 pub struct Listener {
     pub ctx: Arc<Context>,
     pub me: SelfRef,
+    pub drain: Watch,
 }
 
 impl ConnectHandler for Listener {
@@ -68,6 +70,9 @@ struct Accepted {
 
 impl Listener {
     fn decide(&self, req: ConnectRequest) -> Decision {
+        let Some(guard) = self.drain.guard() else {
+            return Decision::Refuse(StatusCode::SERVICE_UNAVAILABLE, "draining".into());
+        };
         let snapshot = self.ctx.state.snapshot();
         let accepted = match self.resolve(&snapshot, &req) {
             Ok(a) => a,
@@ -76,14 +81,18 @@ impl Listener {
                 return Decision::Refuse(status, reason);
             }
         };
-        let ctx = self.ctx.clone();
+        let (ctx, drain) = (self.ctx.clone(), self.drain.clone());
         Decision::Accept(Box::new(move |stream| {
             Box::pin(async move {
                 if accepted.tcp {
-                    passthrough(ctx, accepted.down, stream).await;
+                    tokio::select! {
+                        _ = passthrough(ctx, accepted.down, stream) => {}
+                        _ = drain.closing() => {}
+                    }
                 } else {
-                    serve_http(ctx, accepted.down, stream).await;
+                    serve_http(ctx, accepted.down, stream, drain).await;
                 }
+                drop(guard);
             })
         }))
     }
@@ -138,7 +147,10 @@ impl Listener {
     }
 }
 
-async fn serve_http(ctx: Arc<Context>, down: Arc<Downstream>, stream: HboneStream) {
+/// Serves HTTP in one tunnel. When the drain starts, the connection is shut down gracefully
+/// (requests in flight finish, HTTP/2 gets GOAWAY, idle HTTP/1.1 keep-alive closes); when the
+/// drain period ends it is dropped.
+async fn serve_http(ctx: Arc<Context>, down: Arc<Downstream>, stream: HboneStream, drain: Watch) {
     let svc = service_fn(move |req| {
         let (ctx, down) = (ctx.clone(), down.clone());
         async move { Ok::<_, std::convert::Infallible>(proxy::handle(ctx, down, req).await) }
@@ -146,7 +158,19 @@ async fn serve_http(ctx: Arc<Context>, down: Arc<Downstream>, stream: HboneStrea
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = drain.draining() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = drain.closing() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
         debug!(error = %e, "HTTP in the tunnel ended");
     }
 }

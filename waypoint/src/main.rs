@@ -11,14 +11,17 @@ async fn main() -> anyhow::Result<()> {
     common::telemetry::init(args.log_format);
     let config = Config::from_args(args)?;
     info!(config = %serde_json::to_string(&config)?, "starting waypoint");
-    let app = App::start(config).await?;
+    let drain_period = config.drain_period;
+    let mut app = App::start(config).await?;
     info!(addr = %app.listen_addr, identity = %app.identity, "waypoint listening");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    info!("shutting down");
+    info!(period_s = drain_period.as_secs(), "shutting down: draining");
+    let cut = app.drain(drain_period).await;
+    info!(cut, "shutting down");
     drop(app);
     Ok(())
 }
