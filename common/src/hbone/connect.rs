@@ -183,6 +183,40 @@ mod tests {
         assert!(accepted > 0, "the generator should hit some valid authorities");
     }
 
+    /// Property: `forwarded` values from the network never panic the parser, and an address
+    /// it returns is one that was written in the value. Values are built from well-formed and
+    /// broken pieces with random garbage in between.
+    #[test]
+    fn property_random_forwarded_values_never_panic() {
+        let prefixes = ["for=", "FOR=", "host=x;for=", "for=\"", "", "by=a, for=", "for=for="];
+        let garbage = b"=;,\" []:.9af";
+        let mut rng = rand::rng();
+        let mut found = 0;
+        for _ in 0..50_000 {
+            let ip = std::net::Ipv4Addr::from(rng.random::<u32>());
+            let addr = match rng.random_range(0..4) {
+                0 => ip.to_string(),
+                1 => format!("{ip}:{}", rng.random::<u16>()),
+                2 => format!("[2001:db8::{:x}]:{}", rng.random::<u16>(), rng.random::<u16>()),
+                _ => (0..rng.random_range(0..12))
+                    .map(|_| garbage[rng.random_range(0..garbage.len())] as char)
+                    .collect(),
+            };
+            let tail: String = (0..rng.random_range(0..4))
+                .map(|_| garbage[rng.random_range(0..garbage.len())] as char)
+                .collect();
+            let v = format!("{}{addr}{tail}", prefixes[rng.random_range(0..prefixes.len())]);
+            let Ok(value) = http::HeaderValue::from_str(&v) else { continue };
+            let mut h = http::HeaderMap::new();
+            h.insert("forwarded", value);
+            if let Some(a) = forwarded_for(&h) {
+                found += 1;
+                assert!(v.contains(&a.ip().to_string()), "{v:?} -> {a}");
+            }
+        }
+        assert!(found > 1000, "the generator should hit parsable values often: {found}");
+    }
+
     #[test]
     fn forwarded_for_forms() {
         let mut h = http::HeaderMap::new();
