@@ -1,6 +1,8 @@
-//! L4 authorization with Istio's semantics: DENY policies first (any match refuses), then ALLOW
-//! policies (none means allow; otherwise one must match). Dry-run policies are evaluated and
-//! logged but never decide.
+//! Authorization with Istio's semantics, for ztunnel (L4) and the waypoint (L4 + request):
+//! DENY policies first (any match refuses), AUDIT policies are logged, then ALLOW policies (none
+//! means allow; otherwise one must match). Dry-run policies are evaluated and logged but never
+//! decide. A request-level match evaluated where there is no request (L4) never allows and
+//! always denies, so L7 rules fail closed in ztunnel.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -8,7 +10,7 @@ use std::sync::Arc;
 use crate::identity::Identity;
 use tracing::info;
 
-use crate::state::policy::{Match, StringMatch};
+use crate::state::policy::{HttpMatch, Match, StringMatch};
 use crate::state::{Action, Policy};
 
 /// What a connection looks like to a policy.
@@ -19,6 +21,22 @@ pub struct Connection<'a> {
     pub source_ip: IpAddr,
     pub destination_ip: IpAddr,
     pub destination_port: u16,
+    /// The request, at the waypoint.
+    pub http: Option<&'a Request<'a>>,
+}
+
+/// What a request looks like to a policy.
+#[derive(Clone, Debug)]
+pub struct Request<'a> {
+    /// Host without port.
+    pub host: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a http::HeaderMap,
+    /// `<iss>/<sub>` of a verified JWT.
+    pub request_principal: Option<&'a str>,
+    /// Claims of a verified JWT.
+    pub claims: Option<&'a serde_json::Value>,
 }
 
 /// The outcome of evaluating a workload's policies.
@@ -70,6 +88,9 @@ pub fn evaluate(policies: &[Arc<Policy>], conn: &Connection<'_>) -> Verdict {
     if let Some(p) = live.iter().find(|p| p.action == Action::Deny && policy_matches(p, conn)) {
         return Verdict::DeniedBy(p.key());
     }
+    for p in live.iter().filter(|p| p.action == Action::Audit && policy_matches(p, conn)) {
+        info!(policy = %p.key(), "audit policy matched");
+    }
     let allows: Vec<&&Arc<Policy>> = live.iter().filter(|p| p.action == Action::Allow).collect();
     if allows.is_empty() || allows.iter().any(|p| policy_matches(p, conn)) {
         Verdict::Allow
@@ -100,12 +121,15 @@ fn match_holds(m: &Match, action: Action, conn: &Connection<'_>) -> bool {
     };
     let positive = |empty: bool, holds: bool| empty || holds;
     let negative = |empty: bool, holds: bool| empty || !holds;
-    positive(m.namespaces.is_empty(), strings(&m.namespaces, namespace))
+    let l4 = positive(m.namespaces.is_empty(), strings(&m.namespaces, namespace))
         && negative(m.not_namespaces.is_empty(), strings(&m.not_namespaces, namespace))
         && positive(m.principals.is_empty(), strings(&m.principals, principal.as_deref()))
         && negative(m.not_principals.is_empty(), strings(&m.not_principals, principal.as_deref()))
         && positive(m.source_ips.is_empty(), m.source_ips.iter().any(|n| n.contains(&conn.source_ip)))
-        && negative(m.not_source_ips.is_empty(), m.not_source_ips.iter().any(|n| n.contains(&conn.source_ip)))
+        && negative(
+            m.not_source_ips.is_empty(),
+            m.not_source_ips.iter().any(|n| n.contains(&conn.source_ip)),
+        )
         && positive(
             m.destination_ips.is_empty(),
             m.destination_ips.iter().any(|n| n.contains(&conn.destination_ip)),
@@ -120,7 +144,53 @@ fn match_holds(m: &Match, action: Action, conn: &Connection<'_>) -> bool {
             m.not_destination_ports.contains(&conn.destination_port),
         )
         && positive(m.service_accounts.is_empty(), account(&m.service_accounts))
-        && negative(m.not_service_accounts.is_empty(), account(&m.not_service_accounts))
+        && negative(m.not_service_accounts.is_empty(), account(&m.not_service_accounts));
+    match (&m.http, conn.http) {
+        (None, _) => l4,
+        // A request-level rule with no request: fail closed.
+        (Some(_), None) => action == Action::Deny,
+        (Some(h), Some(req)) => l4 && http_holds(h, action, conn, req),
+    }
+}
+
+fn any(list: &[StringMatch], value: Option<&str>) -> bool {
+    value.is_some_and(|v| list.iter().any(|s| s.matches(v)))
+}
+
+fn http_holds(h: &HttpMatch, action: Action, conn: &Connection<'_>, req: &Request<'_>) -> bool {
+    let field = |pos: &[StringMatch], neg: &[StringMatch], value: Option<&str>| {
+        (pos.is_empty() || any(pos, value)) && (neg.is_empty() || !any(neg, value))
+    };
+    field(&h.hosts, &h.not_hosts, Some(req.host))
+        && field(&h.methods, &h.not_methods, Some(req.method))
+        && field(&h.paths, &h.not_paths, Some(req.path))
+        && field(&h.request_principals, &h.not_request_principals, req.request_principal)
+        && h.conditions.iter().all(|c| match attribute(&c.key, conn, req) {
+            Some(value) => field(&c.values, &c.not_values, value.as_deref()),
+            // A key we cannot evaluate: fail closed.
+            None => action == Action::Deny,
+        })
+}
+
+/// The value of a `when` key for this request; `None` when the key is not one we know (the
+/// inner `None` is a known key without a value here).
+fn attribute(key: &str, conn: &Connection<'_>, req: &Request<'_>) -> Option<Option<String>> {
+    let inner = |prefix: &str| key.strip_prefix(prefix).and_then(|k| k.strip_suffix(']'));
+    if let Some(name) = inner("request.headers[") {
+        return Some(req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string));
+    }
+    if let Some(name) = inner("request.auth.claims[") {
+        let claim = req.claims.and_then(|c| c.get(name));
+        return Some(claim.map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)));
+    }
+    Some(match key {
+        "source.ip" => Some(conn.source_ip.to_string()),
+        "source.namespace" => conn.source.map(|s| s.namespace().to_string()),
+        "source.principal" => conn.source.map(Identity::principal),
+        "destination.port" => Some(conn.destination_port.to_string()),
+        "request.auth.principal" => req.request_principal.map(str::to_string),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

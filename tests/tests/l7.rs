@@ -112,6 +112,21 @@ routes:
     parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 9090}}
     matches: [{grpc: {service: ambient.testing.v1.Echo, method: Stream}}]
     backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 9090}}]
+waypointPolicies:
+  - name: no-admin
+    namespace: demo
+    target: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local}}
+    authorization:
+      action: DENY
+      rules:
+        - to: [{operation: {paths: ["/admin*"]}}]
+        - when: [{key: "request.headers[x-block]", values: ["yes"]}]
+  - name: only-client
+    namespace: demo
+    target: {waypoint: demo/waypoint}
+    authorization:
+      action: ALLOW
+      rules: [{from: [{source: {principals: ["cluster.local/ns/demo/sa/client"], namespaces: ["demo"]}}]}]
 "#;
 
 /// An HTTP/1.1 + h2c server on 8080 answering `<name> <method> <path> <version>` with the
@@ -368,7 +383,7 @@ fn waypoint_end_to_end() {
     let routes = wp.routes.clone();
     wp_rt
         .block_on(async {
-            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 10)).await
+            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 12)).await
         })
         .expect("routes arrive");
 
@@ -396,6 +411,8 @@ fn waypoint_end_to_end() {
             out.insert("redirect", h1.send("GET", "/old/page?x=1", &[]).await);
             out.insert("rewrite", h1.send("GET", "/rw/thing", &[]).await);
             out.insert("nomatch", h1.send("GET", "/nothing", &[]).await);
+            out.insert("admin", h1.send("GET", "/admin/panel", &[]).await);
+            out.insert("blocked", h1.send("GET", "/api/users", &[("x-block", "yes")]).await);
             let mut h2 = HttpClient::connect(vip80, true).await;
             out.insert("h2-on-80", h2.send("GET", "/exact", &[]).await);
             let mut h2_81 = HttpClient::connect(vip81, true).await;
@@ -434,6 +451,10 @@ fn waypoint_end_to_end() {
         Some(&b"rewritten.example"[..])
     );
     assert_eq!(out["nomatch"].status, 404, "{}", body("nomatch"));
+    // L7 authorization: DENY by path and by header condition, before routing.
+    assert_eq!(out["admin"].status, 403);
+    assert_eq!(body("admin").trim(), "RBAC: access denied");
+    assert_eq!(out["blocked"].status, 403);
     assert_eq!(body("h2-on-80"), "v1 GET /exact HTTP/1.1", "an HTTP/2 client reaches an HTTP/1.1 port");
     assert!(out["h2-default"].body.ends_with("HTTP/2.0"), "HTTP/2 port: {}", body("h2-default"));
     assert!(out["h2-default"].headers.contains_key("x-echo-x-forwarded-for"));
@@ -644,6 +665,9 @@ sys.stdout.write(repr(reply))
         assert!(exact.get(field).is_some(), "{field} missing: {exact}");
     }
     assert_eq!(exact["upstream_cluster"], "outbound|80||echo-v1.demo.svc.cluster.local");
+    let admin = lines.iter().find(|l| l["path"] == "/admin/panel").expect("denial logged");
+    assert_eq!(admin["response_code"], 403);
+    assert_eq!(admin["response_code_details"], "rbac_access_denied_matched_policy[demo/no-admin]");
     assert!(exact["requested_server_name"].is_null(), "null where not applicable");
 
     // Drain: with an idle keep-alive connection open, the waypoint closes it gracefully and the

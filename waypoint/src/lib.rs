@@ -5,6 +5,10 @@
 pub mod app;
 pub mod body;
 pub mod config;
+pub mod filter {
+    //! Request stages that may refuse a request.
+    pub mod authz;
+}
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

@@ -19,7 +19,10 @@ use hyper_util::rt::TokioIo;
 use rand::Rng;
 use tracing::debug;
 
+use common::rbac::{self, Verdict};
+
 use crate::body::{self, Counted, Observed, ProxyBody};
+use crate::filter::authz::{self, Target as PolicyTarget};
 use crate::metrics::{AccessLog, Metrics, RequestLabels, rfc3339};
 use crate::route::table::{Lookup, RequestView, Routes, Selected};
 use crate::route::{Filter, HeaderModifier, PathModifier, ServiceRef};
@@ -177,7 +180,9 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incom
     let (response, flags) = match route_and_send(&ctx, &down, req, &mut ex, &request_id).await {
         Ok(r) => (r.map(BodyExt::boxed), "-"),
         Err((status, flags, details)) => {
-            ex.log.response_code_details = Some(details.clone());
+            if ex.log.response_code_details.is_none() {
+                ex.log.response_code_details = Some(details.clone());
+            }
             let mut r = local_reply(status, &details);
             if status.is_redirection() {
                 // A redirect is an answer, not a failure: details carry the Location.
@@ -212,7 +217,54 @@ async fn route_and_send(
     let table = ctx.routes.table();
     let view =
         RequestView { method: &parts.method, path: &path, query: query.as_deref(), headers: &parts.headers };
-    let selected = match table.select(&down.service.key(), down.port, &ctx.waypoint, &view) {
+    let lookup = table.select(&down.service.key(), down.port, &ctx.waypoint, &view);
+    // Authorization: policies on the waypoint, the service and the chosen route.
+    let mut targets =
+        vec![PolicyTarget::Waypoint(ctx.waypoint.clone()), PolicyTarget::Service(down.service.key())];
+    if let Lookup::Route(s) = &lookup {
+        targets.push(PolicyTarget::Route(s.route.key.clone()));
+    }
+    let policies = authz::applicable(&table.policies, &targets);
+    if !policies.is_empty() {
+        let host = parts
+            .uri
+            .host()
+            .map(str::to_string)
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(|h| h.split(':').next().unwrap_or(h).to_string())
+            })
+            .unwrap_or_default();
+        let request = rbac::Request {
+            host: &host,
+            method: parts.method.as_str(),
+            path: &path,
+            headers: &parts.headers,
+            request_principal: None,
+            claims: None,
+        };
+        let conn = rbac::Connection {
+            source: Some(&down.source_identity),
+            source_ip: down.client_addr.ip(),
+            destination_ip: down.local_addr.ip(),
+            destination_port: down.port,
+            http: Some(&request),
+        };
+        let verdict = rbac::evaluate(&policies, &conn);
+        if !verdict.is_allow() {
+            let matched = match &verdict {
+                Verdict::DeniedBy(p) => p.clone(),
+                _ => "none".into(),
+            };
+            tracing::warn!(source = %down.source_identity, path = %path, reason = %verdict.reason(), "request denied by policy");
+            ex.log.response_code_details = Some(format!("rbac_access_denied_matched_policy[{matched}]"));
+            return Err((StatusCode::FORBIDDEN, "-", "RBAC: access denied".into()));
+        }
+    }
+    let selected = match lookup {
         Lookup::NoMatch => return Err((StatusCode::NOT_FOUND, "NR", "route_not_found".into())),
         Lookup::Default => None,
         Lookup::Route(s) => Some(s),

@@ -242,6 +242,7 @@ impl Route {
             Some(wp::parent_ref::Target::Waypoint(w)) => {
                 return Err(format!("waypoint {w:?} is not namespace/name"));
             }
+            Some(wp::parent_ref::Target::Route(_)) => return Err("a route cannot attach to a route".into()),
             None => return Err("route has no parent".into()),
         };
         let grpc = match wp::route::Kind::try_from(r.kind) {

@@ -13,6 +13,7 @@ fn conn<'a>(source: Option<&'a Identity>, src: &str, dst: &str, port: u16) -> Co
         source_ip: src.parse().expect("ip"),
         destination_ip: dst.parse().expect("ip"),
         destination_port: port,
+        http: None,
     }
 }
 
@@ -176,4 +177,65 @@ fn dry_run_never_decides_and_unsupported_matches_fail_closed() {
         Verdict::DeniedBy("demo/d".into())
     );
     assert_eq!(evaluate(&[policy("a", Action::Allow, vec![unknown])], &c), Verdict::NotAllowed);
+}
+
+fn http_policy(name: &str, action: Action, http: HttpMatch) -> Arc<Policy> {
+    policy(name, action, vec![Match { http: Some(Box::new(http)), ..Default::default() }])
+}
+
+#[test]
+fn request_attributes_match_with_istio_strings() {
+    use crate::state::policy::{Condition, HttpMatch};
+    let client = id("demo", "client");
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-team", http::HeaderValue::from_static("blue"));
+    let claims = serde_json::json!({"group": "admins", "level": 3});
+    let req = Request {
+        host: "echo.demo",
+        method: "GET",
+        path: "/admin/users",
+        headers: &headers,
+        request_principal: Some("https://issuer/alice"),
+        claims: Some(&claims),
+    };
+    let mut c = conn(Some(&client), "10.0.0.1", "10.0.0.2", 8080);
+    c.http = Some(&req);
+    let holds = |h: HttpMatch| policy_matches(&http_policy("p", Action::Allow, h), &c);
+    let s = StringMatch::istio;
+    assert_eq!(s("*"), StringMatch::Presence);
+    assert!(holds(HttpMatch { paths: vec![s("/admin*")], methods: vec![s("GET")], ..Default::default() }));
+    assert!(!holds(HttpMatch {
+        paths: vec![s("/admin*")],
+        not_methods: vec![s("GET")],
+        ..Default::default()
+    }));
+    assert!(holds(HttpMatch { hosts: vec![s("*.demo")], ..Default::default() }));
+    assert!(holds(HttpMatch { request_principals: vec![s("https://issuer/*")], ..Default::default() }));
+    let when = |key: &str, v: &str| HttpMatch {
+        conditions: vec![Condition { key: key.into(), values: vec![s(v)], not_values: vec![] }],
+        ..Default::default()
+    };
+    assert!(holds(when("request.headers[x-team]", "blue")));
+    assert!(!holds(when("request.headers[x-team]", "red")));
+    assert!(holds(when("request.auth.claims[group]", "admins")));
+    assert!(holds(when("request.auth.claims[level]", "3")));
+    assert!(holds(when("source.namespace", "demo")));
+    assert!(holds(when("destination.port", "8080")));
+    // An unknown key never allows and always denies.
+    assert!(!holds(when("request.unknown", "x")));
+    assert!(policy_matches(&http_policy("d", Action::Deny, when("request.unknown", "x")), &c));
+}
+
+#[test]
+fn request_rules_fail_closed_at_l4_and_audit_never_decides() {
+    use crate::state::policy::HttpMatch;
+    let client = id("demo", "client");
+    let c = conn(Some(&client), "10.0.0.1", "10.0.0.2", 8080);
+    let by_path = HttpMatch { paths: vec![StringMatch::istio("/admin*")], ..Default::default() };
+    assert_eq!(evaluate(&[http_policy("a", Action::Allow, by_path.clone())], &c), Verdict::NotAllowed);
+    assert_eq!(
+        evaluate(&[http_policy("d", Action::Deny, by_path.clone())], &c),
+        Verdict::DeniedBy("demo/d".into())
+    );
+    assert_eq!(evaluate(&[http_policy("audit", Action::Audit, HttpMatch::default())], &c), Verdict::Allow);
 }

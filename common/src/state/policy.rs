@@ -23,6 +23,8 @@ pub enum Scope {
 pub enum Action {
     Allow,
     Deny,
+    /// Only logged and counted (waypoint policies).
+    Audit,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -36,6 +38,19 @@ pub enum StringMatch {
 }
 
 impl StringMatch {
+    /// Istio's string syntax: `*` any non-empty value, `abc*` a prefix, `*abc` a suffix, else exact.
+    pub fn istio(s: &str) -> Self {
+        if s == "*" {
+            StringMatch::Presence
+        } else if let Some(p) = s.strip_suffix('*') {
+            StringMatch::Prefix(p.to_string())
+        } else if let Some(p) = s.strip_prefix('*') {
+            StringMatch::Suffix(p.to_string())
+        } else {
+            StringMatch::Exact(s.to_string())
+        }
+    }
+
     pub fn matches(&self, value: &str) -> bool {
         match self {
             StringMatch::Exact(s) => value == s,
@@ -66,6 +81,35 @@ pub struct Match {
     /// Carries extensions ztunnel does not understand: it never matches for ALLOW and always
     /// matches for DENY (fail closed).
     pub unsupported: bool,
+    /// Request attributes (waypoint policies). Where there is no request (L4), a match that
+    /// has them never allows and always denies (fail closed).
+    pub http: Option<Box<HttpMatch>>,
+}
+
+/// The request side of a match: every non-empty field must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HttpMatch {
+    pub hosts: Vec<StringMatch>,
+    pub not_hosts: Vec<StringMatch>,
+    pub methods: Vec<StringMatch>,
+    pub not_methods: Vec<StringMatch>,
+    pub paths: Vec<StringMatch>,
+    pub not_paths: Vec<StringMatch>,
+    /// `<iss>/<sub>` of a verified JWT.
+    pub request_principals: Vec<StringMatch>,
+    pub not_request_principals: Vec<StringMatch>,
+    pub conditions: Vec<Condition>,
+}
+
+/// A `when` condition: the attribute named by `key` must match one of `values` and none of
+/// `not_values`. Keys: `request.headers[<name>]`, `source.ip`, `source.namespace`,
+/// `source.principal`, `destination.port`, `request.auth.principal`,
+/// `request.auth.claims[<name>]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Condition {
+    pub key: String,
+    pub values: Vec<StringMatch>,
+    pub not_values: Vec<StringMatch>,
 }
 
 /// A clause matches when any of its matches does.
@@ -180,5 +224,6 @@ fn convert_match(m: &sec::Match) -> Result<Match, String> {
         service_accounts: accounts(&m.service_accounts),
         not_service_accounts: accounts(&m.not_service_accounts),
         unsupported: !m.extensions.is_empty(),
+        http: None,
     })
 }

@@ -16,6 +16,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::{Parent, PathMatch, Route, RouteMatch};
+use crate::filter::authz::Target;
+use common::state::Policy;
 
 /// What a request is matched on.
 pub struct RequestView<'a> {
@@ -44,6 +46,9 @@ pub enum Lookup {
 pub struct RouteTable {
     by_service: BTreeMap<String, Vec<Arc<Route>>>,
     by_waypoint: BTreeMap<String, Vec<Arc<Route>>>,
+    /// Authorization policies by what they attach to.
+    #[serde(skip)]
+    pub policies: BTreeMap<Target, Vec<Arc<Policy>>>,
 }
 
 fn path_matches(m: &PathMatch, path: &str) -> bool {
@@ -105,8 +110,16 @@ fn precedence(m: &RouteMatch) -> Precedence {
 }
 
 impl RouteTable {
+    #[cfg(test)]
     fn build(routes: impl IntoIterator<Item = Route>) -> Self {
+        Self::build_with(routes, Vec::new())
+    }
+
+    fn build_with(routes: impl IntoIterator<Item = Route>, policies: Vec<(Target, Policy)>) -> Self {
         let mut t = Self::default();
+        for (target, p) in policies {
+            t.policies.entry(target).or_default().push(Arc::new(p));
+        }
         for r in routes {
             let r = Arc::new(r);
             match &r.parent {
@@ -172,7 +185,10 @@ fn check(name: &str, r: &wp::Resource) -> Result<(), String> {
             Route::from_proto(route)?;
             (&route.namespace, &route.name)
         }
-        Some(wp::resource::Kind::Policy(p)) => (&p.namespace, &p.name),
+        Some(wp::resource::Kind::Policy(p)) => {
+            crate::filter::authz::convert(p)?;
+            (&p.namespace, &p.name)
+        }
         None => return Err("resource has neither route nor policy".into()),
     };
     if n.is_empty() || name != format!("{ns}/{n}") {
@@ -240,11 +256,18 @@ impl Handler<wp::Resource> for Feed {
     fn handle(&self, updates: Vec<XdsUpdate<wp::Resource>>) -> Vec<Rejection> {
         let inner = &self.0.inner;
         let rejected = inner.resources.handle(updates);
-        let routes = inner.resources.entries().into_iter().filter_map(|(_, r)| match r.kind {
-            Some(wp::resource::Kind::Route(route)) => Route::from_proto(&route).ok(),
-            _ => None,
-        });
-        let table = Arc::new(RouteTable::build(routes));
+        let mut routes = Vec::new();
+        let mut policies = Vec::new();
+        for (_, r) in inner.resources.entries() {
+            match r.kind {
+                Some(wp::resource::Kind::Route(route)) => routes.extend(Route::from_proto(&route).ok()),
+                Some(wp::resource::Kind::Policy(p)) => {
+                    policies.extend(crate::filter::authz::convert(&p).ok().flatten());
+                }
+                None => {}
+            }
+        }
+        let table = Arc::new(RouteTable::build_with(routes, policies));
         *inner.current.write().unwrap_or_else(PoisonError::into_inner) = table;
         inner.changed.send_modify(|n| *n += 1);
         rejected

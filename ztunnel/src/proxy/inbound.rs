@@ -119,7 +119,13 @@ pub(super) async fn deliver(
     if OWN_PORTS.contains(&dst.port()) {
         return Err(ProxyError::SelfCall(dst.port()));
     }
-    let conn = rbac::Connection { source, source_ip, destination_ip: dst.ip(), destination_port: dst.port() };
+    let conn = rbac::Connection {
+        source,
+        source_ip,
+        destination_ip: dst.ip(),
+        destination_port: dst.port(),
+        http: None,
+    };
     let verdict = proxy.authorize(rec.direction(), &w, &conn);
     if !verdict.is_allow() {
         return Err(ProxyError::Denied(verdict.reason()));

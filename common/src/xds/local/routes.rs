@@ -1,4 +1,5 @@
-//! The YAML form of the waypoint's L7 resources (`ambient.waypoint.v1alpha1`), under `routes:`:
+//! The YAML form of the waypoint's L7 resources (`ambient.waypoint.v1alpha1`): routes under
+//! `routes:` and policies under `waypointPolicies:` (see [`WaypointPolicySpec`]). A route:
 //!
 //! ```yaml
 //! routes:
@@ -33,7 +34,7 @@ impl ServiceRefSpec {
     }
 }
 
-/// A service, or a waypoint by `namespace/name`.
+/// A service, a waypoint by `namespace/name`, or (for policies) a route by `namespace/name`.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ParentSpec {
@@ -41,15 +42,18 @@ pub struct ParentSpec {
     pub service: Option<ServiceRefSpec>,
     #[serde(default)]
     pub waypoint: Option<String>,
+    #[serde(default)]
+    pub route: Option<String>,
 }
 
 impl ParentSpec {
     fn to_proto(&self) -> Result<wp::ParentRef, String> {
         use wp::parent_ref::Target;
-        let target = match (&self.service, &self.waypoint) {
-            (Some(s), None) => Target::Service(s.to_proto()),
-            (None, Some(w)) => Target::Waypoint(w.clone()),
-            _ => return Err("a parent needs exactly one of service or waypoint".into()),
+        let target = match (&self.service, &self.waypoint, &self.route) {
+            (Some(s), None, None) => Target::Service(s.to_proto()),
+            (None, Some(w), None) => Target::Waypoint(w.clone()),
+            (None, None, Some(r)) => Target::Route(r.clone()),
+            _ => return Err("a parent needs exactly one of service, waypoint or route".into()),
         };
         Ok(wp::ParentRef { target: Some(target) })
     }
@@ -358,6 +362,191 @@ impl RouteSpec {
             timeouts,
         };
         Ok(wp::Resource { kind: Some(wp::resource::Kind::Route(route)) })
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceSpec {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OperationSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub not_ports: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConditionSpec {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
+}
+
+/// Istio's rule shape: `from: [{source: ...}]`, `to: [{operation: ...}]`, `when: [...]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzRuleSpec {
+    #[serde(default)]
+    pub from: Vec<FromSpec>,
+    #[serde(default)]
+    pub to: Vec<ToSpec>,
+    #[serde(default)]
+    pub when: Vec<ConditionSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FromSpec {
+    pub source: SourceSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ToSpec {
+    pub operation: OperationSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationSpec {
+    /// ALLOW (default), DENY, AUDIT or CUSTOM.
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub rules: Vec<AuthzRuleSpec>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// A waypoint policy:
+///
+/// ```yaml
+/// waypointPolicies:
+///   - name: no-admin
+///     namespace: demo
+///     target: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local}}
+///     authorization:
+///       action: DENY
+///       rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+/// ```
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaypointPolicySpec {
+    pub name: String,
+    pub namespace: String,
+    pub target: ParentSpec,
+    #[serde(default)]
+    pub authorization: Option<AuthorizationSpec>,
+}
+
+impl WaypointPolicySpec {
+    pub fn resource_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn to_proto(&self) -> Result<wp::Resource, String> {
+        let authorization = match &self.authorization {
+            None => None,
+            Some(a) => {
+                let action = match a.action.as_deref() {
+                    None => wp::authorization_policy::Action::Allow,
+                    Some(n) => wp::authorization_policy::Action::from_str_name(n)
+                        .ok_or_else(|| format!("unknown authorization action {n:?}"))?,
+                };
+                let rules = a
+                    .rules
+                    .iter()
+                    .map(|r| wp::AuthorizationRule {
+                        from: r
+                            .from
+                            .iter()
+                            .map(|f| {
+                                let s = &f.source;
+                                wp::Source {
+                                    principals: s.principals.clone(),
+                                    not_principals: s.not_principals.clone(),
+                                    namespaces: s.namespaces.clone(),
+                                    not_namespaces: s.not_namespaces.clone(),
+                                    ip_blocks: s.ip_blocks.clone(),
+                                    not_ip_blocks: s.not_ip_blocks.clone(),
+                                    request_principals: s.request_principals.clone(),
+                                    not_request_principals: s.not_request_principals.clone(),
+                                }
+                            })
+                            .collect(),
+                        to: r
+                            .to
+                            .iter()
+                            .map(|t| {
+                                let o = &t.operation;
+                                wp::Operation {
+                                    hosts: o.hosts.clone(),
+                                    not_hosts: o.not_hosts.clone(),
+                                    ports: o.ports.clone(),
+                                    not_ports: o.not_ports.clone(),
+                                    methods: o.methods.clone(),
+                                    not_methods: o.not_methods.clone(),
+                                    paths: o.paths.clone(),
+                                    not_paths: o.not_paths.clone(),
+                                }
+                            })
+                            .collect(),
+                        when: r
+                            .when
+                            .iter()
+                            .map(|c| wp::Condition {
+                                key: c.key.clone(),
+                                values: c.values.clone(),
+                                not_values: c.not_values.clone(),
+                            })
+                            .collect(),
+                    })
+                    .collect();
+                Some(wp::AuthorizationPolicy { action: action as i32, rules, dry_run: a.dry_run })
+            }
+        };
+        let policy = wp::Policy {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            target: Some(self.target.to_proto()?),
+            authorization,
+        };
+        Ok(wp::Resource { kind: Some(wp::resource::Kind::Policy(policy)) })
     }
 }
 

@@ -50,6 +50,9 @@ pub struct LocalConfig {
     /// The waypoint's L7 routes (`ambient.waypoint.v1alpha1`); see [`super::routes`].
     #[serde(default)]
     pub routes: Vec<super::routes::RouteSpec>,
+    /// The waypoint's L7 policies; see [`super::routes::WaypointPolicySpec`].
+    #[serde(default)]
+    pub waypoint_policies: Vec<super::routes::WaypointPolicySpec>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -677,6 +680,11 @@ impl LocalConfig {
             let name = r.resource_name();
             let route = r.to_proto().map_err(err(format!("route {name}")))?;
             out.push(EncodedResource::new(proto::WAYPOINT_RESOURCE_TYPE_URL, name, &route));
+        }
+        for p in &self.waypoint_policies {
+            let name = p.resource_name();
+            let policy = p.to_proto().map_err(err(format!("waypoint policy {name}")))?;
+            out.push(EncodedResource::new(proto::WAYPOINT_RESOURCE_TYPE_URL, name, &policy));
         }
         Ok(out)
     }
