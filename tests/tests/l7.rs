@@ -112,7 +112,34 @@ routes:
     parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 9090}}
     matches: [{grpc: {service: ambient.testing.v1.Echo, method: Stream}}]
     backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 9090}}]
+  - name: limited
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /limited}}]
+    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
+  - name: flaky
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /flaky}}]
+    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
+  - name: slow
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /slow}}]
+    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
 waypointPolicies:
+  - name: limit
+    namespace: demo
+    target: {route: demo/limited}
+    rateLimit: {maxTokens: 5, tokensPerFill: 5, fillInterval: 1h}
+  - name: half-abort
+    namespace: demo
+    target: {route: demo/flaky}
+    fault: {abort: {httpStatus: 503, percentage: 50}}
+  - name: delay
+    namespace: demo
+    target: {route: demo/slow}
+    fault: {delay: {fixedDelay: 300ms}}
   - name: no-admin
     namespace: demo
     target: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local}}
@@ -383,7 +410,7 @@ fn waypoint_end_to_end() {
     let routes = wp.routes.clone();
     wp_rt
         .block_on(async {
-            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 12)).await
+            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 18)).await
         })
         .expect("routes arrive");
 
@@ -413,6 +440,18 @@ fn waypoint_end_to_end() {
             out.insert("nomatch", h1.send("GET", "/nothing", &[]).await);
             out.insert("admin", h1.send("GET", "/admin/panel", &[]).await);
             out.insert("blocked", h1.send("GET", "/api/users", &[("x-block", "yes")]).await);
+            let mut policy = BTreeMap::<String, usize>::new();
+            for _ in 0..20 {
+                let r = h1.send("GET", "/limited", &[]).await;
+                *policy.entry(format!("limited {}", r.status)).or_default() += 1;
+            }
+            for _ in 0..400 {
+                let r = h1.send("GET", "/flaky", &[]).await;
+                *policy.entry(format!("flaky {}", r.status)).or_default() += 1;
+            }
+            let started = std::time::Instant::now();
+            let slow = h1.send("GET", "/slow", &[]).await.status;
+            policy.insert(format!("slow {slow} {}", started.elapsed() >= Duration::from_millis(300)), 1);
             let mut h2 = HttpClient::connect(vip80, true).await;
             out.insert("h2-on-80", h2.send("GET", "/exact", &[]).await);
             let mut h2_81 = HttpClient::connect(vip81, true).await;
@@ -422,10 +461,16 @@ fn waypoint_end_to_end() {
                 let r = h1.send("GET", "/split", &[]).await;
                 *split.entry(r.body.split(' ').next().unwrap_or_default().to_string()).or_default() += 1;
             }
-            (out, split)
+            (out, split, policy)
         }))
         .expect("client");
-    let (out, split) = replies;
+    let (out, split, policy) = replies;
+    // Local rate limit: the bucket's 5 tokens, then 429s.
+    assert_eq!((policy["limited 200"], policy["limited 429"]), (5, 15), "{policy:?}");
+    // A 50% abort over 400 requests: 200 expected, sd 10; +-5 sd.
+    let aborted = policy.get("flaky 503").copied().unwrap_or(0);
+    assert!((150..=250).contains(&aborted), "{policy:?}");
+    assert_eq!(policy.get("slow 200 true"), Some(&1), "the delay was injected: {policy:?}");
     let body = |k: &str| out[k].body.clone();
     assert_eq!(out["exact"].status, 200);
     assert_eq!(body("exact"), "v1 GET /exact HTTP/1.1");

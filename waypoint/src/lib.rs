@@ -8,6 +8,8 @@ pub mod config;
 pub mod filter {
     //! Request stages that may refuse a request.
     pub mod authz;
+    pub mod fault;
+    pub mod ratelimit;
 }
 pub mod listener;
 pub mod metrics;

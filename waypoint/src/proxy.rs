@@ -131,6 +131,8 @@ struct Exchange {
     target: Option<Target>,
     backend_service: Option<Arc<Service>>,
     request_bytes: Arc<AtomicU64>,
+    /// A fault delay was injected (flag `DI`).
+    delayed: bool,
 }
 
 fn local_reply(status: StatusCode, details: &str) -> Response<ProxyBody> {
@@ -176,9 +178,10 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incom
         target: None,
         backend_service: None,
         request_bytes: Arc::new(AtomicU64::new(0)),
+        delayed: false,
     };
     let (response, flags) = match route_and_send(&ctx, &down, req, &mut ex, &request_id).await {
-        Ok(r) => (r.map(BodyExt::boxed), "-"),
+        Ok(r) => (r.map(BodyExt::boxed), if ex.delayed { "DI" } else { "-" }),
         Err((status, flags, details)) => {
             if ex.log.response_code_details.is_none() {
                 ex.log.response_code_details = Some(details.clone());
@@ -264,11 +267,29 @@ async fn route_and_send(
             return Err((StatusCode::FORBIDDEN, "-", "RBAC: access denied".into()));
         }
     }
+    // Local rate limits of the waypoint, service and route.
+    let limited = targets.iter().filter_map(|t| table.limits.get(t)).flatten().any(|b| !b.try_acquire());
+    if limited {
+        return Err((StatusCode::TOO_MANY_REQUESTS, "RL", "local_rate_limited".into()));
+    }
     let selected = match lookup {
         Lookup::NoMatch => return Err((StatusCode::NOT_FOUND, "NR", "route_not_found".into())),
         Lookup::Default => None,
         Lookup::Route(s) => Some(s),
     };
+    // Injected faults: delays first, then aborts.
+    let faults: Vec<crate::filter::fault::Fault> =
+        targets.iter().filter_map(|t| table.faults.get(t)).flatten().cloned().collect();
+    for fault in faults {
+        if let Some(d) = fault.delay() {
+            tokio::time::sleep(d).await;
+            ex.delayed = true;
+        }
+        if let Some(status) = fault.abort() {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return Err((status, "FI", "fault_filter_abort".into()));
+        }
+    }
     ex.route = selected.as_ref().map(|s| s.route.clone());
     ex.log.route_name = ex.route.as_ref().map(|r| r.key.clone());
 

@@ -106,16 +106,21 @@ fn rule(r: &wp::AuthorizationRule) -> Result<Rule, String> {
     Ok(Rule { clauses })
 }
 
-/// The target and the evaluable policy of `p`, if it carries an authorization policy.
-pub fn convert(p: &wp::Policy) -> Result<Option<(Target, Policy)>, String> {
-    let target = match p.target.as_ref().and_then(|t| t.target.as_ref()) {
+/// What `p` attaches to.
+pub fn target_of(p: &wp::Policy) -> Result<Target, String> {
+    Ok(match p.target.as_ref().and_then(|t| t.target.as_ref()) {
         Some(wp::parent_ref::Target::Waypoint(w)) => Target::Waypoint(w.clone()),
         Some(wp::parent_ref::Target::Service(s)) => {
             Target::Service(format!("{}/{}", s.namespace, s.hostname))
         }
         Some(wp::parent_ref::Target::Route(r)) => Target::Route(r.clone()),
         None => return Err("policy has no target".into()),
-    };
+    })
+}
+
+/// The target and the evaluable policy of `p`, if it carries an authorization policy.
+pub fn convert(p: &wp::Policy) -> Result<Option<(Target, Policy)>, String> {
+    let target = target_of(p)?;
     let Some(a) = &p.authorization else { return Ok(None) };
     let action = match wp::authorization_policy::Action::try_from(a.action) {
         Ok(wp::authorization_policy::Action::Allow) => Action::Allow,

@@ -17,6 +17,8 @@ use tokio::sync::watch;
 
 use super::{Parent, PathMatch, Route, RouteMatch};
 use crate::filter::authz::Target;
+use crate::filter::fault::Fault;
+use crate::filter::ratelimit::TokenBucket;
 use common::state::Policy;
 
 /// What a request is matched on.
@@ -49,6 +51,12 @@ pub struct RouteTable {
     /// Authorization policies by what they attach to.
     #[serde(skip)]
     pub policies: BTreeMap<Target, Vec<Arc<Policy>>>,
+    /// Rate limits by what they attach to.
+    #[serde(skip)]
+    pub limits: BTreeMap<Target, Vec<Arc<TokenBucket>>>,
+    /// Faults by what they attach to.
+    #[serde(skip)]
+    pub faults: BTreeMap<Target, Vec<Fault>>,
 }
 
 fn path_matches(m: &PathMatch, path: &str) -> bool {
@@ -187,6 +195,12 @@ fn check(name: &str, r: &wp::Resource) -> Result<(), String> {
         }
         Some(wp::resource::Kind::Policy(p)) => {
             crate::filter::authz::convert(p)?;
+            if let Some(r) = &p.rate_limit {
+                TokenBucket::from_proto(r)?;
+            }
+            if let Some(f) = &p.fault {
+                Fault::from_proto(f)?;
+            }
             (&p.namespace, &p.name)
         }
         None => return Err("resource has neither route nor policy".into()),
@@ -199,6 +213,8 @@ fn check(name: &str, r: &wp::Resource) -> Result<(), String> {
 
 struct Inner {
     resources: Arc<ResourceStore<wp::Resource>>,
+    /// Token buckets by policy, kept across rebuilds while the policy's limit is unchanged.
+    buckets: std::sync::Mutex<HashMap<String, (wp::LocalRateLimit, Arc<TokenBucket>)>>,
     current: RwLock<Arc<RouteTable>>,
     changed: watch::Sender<u64>,
 }
@@ -215,6 +231,7 @@ impl Routes {
         let routes = Self {
             inner: Arc::new(Inner {
                 resources: ResourceStore::new(check),
+                buckets: Default::default(),
                 current: RwLock::default(),
                 changed: watch::channel(0).0,
             }),
@@ -258,16 +275,39 @@ impl Handler<wp::Resource> for Feed {
         let rejected = inner.resources.handle(updates);
         let mut routes = Vec::new();
         let mut policies = Vec::new();
-        for (_, r) in inner.resources.entries() {
+        let mut limits: BTreeMap<Target, Vec<Arc<TokenBucket>>> = BTreeMap::new();
+        let mut faults: BTreeMap<Target, Vec<Fault>> = BTreeMap::new();
+        let mut buckets = inner.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut kept = HashMap::new();
+        for (name, r) in inner.resources.entries() {
             match r.kind {
                 Some(wp::resource::Kind::Route(route)) => routes.extend(Route::from_proto(&route).ok()),
                 Some(wp::resource::Kind::Policy(p)) => {
                     policies.extend(crate::filter::authz::convert(&p).ok().flatten());
+                    let Ok(target) = crate::filter::authz::target_of(&p) else { continue };
+                    if let Some(r) = &p.rate_limit {
+                        let bucket = match buckets.remove(&name) {
+                            Some((old, b)) if &old == r => Some(b),
+                            _ => TokenBucket::from_proto(r).ok().map(Arc::new),
+                        };
+                        if let Some(b) = bucket {
+                            limits.entry(target.clone()).or_default().push(b.clone());
+                            kept.insert(name.clone(), (*r, b));
+                        }
+                    }
+                    if let Some(f) = p.fault.as_ref().and_then(|f| Fault::from_proto(f).ok()) {
+                        faults.entry(target).or_default().push(f);
+                    }
                 }
                 None => {}
             }
         }
-        let table = Arc::new(RouteTable::build_with(routes, policies));
+        *buckets = kept;
+        drop(buckets);
+        let mut table = RouteTable::build_with(routes, policies);
+        table.limits = limits;
+        table.faults = faults;
+        let table = Arc::new(table);
         *inner.current.write().unwrap_or_else(PoisonError::into_inner) = table;
         inner.changed.send_modify(|n| *n += 1);
         rejected

@@ -472,6 +472,49 @@ pub struct WaypointPolicySpec {
     pub target: ParentSpec,
     #[serde(default)]
     pub authorization: Option<AuthorizationSpec>,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+    #[serde(default)]
+    pub fault: Option<FaultSpec>,
+}
+
+/// `{maxTokens: 10, tokensPerFill: 10, fillInterval: 1s}`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitSpec {
+    pub max_tokens: u32,
+    pub tokens_per_fill: u32,
+    pub fill_interval: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DelaySpec {
+    pub fixed_delay: String,
+    #[serde(default = "hundred")]
+    pub percentage: f64,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AbortSpec {
+    pub http_status: u32,
+    #[serde(default = "hundred")]
+    pub percentage: f64,
+}
+
+fn hundred() -> f64 {
+    100.0
+}
+
+/// `{delay: {fixedDelay: 200ms, percentage: 10}, abort: {httpStatus: 503, percentage: 50}}`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultSpec {
+    #[serde(default)]
+    pub delay: Option<DelaySpec>,
+    #[serde(default)]
+    pub abort: Option<AbortSpec>,
 }
 
 impl WaypointPolicySpec {
@@ -540,11 +583,37 @@ impl WaypointPolicySpec {
                 Some(wp::AuthorizationPolicy { action: action as i32, rules, dry_run: a.dry_run })
             }
         };
+        let rate_limit = match &self.rate_limit {
+            None => None,
+            Some(r) => Some(wp::LocalRateLimit {
+                max_tokens: r.max_tokens,
+                tokens_per_fill: r.tokens_per_fill,
+                fill_interval: Some(duration(&r.fill_interval)?),
+            }),
+        };
+        let fault = match &self.fault {
+            None => None,
+            Some(f) => Some(wp::Fault {
+                delay: match &f.delay {
+                    None => None,
+                    Some(d) => Some(wp::fault::Delay {
+                        fixed_delay: Some(duration(&d.fixed_delay)?),
+                        percentage: d.percentage,
+                    }),
+                },
+                abort: f
+                    .abort
+                    .as_ref()
+                    .map(|a| wp::fault::Abort { http_status: a.http_status, percentage: a.percentage }),
+            }),
+        };
         let policy = wp::Policy {
             name: self.name.clone(),
             namespace: self.namespace.clone(),
             target: Some(self.target.to_proto()?),
             authorization,
+            rate_limit,
+            fault,
         };
         Ok(wp::Resource { kind: Some(wp::resource::Kind::Policy(policy)) })
     }

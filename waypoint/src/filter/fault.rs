@@ -1,0 +1,77 @@
+//! Fault injection with Istio VirtualService semantics: a fixed delay and/or an abort, each on a
+//! percentage of requests. A delayed request carries flag `DI`, an aborted one `FI`.
+
+use std::time::Duration;
+
+use proto::waypoint as wp;
+use rand::Rng;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Fault {
+    pub delay: Option<(Duration, f64)>,
+    pub abort: Option<(u16, f64)>,
+}
+
+fn percentage(p: f64) -> Result<f64, String> {
+    if (0.0..=100.0).contains(&p) { Ok(p) } else { Err(format!("percentage {p} is not within 0..=100")) }
+}
+
+impl Fault {
+    pub fn from_proto(f: &wp::Fault) -> Result<Self, String> {
+        let delay = match &f.delay {
+            None => None,
+            Some(d) => {
+                let fixed = d
+                    .fixed_delay
+                    .and_then(|d| Duration::try_from(d).ok())
+                    .ok_or("delay needs a fixed delay")?;
+                Some((fixed, percentage(d.percentage)?))
+            }
+        };
+        let abort = match &f.abort {
+            None => None,
+            Some(a) => {
+                let status = u16::try_from(a.http_status)
+                    .ok()
+                    .filter(|s| (200..600).contains(s))
+                    .ok_or_else(|| format!("abort status {} is not an HTTP status", a.http_status))?;
+                Some((status, percentage(a.percentage)?))
+            }
+        };
+        Ok(Self { delay, abort })
+    }
+
+    /// Whether this request is delayed, and by how much.
+    pub fn delay(&self) -> Option<Duration> {
+        self.delay.filter(|(_, p)| hit(*p)).map(|(d, _)| d)
+    }
+
+    /// Whether this request is aborted, and with which status.
+    pub fn abort(&self) -> Option<u16> {
+        self.abort.filter(|(_, p)| hit(*p)).map(|(s, _)| s)
+    }
+}
+
+fn hit(percentage: f64) -> bool {
+    rand::rng().random_range(0.0..100.0) < percentage
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentages_hold_and_bad_values_are_refused() {
+        let f = Fault { delay: None, abort: Some((503, 25.0)) };
+        let aborted = (0..10_000).filter(|_| f.abort().is_some()).count();
+        assert!((2200..2800).contains(&aborted), "{aborted}");
+        let never = Fault { delay: Some((Duration::from_millis(1), 0.0)), abort: None };
+        assert!((0..1000).all(|_| never.delay().is_none()));
+        let bad =
+            wp::Fault { delay: None, abort: Some(wp::fault::Abort { http_status: 42, percentage: 10.0 }) };
+        assert!(Fault::from_proto(&bad).is_err());
+        let over =
+            wp::Fault { delay: None, abort: Some(wp::fault::Abort { http_status: 503, percentage: 150.0 }) };
+        assert!(Fault::from_proto(&over).is_err());
+    }
+}
