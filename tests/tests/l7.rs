@@ -127,7 +127,25 @@ routes:
     parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
     matches: [{path: {prefix: /slow}}]
     backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
+  - name: retried
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /retry}}]
+    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
+  - name: sleepy
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /sleepy}}]
+    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
 waypointPolicies:
+  - name: retry-5xx
+    namespace: demo
+    target: {route: demo/retried}
+    retry: {attempts: 3, retryOn: [5xx], backoff: 10ms}
+  - name: per-try
+    namespace: demo
+    target: {route: demo/sleepy}
+    retry: {attempts: 1, perTryTimeout: 200ms, retryOn: [5xx]}
   - name: limit
     namespace: demo
     target: {route: demo/limited}
@@ -183,6 +201,27 @@ fn http_server(rt: &tokio::runtime::Runtime, name: &'static str) {
                                 .insert("connection", http::HeaderValue::from_static("upgrade"));
                             resp.headers_mut().insert("upgrade", http::HeaderValue::from_static("echo"));
                             return Ok::<_, std::convert::Infallible>(resp);
+                        }
+                        let path = req.uri().path().to_string();
+                        if path.starts_with("/retry/") {
+                            // Fails twice per path, then answers.
+                            static SEEN: std::sync::Mutex<BTreeMap<String, u32>> =
+                                std::sync::Mutex::new(BTreeMap::new());
+                            let n = {
+                                let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+                                let n = seen.entry(path.clone()).or_default();
+                                *n += 1;
+                                *n
+                            };
+                            if n <= 2 {
+                                let mut resp =
+                                    http::Response::new(http_body_util::Full::new(Bytes::from("flaky")));
+                                *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                                return Ok(resp);
+                            }
+                        }
+                        if path.starts_with("/sleepy") {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
                         }
                         let mut resp = http::Response::new(http_body_util::Full::new(Bytes::from(format!(
                             "{name} {} {} {:?}",
@@ -410,7 +449,7 @@ fn waypoint_end_to_end() {
     let routes = wp.routes.clone();
     wp_rt
         .block_on(async {
-            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 18)).await
+            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 22)).await
         })
         .expect("routes arrive");
 
@@ -449,6 +488,16 @@ fn waypoint_end_to_end() {
                 let r = h1.send("GET", "/flaky", &[]).await;
                 *policy.entry(format!("flaky {}", r.status)).or_default() += 1;
             }
+            let retried = h1.send("GET", "/retry/one", &[]).await;
+            policy.insert(
+                format!("retry {} {}", retried.status, retried.body.split(' ').next().unwrap_or("")),
+                1,
+            );
+            let mut fresh = HttpClient::connect(vip80, false).await;
+            let started = std::time::Instant::now();
+            let sleepy = fresh.send("GET", "/sleepy", &[]).await.status;
+            let took = started.elapsed();
+            policy.insert(format!("sleepy {sleepy} {}", took < Duration::from_millis(1500)), 1);
             let started = std::time::Instant::now();
             let slow = h1.send("GET", "/slow", &[]).await.status;
             policy.insert(format!("slow {slow} {}", started.elapsed() >= Duration::from_millis(300)), 1);
@@ -471,6 +520,10 @@ fn waypoint_end_to_end() {
     let aborted = policy.get("flaky 503").copied().unwrap_or(0);
     assert!((150..=250).contains(&aborted), "{policy:?}");
     assert_eq!(policy.get("slow 200 true"), Some(&1), "the delay was injected: {policy:?}");
+    // Two 503s, then success on the third try.
+    assert_eq!(policy.get("retry 200 v1"), Some(&1), "{policy:?}");
+    // Two tries of 200 ms each against a 2 s upstream: 504 well before the upstream answers.
+    assert_eq!(policy.get("sleepy 504 true"), Some(&1), "{policy:?}");
     let body = |k: &str| out[k].body.clone();
     assert_eq!(out["exact"].status, 200);
     assert_eq!(body("exact"), "v1 GET /exact HTTP/1.1");

@@ -68,6 +68,7 @@ impl App {
         let mut tasks = vec![config.source.clone().spawn(handlers, &ready, xds_metrics)];
         let pool = Pool::new(certs.clone(), PoolConfig::default(), PoolMetrics::new(&mut registry));
         let ctx = Arc::new(Context {
+            retries: crate::filter::retry::Retries::new(&mut registry),
             state: state.clone(),
             routes: routes.clone(),
             upstream: Upstream::new(pool, identity.clone(), config.balance),

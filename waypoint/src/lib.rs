@@ -10,6 +10,7 @@ pub mod filter {
     pub mod authz;
     pub mod fault;
     pub mod ratelimit;
+    pub mod retry;
 }
 pub mod listener;
 pub mod metrics;

@@ -30,6 +30,7 @@ use crate::upstream::{Target, Upstream};
 
 /// What every request shares.
 pub struct Context {
+    pub retries: crate::filter::retry::Retries,
     pub state: State,
     pub routes: Routes,
     pub upstream: Upstream,
@@ -133,6 +134,8 @@ struct Exchange {
     request_bytes: Arc<AtomicU64>,
     /// A fault delay was injected (flag `DI`).
     delayed: bool,
+    /// A flag for an answer that came from upstream (`URX` when retries ran out).
+    flags: Option<&'static str>,
 }
 
 fn local_reply(status: StatusCode, details: &str) -> Response<ProxyBody> {
@@ -179,9 +182,10 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incom
         backend_service: None,
         request_bytes: Arc::new(AtomicU64::new(0)),
         delayed: false,
+        flags: None,
     };
     let (response, flags) = match route_and_send(&ctx, &down, req, &mut ex, &request_id).await {
-        Ok(r) => (r.map(BodyExt::boxed), if ex.delayed { "DI" } else { "-" }),
+        Ok(r) => (r.map(BodyExt::boxed), ex.flags.unwrap_or(if ex.delayed { "DI" } else { "-" })),
         Err((status, flags, details)) => {
             if ex.log.response_code_details.is_none() {
                 ex.log.response_code_details = Some(details.clone());
@@ -431,9 +435,6 @@ async fn route_and_send(
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, protocol.clone());
     }
-    let counted = Counted::new(incoming, ex.request_bytes.clone()).boxed();
-    let upstream_req = Request::from_parts(parts, counted);
-
     let timeout = match (
         ex.route.as_ref().and_then(|r| r.request_timeout),
         ex.route.as_ref().and_then(|r| r.backend_timeout),
@@ -441,13 +442,42 @@ async fn route_and_send(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
+    // The most specific retry policy (route, then service, then waypoint), for requests whose
+    // body is known to be small enough to replay.
+    let retry = targets.iter().rev().find_map(|t| table.retries.get(t)).cloned();
+    use hyper::body::Body as _;
+    let replayable = incoming.is_end_stream()
+        || incoming.size_hint().upper().is_some_and(|n| n <= crate::filter::retry::MAX_REPLAY_BODY as u64);
     let sent = Instant::now();
-    let send = ctx.upstream.send(&target, h2, upstream_req);
-    let result = match timeout {
-        Some(t) => tokio::time::timeout(t, send)
-            .await
-            .map_err(|_| (StatusCode::GATEWAY_TIMEOUT, "UT", "upstream_response_timeout".to_string()))?,
-        None => send.await,
+    let result = match retry.filter(|r| r.attempts > 0 && upgrade.is_none() && replayable) {
+        None => {
+            let counted = Counted::new(incoming, ex.request_bytes.clone()).boxed();
+            let send = ctx.upstream.send(&target, h2, Request::from_parts(parts, counted));
+            match timeout {
+                Some(t) => tokio::time::timeout(t, send).await.map_err(|_| {
+                    (StatusCode::GATEWAY_TIMEOUT, "UT", "upstream_response_timeout".to_string())
+                })?,
+                None => send.await,
+            }
+        }
+        Some(policy) => {
+            let body = incoming
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .map_err(|e| (StatusCode::BAD_REQUEST, "DC", format!("request body: {e}")))?;
+            ex.request_bytes.store(body.len() as u64, Ordering::Relaxed);
+            let attempt = Attempt { ctx, target: &target, h2, parts: &parts, body };
+            let cluster = ex.log.upstream_cluster.clone().unwrap_or_default();
+            match timeout {
+                Some(t) => {
+                    tokio::time::timeout(t, with_retries(attempt, &policy, &cluster, ex)).await.map_err(
+                        |_| (StatusCode::GATEWAY_TIMEOUT, "UT", "upstream_response_timeout".to_string()),
+                    )??
+                }
+                None => with_retries(attempt, &policy, &cluster, ex).await?,
+            }
+        }
     };
     ex.log.upstream_service_time = Some(sent.elapsed().as_millis() as u64);
     let mut response = result.map_err(|e| {
@@ -473,6 +503,78 @@ async fn route_and_send(
         response.extensions_mut().insert(Upgraded(protocol));
     }
     Ok(response)
+}
+
+/// One replayable try: the request's head and its buffered body.
+struct Attempt<'a> {
+    ctx: &'a Context,
+    target: &'a Target,
+    h2: bool,
+    parts: &'a http::request::Parts,
+    body: bytes::Bytes,
+}
+
+impl Attempt<'_> {
+    async fn send(&self) -> Result<Response<Incoming>, crate::upstream::UpstreamError> {
+        let mut req = Request::new(
+            http_body_util::Full::new(self.body.clone()).map_err(|never| match never {}).boxed(),
+        );
+        *req.method_mut() = self.parts.method.clone();
+        *req.uri_mut() = self.parts.uri.clone();
+        *req.version_mut() = self.parts.version;
+        *req.headers_mut() = self.parts.headers.clone();
+        self.ctx.upstream.send(self.target, self.h2, req).await
+    }
+}
+
+/// Tries, and tries again per `policy` while the budget allows. Returns the last answer (a
+/// retriable status when tries ran out, flagged `URX`) or the last transport failure.
+async fn with_retries(
+    attempt: Attempt<'_>,
+    policy: &crate::filter::retry::RetryPolicy,
+    cluster: &str,
+    ex: &mut Exchange,
+) -> Result<Result<Response<Incoming>, crate::upstream::UpstreamError>, Refusal> {
+    let retries = &attempt.ctx.retries;
+    let _in_flight = retries.request();
+    let mut retried = false;
+    let mut n = 0;
+    loop {
+        let result = match policy.per_try_timeout {
+            Some(t) => tokio::time::timeout(t, attempt.send()).await.ok(),
+            None => Some(attempt.send().await),
+        };
+        let retriable = match &result {
+            Some(Ok(r)) => policy.retries_status(r.status()),
+            Some(Err(_)) | None => policy.retries_failure(),
+        };
+        let slot = (retriable && n < policy.attempts).then(|| retries.begin(cluster)).flatten();
+        match (result, slot) {
+            (Some(Ok(r)), None) => {
+                if retriable && retried {
+                    ex.flags = Some("URX");
+                } else if retried {
+                    retries.succeeded(cluster);
+                }
+                return Ok(Ok(r));
+            }
+            (Some(Err(e)), None) => {
+                if retried {
+                    ex.flags = Some("URX");
+                }
+                return Ok(Err(e));
+            }
+            (None, None) => {
+                return Err((StatusCode::GATEWAY_TIMEOUT, "UT", "upstream_per_try_timeout".into()));
+            }
+            (_, Some(slot)) => {
+                n += 1;
+                retried = true;
+                tokio::time::sleep(policy.backoff(n)).await;
+                drop(slot);
+            }
+        }
+    }
 }
 
 /// Marks a 101 response whose `connection`/`upgrade` headers must reach the client.

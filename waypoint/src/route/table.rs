@@ -19,6 +19,7 @@ use super::{Parent, PathMatch, Route, RouteMatch};
 use crate::filter::authz::Target;
 use crate::filter::fault::Fault;
 use crate::filter::ratelimit::TokenBucket;
+use crate::filter::retry::RetryPolicy;
 use common::state::Policy;
 
 /// What a request is matched on.
@@ -57,6 +58,9 @@ pub struct RouteTable {
     /// Faults by what they attach to.
     #[serde(skip)]
     pub faults: BTreeMap<Target, Vec<Fault>>,
+    /// Retry policies by what they attach to.
+    #[serde(skip)]
+    pub retries: BTreeMap<Target, RetryPolicy>,
 }
 
 fn path_matches(m: &PathMatch, path: &str) -> bool {
@@ -201,6 +205,9 @@ fn check(name: &str, r: &wp::Resource) -> Result<(), String> {
             if let Some(f) = &p.fault {
                 Fault::from_proto(f)?;
             }
+            if let Some(r) = &p.retry {
+                RetryPolicy::from_proto(r)?;
+            }
             (&p.namespace, &p.name)
         }
         None => return Err("resource has neither route nor policy".into()),
@@ -277,6 +284,7 @@ impl Handler<wp::Resource> for Feed {
         let mut policies = Vec::new();
         let mut limits: BTreeMap<Target, Vec<Arc<TokenBucket>>> = BTreeMap::new();
         let mut faults: BTreeMap<Target, Vec<Fault>> = BTreeMap::new();
+        let mut retries: BTreeMap<Target, RetryPolicy> = BTreeMap::new();
         let mut buckets = inner.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         let mut kept = HashMap::new();
         for (name, r) in inner.resources.entries() {
@@ -295,6 +303,9 @@ impl Handler<wp::Resource> for Feed {
                             kept.insert(name.clone(), (*r, b));
                         }
                     }
+                    if let Some(r) = p.retry.as_ref().and_then(|r| RetryPolicy::from_proto(r).ok()) {
+                        retries.insert(target.clone(), r);
+                    }
                     if let Some(f) = p.fault.as_ref().and_then(|f| Fault::from_proto(f).ok()) {
                         faults.entry(target).or_default().push(f);
                     }
@@ -307,6 +318,7 @@ impl Handler<wp::Resource> for Feed {
         let mut table = RouteTable::build_with(routes, policies);
         table.limits = limits;
         table.faults = faults;
+        table.retries = retries;
         let table = Arc::new(table);
         *inner.current.write().unwrap_or_else(PoisonError::into_inner) = table;
         inner.changed.send_modify(|n| *n += 1);

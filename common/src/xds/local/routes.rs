@@ -476,6 +476,21 @@ pub struct WaypointPolicySpec {
     pub rate_limit: Option<RateLimitSpec>,
     #[serde(default)]
     pub fault: Option<FaultSpec>,
+    #[serde(default)]
+    pub retry: Option<RetrySpec>,
+}
+
+/// `{attempts: 3, perTryTimeout: 200ms, retryOn: [5xx, connect-failure], backoff: 25ms}`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetrySpec {
+    pub attempts: u32,
+    #[serde(default)]
+    pub per_try_timeout: Option<String>,
+    #[serde(default)]
+    pub retry_on: Vec<String>,
+    #[serde(default)]
+    pub backoff: Option<String>,
 }
 
 /// `{maxTokens: 10, tokensPerFill: 10, fillInterval: 1s}`.
@@ -607,6 +622,15 @@ impl WaypointPolicySpec {
                     .map(|a| wp::fault::Abort { http_status: a.http_status, percentage: a.percentage }),
             }),
         };
+        let retry = match &self.retry {
+            None => None,
+            Some(r) => Some(wp::Retry {
+                attempts: r.attempts,
+                per_try_timeout: r.per_try_timeout.as_deref().map(duration).transpose()?,
+                retry_on: r.retry_on.clone(),
+                backoff: r.backoff.as_deref().map(duration).transpose()?,
+            }),
+        };
         let policy = wp::Policy {
             name: self.name.clone(),
             namespace: self.namespace.clone(),
@@ -614,6 +638,7 @@ impl WaypointPolicySpec {
             authorization,
             rate_limit,
             fault,
+            retry,
         };
         Ok(wp::Resource { kind: Some(wp::resource::Kind::Policy(policy)) })
     }
