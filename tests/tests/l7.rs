@@ -137,7 +137,16 @@ routes:
     parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
     matches: [{path: {prefix: /sleepy}}]
     backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
+  - name: mirrored
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /mirror}}]
+    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
 waypointPolicies:
+  - name: shadow
+    namespace: demo
+    target: {route: demo/mirrored}
+    mirror: {service: {namespace: demo, hostname: echo-v2.demo.svc.cluster.local, port: 80}, percentage: 100}
   - name: retry-5xx
     namespace: demo
     target: {route: demo/retried}
@@ -174,6 +183,9 @@ waypointPolicies:
       rules: [{from: [{source: {principals: ["cluster.local/ns/demo/sa/client"], namespaces: ["demo"]}}]}]
 "#;
 
+/// Requests under /mirror the HTTP servers saw: (server, host).
+static SEEN_MIRROR: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
 /// An HTTP/1.1 + h2c server on 8080 answering `<name> <method> <path> <version>` with the
 /// request headers as `x-echo-<name>` response headers.
 fn http_server(rt: &tokio::runtime::Runtime, name: &'static str) {
@@ -203,6 +215,18 @@ fn http_server(rt: &tokio::runtime::Runtime, name: &'static str) {
                             return Ok::<_, std::convert::Infallible>(resp);
                         }
                         let path = req.uri().path().to_string();
+                        if path.starts_with("/mirror") {
+                            let host = req
+                                .headers()
+                                .get("host")
+                                .and_then(|h| h.to_str().ok())
+                                .unwrap_or("")
+                                .to_string();
+                            SEEN_MIRROR
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push((name.to_string(), host));
+                        }
                         if path.starts_with("/retry/") {
                             // Fails twice per path, then answers.
                             static SEEN: std::sync::Mutex<BTreeMap<String, u32>> =
@@ -449,7 +473,7 @@ fn waypoint_end_to_end() {
     let routes = wp.routes.clone();
     wp_rt
         .block_on(async {
-            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 22)).await
+            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 24)).await
         })
         .expect("routes arrive");
 
@@ -488,6 +512,12 @@ fn waypoint_end_to_end() {
                 let r = h1.send("GET", "/flaky", &[]).await;
                 *policy.entry(format!("flaky {}", r.status)).or_default() += 1;
             }
+            for i in 0..10 {
+                let r = h1.send("GET", &format!("/mirror/{i}"), &[]).await;
+                *policy
+                    .entry(format!("mirror {} {}", r.status, r.body.split(' ').next().unwrap_or("")))
+                    .or_default() += 1;
+            }
             let retried = h1.send("GET", "/retry/one", &[]).await;
             policy.insert(
                 format!("retry {} {}", retried.status, retried.body.split(' ').next().unwrap_or("")),
@@ -520,6 +550,19 @@ fn waypoint_end_to_end() {
     let aborted = policy.get("flaky 503").copied().unwrap_or(0);
     assert!((150..=250).contains(&aborted), "{policy:?}");
     assert_eq!(policy.get("slow 200 true"), Some(&1), "the delay was injected: {policy:?}");
+    // Mirroring: the client's answers come from v1; v2 gets a copy of each, marked -shadow.
+    assert_eq!(policy.get("mirror 200 v1"), Some(&10), "{policy:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let shadows = loop {
+        let seen = SEEN_MIRROR.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let shadows: Vec<_> = seen.iter().filter(|(server, _)| server == "v2").cloned().collect();
+        if shadows.len() >= 10 || std::time::Instant::now() > deadline {
+            break shadows;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(shadows.len(), 10, "every request mirrored to v2: {shadows:?}");
+    assert!(shadows.iter().all(|(_, host)| host == "echo.demo.svc.cluster.local-shadow"), "{shadows:?}");
     // Two 503s, then success on the third try.
     assert_eq!(policy.get("retry 200 v1"), Some(&1), "{policy:?}");
     // Two tries of 200 ms each against a 2 s upstream: 504 well before the upstream answers.

@@ -23,6 +23,8 @@ use common::rbac::{self, Verdict};
 
 use crate::body::{self, Counted, Observed, ProxyBody};
 use crate::filter::authz::{self, Target as PolicyTarget};
+use crate::filter::mirror::Mirror;
+use crate::filter::retry::RetryPolicy;
 use crate::metrics::{AccessLog, Metrics, RequestLabels, rfc3339};
 use crate::route::table::{Lookup, RequestView, Routes, Selected};
 use crate::route::{Filter, HeaderModifier, PathModifier, ServiceRef};
@@ -206,7 +208,7 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incom
 type Refusal = (StatusCode, &'static str, String);
 
 async fn route_and_send(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     down: &Downstream,
     mut req: Request<Incoming>,
     ex: &mut Exchange,
@@ -449,7 +451,14 @@ async fn route_and_send(
     let replayable = incoming.is_end_stream()
         || incoming.size_hint().upper().is_some_and(|n| n <= crate::filter::retry::MAX_REPLAY_BODY as u64);
     let sent = Instant::now();
-    let result = match retry.filter(|r| r.attempts > 0 && upgrade.is_none() && replayable) {
+    let retry = retry.filter(|r| r.attempts > 0 && upgrade.is_none() && replayable);
+    let mirrors: Vec<Mirror> = if upgrade.is_none() && replayable {
+        targets.iter().filter_map(|t| table.mirrors.get(t)).flatten().filter(|m| m.hit()).cloned().collect()
+    } else {
+        Vec::new()
+    };
+    let buffered = (retry.is_some() || !mirrors.is_empty()).then(|| retry.unwrap_or_else(RetryPolicy::once));
+    let result = match buffered {
         None => {
             let counted = Counted::new(incoming, ex.request_bytes.clone()).boxed();
             let send = ctx.upstream.send(&target, h2, Request::from_parts(parts, counted));
@@ -467,6 +476,9 @@ async fn route_and_send(
                 .map(|b| b.to_bytes())
                 .map_err(|e| (StatusCode::BAD_REQUEST, "DC", format!("request body: {e}")))?;
             ex.request_bytes.store(body.len() as u64, Ordering::Relaxed);
+            for m in mirrors {
+                mirror(ctx.clone(), &snapshot, m, &parts, body.clone(), h2);
+            }
             let attempt = Attempt { ctx, target: &target, h2, parts: &parts, body };
             let cluster = ex.log.upstream_cluster.clone().unwrap_or_default();
             match timeout {
@@ -503,6 +515,56 @@ async fn route_and_send(
         response.extensions_mut().insert(Upgraded(protocol));
     }
     Ok(response)
+}
+
+/// Sends a copy of the request to `m`'s service in the background; its answer is dropped.
+fn mirror(
+    ctx: Arc<Context>,
+    snapshot: &common::state::Snapshot,
+    m: Mirror,
+    parts: &http::request::Parts,
+    body: bytes::Bytes,
+    h2: bool,
+) {
+    let Some(service) = snapshot.service(&m.service.namespace, &m.service.hostname) else {
+        debug!(service = %m.service.key(), "mirror service unknown; not mirrored");
+        return;
+    };
+    let port = if m.service.port == 0 { parts.uri.port_u16().unwrap_or(80) } else { m.service.port };
+    let Some(target) = ctx.upstream.choose(snapshot, service, port) else {
+        debug!(service = %m.service.key(), "mirror has no endpoint; not mirrored");
+        return;
+    };
+    let mut req = Request::new(http_body_util::Full::new(body).map_err(|never| match never {}).boxed());
+    *req.method_mut() = parts.method.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_default();
+    let shadow = crate::filter::mirror::shadow_authority(&authority);
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let uri = if h2 {
+        Uri::builder().scheme("http").authority(shadow.as_str()).path_and_query(path.as_str()).build()
+    } else {
+        if let Ok(v) = HeaderValue::from_str(&shadow) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+        Uri::builder().path_and_query(path.as_str()).build()
+    };
+    let Ok(uri) = uri else { return };
+    *req.uri_mut() = uri;
+    tokio::spawn(async move {
+        match ctx.upstream.send(&target, h2, req).await {
+            Ok(r) => {
+                let _ = r.into_body().collect().await;
+            }
+            Err(e) => debug!(error = %e, "mirrored request failed"),
+        }
+    });
 }
 
 /// One replayable try: the request's head and its buffered body.

@@ -70,6 +70,11 @@ impl RetryPolicy {
         })
     }
 
+    /// A single try, nothing retried (for requests buffered for another reason).
+    pub fn once() -> Self {
+        Self { attempts: 0, per_try_timeout: None, on: RetryOn::default(), backoff: Duration::ZERO }
+    }
+
     /// Whether a response with `status` is tried again.
     pub fn retries_status(&self, status: StatusCode) -> bool {
         let s = status.as_u16();

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use super::{Parent, PathMatch, Route, RouteMatch};
 use crate::filter::authz::Target;
 use crate::filter::fault::Fault;
+use crate::filter::mirror::Mirror;
 use crate::filter::ratelimit::TokenBucket;
 use crate::filter::retry::RetryPolicy;
 use common::state::Policy;
@@ -61,6 +62,9 @@ pub struct RouteTable {
     /// Retry policies by what they attach to.
     #[serde(skip)]
     pub retries: BTreeMap<Target, RetryPolicy>,
+    /// Mirrors by what they attach to.
+    #[serde(skip)]
+    pub mirrors: BTreeMap<Target, Vec<Mirror>>,
 }
 
 fn path_matches(m: &PathMatch, path: &str) -> bool {
@@ -208,6 +212,9 @@ fn check(name: &str, r: &wp::Resource) -> Result<(), String> {
             if let Some(r) = &p.retry {
                 RetryPolicy::from_proto(r)?;
             }
+            if let Some(m) = &p.mirror {
+                Mirror::from_proto(m)?;
+            }
             (&p.namespace, &p.name)
         }
         None => return Err("resource has neither route nor policy".into()),
@@ -285,6 +292,7 @@ impl Handler<wp::Resource> for Feed {
         let mut limits: BTreeMap<Target, Vec<Arc<TokenBucket>>> = BTreeMap::new();
         let mut faults: BTreeMap<Target, Vec<Fault>> = BTreeMap::new();
         let mut retries: BTreeMap<Target, RetryPolicy> = BTreeMap::new();
+        let mut mirrors: BTreeMap<Target, Vec<Mirror>> = BTreeMap::new();
         let mut buckets = inner.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         let mut kept = HashMap::new();
         for (name, r) in inner.resources.entries() {
@@ -303,6 +311,9 @@ impl Handler<wp::Resource> for Feed {
                             kept.insert(name.clone(), (*r, b));
                         }
                     }
+                    if let Some(m) = p.mirror.as_ref().and_then(|m| Mirror::from_proto(m).ok()) {
+                        mirrors.entry(target.clone()).or_default().push(m);
+                    }
                     if let Some(r) = p.retry.as_ref().and_then(|r| RetryPolicy::from_proto(r).ok()) {
                         retries.insert(target.clone(), r);
                     }
@@ -319,6 +330,7 @@ impl Handler<wp::Resource> for Feed {
         table.limits = limits;
         table.faults = faults;
         table.retries = retries;
+        table.mirrors = mirrors;
         let table = Arc::new(table);
         *inner.current.write().unwrap_or_else(PoisonError::into_inner) = table;
         inner.changed.send_modify(|n| *n += 1);

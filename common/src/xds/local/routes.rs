@@ -478,6 +478,17 @@ pub struct WaypointPolicySpec {
     pub fault: Option<FaultSpec>,
     #[serde(default)]
     pub retry: Option<RetrySpec>,
+    #[serde(default)]
+    pub mirror: Option<MirrorSpec>,
+}
+
+/// `{service: {namespace: demo, hostname: shadow.demo.svc.cluster.local, port: 80}, percentage: 10}`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MirrorSpec {
+    pub service: ServiceRefSpec,
+    #[serde(default = "hundred")]
+    pub percentage: f64,
 }
 
 /// `{attempts: 3, perTryTimeout: 200ms, retryOn: [5xx, connect-failure], backoff: 25ms}`.
@@ -631,6 +642,10 @@ impl WaypointPolicySpec {
                 backoff: r.backoff.as_deref().map(duration).transpose()?,
             }),
         };
+        let mirror = self
+            .mirror
+            .as_ref()
+            .map(|m| wp::Mirror { service: Some(m.service.to_proto()), percentage: m.percentage });
         let policy = wp::Policy {
             name: self.name.clone(),
             namespace: self.namespace.clone(),
@@ -639,6 +654,7 @@ impl WaypointPolicySpec {
             rate_limit,
             fault,
             retry,
+            mirror,
         };
         Ok(wp::Resource { kind: Some(wp::resource::Kind::Policy(policy)) })
     }
