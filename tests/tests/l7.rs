@@ -142,7 +142,20 @@ routes:
     parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
     matches: [{path: {prefix: /mirror}}]
     backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
+  - name: secure
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /secure}}]
+    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
 waypointPolicies:
+  - name: jwt-required
+    namespace: demo
+    target: {route: demo/secure}
+    authorization:
+      action: DENY
+      rules:
+        - from: [{source: {notRequestPrincipals: ["*"]}}]
+        - when: [{key: "request.auth.claims[group]", notValues: [admins]}]
   - name: shadow
     namespace: demo
     target: {route: demo/mirrored}
@@ -182,6 +195,27 @@ waypointPolicies:
       action: ALLOW
       rules: [{from: [{source: {principals: ["cluster.local/ns/demo/sa/client"], namespaces: ["demo"]}}]}]
 "#;
+
+/// A P-256 key: its JWKS (JSON) and the PEM to sign test tokens with.
+fn jwt_keys() -> (String, jsonwebtoken::EncodingKey) {
+    use base64::Engine;
+    let key = rcgen::KeyPair::generate().expect("P-256 key");
+    let raw = key.public_key_raw();
+    assert_eq!(raw.len(), 65, "uncompressed point");
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "k1",
+        "x": b64(&raw[1..33]), "y": b64(&raw[33..65])}]});
+    let signing =
+        jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("signing key");
+    (jwks.to_string(), signing)
+}
+
+/// A signed ES256 token with `claims` (kid k1).
+fn token(key: &jsonwebtoken::EncodingKey, claims: serde_json::Value) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("k1".into());
+    jsonwebtoken::encode(&header, &claims, key).expect("token")
+}
 
 /// Requests under /mirror the HTTP servers saw: (server, host).
 static SEEN_MIRROR: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
@@ -419,8 +453,12 @@ fn waypoint_end_to_end() {
     let ca = dir.path().join("ca").to_str().expect("path").to_string();
     let access_log = dir.path().join("access.log");
 
+    let (jwks, signing_key) = jwt_keys();
+    let mesh = format!(
+        "{MESH}  - name: jwt\n    namespace: demo\n    target: {{route: demo/secure}}\n    requestAuthentication:\n      jwtRules:\n        - issuer: https://issuer.test\n          audiences: [echo]\n          outputClaimToHeaders: [{{header: x-jwt-group, claim: group}}]\n          jwks: '{jwks}'\n"
+    );
     let store = XdsStore::new();
-    store.load_yaml(MESH).unwrap_or_else(|e| panic!("mesh config: {e:#}"));
+    store.load_yaml(&mesh).unwrap_or_else(|e| panic!("mesh config: {e:#}"));
     let cp_rt = p.node_a.runtime();
     let xds = cp_rt
         .block_on(cp_rt.spawn(xds_server::start(XDS_ADDR.parse().expect("addr"), store.clone())))
@@ -473,7 +511,7 @@ fn waypoint_end_to_end() {
     let routes = wp.routes.clone();
     wp_rt
         .block_on(async {
-            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 24)).await
+            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 27)).await
         })
         .expect("routes arrive");
 
@@ -483,6 +521,18 @@ fn waypoint_end_to_end() {
     grpc_server(&v1_rt, "v1");
     grpc_server(&v2_rt, "v2");
 
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let claims = |aud: &str, group: &str, exp: u64| serde_json::json!({"iss": "https://issuer.test", "sub": "alice", "aud": aud, "group": group, "exp": exp});
+    let (other_jwks, other_key) = jwt_keys();
+    drop(other_jwks);
+    let tokens: Vec<(&'static str, String)> = vec![
+        ("none", String::new()),
+        ("admin", token(&signing_key, claims("echo", "admins", now + 3600))),
+        ("user", token(&signing_key, claims("echo", "users", now + 3600))),
+        ("expired", token(&signing_key, claims("echo", "admins", now - 3600))),
+        ("audience", token(&signing_key, claims("other", "admins", now + 3600))),
+        ("forged", token(&other_key, claims("echo", "admins", now + 3600))),
+    ];
     let client_rt = p.client.runtime();
     let vip80: SocketAddr = format!("{VIP}:80").parse().expect("addr");
     let vip81: SocketAddr = format!("{VIP}:81").parse().expect("addr");
@@ -517,6 +567,19 @@ fn waypoint_end_to_end() {
                 *policy
                     .entry(format!("mirror {} {}", r.status, r.body.split(' ').next().unwrap_or("")))
                     .or_default() += 1;
+            }
+            for (name, auth) in &tokens {
+                let bearer = format!("Bearer {auth}");
+                let headers: Vec<(&str, &str)> =
+                    if auth.is_empty() { vec![] } else { vec![("authorization", bearer.as_str())] };
+                let r = h1.send("GET", "/secure/data", &headers).await;
+                let group = r
+                    .headers
+                    .get("x-echo-x-jwt-group")
+                    .map(|v| v.to_str().unwrap_or("").to_string())
+                    .unwrap_or_default();
+                let forwarded = r.headers.contains_key("x-echo-authorization");
+                policy.insert(format!("jwt {name} {} {group} {forwarded}", r.status), 1);
             }
             let retried = h1.send("GET", "/retry/one", &[]).await;
             policy.insert(
@@ -563,6 +626,17 @@ fn waypoint_end_to_end() {
     };
     assert_eq!(shadows.len(), 10, "every request mirrored to v2: {shadows:?}");
     assert!(shadows.iter().all(|(_, host)| host == "echo.demo.svc.cluster.local-shadow"), "{shadows:?}");
+    // JWT: verified tokens feed authorization (principal, claims) and headers; bad ones get 401.
+    for expected in [
+        "jwt none 403  false",
+        "jwt admin 200 admins false",
+        "jwt user 403  false",
+        "jwt expired 401  false",
+        "jwt audience 401  false",
+        "jwt forged 401  false",
+    ] {
+        assert!(policy.contains_key(expected), "{expected:?} missing from {policy:?}");
+    }
     // Two 503s, then success on the third try.
     assert_eq!(policy.get("retry 200 v1"), Some(&1), "{policy:?}");
     // Two tries of 200 ms each against a 2 s upstream: 504 well before the upstream answers.

@@ -9,6 +9,7 @@ pub mod filter {
     //! Request stages that may refuse a request.
     pub mod authz;
     pub mod fault;
+    pub mod jwt;
     pub mod mirror;
     pub mod ratelimit;
     pub mod retry;

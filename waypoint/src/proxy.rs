@@ -233,6 +233,20 @@ async fn route_and_send(
     if let Lookup::Route(s) = &lookup {
         targets.push(PolicyTarget::Route(s.route.key.clone()));
     }
+    // Request authentication: a present token must verify.
+    let jwt_rules: Vec<_> = targets.iter().filter_map(|t| table.jwt.get(t)).flatten().cloned().collect();
+    let verified = if jwt_rules.is_empty() {
+        None
+    } else {
+        match crate::filter::jwt::authenticate(&jwt_rules, &mut parts.headers) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(source = %down.source_identity, error = %e, "request refused: invalid JWT");
+                ex.log.response_code_details = Some("jwt_authn_access_denied".into());
+                return Err((StatusCode::UNAUTHORIZED, "-", e.to_string()));
+            }
+        }
+    };
     let policies = authz::applicable(&table.policies, &targets);
     if !policies.is_empty() {
         let host = parts
@@ -252,8 +266,8 @@ async fn route_and_send(
             method: parts.method.as_str(),
             path: &path,
             headers: &parts.headers,
-            request_principal: None,
-            claims: None,
+            request_principal: verified.as_ref().map(|v| v.principal.as_str()),
+            claims: verified.as_ref().map(|v| &v.claims),
         };
         let conn = rbac::Connection {
             source: Some(&down.source_identity),

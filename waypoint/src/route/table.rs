@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use super::{Parent, PathMatch, Route, RouteMatch};
 use crate::filter::authz::Target;
 use crate::filter::fault::Fault;
+use crate::filter::jwt::JwtRule;
 use crate::filter::mirror::Mirror;
 use crate::filter::ratelimit::TokenBucket;
 use crate::filter::retry::RetryPolicy;
@@ -65,6 +66,9 @@ pub struct RouteTable {
     /// Mirrors by what they attach to.
     #[serde(skip)]
     pub mirrors: BTreeMap<Target, Vec<Mirror>>,
+    /// JWT rules by what they attach to.
+    #[serde(skip)]
+    pub jwt: BTreeMap<Target, Vec<Arc<JwtRule>>>,
 }
 
 fn path_matches(m: &PathMatch, path: &str) -> bool {
@@ -215,6 +219,9 @@ fn check(name: &str, r: &wp::Resource) -> Result<(), String> {
             if let Some(m) = &p.mirror {
                 Mirror::from_proto(m)?;
             }
+            for r in p.request_authentication.iter().flat_map(|a| &a.rules) {
+                JwtRule::from_proto(r)?;
+            }
             (&p.namespace, &p.name)
         }
         None => return Err("resource has neither route nor policy".into()),
@@ -293,6 +300,7 @@ impl Handler<wp::Resource> for Feed {
         let mut faults: BTreeMap<Target, Vec<Fault>> = BTreeMap::new();
         let mut retries: BTreeMap<Target, RetryPolicy> = BTreeMap::new();
         let mut mirrors: BTreeMap<Target, Vec<Mirror>> = BTreeMap::new();
+        let mut jwt: BTreeMap<Target, Vec<Arc<JwtRule>>> = BTreeMap::new();
         let mut buckets = inner.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         let mut kept = HashMap::new();
         for (name, r) in inner.resources.entries() {
@@ -309,6 +317,13 @@ impl Handler<wp::Resource> for Feed {
                         if let Some(b) = bucket {
                             limits.entry(target.clone()).or_default().push(b.clone());
                             kept.insert(name.clone(), (*r, b));
+                        }
+                    }
+                    for r in p.request_authentication.iter().flat_map(|a| &a.rules) {
+                        if let Ok(rule) = JwtRule::from_proto(r) {
+                            let rule = Arc::new(rule);
+                            crate::filter::jwt::keep_fetched(&rule);
+                            jwt.entry(target.clone()).or_default().push(rule);
                         }
                     }
                     if let Some(m) = p.mirror.as_ref().and_then(|m| Mirror::from_proto(m).ok()) {
@@ -331,6 +346,7 @@ impl Handler<wp::Resource> for Feed {
         table.faults = faults;
         table.retries = retries;
         table.mirrors = mirrors;
+        table.jwt = jwt;
         let table = Arc::new(table);
         *inner.current.write().unwrap_or_else(PoisonError::into_inner) = table;
         inner.changed.send_modify(|n| *n += 1);

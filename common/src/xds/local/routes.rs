@@ -480,6 +480,38 @@ pub struct WaypointPolicySpec {
     pub retry: Option<RetrySpec>,
     #[serde(default)]
     pub mirror: Option<MirrorSpec>,
+    /// `{jwtRules: [{issuer, audiences, jwks | jwksUri, forwardOriginalToken, outputClaimToHeaders}]}`.
+    #[serde(default)]
+    pub request_authentication: Option<RequestAuthenticationSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestAuthenticationSpec {
+    pub jwt_rules: Vec<JwtRuleSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtRuleSpec {
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    #[serde(default)]
+    pub jwks: String,
+    #[serde(default)]
+    pub jwks_uri: String,
+    #[serde(default)]
+    pub forward_original_token: bool,
+    #[serde(default)]
+    pub output_claim_to_headers: Vec<ClaimToHeaderSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClaimToHeaderSpec {
+    pub header: String,
+    pub claim: String,
 }
 
 /// `{service: {namespace: demo, hostname: shadow.demo.svc.cluster.local, port: 80}, percentage: 10}`.
@@ -646,6 +678,25 @@ impl WaypointPolicySpec {
             .mirror
             .as_ref()
             .map(|m| wp::Mirror { service: Some(m.service.to_proto()), percentage: m.percentage });
+        let request_authentication =
+            self.request_authentication.as_ref().map(|r| wp::RequestAuthentication {
+                rules: r
+                    .jwt_rules
+                    .iter()
+                    .map(|j| wp::JwtRule {
+                        issuer: j.issuer.clone(),
+                        audiences: j.audiences.clone(),
+                        jwks: j.jwks.clone(),
+                        jwks_uri: j.jwks_uri.clone(),
+                        forward_original_token: j.forward_original_token,
+                        output_claim_to_headers: j
+                            .output_claim_to_headers
+                            .iter()
+                            .map(|c| wp::ClaimToHeader { header: c.header.clone(), claim: c.claim.clone() })
+                            .collect(),
+                    })
+                    .collect(),
+            });
         let policy = wp::Policy {
             name: self.name.clone(),
             namespace: self.namespace.clone(),
@@ -655,6 +706,7 @@ impl WaypointPolicySpec {
             fault,
             retry,
             mirror,
+            request_authentication,
         };
         Ok(wp::Resource { kind: Some(wp::resource::Kind::Policy(policy)) })
     }
