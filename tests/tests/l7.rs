@@ -147,7 +147,25 @@ routes:
     parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
     matches: [{path: {prefix: /secure}}]
     backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
+  - name: outlier
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /outlier}}]
+    backends: [{service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}]
+  - name: capped
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /capped}}]
+    backends: [{service: {namespace: demo, hostname: echo-v2.demo.svc.cluster.local, port: 80}}]
 waypointPolicies:
+  - name: eject
+    namespace: demo
+    target: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local}}
+    traffic: {outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 2s, maxEjectionPercent: 50}}
+  - name: cap
+    namespace: demo
+    target: {service: {namespace: demo, hostname: echo-v2.demo.svc.cluster.local}}
+    traffic: {connectionPool: {maxRequests: 1, maxPendingRequests: 0}}
   - name: jwt-required
     namespace: demo
     target: {route: demo/secure}
@@ -277,6 +295,15 @@ fn http_server(rt: &tokio::runtime::Runtime, name: &'static str) {
                                 *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
                                 return Ok(resp);
                             }
+                        }
+                        if path.starts_with("/outlier") && name == "v2" {
+                            let mut resp =
+                                http::Response::new(http_body_util::Full::new(Bytes::from("broken")));
+                            *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                            return Ok(resp);
+                        }
+                        if path.ends_with("/slowish") {
+                            tokio::time::sleep(Duration::from_millis(400)).await;
                         }
                         if path.starts_with("/sleepy") {
                             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -511,7 +538,7 @@ fn waypoint_end_to_end() {
     let routes = wp.routes.clone();
     wp_rt
         .block_on(async {
-            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 27)).await
+            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 31)).await
         })
         .expect("routes arrive");
 
@@ -581,6 +608,36 @@ fn waypoint_end_to_end() {
                 let forwarded = r.headers.contains_key("x-echo-authorization");
                 policy.insert(format!("jwt {name} {} {group} {forwarded}", r.status), 1);
             }
+            let mut outlier = Vec::new();
+            for i in 0..30 {
+                outlier.push(h1.send("GET", &format!("/outlier/{i}"), &[]).await.status);
+            }
+            tokio::time::sleep(Duration::from_millis(2300)).await;
+            let mut recovered = Vec::new();
+            for i in 0..30 {
+                recovered.push(h1.send("GET", &format!("/outlier/again-{i}"), &[]).await.status);
+            }
+            policy.insert(format!("outlier 503s {}", outlier.iter().filter(|s| **s == 503).count()), 1);
+            let last_503 = outlier.iter().rposition(|s| *s == 503).unwrap_or(0);
+            policy.insert(
+                format!("outlier then all 200 {}", outlier[last_503 + 1..].iter().all(|s| *s == 200)),
+                1,
+            );
+            policy.insert(format!("recovered {}", recovered.contains(&503)), 1);
+            let capped: Vec<_> = (0..4)
+                .map(|_| {
+                    tokio::spawn(async move {
+                        let mut c = HttpClient::connect(vip80, false).await;
+                        c.send("GET", "/capped/slowish", &[]).await.status
+                    })
+                })
+                .collect();
+            let mut capped_statuses = Vec::new();
+            for c in capped {
+                capped_statuses.push(c.await.expect("capped request"));
+            }
+            capped_statuses.sort();
+            policy.insert(format!("capped {capped_statuses:?}"), 1);
             let retried = h1.send("GET", "/retry/one", &[]).await;
             policy.insert(
                 format!("retry {} {}", retried.status, retried.body.split(' ').next().unwrap_or("")),
@@ -637,6 +694,13 @@ fn waypoint_end_to_end() {
     ] {
         assert!(policy.contains_key(expected), "{expected:?} missing from {policy:?}");
     }
+    // Outlier detection: v2 answers 503 twice, is ejected, and v1 takes everything; after the
+    // ejection time v2 is back in rotation.
+    assert!(policy.contains_key("outlier 503s 2"), "{policy:?}");
+    assert!(policy.contains_key("outlier then all 200 true"), "{policy:?}");
+    assert!(policy.contains_key("recovered true"), "{policy:?}");
+    // Circuit breaking: one request in flight to echo-v2, no waiting room.
+    assert!(policy.contains_key("capped [200, 503, 503, 503]"), "{policy:?}");
     // Two 503s, then success on the third try.
     assert_eq!(policy.get("retry 200 v1"), Some(&1), "{policy:?}");
     // Two tries of 200 ms each against a 2 s upstream: 504 well before the upstream answers.

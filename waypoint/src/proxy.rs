@@ -138,6 +138,8 @@ struct Exchange {
     delayed: bool,
     /// A flag for an answer that came from upstream (`URX` when retries ran out).
     flags: Option<&'static str>,
+    /// A slot of the backend's request cap, released when the exchange ends.
+    slot: Option<crate::filter::traffic::Slot>,
 }
 
 fn local_reply(status: StatusCode, details: &str) -> Response<ProxyBody> {
@@ -185,6 +187,7 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incom
         request_bytes: Arc::new(AtomicU64::new(0)),
         delayed: false,
         flags: None,
+        slot: None,
     };
     let (response, flags) = match route_and_send(&ctx, &down, req, &mut ex, &request_id).await {
         Ok(r) => (r.map(BodyExt::boxed), ex.flags.unwrap_or(if ex.delayed { "DI" } else { "-" })),
@@ -402,6 +405,15 @@ async fn route_and_send(
     })?;
     ex.backend_service = Some(service.clone());
     ex.log.upstream_cluster = Some(format!("outbound|{}||{}", backend.port, service.hostname));
+    let traffic = table.traffic.get(&service.key()).cloned();
+    if let Some(limit) = traffic.as_ref().and_then(|t| t.limit.as_ref()) {
+        ex.slot = Some(
+            limit
+                .acquire()
+                .await
+                .ok_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, "UO", "upstream_overflow".to_string()))?,
+        );
+    }
     let target = ctx
         .upstream
         .choose(&snapshot, &service, backend.port)
@@ -506,6 +518,14 @@ async fn route_and_send(
         }
     };
     ex.log.upstream_service_time = Some(sent.elapsed().as_millis() as u64);
+    if let Some(outlier) = traffic.as_ref().and_then(|t| t.outlier.as_ref()) {
+        let outcome = match &result {
+            Ok(r) => crate::filter::traffic::Outcome::Status(r.status().as_u16()),
+            Err(_) => crate::filter::traffic::Outcome::ConnectFailure,
+        };
+        let all = crate::upstream::Upstream::endpoint_addrs(&snapshot, &service, backend.port);
+        ctx.upstream.ejections.report(target.addr, outcome, outlier, &all);
+    }
     let mut response = result.map_err(|e| {
         debug!(error = %e, "upstream request failed");
         ex.log.upstream_transport_failure_reason = Some(e.to_string());

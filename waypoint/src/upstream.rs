@@ -88,6 +88,8 @@ pub struct Upstream {
     clients: Arc<Mutex<HashMap<ClientKey, Client>>>,
     outstanding: Arc<Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>>,
     round_robin: Arc<Mutex<HashMap<String, usize>>>,
+    /// Outlier detection state, kept across config updates.
+    pub ejections: Arc<crate::filter::traffic::Ejections>,
 }
 
 impl Upstream {
@@ -99,6 +101,7 @@ impl Upstream {
             clients: Arc::default(),
             outstanding: Arc::default(),
             round_robin: Arc::default(),
+            ejections: Arc::default(),
         }
     }
 
@@ -106,9 +109,13 @@ impl Upstream {
         self.outstanding.lock().unwrap_or_else(PoisonError::into_inner).entry(addr).or_default().clone()
     }
 
-    /// Chooses an endpoint of `service` for `port` among the healthy ones.
-    pub fn choose(&self, snapshot: &Snapshot, service: &Service, port: u16) -> Option<Target> {
-        let candidates: Vec<(&Endpoint, SocketAddr)> = snapshot
+    /// The healthy endpoints of `service` for `port`, with their addresses.
+    fn endpoints<'a>(
+        snapshot: &'a Snapshot,
+        service: &Service,
+        port: u16,
+    ) -> Vec<(&'a Endpoint, SocketAddr)> {
+        snapshot
             .endpoints(service)
             .iter()
             .filter(|e| e.workload.healthy)
@@ -116,7 +123,20 @@ impl Upstream {
                 let ip: IpAddr = *e.workload.addresses.first()?;
                 Some((e, SocketAddr::new(ip, e.target_port(service, port)?)))
             })
-            .collect();
+            .collect()
+    }
+
+    /// The addresses of `service`'s healthy endpoints for `port` (outlier detection's whole).
+    pub fn endpoint_addrs(snapshot: &Snapshot, service: &Service, port: u16) -> Vec<SocketAddr> {
+        Self::endpoints(snapshot, service, port).into_iter().map(|(_, a)| a).collect()
+    }
+
+    /// Chooses an endpoint of `service` for `port` among the healthy ones that outlier detection
+    /// has not ejected (all of them if every one is ejected).
+    pub fn choose(&self, snapshot: &Snapshot, service: &Service, port: u16) -> Option<Target> {
+        let all = Self::endpoints(snapshot, service, port);
+        let live: Vec<_> = all.iter().filter(|(_, a)| !self.ejections.is_ejected(*a)).copied().collect();
+        let candidates = if live.is_empty() { all } else { live };
         if candidates.is_empty() {
             return None;
         }

@@ -22,6 +22,7 @@ use crate::filter::jwt::JwtRule;
 use crate::filter::mirror::Mirror;
 use crate::filter::ratelimit::TokenBucket;
 use crate::filter::retry::RetryPolicy;
+use crate::filter::traffic::TrafficPolicy;
 use common::state::Policy;
 
 /// What a request is matched on.
@@ -69,6 +70,9 @@ pub struct RouteTable {
     /// JWT rules by what they attach to.
     #[serde(skip)]
     pub jwt: BTreeMap<Target, Vec<Arc<JwtRule>>>,
+    /// Request caps and outlier detection by backend service (`namespace/hostname`).
+    #[serde(skip)]
+    pub traffic: BTreeMap<String, Arc<TrafficPolicy>>,
 }
 
 fn path_matches(m: &PathMatch, path: &str) -> bool {
@@ -222,6 +226,12 @@ fn check(name: &str, r: &wp::Resource) -> Result<(), String> {
             for r in p.request_authentication.iter().flat_map(|a| &a.rules) {
                 JwtRule::from_proto(r)?;
             }
+            if let Some(t) = &p.traffic {
+                TrafficPolicy::from_proto(t)?;
+                if !matches!(crate::filter::authz::target_of(p)?, Target::Service(_)) {
+                    return Err("a traffic policy must target a service".into());
+                }
+            }
             (&p.namespace, &p.name)
         }
         None => return Err("resource has neither route nor policy".into()),
@@ -301,6 +311,7 @@ impl Handler<wp::Resource> for Feed {
         let mut retries: BTreeMap<Target, RetryPolicy> = BTreeMap::new();
         let mut mirrors: BTreeMap<Target, Vec<Mirror>> = BTreeMap::new();
         let mut jwt: BTreeMap<Target, Vec<Arc<JwtRule>>> = BTreeMap::new();
+        let mut traffic: BTreeMap<String, Arc<TrafficPolicy>> = BTreeMap::new();
         let mut buckets = inner.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         let mut kept = HashMap::new();
         for (name, r) in inner.resources.entries() {
@@ -318,6 +329,11 @@ impl Handler<wp::Resource> for Feed {
                             limits.entry(target.clone()).or_default().push(b.clone());
                             kept.insert(name.clone(), (*r, b));
                         }
+                    }
+                    if let (Target::Service(key), Some(t)) = (&target, &p.traffic)
+                        && let Ok(t) = TrafficPolicy::from_proto(t)
+                    {
+                        traffic.insert(key.clone(), Arc::new(t));
                     }
                     for r in p.request_authentication.iter().flat_map(|a| &a.rules) {
                         if let Ok(rule) = JwtRule::from_proto(r) {
@@ -347,6 +363,7 @@ impl Handler<wp::Resource> for Feed {
         table.retries = retries;
         table.mirrors = mirrors;
         table.jwt = jwt;
+        table.traffic = traffic;
         let table = Arc::new(table);
         *inner.current.write().unwrap_or_else(PoisonError::into_inner) = table;
         inner.changed.send_modify(|n| *n += 1);

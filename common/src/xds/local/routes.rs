@@ -483,6 +483,41 @@ pub struct WaypointPolicySpec {
     /// `{jwtRules: [{issuer, audiences, jwks | jwksUri, forwardOriginalToken, outputClaimToHeaders}]}`.
     #[serde(default)]
     pub request_authentication: Option<RequestAuthenticationSpec>,
+    /// `{connectionPool: {maxRequests, maxPendingRequests}, outlierDetection: {consecutive5xxErrors,
+    /// consecutiveGatewayErrors, baseEjectionTime, maxEjectionPercent}}`.
+    #[serde(default)]
+    pub traffic: Option<TrafficSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficSpec {
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPoolSpec>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionPoolSpec {
+    #[serde(default)]
+    pub max_requests: u32,
+    #[serde(default)]
+    pub max_pending_requests: u32,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierSpec {
+    #[serde(default, rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: u32,
+    #[serde(default)]
+    pub consecutive_gateway_errors: u32,
+    #[serde(default)]
+    pub base_ejection_time: Option<String>,
+    #[serde(default)]
+    pub max_ejection_percent: u32,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -707,6 +742,24 @@ impl WaypointPolicySpec {
             retry,
             mirror,
             request_authentication,
+            traffic: match &self.traffic {
+                None => None,
+                Some(t) => Some(wp::TrafficPolicy {
+                    connection_pool: t.connection_pool.as_ref().map(|c| wp::ConnectionPool {
+                        max_requests: c.max_requests,
+                        max_pending_requests: c.max_pending_requests,
+                    }),
+                    outlier_detection: match &t.outlier_detection {
+                        None => None,
+                        Some(o) => Some(wp::OutlierDetection {
+                            consecutive_5xx_errors: o.consecutive_5xx_errors,
+                            consecutive_gateway_errors: o.consecutive_gateway_errors,
+                            base_ejection_time: o.base_ejection_time.as_deref().map(duration).transpose()?,
+                            max_ejection_percent: o.max_ejection_percent,
+                        }),
+                    },
+                }),
+            },
         };
         Ok(wp::Resource { kind: Some(wp::resource::Kind::Policy(policy)) })
     }
