@@ -9,6 +9,7 @@ fn main() -> anyhow::Result<()> {
         "proto/istio/v1/auth/ca.proto",
         "proto/ambient/waypoint/v1alpha1/resource.proto",
         "proto/ambient/testing/v1/echo.proto",
+        "proto/opentelemetry/proto/collector/trace/v1/trace_service.proto",
     ];
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()

@@ -39,6 +39,34 @@ pub mod ambient {
     }
 }
 
+/// OTLP (the subset the waypoint exports).
+pub mod opentelemetry {
+    pub mod proto {
+        pub mod common {
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.common.v1");
+            }
+        }
+        pub mod resource {
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.resource.v1");
+            }
+        }
+        pub mod trace {
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.trace.v1");
+            }
+        }
+        pub mod collector {
+            pub mod trace {
+                pub mod v1 {
+                    tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+                }
+            }
+        }
+    }
+}
+
 pub use ambient::waypoint::v1alpha1 as waypoint;
 pub use envoy::service::discovery::v3 as discovery;
 pub use istio::security;

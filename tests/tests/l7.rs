@@ -235,6 +235,26 @@ fn token(key: &jsonwebtoken::EncodingKey, claims: serde_json::Value) -> String {
     jsonwebtoken::encode(&header, &claims, key).expect("token")
 }
 
+/// An OTLP/gRPC collector keeping every span it receives.
+#[derive(Clone, Default)]
+struct Collector(Arc<std::sync::Mutex<Vec<proto::opentelemetry::proto::trace::v1::Span>>>);
+
+#[tonic::async_trait]
+impl proto::opentelemetry::proto::collector::trace::v1::trace_service_server::TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<proto::opentelemetry::proto::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<proto::opentelemetry::proto::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        let spans =
+            req.into_inner().resource_spans.into_iter().flat_map(|r| r.scope_spans).flat_map(|s| s.spans);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend(spans);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
 /// Requests under /mirror the HTTP servers saw: (server, host).
 static SEEN_MIRROR: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
 
@@ -500,8 +520,23 @@ fn waypoint_end_to_end() {
     zt_a.converge("node-a pods enrolled", &|s| s.pods.len() == 2);
     zt_b.converge("node-b pod enrolled", &|s| s.pods.len() == 1);
 
-    // The waypoint, in its own pod, from the same control plane and CA.
+    // The waypoint, in its own pod, from the same control plane and CA, exporting spans to a
+    // collector beside it.
     let wp_rt = p.waypoint.runtime();
+    let collector = Collector::default();
+    let otlp = tokio_stream::wrappers::TcpListenerStream::new(
+        wp_rt
+            .block_on(wp_rt.spawn(tokio::net::TcpListener::bind("127.0.0.1:4317")))
+            .expect("join")
+            .expect("bind 4317"),
+    );
+    wp_rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(proto::opentelemetry::proto::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+                collector.clone(),
+            ))
+            .serve_with_incoming(otlp),
+    );
     let args = waypoint::config::Args::try_parse_from([
         "waypoint",
         "--xds-address",
@@ -524,6 +559,10 @@ fn waypoint_end_to_end() {
         "json",
         "--access-log",
         access_log.to_str().expect("path"),
+        "--otlp-endpoint",
+        "http://127.0.0.1:4317",
+        "--trace-sampling",
+        "100",
     ])
     .expect("waypoint flags");
     let config = waypoint::config::Config::from_args(args).expect("config");
@@ -568,6 +607,28 @@ fn waypoint_end_to_end() {
             let mut h1 = HttpClient::connect(vip80, false).await;
             let mut out = BTreeMap::new();
             out.insert("exact", h1.send("GET", "/exact", &[]).await);
+            out.insert(
+                "traced",
+                h1.send(
+                    "GET",
+                    "/exact",
+                    &[("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")],
+                )
+                .await,
+            );
+            out.insert(
+                "b3",
+                h1.send(
+                    "GET",
+                    "/exact",
+                    &[
+                        ("x-b3-traceid", "463ac35c9f6413ad"),
+                        ("x-b3-spanid", "a2fb4a1d1a96d312"),
+                        ("x-b3-sampled", "1"),
+                    ],
+                )
+                .await,
+            );
             out.insert("api", h1.send("GET", "/api/users", &[]).await);
             out.insert(
                 "header",
@@ -869,6 +930,33 @@ sys.stdout.write(repr(reply))
         }))
         .expect("connect checks");
     assert_eq!(statuses, [403, 200, 403], "not ours / ours / no such port");
+
+    // Tracing: the waypoint's span is the caller's child and the upstream's parent, and reaches
+    // the collector; B3 input continues the same trace.
+    let upstream_tp = |k: &str| {
+        out[k].headers.get("x-echo-traceparent").and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+    };
+    let tp = upstream_tp("traced");
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "upstream traceparent {tp:?}");
+    assert_eq!(parts[1], "0af7651916cd43dd8448eb211c80319c", "same trace upstream");
+    let waypoint_span = parts[2].to_string();
+    assert_ne!(waypoint_span, "b7ad6b7169203331", "the waypoint's own span is the upstream's parent");
+    assert!(upstream_tp("b3").contains("0000000000000000463ac35c9f6413ad"), "{}", upstream_tp("b3"));
+    let hexs = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let span = loop {
+        let spans = collector.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(s) = spans.into_iter().find(|s| hexs(&s.trace_id) == "0af7651916cd43dd8448eb211c80319c") {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "the span never reached the collector");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(hexs(&span.parent_span_id), "b7ad6b7169203331");
+    assert_eq!(hexs(&span.span_id), waypoint_span);
+    assert_eq!(span.name, "demo/exact");
+    assert_eq!(span.kind, proto::opentelemetry::proto::trace::v1::span::SpanKind::Server as i32);
 
     // Metrics with Istio's labels, reported by the waypoint.
     let metrics_addr = wp.metrics_addr;

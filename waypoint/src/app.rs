@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::config::Config;
+use crate::filter::trace::Tracer;
 use crate::listener::{Listener, SelfRef};
 use crate::metrics::{AccessSink, Metrics};
 use crate::proxy::Context;
@@ -67,7 +68,17 @@ impl App {
 
         let mut tasks = vec![config.source.clone().spawn(handlers, &ready, xds_metrics)];
         let pool = Pool::new(certs.clone(), PoolConfig::default(), PoolMetrics::new(&mut registry));
+        let tracer = match &config.otlp_endpoint {
+            Some(e) => Tracer::otlp(
+                e.clone(),
+                format!("{}.{}", config.name.replace('/', "."), "waypoint"),
+                config.trace_sampling,
+            )
+            .map_err(anyhow::Error::msg)?,
+            None => Tracer::disabled(),
+        };
         let ctx = Arc::new(Context {
+            tracer,
             retries: crate::filter::retry::Retries::new(&mut registry),
             state: state.clone(),
             routes: routes.clone(),

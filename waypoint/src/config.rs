@@ -50,6 +50,10 @@ pub struct Config {
     pub access_log: String,
     /// After SIGTERM, how long requests in flight may run before their tunnels are closed.
     pub drain_period: Duration,
+    /// OTLP/gRPC collector for spans (`http://host:4317`); none: spans are not exported.
+    pub otlp_endpoint: Option<String>,
+    /// Percent of new traces sampled (a caller's decision is followed).
+    pub trace_sampling: f64,
 }
 
 #[derive(Debug, Parser)]
@@ -98,6 +102,12 @@ pub struct Args {
     /// Seconds requests in flight may run after SIGTERM.
     #[arg(long, env = "DRAIN_PERIOD_SECONDS", default_value_t = 5)]
     pub drain_period_seconds: u64,
+    /// OTLP/gRPC collector for spans, e.g. `http://otel-collector:4317`.
+    #[arg(long, env = "OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Percent of new traces sampled (Istio's default is 1).
+    #[arg(long, env = "TRACE_SAMPLING", default_value_t = 1.0)]
+    pub trace_sampling: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +158,8 @@ impl Config {
             balance: args.balance,
             access_log: args.access_log,
             drain_period: Duration::from_secs(args.drain_period_seconds),
+            otlp_endpoint: args.otlp_endpoint,
+            trace_sampling: args.trace_sampling.clamp(0.0, 100.0),
         })
     }
 }

@@ -13,6 +13,7 @@ pub mod filter {
     pub mod mirror;
     pub mod ratelimit;
     pub mod retry;
+    pub mod trace;
     pub mod traffic;
 }
 pub mod listener;

@@ -32,6 +32,7 @@ use crate::upstream::{Target, Upstream};
 
 /// What every request shares.
 pub struct Context {
+    pub tracer: crate::filter::trace::Tracer,
     pub retries: crate::filter::retry::Retries,
     pub state: State,
     pub routes: Routes,
@@ -140,6 +141,8 @@ struct Exchange {
     flags: Option<&'static str>,
     /// A slot of the backend's request cap, released when the exchange ends.
     slot: Option<crate::filter::traffic::Slot>,
+    /// This request's span.
+    span: Option<crate::filter::trace::ServerSpan>,
 }
 
 fn local_reply(status: StatusCode, details: &str) -> Response<ProxyBody> {
@@ -188,6 +191,7 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incom
         delayed: false,
         flags: None,
         slot: None,
+        span: Some(crate::filter::trace::ServerSpan::start(req.headers(), ctx.tracer.sampling_percent)),
     };
     let (response, flags) = match route_and_send(&ctx, &down, req, &mut ex, &request_id).await {
         Ok(r) => (r.map(BodyExt::boxed), ex.flags.unwrap_or(if ex.delayed { "DI" } else { "-" })),
@@ -459,6 +463,9 @@ async fn route_and_send(
         parts.headers.insert("x-request-id", v);
     }
     parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(span) = &ex.span {
+        span.inject(&mut parts.headers);
+    }
     if let Some((protocol, _)) = &upgrade {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, protocol.clone());
@@ -731,6 +738,20 @@ fn finish(
         ex.log.response_flags = flags.to_string();
         ex.log.start_time = rfc3339(ex.start_time);
         ctx.metrics.request(labels, duration, ex.log.bytes_received, done.bytes, &ex.log);
+        if let Some(span) = ex.span.take().filter(|s| s.ctx.sampled && ctx.tracer.enabled()) {
+            let name = ex.route.as_ref().map_or_else(|| down.service.hostname.clone(), |r| r.key.clone());
+            let attributes = vec![
+                ("http.method", ex.log.method.clone().unwrap_or_default()),
+                ("http.url", ex.log.path.clone().unwrap_or_default()),
+                ("http.status_code", status.as_u16().to_string()),
+                ("upstream_cluster", ex.log.upstream_cluster.clone().unwrap_or_default()),
+                ("upstream_host", ex.log.upstream_host.clone().unwrap_or_default()),
+                ("response_flags", flags.to_string()),
+                ("request_id", ex.log.request_id.clone().unwrap_or_default()),
+                ("peer.principal", down.source_identity.to_string()),
+            ];
+            ctx.tracer.record(span.finish(name, attributes, status.as_u16()));
+        }
     });
     Response::from_parts(parts, observed.boxed())
 }
