@@ -36,11 +36,13 @@ workloads:
   - {name: v1, namespace: demo, serviceAccount: echo, addresses: [10.2.1.2], node: node-b,
      workloadName: echo-v1, canonicalName: echo, canonicalRevision: v1,
      services: {demo/echo.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 81, targetPort: 8080}, {servicePort: 82, targetPort: 8080}, {servicePort: 9090}],
-                demo/echo-v1.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 9090}]}}
+                demo/echo-v1.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 9090}],
+                demo/echo-slow.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]}}
   - {name: v2, namespace: demo, serviceAccount: echo, addresses: [10.1.2.2], node: node-a,
      workloadName: echo-v2, canonicalName: echo, canonicalRevision: v2,
      services: {demo/echo.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 81, targetPort: 8080}, {servicePort: 82, targetPort: 8080}, {servicePort: 9090}],
-                demo/echo-v2.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 9090}]}}
+                demo/echo-v2.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}, {servicePort: 9090}],
+                demo/echo-slow.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]}}
   - {name: waypoint, namespace: demo, serviceAccount: waypoint, addresses: [10.2.5.2], node: node-b,
      nativeTunnel: true, services: {demo/waypoint.demo.svc.cluster.local: [{servicePort: 15008}]}}
 services:
@@ -52,6 +54,8 @@ services:
      ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP11}, {servicePort: 9090, appProtocol: GRPC}]}
   - {name: echo-v2, namespace: demo, hostname: echo-v2.demo.svc.cluster.local, addresses: [10.96.0.12],
      ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP11}, {servicePort: 9090, appProtocol: GRPC}]}
+  - {name: echo-slow, namespace: demo, hostname: echo-slow.demo.svc.cluster.local, addresses: [10.96.0.13],
+     ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP11}]}
   - {name: waypoint, namespace: demo, hostname: waypoint.demo.svc.cluster.local, addresses: [10.96.0.20],
      ports: [{servicePort: 15008}]}
 routes:
@@ -157,7 +161,17 @@ routes:
     parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
     matches: [{path: {prefix: /capped}}]
     backends: [{service: {namespace: demo, hostname: echo-v2.demo.svc.cluster.local, port: 80}}]
+  - name: outlier-slow
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
+    matches: [{path: {prefix: /outlier-slow}}]
+    backends: [{service: {namespace: demo, hostname: echo-slow.demo.svc.cluster.local, port: 80}}]
+    timeouts: {request: 200ms}
 waypointPolicies:
+  - name: eject-slow
+    namespace: demo
+    target: {service: {namespace: demo, hostname: echo-slow.demo.svc.cluster.local}}
+    traffic: {outlierDetection: {consecutiveGatewayErrors: 2, baseEjectionTime: 30s, maxEjectionPercent: 50}}
   - name: eject
     namespace: demo
     target: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local}}
@@ -206,6 +220,7 @@ waypointPolicies:
       rules:
         - to: [{operation: {paths: ["/admin*"]}}]
         - when: [{key: "request.headers[x-block]", values: ["yes"]}]
+        - to: [{operation: {methods: [DELETE]}}]
   - name: only-client
     namespace: demo
     target: {waypoint: demo/waypoint}
@@ -316,7 +331,9 @@ fn http_server(rt: &tokio::runtime::Runtime, name: &'static str) {
                                 return Ok(resp);
                             }
                         }
-                        if path.starts_with("/outlier") && name == "v2" {
+                        if path.starts_with("/outlier-slow") && name == "v2" {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        } else if path.starts_with("/outlier") && name == "v2" {
                             let mut resp =
                                 http::Response::new(http_body_util::Full::new(Bytes::from("broken")));
                             *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
@@ -577,7 +594,7 @@ fn waypoint_end_to_end() {
     let routes = wp.routes.clone();
     wp_rt
         .block_on(async {
-            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 31)).await
+            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 33)).await
         })
         .expect("routes arrive");
 
@@ -641,6 +658,12 @@ fn waypoint_end_to_end() {
             out.insert("nomatch", h1.send("GET", "/nothing", &[]).await);
             out.insert("admin", h1.send("GET", "/admin/panel", &[]).await);
             out.insert("blocked", h1.send("GET", "/api/users", &[("x-block", "yes")]).await);
+            out.insert("delete", h1.send("DELETE", "/api/users", &[]).await);
+            let mut slow_outlier = Vec::new();
+            for i in 0..20 {
+                let r = h1.send("GET", &format!("/outlier-slow/{i}"), &[]).await;
+                slow_outlier.push(format!("{} {}", r.status, r.body.split(' ').next().unwrap_or("")));
+            }
             let mut policy = BTreeMap::<String, usize>::new();
             for _ in 0..20 {
                 let r = h1.send("GET", "/limited", &[]).await;
@@ -721,10 +744,15 @@ fn waypoint_end_to_end() {
                 let r = h1.send("GET", "/split", &[]).await;
                 *split.entry(r.body.split(' ').next().unwrap_or_default().to_string()).or_default() += 1;
             }
-            (out, split, policy)
+            (out, split, policy, slow_outlier)
         }))
         .expect("client");
-    let (out, split, policy) = replies;
+    let (out, split, policy, slow) = replies;
+    // A slow endpoint: two request timeouts (504) eject it, then the fast one serves.
+    let timeouts = slow.iter().filter(|s| s.starts_with("504")).count();
+    assert_eq!(timeouts, 2, "{slow:?}");
+    let last = slow.iter().rposition(|s| s.starts_with("504")).unwrap_or(0);
+    assert!(slow[last + 1..].iter().all(|s| s == "200 v1"), "{slow:?}");
     // Local rate limit: the bucket's 5 tokens, then 429s.
     assert_eq!((policy["limited 200"], policy["limited 429"]), (5, 15), "{policy:?}");
     // A 50% abort over 400 requests: 200 expected, sd 10; +-5 sd.
@@ -795,6 +823,7 @@ fn waypoint_end_to_end() {
     assert_eq!(out["admin"].status, 403);
     assert_eq!(body("admin").trim(), "RBAC: access denied");
     assert_eq!(out["blocked"].status, 403);
+    assert_eq!(out["delete"].status, 403, "DENY by method");
     assert_eq!(body("h2-on-80"), "v1 GET /exact HTTP/1.1", "an HTTP/2 client reaches an HTTP/1.1 port");
     assert!(out["h2-default"].body.ends_with("HTTP/2.0"), "HTTP/2 port: {}", body("h2-default"));
     assert!(out["h2-default"].headers.contains_key("x-echo-x-forwarded-for"));
@@ -930,6 +959,41 @@ sys.stdout.write(repr(reply))
         }))
         .expect("connect checks");
     assert_eq!(statuses, [403, 200, 403], "not ours / ours / no such port");
+
+    // At L7 the waypoint-wide ALLOW admits only demo/client: another identity gets its tunnel
+    // but its requests are refused 403.
+    let stranger = client_rt
+        .block_on(client_rt.spawn({
+            let ca = ca.clone();
+            async move {
+                let local =
+                    common::identity::LocalCa::load_or_create(std::path::Path::new(&ca), "cluster.local")
+                        .expect("ca");
+                let me = common::identity::Identity::new("cluster.local", "other", "stranger").expect("id");
+                let cert = local.issue(&me, Duration::from_secs(600)).expect("cert");
+                let wp_id = common::identity::Identity::new("cluster.local", "demo", "waypoint").expect("id");
+                let config = Arc::new(common::tls::client_config(&cert, vec![wp_id]).expect("tls"));
+                let conn = common::hbone::client::Connection::connect(
+                    format!("{WAYPOINT_IP}:15008").parse().expect("addr"),
+                    config,
+                )
+                .await
+                .expect("mTLS to the waypoint");
+                let authority = common::hbone::connect::parse_authority("10.96.0.10:80").expect("authority");
+                let stream = conn.open(&authority, http::HeaderMap::new()).await.expect("tunnel accepted");
+                let (mut send, c) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .expect("h1 in the tunnel");
+                tokio::spawn(c);
+                let req = http::Request::get("/exact")
+                    .header("host", "echo")
+                    .body(Empty::<Bytes>::new())
+                    .expect("req");
+                send.send_request(req).await.expect("answer").status().as_u16()
+            }
+        }))
+        .expect("stranger");
+    assert_eq!(stranger, 403, "ALLOW by principal and namespace refuses other/stranger");
 
     // Tracing: the waypoint's span is the caller's child and the upstream's parent, and reaches
     // the collector; B3 input continues the same trace.

@@ -491,48 +491,54 @@ async fn route_and_send(
         Vec::new()
     };
     let buffered = (retry.is_some() || !mirrors.is_empty()).then(|| retry.unwrap_or_else(RetryPolicy::once));
-    let result = match buffered {
-        None => {
-            let counted = Counted::new(incoming, ex.request_bytes.clone()).boxed();
-            let send = ctx.upstream.send(&target, h2, Request::from_parts(parts, counted));
-            match timeout {
-                Some(t) => tokio::time::timeout(t, send).await.map_err(|_| {
-                    (StatusCode::GATEWAY_TIMEOUT, "UT", "upstream_response_timeout".to_string())
-                })?,
-                None => send.await,
-            }
-        }
-        Some(policy) => {
-            let body = incoming
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .map_err(|e| (StatusCode::BAD_REQUEST, "DC", format!("request body: {e}")))?;
-            ex.request_bytes.store(body.len() as u64, Ordering::Relaxed);
-            for m in mirrors {
-                mirror(ctx.clone(), &snapshot, m, &parts, body.clone(), h2);
-            }
-            let attempt = Attempt { ctx, target: &target, h2, parts: &parts, body };
-            let cluster = ex.log.upstream_cluster.clone().unwrap_or_default();
-            match timeout {
-                Some(t) => {
-                    tokio::time::timeout(t, with_retries(attempt, &policy, &cluster, ex)).await.map_err(
-                        |_| (StatusCode::GATEWAY_TIMEOUT, "UT", "upstream_response_timeout".to_string()),
-                    )??
+    let attempted: Result<_, Refusal> = async {
+        Ok(match buffered {
+            None => {
+                let counted = Counted::new(incoming, ex.request_bytes.clone()).boxed();
+                let send = ctx.upstream.send(&target, h2, Request::from_parts(parts, counted));
+                match timeout {
+                    Some(t) => tokio::time::timeout(t, send).await.map_err(|_| {
+                        (StatusCode::GATEWAY_TIMEOUT, "UT", "upstream_response_timeout".to_string())
+                    })?,
+                    None => send.await,
                 }
-                None => with_retries(attempt, &policy, &cluster, ex).await?,
             }
-        }
-    };
+            Some(policy) => {
+                let body = incoming
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .map_err(|e| (StatusCode::BAD_REQUEST, "DC", format!("request body: {e}")))?;
+                ex.request_bytes.store(body.len() as u64, Ordering::Relaxed);
+                for m in mirrors {
+                    mirror(ctx.clone(), &snapshot, m, &parts, body.clone(), h2);
+                }
+                let attempt = Attempt { ctx, target: &target, h2, parts: &parts, body };
+                let cluster = ex.log.upstream_cluster.clone().unwrap_or_default();
+                match timeout {
+                    Some(t) => {
+                        tokio::time::timeout(t, with_retries(attempt, &policy, &cluster, ex)).await.map_err(
+                            |_| (StatusCode::GATEWAY_TIMEOUT, "UT", "upstream_response_timeout".to_string()),
+                        )??
+                    }
+                    None => with_retries(attempt, &policy, &cluster, ex).await?,
+                }
+            }
+        })
+    }
+    .await;
     ex.log.upstream_service_time = Some(sent.elapsed().as_millis() as u64);
+    // Outlier detection sees every outcome, timeouts (504) included.
     if let Some(outlier) = traffic.as_ref().and_then(|t| t.outlier.as_ref()) {
-        let outcome = match &result {
-            Ok(r) => crate::filter::traffic::Outcome::Status(r.status().as_u16()),
-            Err(_) => crate::filter::traffic::Outcome::ConnectFailure,
+        let outcome = match &attempted {
+            Ok(Ok(r)) => crate::filter::traffic::Outcome::Status(r.status().as_u16()),
+            Ok(Err(_)) => crate::filter::traffic::Outcome::ConnectFailure,
+            Err((status, ..)) => crate::filter::traffic::Outcome::Status(status.as_u16()),
         };
         let all = crate::upstream::Upstream::endpoint_addrs(&snapshot, &service, backend.port);
-        ctx.upstream.ejections.report(target.addr, outcome, outlier, &all);
+        ctx.upstream.ejections.report(&service.key(), target.addr, outcome, outlier, &all);
     }
+    let result = attempted?;
     let mut response = result.map_err(|e| {
         debug!(error = %e, "upstream request failed");
         ex.log.upstream_transport_failure_reason = Some(e.to_string());

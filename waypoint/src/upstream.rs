@@ -135,7 +135,9 @@ impl Upstream {
     /// has not ejected (all of them if every one is ejected).
     pub fn choose(&self, snapshot: &Snapshot, service: &Service, port: u16) -> Option<Target> {
         let all = Self::endpoints(snapshot, service, port);
-        let live: Vec<_> = all.iter().filter(|(_, a)| !self.ejections.is_ejected(*a)).copied().collect();
+        let key = service.key();
+        let live: Vec<_> =
+            all.iter().filter(|(_, a)| !self.ejections.is_ejected(&key, *a)).copied().collect();
         let candidates = if live.is_empty() { all } else { live };
         if candidates.is_empty() {
             return None;

@@ -103,10 +103,11 @@ struct Health {
     ejections: u32,
 }
 
-/// Outlier state of every endpoint, kept across config updates.
+/// Outlier state of every endpoint of every service (an endpoint ejected for one service still
+/// serves the others), kept across config updates.
 #[derive(Debug, Default)]
 pub struct Ejections {
-    by_endpoint: Mutex<HashMap<SocketAddr, Health>>,
+    by_endpoint: Mutex<HashMap<(String, SocketAddr), Health>>,
 }
 
 /// How a try ended, for outlier detection.
@@ -117,22 +118,33 @@ pub enum Outcome {
 }
 
 impl Ejections {
-    /// Whether `addr` is ejected now.
-    pub fn is_ejected(&self, addr: SocketAddr) -> bool {
+    /// Whether `addr` is ejected from `service` now.
+    pub fn is_ejected(&self, service: &str, addr: SocketAddr) -> bool {
         let map = self.by_endpoint.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&addr).and_then(|h| h.ejected_until).is_some_and(|t| t > Instant::now())
+        map.get(&(service.to_string(), addr))
+            .and_then(|h| h.ejected_until)
+            .is_some_and(|t| t > Instant::now())
     }
 
     /// Records how a request to `addr` ended; ejects it when it reaches a threshold and fewer
     /// than `max_ejection_percent` of `endpoints` are ejected already.
-    pub fn report(&self, addr: SocketAddr, outcome: Outcome, cfg: &Outlier, endpoints: &[SocketAddr]) {
+    pub fn report(
+        &self,
+        service: &str,
+        addr: SocketAddr,
+        outcome: Outcome,
+        cfg: &Outlier,
+        endpoints: &[SocketAddr],
+    ) {
         let mut map = self.by_endpoint.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         let ejected_now = endpoints
             .iter()
-            .filter(|e| map.get(e).and_then(|h| h.ejected_until).is_some_and(|t| t > now))
+            .filter(|e| {
+                map.get(&(service.to_string(), **e)).and_then(|h| h.ejected_until).is_some_and(|t| t > now)
+            })
             .count();
-        let h = map.entry(addr).or_default();
+        let h = map.entry((service.to_string(), addr)).or_default();
         let (server_error, gateway_error) = match outcome {
             Outcome::Status(s) => (s >= 500, matches!(s, 502..=504)),
             Outcome::ConnectFailure => (true, true),
@@ -147,7 +159,7 @@ impl Ejections {
             h.ejected_until = Some(now + cfg.base_ejection * h.ejections);
             h.consecutive_5xx = 0;
             h.consecutive_gateway = 0;
-            tracing::warn!(endpoint = %addr, ejections = h.ejections, "outlier detection ejected an endpoint");
+            tracing::warn!(%service, endpoint = %addr, ejections = h.ejections, "outlier detection ejected an endpoint");
         }
     }
 }
@@ -171,18 +183,18 @@ mod tests {
         let (a, b): (SocketAddr, SocketAddr) =
             ("10.0.0.1:80".parse().expect("a"), "10.0.0.2:80".parse().expect("b"));
         let all = [a, b];
-        e.report(a, Outcome::Status(500), &cfg(50), &all);
-        e.report(a, Outcome::Status(200), &cfg(50), &all);
-        e.report(a, Outcome::Status(500), &cfg(50), &all);
-        assert!(!e.is_ejected(a), "a success resets the count");
-        e.report(a, Outcome::Status(503), &cfg(50), &all);
-        assert!(e.is_ejected(a));
+        e.report("s", a, Outcome::Status(500), &cfg(50), &all);
+        e.report("s", a, Outcome::Status(200), &cfg(50), &all);
+        e.report("s", a, Outcome::Status(500), &cfg(50), &all);
+        assert!(!e.is_ejected("s", a), "a success resets the count");
+        e.report("s", a, Outcome::Status(503), &cfg(50), &all);
+        assert!(e.is_ejected("s", a));
         // The cap: with half already out, b stays in.
-        e.report(b, Outcome::ConnectFailure, &cfg(50), &all);
-        e.report(b, Outcome::ConnectFailure, &cfg(50), &all);
-        assert!(!e.is_ejected(b), "max ejection percent");
+        e.report("s", b, Outcome::ConnectFailure, &cfg(50), &all);
+        e.report("s", b, Outcome::ConnectFailure, &cfg(50), &all);
+        assert!(!e.is_ejected("s", b), "max ejection percent");
         std::thread::sleep(Duration::from_millis(150));
-        assert!(!e.is_ejected(a), "back after the ejection time");
+        assert!(!e.is_ejected("s", a), "back after the ejection time");
     }
 
     #[tokio::test]
