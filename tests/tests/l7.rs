@@ -179,7 +179,7 @@ waypointPolicies:
   - name: cap
     namespace: demo
     target: {service: {namespace: demo, hostname: echo-v2.demo.svc.cluster.local}}
-    traffic: {connectionPool: {maxRequests: 1, maxPendingRequests: 0}}
+    traffic: {connectionPool: {maxRequests: 1, maxPendingRequests: 0, maxRequestsPerConnection: 1}}
   - name: jwt-required
     namespace: demo
     target: {route: demo/secure}
@@ -281,7 +281,7 @@ fn http_server(rt: &tokio::runtime::Runtime, name: &'static str) {
         .expect("join")
         .expect("bind 8080");
     rt.spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        while let Ok((stream, peer)) = listener.accept().await {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     move |mut req: http::Request<hyper::body::Incoming>| async move {
@@ -355,6 +355,9 @@ fn http_server(rt: &tokio::runtime::Runtime, name: &'static str) {
                             if let Ok(n) = http::HeaderName::from_bytes(format!("x-echo-{k}").as_bytes()) {
                                 resp.headers_mut().insert(n, v.clone());
                             }
+                        }
+                        if let Ok(v) = http::HeaderValue::from_str(&peer.to_string()) {
+                            resp.headers_mut().insert("x-peer", v);
                         }
                         Ok::<_, std::convert::Infallible>(resp)
                     },
@@ -659,6 +662,21 @@ fn waypoint_end_to_end() {
             out.insert("admin", h1.send("GET", "/admin/panel", &[]).await);
             out.insert("blocked", h1.send("GET", "/api/users", &[("x-block", "yes")]).await);
             out.insert("delete", h1.send("DELETE", "/api/users", &[]).await);
+            let mut peers = std::collections::BTreeSet::new();
+            for _ in 0..3 {
+                let r = h1.send("GET", "/api/users", &[("x-version", "v2")]).await;
+                peers.insert(
+                    r.headers.get("x-peer").map(|v| v.to_str().unwrap_or("").to_string()).unwrap_or_default(),
+                );
+            }
+            out.insert(
+                "per-conn",
+                Reply {
+                    status: peers.len() as u16,
+                    headers: http::HeaderMap::new(),
+                    body: format!("{peers:?}"),
+                },
+            );
             let mut slow_outlier = Vec::new();
             for i in 0..20 {
                 let r = h1.send("GET", &format!("/outlier-slow/{i}"), &[]).await;
@@ -824,6 +842,8 @@ fn waypoint_end_to_end() {
     assert_eq!(body("admin").trim(), "RBAC: access denied");
     assert_eq!(out["blocked"].status, 403);
     assert_eq!(out["delete"].status, 403, "DENY by method");
+    // maxRequestsPerConnection 1 on echo-v2: each request on a new upstream connection.
+    assert_eq!(out["per-conn"].status, 3, "distinct upstream connections: {}", out["per-conn"].body);
     assert_eq!(body("h2-on-80"), "v1 GET /exact HTTP/1.1", "an HTTP/2 client reaches an HTTP/1.1 port");
     assert!(out["h2-default"].body.ends_with("HTTP/2.0"), "HTTP/2 port: {}", body("h2-default"));
     assert!(out["h2-default"].headers.contains_key("x-echo-x-forwarded-for"));

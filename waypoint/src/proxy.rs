@@ -410,6 +410,7 @@ async fn route_and_send(
     ex.backend_service = Some(service.clone());
     ex.log.upstream_cluster = Some(format!("outbound|{}||{}", backend.port, service.hostname));
     let traffic = table.traffic.get(&service.key()).cloned();
+    let per_conn = traffic.as_ref().and_then(|t| t.max_requests_per_connection);
     if let Some(limit) = traffic.as_ref().and_then(|t| t.limit.as_ref()) {
         ex.slot = Some(
             limit
@@ -495,7 +496,8 @@ async fn route_and_send(
         Ok(match buffered {
             None => {
                 let counted = Counted::new(incoming, ex.request_bytes.clone()).boxed();
-                let send = ctx.upstream.send(&target, h2, Request::from_parts(parts, counted));
+                let send =
+                    ctx.upstream.send_limited(&target, h2, Request::from_parts(parts, counted), per_conn);
                 match timeout {
                     Some(t) => tokio::time::timeout(t, send).await.map_err(|_| {
                         (StatusCode::GATEWAY_TIMEOUT, "UT", "upstream_response_timeout".to_string())
@@ -513,7 +515,7 @@ async fn route_and_send(
                 for m in mirrors {
                     mirror(ctx.clone(), &snapshot, m, &parts, body.clone(), h2);
                 }
-                let attempt = Attempt { ctx, target: &target, h2, parts: &parts, body };
+                let attempt = Attempt { ctx, target: &target, h2, parts: &parts, body, per_conn };
                 let cluster = ex.log.upstream_cluster.clone().unwrap_or_default();
                 match timeout {
                     Some(t) => {
@@ -621,6 +623,7 @@ struct Attempt<'a> {
     h2: bool,
     parts: &'a http::request::Parts,
     body: bytes::Bytes,
+    per_conn: Option<u32>,
 }
 
 impl Attempt<'_> {
@@ -632,7 +635,7 @@ impl Attempt<'_> {
         *req.uri_mut() = self.parts.uri.clone();
         *req.version_mut() = self.parts.version;
         *req.headers_mut() = self.parts.headers.clone();
-        self.ctx.upstream.send(self.target, self.h2, req).await
+        self.ctx.upstream.send_limited(self.target, self.h2, req, self.per_conn).await
     }
 }
 

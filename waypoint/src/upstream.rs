@@ -74,9 +74,10 @@ struct ClientKey {
     h2: bool,
 }
 
+/// Connections held per endpoint, with the requests each has carried.
 enum Client {
-    H2(http2::SendRequest<ProxyBody>),
-    H1(Vec<http1::SendRequest<ProxyBody>>),
+    H2(http2::SendRequest<ProxyBody>, u32),
+    H1(Vec<(http1::SendRequest<ProxyBody>, u32)>),
 }
 
 /// Sends requests to endpoints. Cheap to clone.
@@ -193,10 +194,23 @@ impl Upstream {
         h2: bool,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        self.send_limited(target, h2, req, None).await
+    }
+
+    /// Like [`Upstream::send`], opening a new connection once one has carried `max_per_conn`
+    /// requests.
+    pub async fn send_limited(
+        &self,
+        target: &Target,
+        h2: bool,
+        req: Request<ProxyBody>,
+        max_per_conn: Option<u32>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let max = max_per_conn.unwrap_or(u32::MAX);
         let key = ClientKey { addr: target.addr, identity: target.identity.clone(), h2 };
         let http_err = |source| UpstreamError::Http { addr: target.addr, source };
         if h2 {
-            let sender = match self.h2_ready(&key) {
+            let sender = match self.h2_ready(&key, max) {
                 Some(s) => s,
                 None => {
                     let stream = self.tunnel(target, None).await?;
@@ -208,7 +222,7 @@ impl Upstream {
                             debug!(error = %e, "upstream HTTP/2 connection ended");
                         }
                     });
-                    self.put(key.clone(), Client::H2(sender.clone()));
+                    self.put(key.clone(), Client::H2(sender.clone(), 1));
                     sender
                 }
             };
@@ -218,7 +232,7 @@ impl Upstream {
                 http_err(e)
             });
         }
-        let mut sender = match self.h1_ready(&key) {
+        let (mut sender, used) = match self.h1_ready(&key) {
             Some(s) => s,
             None => {
                 let stream = self.tunnel(target, None).await?;
@@ -228,37 +242,44 @@ impl Upstream {
                         debug!(error = %e, "upstream HTTP/1.1 connection ended");
                     }
                 });
-                sender
+                (sender, 0)
             }
         };
         let response = sender.send_request(req).await.map_err(http_err)?;
-        // Back to the idle list; it takes a new request once this response's body is read.
-        self.return_h1(key, sender);
+        // Back to the idle list (it takes a new request once this response's body is read),
+        // unless it has carried its share.
+        if used + 1 < max {
+            self.return_h1(key, sender, used + 1);
+        }
         Ok(response)
     }
 
-    fn h2_ready(&self, key: &ClientKey) -> Option<http2::SendRequest<ProxyBody>> {
-        let clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
-        match clients.get(key) {
-            Some(Client::H2(s)) if !s.is_closed() => Some(s.clone()),
+    /// The shared HTTP/2 connection, if open and under `max` requests (counting this one).
+    fn h2_ready(&self, key: &ClientKey, max: u32) -> Option<http2::SendRequest<ProxyBody>> {
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        match clients.get_mut(key) {
+            Some(Client::H2(s, used)) if !s.is_closed() && *used < max => {
+                *used += 1;
+                Some(s.clone())
+            }
             _ => None,
         }
     }
 
-    fn h1_ready(&self, key: &ClientKey) -> Option<http1::SendRequest<ProxyBody>> {
+    fn h1_ready(&self, key: &ClientKey) -> Option<(http1::SendRequest<ProxyBody>, u32)> {
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(Client::H1(idle)) = clients.get_mut(key) else { return None };
-        idle.retain(|s| !s.is_closed());
-        let i = idle.iter().position(http1::SendRequest::is_ready)?;
+        idle.retain(|(s, _)| !s.is_closed());
+        let i = idle.iter().position(|(s, _)| s.is_ready())?;
         Some(idle.swap_remove(i))
     }
 
-    fn return_h1(&self, key: ClientKey, sender: http1::SendRequest<ProxyBody>) {
+    fn return_h1(&self, key: ClientKey, sender: http1::SendRequest<ProxyBody>, used: u32) {
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         if let Client::H1(idle) = clients.entry(key).or_insert_with(|| Client::H1(Vec::new()))
             && idle.len() < MAX_IDLE_H1
         {
-            idle.push(sender);
+            idle.push((sender, used));
         }
     }
 
@@ -277,7 +298,7 @@ impl Upstream {
             .unwrap_or_else(PoisonError::into_inner)
             .values()
             .map(|c| match c {
-                Client::H2(_) => 1,
+                Client::H2(..) => 1,
                 Client::H1(v) => v.len(),
             })
             .sum()

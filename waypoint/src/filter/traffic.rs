@@ -54,6 +54,8 @@ pub struct Outlier {
 pub struct TrafficPolicy {
     pub limit: Option<Limit>,
     pub outlier: Option<Outlier>,
+    /// Requests per upstream connection before a new one is opened.
+    pub max_requests_per_connection: Option<u32>,
 }
 
 impl TrafficPolicy {
@@ -91,7 +93,9 @@ impl TrafficPolicy {
                 })
             }
         };
-        Ok(Self { limit, outlier })
+        let max_requests_per_connection =
+            t.connection_pool.as_ref().map(|c| c.max_requests_per_connection).filter(|n| *n > 0);
+        Ok(Self { limit, outlier, max_requests_per_connection })
     }
 }
 

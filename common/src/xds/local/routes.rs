@@ -505,6 +505,8 @@ pub struct ConnectionPoolSpec {
     pub max_requests: u32,
     #[serde(default)]
     pub max_pending_requests: u32,
+    #[serde(default)]
+    pub max_requests_per_connection: u32,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -748,6 +750,7 @@ impl WaypointPolicySpec {
                     connection_pool: t.connection_pool.as_ref().map(|c| wp::ConnectionPool {
                         max_requests: c.max_requests,
                         max_pending_requests: c.max_pending_requests,
+                        max_requests_per_connection: c.max_requests_per_connection,
                     }),
                     outlier_detection: match &t.outlier_detection {
                         None => None,
