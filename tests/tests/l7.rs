@@ -116,41 +116,6 @@ routes:
     parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 9090}}
     matches: [{grpc: {service: ambient.testing.v1.Echo, method: Stream}}]
     backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 9090}}]
-  - name: limited
-    namespace: demo
-    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
-    matches: [{path: {prefix: /limited}}]
-    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
-  - name: flaky
-    namespace: demo
-    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
-    matches: [{path: {prefix: /flaky}}]
-    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
-  - name: slow
-    namespace: demo
-    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
-    matches: [{path: {prefix: /slow}}]
-    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
-  - name: retried
-    namespace: demo
-    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
-    matches: [{path: {prefix: /retry}}]
-    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
-  - name: sleepy
-    namespace: demo
-    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
-    matches: [{path: {prefix: /sleepy}}]
-    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
-  - name: mirrored
-    namespace: demo
-    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
-    matches: [{path: {prefix: /mirror}}]
-    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
-  - name: secure
-    namespace: demo
-    parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
-    matches: [{path: {prefix: /secure}}]
-    backends: [{service: {namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}]
   - name: outlier
     namespace: demo
     parent: {service: {namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}
@@ -248,6 +213,30 @@ fn token(key: &jsonwebtoken::EncodingKey, claims: serde_json::Value) -> String {
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
     header.kid = Some("k1".into());
     jsonwebtoken::encode(&header, &claims, key).expect("token")
+}
+
+/// Routes that send a path prefix to echo-v1 on port 80 (each a target for one policy).
+const PREFIX_ROUTES: [(&str, &str); 7] = [
+    ("limited", "/limited"),
+    ("flaky", "/flaky"),
+    ("slow", "/slow"),
+    ("retried", "/retry"),
+    ("sleepy", "/sleepy"),
+    ("mirrored", "/mirror"),
+    ("secure", "/secure"),
+];
+
+/// The mesh config: `MESH` with the prefix routes added to its routes.
+fn mesh_config() -> String {
+    let routes: String = PREFIX_ROUTES
+        .iter()
+        .map(|(name, prefix)| {
+            format!(
+                "  - {{name: {name}, namespace: demo, matches: [{{path: {{prefix: {prefix}}}}}],\n     parent: {{service: {{namespace: demo, hostname: echo.demo.svc.cluster.local, port: 80}}}},\n     backends: [{{service: {{namespace: demo, hostname: echo-v1.demo.svc.cluster.local, port: 80}}}}]}}\n"
+            )
+        })
+        .collect();
+    MESH.replacen("waypointPolicies:\n", &format!("{routes}waypointPolicies:\n"), 1)
 }
 
 /// An OTLP/gRPC collector keeping every span it receives.
@@ -522,7 +511,8 @@ fn waypoint_end_to_end() {
 
     let (jwks, signing_key) = jwt_keys();
     let mesh = format!(
-        "{MESH}  - name: jwt\n    namespace: demo\n    target: {{route: demo/secure}}\n    requestAuthentication:\n      jwtRules:\n        - issuer: https://issuer.test\n          audiences: [echo]\n          outputClaimToHeaders: [{{header: x-jwt-group, claim: group}}]\n          jwks: '{jwks}'\n"
+        "{}  - name: jwt\n    namespace: demo\n    target: {{route: demo/secure}}\n    requestAuthentication:\n      jwtRules:\n        - issuer: https://issuer.test\n          audiences: [echo]\n          outputClaimToHeaders: [{{header: x-jwt-group, claim: group}}]\n          jwks: '{jwks}'\n",
+        mesh_config()
     );
     let store = XdsStore::new();
     store.load_yaml(&mesh).unwrap_or_else(|e| panic!("mesh config: {e:#}"));
