@@ -17,6 +17,16 @@ use tracing::{debug, info};
 use crate::metrics::SharedRegistry;
 use crate::readiness::Ready;
 
+/// Admin endpoints are served on localhost only.
+#[derive(Debug, thiserror::Error)]
+#[error("admin address {0} is not a loopback address; admin is served on localhost only")]
+pub struct NotLoopback(pub std::net::SocketAddr);
+
+/// Refuses an admin address that is not loopback.
+pub fn require_loopback(addr: std::net::SocketAddr) -> Result<(), NotLoopback> {
+    if addr.ip().is_loopback() { Ok(()) } else { Err(NotLoopback(addr)) }
+}
+
 /// What a route returns.
 #[derive(Debug)]
 pub struct Reply {

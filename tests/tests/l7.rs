@@ -239,6 +239,19 @@ fn mesh_config() -> String {
     MESH.replacen("waypointPolicies:\n", &format!("{routes}waypointPolicies:\n"), 1)
 }
 
+/// An mTLS HBONE connection to the waypoint as `<ns>/<sa>` (certificate from the shared CA).
+async fn to_waypoint(ca: &str, ns: &str, sa: &str) -> common::hbone::client::Connection {
+    let local =
+        common::identity::LocalCa::load_or_create(std::path::Path::new(ca), "cluster.local").expect("ca");
+    let me = common::identity::Identity::new("cluster.local", ns, sa).expect("id");
+    let cert = local.issue(&me, Duration::from_secs(600)).expect("cert");
+    let wp_id = common::identity::Identity::new("cluster.local", "demo", "waypoint").expect("id");
+    let config = Arc::new(common::tls::client_config(&cert, vec![wp_id]).expect("tls"));
+    common::hbone::client::Connection::connect(format!("{WAYPOINT_IP}:15008").parse().expect("addr"), config)
+        .await
+        .expect("mTLS to the waypoint")
+}
+
 /// An OTLP/gRPC collector keeping every span it receives.
 #[derive(Clone, Default)]
 struct Collector(Arc<std::sync::Mutex<Vec<proto::opentelemetry::proto::trace::v1::Span>>>);
@@ -944,17 +957,8 @@ sys.stdout.write(repr(reply))
         .block_on(client_rt.spawn({
             let ca = ca.clone();
             async move {
-                use common::hbone::client::{ClientError, Connection};
-                let local =
-                    common::identity::LocalCa::load_or_create(std::path::Path::new(&ca), "cluster.local")
-                        .expect("ca");
-                let me = common::identity::Identity::new("cluster.local", "demo", "client").expect("id");
-                let cert = local.issue(&me, Duration::from_secs(600)).expect("cert");
-                let wp_id = common::identity::Identity::new("cluster.local", "demo", "waypoint").expect("id");
-                let config = Arc::new(common::tls::client_config(&cert, vec![wp_id]).expect("tls"));
-                let conn = Connection::connect(format!("{WAYPOINT_IP}:15008").parse().expect("addr"), config)
-                    .await
-                    .expect("mTLS to the waypoint");
+                use common::hbone::client::ClientError;
+                let conn = to_waypoint(&ca, "demo", "client").await;
                 let mut out = Vec::new();
                 for a in ["10.96.0.11:80", "10.96.0.10:80", "10.96.0.10:7777"] {
                     let authority = common::hbone::connect::parse_authority(a).expect("authority");
@@ -976,19 +980,7 @@ sys.stdout.write(repr(reply))
         .block_on(client_rt.spawn({
             let ca = ca.clone();
             async move {
-                let local =
-                    common::identity::LocalCa::load_or_create(std::path::Path::new(&ca), "cluster.local")
-                        .expect("ca");
-                let me = common::identity::Identity::new("cluster.local", "other", "stranger").expect("id");
-                let cert = local.issue(&me, Duration::from_secs(600)).expect("cert");
-                let wp_id = common::identity::Identity::new("cluster.local", "demo", "waypoint").expect("id");
-                let config = Arc::new(common::tls::client_config(&cert, vec![wp_id]).expect("tls"));
-                let conn = common::hbone::client::Connection::connect(
-                    format!("{WAYPOINT_IP}:15008").parse().expect("addr"),
-                    config,
-                )
-                .await
-                .expect("mTLS to the waypoint");
+                let conn = to_waypoint(&ca, "other", "stranger").await;
                 let authority = common::hbone::connect::parse_authority("10.96.0.10:80").expect("authority");
                 let stream = conn.open(&authority, http::HeaderMap::new()).await.expect("tunnel accepted");
                 let (mut send, c) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

@@ -112,17 +112,15 @@ pub struct Args {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("admin address {0} is not a loopback address; admin is served on localhost only")]
-    AdminNotLoopback(SocketAddr),
+    #[error(transparent)]
+    AdminNotLoopback(#[from] common::admin::NotLoopback),
     #[error(transparent)]
     Source(#[from] SourceError),
 }
 
 impl Config {
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        if !args.admin_addr.ip().is_loopback() {
-            return Err(ConfigError::AdminNotLoopback(args.admin_addr));
-        }
+        common::admin::require_loopback(args.admin_addr)?;
         let node = NodeInfo {
             proxy_type: "waypoint".into(),
             ip: args.addresses.first().map(ToString::to_string).unwrap_or_default(),

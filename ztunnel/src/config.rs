@@ -129,8 +129,8 @@ pub struct Args {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("admin address {0} is not a loopback address; admin is served on localhost only")]
-    AdminNotLoopback(SocketAddr),
+    #[error(transparent)]
+    AdminNotLoopback(#[from] common::admin::NotLoopback),
     #[error(transparent)]
     Source(#[from] SourceError),
 }
@@ -138,9 +138,7 @@ pub enum ConfigError {
 impl Config {
     /// Builds the config from parsed arguments. Binds nothing, spawns nothing.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        if !args.admin_addr.ip().is_loopback() {
-            return Err(ConfigError::AdminNotLoopback(args.admin_addr));
-        }
+        common::admin::require_loopback(args.admin_addr)?;
         let node = NodeInfo {
             proxy_type: "ztunnel".into(),
             ip: args.instance_ip,
