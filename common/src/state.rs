@@ -72,10 +72,15 @@ pub struct Snapshot {
     workloads: BTreeMap<String, Arc<Workload>>,
     #[serde(skip)]
     workloads_by_ip: HashMap<(String, IpAddr), Arc<Workload>>,
+    /// The same, for our own network only: per-connection lookups allocate nothing.
+    #[serde(skip)]
+    local_workloads: HashMap<IpAddr, Arc<Workload>>,
     /// By `namespace/hostname`.
     services: BTreeMap<String, Arc<Service>>,
     #[serde(skip)]
     services_by_vip: HashMap<(String, IpAddr), Arc<Service>>,
+    #[serde(skip)]
+    local_services: HashMap<IpAddr, Arc<Service>>,
     /// Service `namespace/hostname` -> its endpoints.
     endpoints: BTreeMap<String, Vec<Endpoint>>,
     /// By `namespace/name`.
@@ -141,6 +146,9 @@ impl Snapshot {
     fn add_workload(&mut self, w: Arc<Workload>) {
         for ip in &w.addresses {
             self.workloads_by_ip.insert((w.network.clone(), *ip), w.clone());
+            if w.network == self.network {
+                self.local_workloads.insert(*ip, w.clone());
+            }
         }
         for (service, ports) in &w.services {
             self.endpoints
@@ -154,6 +162,9 @@ impl Snapshot {
     fn add_service(&mut self, svc: Arc<Service>) {
         for vip in &svc.vips {
             self.services_by_vip.insert(vip.clone(), svc.clone());
+            if vip.0 == self.network {
+                self.local_services.insert(vip.1, svc.clone());
+            }
         }
         self.services.insert(svc.key(), svc);
     }
@@ -171,7 +182,7 @@ impl Snapshot {
 
     /// The workload with this address on our network.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.workloads_by_ip.get(&(self.network.clone(), ip))
+        self.local_workloads.get(&ip)
     }
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
@@ -179,7 +190,7 @@ impl Snapshot {
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
-        self.services_by_vip.get(&(self.network.clone(), ip))
+        self.local_services.get(&ip)
     }
 
     pub fn service(&self, namespace: &str, hostname: &str) -> Option<&Arc<Service>> {

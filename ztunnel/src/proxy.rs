@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::socket::{self, SocketError};
 use common::rbac::{self, Verdict};
-use common::state::{State, Workload};
+use common::state::{Snapshot, State, Workload};
 use metrics::{Failure, Metrics, Record};
 
 /// How long a TCP connect or an HBONE CONNECT may take.
@@ -190,8 +190,14 @@ impl Proxy {
     }
 
     /// Evaluates the destination workload's policies, counting and logging the decision.
-    fn authorize(&self, direction: &'static str, dst: &Workload, conn: &rbac::Connection<'_>) -> Verdict {
-        let policies = self.inner.state.snapshot().policies_for(dst);
+    fn authorize(
+        &self,
+        snapshot: &Snapshot,
+        direction: &'static str,
+        dst: &Workload,
+        conn: &rbac::Connection<'_>,
+    ) -> Verdict {
+        let policies = snapshot.policies_for(dst);
         let verdict = rbac::evaluate(&policies, conn);
         let policy = match &verdict {
             Verdict::DeniedBy(p) => Some(p.as_str()),

@@ -126,7 +126,7 @@ pub(super) async fn deliver(
         destination_port: dst.port(),
         http: None,
     };
-    let verdict = proxy.authorize(rec.direction(), &w, &conn);
+    let verdict = proxy.authorize(&snapshot, rec.direction(), &w, &conn);
     if !verdict.is_allow() {
         return Err(ProxyError::Denied(verdict.reason()));
     }
