@@ -1,18 +1,28 @@
-//! Loads the capture program once, and enrolls pods: their IP goes into the `enrolled` map and
-//! the program is attached at tc ingress of their host-side interface (TCX on kernels >= 6.6,
-//! clsact + netlink otherwise). Uplinks get the same program for traffic from other nodes.
-//! Dropping the redirector detaches everything and removes the routing rule.
+//! Loads the capture program and enrolls pods: their addresses (IPv4 and IPv6) go into the
+//! `enrolled` map and the program is attached at tc ingress of their host-side interface (TCX on
+//! kernels >= 6.6, clsact + netlink otherwise). Uplinks get the same program for traffic from
+//! other nodes.
+//!
+//! Everything is pinned (see [`crate::pin`]), so capture outlives this process: dropping the
+//! redirector, a crash or `kill -9` leave the program attached and enrolled pods' new flows,
+//! finding no ztunnel listener, are dropped. A new redirector adopts the pinned maps and
+//! swaps its program into the pinned links atomically (`bpf_link_update`): the kernel keeps one
+//! program per interface and capture never lapses. Only [`Redirector::unenroll`], detaching an
+//! idle interface, or [`crate::pin::uninstall`] removes capture.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::PathBuf;
 
 use aya::maps::{Array, HashMap, MapError, PerCpuArray};
-use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachType};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
 use aya::programs::{ProgramError, SchedClassifier};
 use aya::util::KernelVersion;
-use aya::{Ebpf, EbpfError};
-use tracing::{debug, info, warn};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use tracing::{debug, info};
 
+use crate::pin::{self, PinError};
 use crate::routing::{self, RoutingError};
 
 /// The compiled program (see `bpf/redirect.c`).
@@ -43,8 +53,10 @@ pub enum RedirectError {
     Attach { iface: String, reason: String },
     #[error("routing: {0}")]
     Routing(#[from] RoutingError),
-    #[error("only IPv4 pods are redirected so far; {0} is IPv6")]
-    Ipv6(IpAddr),
+    #[error("pinning: {0}")]
+    Pin(#[from] PinError),
+    #[error("link {path}: {source}")]
+    Link { path: PathBuf, source: LinkError },
 }
 
 /// Marks, table and ports the redirection uses.
@@ -60,6 +72,9 @@ pub struct Settings {
     pub inbound_port: u16,
     /// Inbound HBONE listener (15008).
     pub hbone_port: u16,
+    /// Directory on a BPF filesystem where the program, maps and links are pinned; one per
+    /// node (network namespace).
+    pub pin_dir: PathBuf,
 }
 
 impl Default for Settings {
@@ -72,6 +87,7 @@ impl Default for Settings {
             outbound_port: 15001,
             inbound_port: 15006,
             hbone_port: 15008,
+            pin_dir: PathBuf::from(pin::DEFAULT_PIN_DIR),
         }
     }
 }
@@ -89,26 +105,34 @@ impl Settings {
     }
 }
 
-/// Counters the program keeps (indexes of its `stats` map).
-const STAT_NAMES: [&str; 6] = [
+/// Counters the program keeps (indexes of its `stats` map; `enum stat` in the C program).
+/// They live in a pinned map, so they count across ztunnel restarts.
+pub const STAT_NAMES: [&str; 9] = [
     "captured_outbound",
     "captured_inbound",
     "captured_hbone",
     "followed_socket",
     "dropped_no_listener",
     "assign_failed",
+    "dropped_unparseable",
+    "dropped_fragment",
+    "dropped_no_socket",
 ];
 
 /// What is attached where, for the admin endpoint and tests.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Status {
     pub settings: Option<Settings>,
+    /// The kernel's id of the program this redirector loaded (and pinned).
+    pub program_id: u32,
     /// Interface -> how it is attached and why.
     pub interfaces: BTreeMap<String, InterfaceStatus>,
-    /// Enrolled pod IP -> interface.
-    pub pods: BTreeMap<Ipv4Addr, String>,
+    /// Enrolled pod address -> interface.
+    pub pods: BTreeMap<IpAddr, String>,
     /// Program counters, summed over CPUs.
     pub stats: BTreeMap<&'static str, u64>,
+    /// What was adopted from pins a previous ztunnel left: (links, pods).
+    pub adopted: (usize, usize),
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -116,14 +140,15 @@ pub struct InterfaceStatus {
     /// `tcx` or `netlink`.
     pub mode: &'static str,
     pub uplink: bool,
-    pub pods: BTreeSet<Ipv4Addr>,
+    pub pods: BTreeSet<IpAddr>,
 }
 
+/// One interface the program is attached to.
 struct Attached {
-    link: SchedClassifierLinkId,
-    mode: &'static str,
+    /// The TCX link (kept open) and its pin; `None` for a netlink filter.
+    link: Option<(FdLink, PathBuf)>,
     uplink: bool,
-    pods: BTreeSet<Ipv4Addr>,
+    pods: BTreeSet<IpAddr>,
 }
 
 /// The loaded program and everything attached with it.
@@ -131,10 +156,10 @@ pub struct Redirector {
     ebpf: Ebpf,
     settings: Settings,
     tcx: bool,
+    program_id: u32,
     interfaces: BTreeMap<String, Attached>,
-    pods: BTreeMap<Ipv4Addr, String>,
-    /// False once torn down.
-    active: bool,
+    pods: BTreeMap<IpAddr, String>,
+    adopted: (usize, usize),
 }
 
 impl std::fmt::Debug for Redirector {
@@ -146,11 +171,24 @@ impl std::fmt::Debug for Redirector {
     }
 }
 
+/// The `enrolled` map's key for `ip`: IPv6, or IPv4 mapped into IPv6.
+fn map_key(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
 impl Redirector {
-    /// Loads the program, writes its settings and installs the routing rule (replacing any
-    /// left by a previous run). Needs CAP_BPF and CAP_NET_ADMIN.
+    /// Loads the program with the pinned maps of `settings.pin_dir` (creating them the first
+    /// time), writes its settings, pins it, installs the routing rules (keeping a correct rule
+    /// in place), and adopts what a previous ztunnel pinned. Needs CAP_BPF, CAP_NET_ADMIN and,
+    /// to mount bpffs when it is missing, CAP_SYS_ADMIN.
     pub fn load(settings: Settings) -> Result<Self, RedirectError> {
-        let mut ebpf = Ebpf::load(PROGRAM_OBJECT)?;
+        let dir = settings.pin_dir.clone();
+        pin::ensure_bpffs(&dir)?;
+        pin::check_pinned_maps(&dir)?;
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&dir).load(PROGRAM_OBJECT)?;
         {
             let map = ebpf.map_mut("settings").ok_or(RedirectError::Missing("map settings"))?;
             let mut array: Array<_, [u32; 5]> =
@@ -159,27 +197,112 @@ impl Redirector {
                 .set(0, settings.to_words(), 0)
                 .map_err(|source| RedirectError::Map { name: "settings", source })?;
         }
-        program(&mut ebpf)?.load()?;
+        let prog = program(&mut ebpf)?;
+        prog.load()?;
+        let program_id = prog.info()?.id();
+        // The previous program stays alive through its links until they are swapped below.
+        let prog_pin = dir.join(pin::PROGRAM_PIN);
+        pin::remove_pin(&prog_pin)?;
+        prog.pin(&prog_pin).map_err(|e| RedirectError::Attach {
+            iface: prog_pin.display().to_string(),
+            reason: format!("pinning the program: {e}"),
+        })?;
         routing::install(settings.redirect_mark, settings.route_table, settings.rule_priority)?;
         let tcx = KernelVersion::current().map(|v| v >= KernelVersion::new(6, 6, 0)).unwrap_or(false);
-        info!(tcx, mark = settings.redirect_mark, table = settings.route_table, "eBPF redirection loaded");
-        Ok(Self { ebpf, settings, tcx, interfaces: BTreeMap::new(), pods: BTreeMap::new(), active: true })
+        let mut r = Self {
+            ebpf,
+            settings,
+            tcx,
+            program_id,
+            interfaces: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            adopted: (0, 0),
+        };
+        r.adopt()?;
+        info!(
+            tcx,
+            program_id,
+            pin_dir = %dir.display(),
+            adopted_links = r.adopted.0,
+            adopted_pods = r.adopted.1,
+            mark = r.settings.redirect_mark,
+            table = r.settings.route_table,
+            "eBPF redirection loaded"
+        );
+        Ok(r)
+    }
+
+    /// Swaps our program into every pinned link (atomically: capture never lapses) and reads
+    /// the enrolled pods back from the pinned map. Links whose interface is gone are unpinned.
+    fn adopt(&mut self) -> Result<(), RedirectError> {
+        let links_dir = self.settings.pin_dir.join(pin::LINKS_DIR);
+        let mut names: Vec<PathBuf> = match std::fs::read_dir(&links_dir) {
+            Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+            Err(_) => Vec::new(),
+        };
+        names.sort();
+        for path in names {
+            let Some(iface) = path.file_name().and_then(|n| n.to_str()).map(String::from) else { continue };
+            match self.adopt_link(&path) {
+                Ok(fd) => {
+                    self.interfaces.insert(
+                        iface,
+                        Attached { link: Some((fd, path)), uplink: false, pods: BTreeSet::new() },
+                    );
+                    self.adopted.0 += 1;
+                }
+                Err(e) => {
+                    info!(iface, reason = %e, "dropping a pinned link that cannot be adopted");
+                    pin::remove_pin(&path)?;
+                }
+            }
+        }
+        let by_index: BTreeMap<u32, String> =
+            routing::interface_indexes()?.into_iter().map(|(name, index)| (index, name)).collect();
+        let entries: Vec<([u8; 16], u32)> = self.enrolled_map()?.iter().filter_map(Result::ok).collect();
+        for (key, index) in entries {
+            let ip = Ipv6Addr::from(key).to_canonical();
+            match by_index.get(&index) {
+                Some(iface) => {
+                    if let Some(a) = self.interfaces.get_mut(iface) {
+                        a.pods.insert(ip);
+                    }
+                    self.pods.insert(ip, iface.clone());
+                    self.adopted.1 += 1;
+                }
+                // Its interface is gone (the pod left while no ztunnel ran).
+                None => {
+                    let _ = self.enrolled_map()?.remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn adopt_link(&mut self, path: &std::path::Path) -> Result<FdLink, RedirectError> {
+        let link_err = |source| RedirectError::Link { path: path.to_path_buf(), source };
+        let pinned = PinnedLink::from_pin(path).map_err(link_err)?;
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+        let prog = program(&mut self.ebpf)?;
+        let id = prog.attach_to_link(link)?;
+        let link = prog.take_link(id)?;
+        FdLink::try_from(link).map_err(link_err)
     }
 
     /// Captures `ip`'s traffic on `iface` (its host-side interface). Idempotent; a pod that
     /// moved interface is re-attached.
     pub fn enroll(&mut self, ip: IpAddr, iface: &str) -> Result<(), RedirectError> {
-        let IpAddr::V4(ip) = ip else { return Err(RedirectError::Ipv6(ip)) };
         match self.pods.get(&ip) {
             Some(current) if current == iface => return Ok(()),
             Some(_) => {
-                self.unenroll(IpAddr::V4(ip))?;
+                self.unenroll(ip)?;
             }
             None => {}
         }
+        let index = routing::interface_index(iface)?;
         self.ensure_attached(iface, false)?;
         self.enrolled_map()?
-            .insert(u32::from_ne_bytes(ip.octets()), 1, 0)
+            .insert(map_key(ip), index, 0)
             .map_err(|source| RedirectError::Map { name: "enrolled", source })?;
         if let Some(a) = self.interfaces.get_mut(iface) {
             a.pods.insert(ip);
@@ -192,9 +315,8 @@ impl Redirector {
     /// Stops capturing `ip`; detaches from its interface when no enrolled pod is left there.
     /// Returns whether it was enrolled.
     pub fn unenroll(&mut self, ip: IpAddr) -> Result<bool, RedirectError> {
-        let IpAddr::V4(ip) = ip else { return Ok(false) };
         let Some(iface) = self.pods.remove(&ip) else { return Ok(false) };
-        match self.enrolled_map()?.remove(&u32::from_ne_bytes(ip.octets())) {
+        match self.enrolled_map()?.remove(&map_key(ip)) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(source) => return Err(RedirectError::Map { name: "enrolled", source }),
         }
@@ -220,18 +342,35 @@ impl Redirector {
 
     /// Forgets uplinks not among `existing` interfaces (their TCX link went with them).
     pub fn prune_missing_uplinks(&mut self, existing: &[String]) {
-        self.interfaces.retain(|name, a| {
-            let keep = !(a.uplink && a.pods.is_empty() && !existing.contains(name));
-            if !keep {
-                debug!(iface = %name, "uplink interface gone");
-            }
-            keep
-        });
+        let gone: Vec<String> = self
+            .interfaces
+            .iter()
+            .filter(|(name, a)| a.uplink && a.pods.is_empty() && !existing.contains(name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            debug!(iface = %name, "uplink interface gone");
+            let _ = self.detach(&name);
+        }
+    }
+
+    /// Detaches from interfaces that are neither uplinks in `uplinks` nor hold an enrolled pod
+    /// (after adoption, once the wanted state is known). Returns how many.
+    pub fn detach_unused(&mut self, uplinks: &[String]) -> Result<usize, RedirectError> {
+        let unused: Vec<String> = self
+            .interfaces
+            .iter()
+            .filter(|(name, a)| a.pods.is_empty() && !uplinks.contains(name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &unused {
+            self.detach(name)?;
+        }
+        Ok(unused.len())
     }
 
     /// The interface `ip` is enrolled on, if it is.
     pub fn interface_of(&self, ip: IpAddr) -> Option<&str> {
-        let IpAddr::V4(ip) = ip else { return None };
         self.pods.get(&ip).map(String::as_str)
     }
 
@@ -240,49 +379,37 @@ impl Redirector {
         self.interfaces.get(iface).is_some_and(|a| a.uplink)
     }
 
-    /// Enrolled pod IPs.
-    pub fn enrolled(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    /// Enrolled pod addresses.
+    pub fn enrolled(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.pods.keys().copied()
     }
 
     /// What is attached where, and the program's counters.
     pub fn status(&self) -> Status {
+        let mode = if self.tcx { "tcx" } else { "netlink" };
         let interfaces = self
             .interfaces
             .iter()
-            .map(|(name, a)| {
-                (name.clone(), InterfaceStatus { mode: a.mode, uplink: a.uplink, pods: a.pods.clone() })
-            })
+            .map(|(name, a)| (name.clone(), InterfaceStatus { mode, uplink: a.uplink, pods: a.pods.clone() }))
             .collect();
         Status {
             settings: Some(self.settings.clone()),
+            program_id: self.program_id,
             interfaces,
             pods: self.pods.clone(),
             stats: self.stats(),
+            adopted: self.adopted,
         }
     }
 
-    /// Detaches from every interface and removes the routing rule.
-    pub fn shutdown(mut self) -> Result<(), RedirectError> {
-        self.teardown()
-    }
-
-    fn teardown(&mut self) -> Result<(), RedirectError> {
-        self.active = false;
-        let names: Vec<String> = self.interfaces.keys().cloned().collect();
-        let mut first_err = None;
-        for name in names {
-            if let Err(e) = self.detach(&name) {
-                warn!(iface = %name, error = %e, "detach failed");
-                first_err.get_or_insert(e);
-            }
-        }
-        self.pods.clear();
-        if let Err(e) = routing::uninstall(self.settings.redirect_mark, self.settings.route_table) {
-            first_err.get_or_insert(e.into());
-        }
-        info!("eBPF redirection removed");
-        first_err.map_or(Ok(()), Err)
+    /// Lets go of the program without removing anything: capture stays in the kernel (pinned)
+    /// for the next ztunnel to adopt. This is what dropping does too; it only logs it.
+    pub fn release(self) {
+        info!(
+            pin_dir = %self.settings.pin_dir.display(),
+            pods = self.pods.len(),
+            "ztunnel stopping: capture stays in place (pinned); enrolled pods' new connections fail until a ztunnel runs again"
+        );
     }
 
     fn stats(&self) -> BTreeMap<&'static str, u64> {
@@ -298,7 +425,7 @@ impl Redirector {
             .collect()
     }
 
-    fn enrolled_map(&mut self) -> Result<HashMap<&mut aya::maps::MapData, u32, u8>, RedirectError> {
+    fn enrolled_map(&mut self) -> Result<HashMap<&mut aya::maps::MapData, [u8; 16], u32>, RedirectError> {
         let map = self.ebpf.map_mut("enrolled").ok_or(RedirectError::Missing("map enrolled"))?;
         HashMap::try_from(map).map_err(|source| RedirectError::Map { name: "enrolled", source })
     }
@@ -308,52 +435,59 @@ impl Redirector {
             return Ok(());
         }
         let attach_err = |reason: String| RedirectError::Attach { iface: iface.to_string(), reason };
-        if !self.tcx {
-            // Netlink filters outlive the process: add clsact if missing and drop a filter a
-            // previous run left before adding ours.
+        let link = if self.tcx {
+            let path = self.settings.pin_dir.join(pin::LINKS_DIR).join(iface);
+            // A pin adoption could not use (its interface was replaced) is stale.
+            pin::remove_pin(&path)?;
+            let prog = program(&mut self.ebpf)?;
+            let id = prog.attach(iface, TcAttachType::Ingress).map_err(|e| attach_err(e.to_string()))?;
+            let link = prog.take_link(id)?;
+            let fd = FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?;
+            let pinned = fd.pin(&path).map_err(|e| attach_err(format!("pinning the link: {e}")))?;
+            Some((FdLink::from(pinned), path))
+        } else {
+            // Netlink filters outlive the process by themselves: add clsact if missing and drop
+            // a filter a previous run left before adding ours.
             match tc::qdisc_add_clsact(iface) {
                 Ok(()) => {}
                 Err(e) if e.to_string().contains("exist") => {}
                 Err(e) => return Err(attach_err(format!("adding clsact: {e}"))),
             }
             if tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROGRAM_NAME).is_ok() {
-                info!(iface, "removed a stale capture filter left by a previous run");
+                info!(iface, "replaced a capture filter left by a previous run");
             }
-        }
-        let link = program(&mut self.ebpf)?
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(|e| attach_err(e.to_string()))?;
-        let mode = if self.tcx { "tcx" } else { "netlink" };
-        debug!(iface, mode, "capture program attached");
-        self.interfaces.insert(iface.to_string(), Attached { link, mode, uplink, pods: BTreeSet::new() });
+            let prog = program(&mut self.ebpf)?;
+            let id = prog.attach(iface, TcAttachType::Ingress).map_err(|e| attach_err(e.to_string()))?;
+            // Owned by nobody: the filter stays when this process exits.
+            std::mem::forget(prog.take_link(id)?);
+            None
+        };
+        debug!(iface, tcx = self.tcx, "capture program attached");
+        self.interfaces.insert(iface.to_string(), Attached { link, uplink, pods: BTreeSet::new() });
         Ok(())
     }
 
     fn detach(&mut self, iface: &str) -> Result<(), RedirectError> {
         let Some(attached) = self.interfaces.remove(iface) else { return Ok(()) };
-        match program(&mut self.ebpf)?.detach(attached.link) {
-            Ok(()) => {
-                debug!(iface, "capture program detached");
-                Ok(())
+        match attached.link {
+            // Removing the pin and closing our descriptor releases the link.
+            Some((fd, path)) => {
+                pin::remove_pin(&path)?;
+                drop(fd);
             }
-            // The interface went away with its pod: nothing left to detach.
-            Err(e) if !interface_exists(iface) => {
-                debug!(iface, error = %e, "interface gone before detach");
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
+            None => match tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROGRAM_NAME) {
+                Ok(()) => {}
+                Err(_) if !interface_exists(iface) => {}
+                Err(e) => return Err(attach_err_tc(iface, e)),
+            },
         }
+        debug!(iface, "capture program detached");
+        Ok(())
     }
 }
 
-impl Drop for Redirector {
-    fn drop(&mut self) {
-        if self.active
-            && let Err(e) = self.teardown()
-        {
-            warn!(error = %e, "eBPF redirection teardown incomplete");
-        }
-    }
+fn attach_err_tc(iface: &str, e: tc::TcError) -> RedirectError {
+    RedirectError::Attach { iface: iface.to_string(), reason: format!("detaching: {e}") }
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, RedirectError> {
@@ -364,4 +498,10 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, RedirectError> {
 fn interface_exists(iface: &str) -> bool {
     // Unknown (the listing failed): assume it exists, so errors are reported, not hidden.
     routing::interfaces().map(|names| names.iter().any(|n| n == iface)).unwrap_or(true)
+}
+
+/// The programs attached (TCX, ingress) to `iface` in this namespace, by kernel id.
+pub fn attached_programs(iface: &str) -> Result<Vec<u32>, RedirectError> {
+    let (_, programs) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress)?;
+    Ok(programs.iter().map(|p| p.id()).collect())
 }

@@ -2,8 +2,11 @@
 //! with iproute2's `ip` (present on every node; its JSON output is stable).
 //!
 //! A packet the tc program assigned to a ztunnel socket carries the redirect mark; the rule
-//! `fwmark <mark> lookup <table>` with `local 0.0.0.0/0 dev lo` in that table makes the kernel
-//! deliver it locally although its destination address is not ours.
+//! `fwmark <mark> lookup <table>` with `local 0.0.0.0/0 dev lo` (and `local ::/0 dev lo` for
+//! IPv6) in that table makes the kernel deliver it locally although its destination address is
+//! not ours. Installing is idempotent and never removes a rule that is already right, so a
+//! restarted ztunnel adopts the rule without a moment in which captured packets would be
+//! routed away.
 
 use std::net::IpAddr;
 use std::process::Command;
@@ -18,6 +21,8 @@ pub enum RoutingError {
     Output { args: String, detail: String },
     #[error("no route to {0}: cannot find its interface")]
     NoInterface(IpAddr),
+    #[error("no interface named {0}")]
+    NoSuchInterface(String),
 }
 
 /// Runs `ip <args>`, returning stdout.
@@ -34,45 +39,61 @@ fn ip(args: &[&str]) -> Result<String, RoutingError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Installs the rule and the local route, first removing any copies a previous run left.
-pub fn install(mark: u32, table: u32, priority: u32) -> Result<(), RoutingError> {
-    let stale = remove_rules(mark, table)?;
-    if stale > 0 {
-        tracing::info!(stale, mark, table, "removed stale redirect rules left by a previous run");
+/// The two address families, as `ip` flags, with the catch-all local route of each.
+const FAMILIES: [(&str, &str); 2] = [("-4", "0.0.0.0/0"), ("-6", "::/0")];
+
+/// Installs the rules and local routes for both families: keeps one correct rule where there
+/// is one, removes duplicates, adds what is missing. Returns how many stale copies it removed.
+pub fn install(mark: u32, table: u32, priority: u32) -> Result<usize, RoutingError> {
+    let (mark_s, table_s, priority_s) = (format!("{mark:#x}"), table.to_string(), priority.to_string());
+    let mut removed = 0;
+    for (family, everything) in FAMILIES {
+        let n = count_family_rules(family, mark, table)?;
+        for _ in 1..n {
+            ip(&[family, "rule", "del", "fwmark", &mark_s, "lookup", &table_s])?;
+            removed += 1;
+        }
+        if n == 0 {
+            ip(&[family, "rule", "add", "fwmark", &mark_s, "lookup", &table_s, "priority", &priority_s])?;
+        }
+        ip(&[family, "route", "replace", "local", everything, "dev", "lo", "table", &table_s])?;
     }
-    let (mark, table, priority) = (format!("{mark:#x}"), table.to_string(), priority.to_string());
-    ip(&["-4", "rule", "add", "fwmark", &mark, "lookup", &table, "priority", &priority])?;
-    ip(&["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
-    Ok(())
+    if removed > 0 {
+        tracing::info!(removed, mark, table, "removed duplicate redirect rules");
+    }
+    Ok(removed)
 }
 
-/// Removes the rule(s) and flushes the table. Idempotent.
-pub fn uninstall(mark: u32, table: u32) -> Result<(), RoutingError> {
-    remove_rules(mark, table)?;
-    match ip(&["-4", "route", "flush", "table", &table.to_string()]) {
-        Ok(_) => Ok(()),
-        // An empty or unknown table is already clean.
-        Err(RoutingError::Failed { .. }) => Ok(()),
-        Err(e) => Err(e),
+/// Removes the rules and flushes the table, for both families. Idempotent. Returns how many
+/// rules and routes it removed.
+pub fn uninstall(mark: u32, table: u32) -> Result<(usize, usize), RoutingError> {
+    let (mut rules, mut routes) = (0, 0);
+    let (mark_s, table_s) = (format!("{mark:#x}"), table.to_string());
+    for (family, _) in FAMILIES {
+        for _ in 0..count_family_rules(family, mark, table)? {
+            ip(&[family, "rule", "del", "fwmark", &mark_s, "lookup", &table_s])?;
+            rules += 1;
+        }
+        let n = count_family_routes(family, table)?;
+        if n > 0 {
+            ip(&[family, "route", "flush", "table", &table_s])?;
+            routes += n;
+        }
     }
+    Ok((rules, routes))
 }
 
-/// Deletes every `fwmark <mark> lookup <table>` rule; returns how many there were.
-fn remove_rules(mark: u32, table: u32) -> Result<usize, RoutingError> {
-    let n = count_rules(mark, table)?;
-    let (mark, table) = (format!("{mark:#x}"), table.to_string());
-    for _ in 0..n {
-        ip(&["-4", "rule", "del", "fwmark", &mark, "lookup", &table])?;
-    }
-    Ok(n)
-}
-
-/// How many `fwmark <mark> lookup <table>` rules exist.
+/// How many `fwmark <mark> lookup <table>` rules exist, both families together.
 pub fn count_rules(mark: u32, table: u32) -> Result<usize, RoutingError> {
-    let args = ["-j", "-4", "rule", "show"];
+    Ok(count_family_rules("-4", mark, table)? + count_family_rules("-6", mark, table)?)
+}
+
+fn count_family_rules(family: &str, mark: u32, table: u32) -> Result<usize, RoutingError> {
+    let args = ["-j", family, "rule", "show"];
     let text = ip(&args)?;
-    let rules: Vec<serde_json::Value> = serde_json::from_str(&text)
-        .map_err(|e| RoutingError::Output { args: args.join(" "), detail: e.to_string() })?;
+    let rules: Vec<serde_json::Value> =
+        serde_json::from_str(if text.trim().is_empty() { "[]" } else { &text })
+            .map_err(|e| RoutingError::Output { args: args.join(" "), detail: e.to_string() })?;
     let want_mark = format!("{mark:#x}");
     let want_table = table.to_string();
     Ok(rules
@@ -85,10 +106,14 @@ pub fn count_rules(mark: u32, table: u32) -> Result<usize, RoutingError> {
         .count())
 }
 
-/// Routes in `table` (to check that nothing is left behind).
+/// Routes in `table`, both families (to check that nothing is left behind).
 pub fn count_routes(table: u32) -> Result<usize, RoutingError> {
+    Ok(count_family_routes("-4", table)? + count_family_routes("-6", table)?)
+}
+
+fn count_family_routes(family: &str, table: u32) -> Result<usize, RoutingError> {
     let table = table.to_string();
-    let args = ["-j", "-4", "route", "show", "table", table.as_str()];
+    let args = ["-j", family, "route", "show", "table", table.as_str()];
     let text = match ip(&args) {
         Ok(t) => t,
         Err(RoutingError::Failed { .. }) => return Ok(0),
@@ -118,16 +143,31 @@ pub fn interface_for(addr: IpAddr) -> Result<String, RoutingError> {
 /// Every network interface of this namespace but loopback (asked over netlink, so it follows
 /// the calling thread's namespace, unlike `/sys/class/net`).
 pub fn interfaces() -> Result<Vec<String>, RoutingError> {
+    Ok(interface_indexes()?.into_iter().map(|(name, _)| name).collect())
+}
+
+/// Every interface but loopback with its index, sorted by name.
+pub fn interface_indexes() -> Result<Vec<(String, u32)>, RoutingError> {
     let args = ["-j", "link", "show"];
     let text = ip(&args)?;
     let links: Vec<serde_json::Value> = serde_json::from_str(&text)
         .map_err(|e| RoutingError::Output { args: args.join(" "), detail: e.to_string() })?;
-    let mut names: Vec<String> = links
+    let mut out: Vec<(String, u32)> = links
         .iter()
-        .filter_map(|l| l.get("ifname").and_then(|n| n.as_str()))
-        .filter(|n| *n != "lo")
-        .map(String::from)
+        .filter_map(|l| {
+            let name = l.get("ifname")?.as_str()?;
+            let index = u32::try_from(l.get("ifindex")?.as_u64()?).ok()?;
+            (name != "lo").then(|| (name.to_string(), index))
+        })
         .collect();
-    names.sort();
-    Ok(names)
+    out.sort();
+    Ok(out)
+}
+
+/// The index of `iface`.
+pub fn interface_index(iface: &str) -> Result<u32, RoutingError> {
+    interface_indexes()?
+        .into_iter()
+        .find_map(|(name, index)| (name == iface).then_some(index))
+        .ok_or_else(|| RoutingError::NoSuchInterface(iface.to_string()))
 }

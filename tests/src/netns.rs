@@ -113,9 +113,19 @@ pub fn wire(node: &Netns, pod: &Netns, host_if: &str, subnet: &str) {
     pod.ip(&["route", "add", "default", "via", &format!("{subnet}.1")]);
 }
 
-/// Lets `node` route between its pods.
+/// Adds IPv6 to a pair [`wire`] made: `<prefix>::1/64` on `host_if` in the node and
+/// `<prefix>::2/64` on the pod's `eth0` (no duplicate address detection, so they are usable at
+/// once), with the pod's default IPv6 route via the node.
+pub fn wire6(node: &Netns, pod: &Netns, host_if: &str, prefix: &str) {
+    node.ip(&["-6", "addr", "add", &format!("{prefix}::1/64"), "dev", host_if, "nodad"]);
+    pod.ip(&["-6", "addr", "add", &format!("{prefix}::2/64"), "dev", "eth0", "nodad"]);
+    pod.ip(&["-6", "route", "add", "default", "via", &format!("{prefix}::1")]);
+}
+
+/// Lets `node` route between its pods (IPv4 and IPv6).
 pub fn enable_forwarding(node: &Netns) {
     node.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    node.exec(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"]);
 }
 
 /// Joins two nodes with a veth link (`link-a` 10.0.0.1 in `a`, `link-b` 10.0.0.2 in `b`), routes

@@ -7,6 +7,31 @@ use clap::Parser;
 
 use crate::netns::Netns;
 
+/// The bpffs the tests pin capture under (mounted once in the host's mount namespace, so the
+/// processes `ip netns exec` starts see it too; `/sys/fs/bpf` is hidden from them).
+pub const TEST_BPFFS: &str = "/run/ambient-mesh-test/bpf";
+
+/// A pin directory of its own for `node`'s redirector, on the tests' bpffs (mounted here).
+pub fn bpf_pin_dir(node: &Netns) -> std::path::PathBuf {
+    let root = std::path::Path::new(TEST_BPFFS);
+    ebpf::pin::mount_bpffs(root).unwrap_or_else(|e| panic!("cannot mount the tests' bpffs: {e}"));
+    root.join(&node.name)
+}
+
+/// Redirection settings for `node`: the defaults with the node's own pin directory.
+pub fn redirect_settings(node: &Netns) -> ebpf::Settings {
+    ebpf::Settings { pin_dir: bpf_pin_dir(node), ..Default::default() }
+}
+
+/// Removes the capture pinned for `node` (as `ztunnel uninstall` does) and checks that nothing
+/// is left: no pins, no rules, no routes.
+pub fn uninstall(node: &Netns, settings: &ebpf::Settings) -> ebpf::Removed {
+    let removed = node.enter(|| ebpf::uninstall(settings)).unwrap_or_else(|e| panic!("uninstall: {e}"));
+    assert!(!settings.pin_dir.exists(), "pin directory {} left behind", settings.pin_dir.display());
+    assert_eq!(routing_state(node), (0, 0), "redirection left behind in {}", node.name);
+    removed
+}
+
 /// Routing rules and routes of the redirection in `node`: (rules, routes).
 pub fn routing_state(node: &Netns) -> (usize, usize) {
     let s = ebpf::Settings::default();
@@ -31,6 +56,12 @@ impl NodeZtunnel {
         let mut all = vec!["ztunnel", "--admin-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"];
         all.extend(["--readiness-addr", "127.0.0.1:0"]);
         all.extend_from_slice(flags);
+        // Each node pins its capture in a directory of its own.
+        let pin_dir = bpf_pin_dir(node);
+        let pin_dir = pin_dir.to_str().expect("utf-8 path").to_string();
+        if flags.contains(&"--redirect") && !flags.contains(&"--bpf-pin-dir") {
+            all.extend(["--bpf-pin-dir", pin_dir.as_str()]);
+        }
         let args = ztunnel::config::Args::try_parse_from(all).expect("flags");
         let config = ztunnel::config::Config::from_args(args).expect("config");
         let rt = node.runtime();
@@ -72,11 +103,15 @@ impl NodeZtunnel {
         body
     }
 
-    /// Shuts down inside the node (where the rule lives) and checks nothing is left behind.
+    /// Shuts down inside the node; capture stays pinned (fail closed), so it is then
+    /// uninstalled, and nothing may be left behind.
     pub fn stop(self, node: &Netns) {
         let Self { rt, app } = self;
+        let settings = app.enrollment.as_ref().and_then(|e| e.status().settings);
         node.enter(|| drop(app));
-        assert_eq!(routing_state(node), (0, 0), "redirection left behind in {}", node.name);
         drop(rt);
+        if let Some(settings) = settings {
+            uninstall(node, &settings);
+        }
     }
 }

@@ -1,7 +1,12 @@
 //! eBPF redirection in network namespaces (root; CI runs as root, elsewhere these fail saying
-//! why). A node namespace routes between pod namespaces (veth pairs) and an "outside" namespace
-//! on its uplink. The node runs the capture program and three transparent listeners that answer
-//! with the port they were reached on and the original destination they recovered.
+//! why). A node namespace routes between pod namespaces (veth pairs, IPv4 and IPv6) and an
+//! "outside" namespace on its uplink. The node runs the capture program and three transparent
+//! listeners (both families) that answer with the port they were reached on and the original
+//! destination they recovered.
+//!
+//! Besides landing on the right listener, these tests try to get around capture: IP options,
+//! IPv6 extension headers, fragments, a killed loader, a stopped ztunnel. Each of those reached
+//! the server in plaintext before capture was hardened and pinned.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -9,8 +14,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use ebpf::{Redirector, Settings};
-use mesh_tests::netns::{Netns, enable_forwarding, require_root, wire};
-use mesh_tests::node::{NodeZtunnel, routing_state};
+use mesh_tests::netns::{Netns, enable_forwarding, require_root, wire, wire6};
+use mesh_tests::node::{NodeZtunnel, redirect_settings, routing_state, uninstall};
 
 /// The tests share the kernel's program list and run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -18,6 +23,8 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const POD_A: &str = "10.1.1.2";
 const POD_B: &str = "10.1.2.2";
 const OUTSIDE: &str = "10.9.0.2";
+const POD_A6: &str = "fd00:1:1::2";
+const OUTSIDE6: &str = "fd00:9::2";
 const SERVER_PORT: u16 = 8080;
 
 struct Mesh {
@@ -27,8 +34,8 @@ struct Mesh {
     outside: Netns,
 }
 
-/// node <- veth-a -> pod A (10.1.1.2), node <- veth-b -> pod B (10.1.2.2),
-/// node <- uplink -> outside (10.9.0.2), which serves on 8080.
+/// node <- veth-a -> pod A (10.1.1.2, fd00:1:1::2), node <- veth-b -> pod B (10.1.2.2,
+/// fd00:1:2::2), node <- uplink -> outside (10.9.0.2, fd00:9::2), which serves on 8080.
 fn mesh(tag: &str) -> Mesh {
     require_root("eBPF redirection tests");
     let pid = std::process::id();
@@ -37,31 +44,35 @@ fn mesh(tag: &str) -> Mesh {
     wire(&m.node, &m.pod_a, "veth-a", "10.1.1");
     wire(&m.node, &m.pod_b, "veth-b", "10.1.2");
     wire(&m.node, &m.outside, "uplink", "10.9.0");
+    wire6(&m.node, &m.pod_a, "veth-a", "fd00:1:1");
+    wire6(&m.node, &m.pod_b, "veth-b", "fd00:1:2");
+    wire6(&m.node, &m.outside, "uplink", "fd00:9");
     enable_forwarding(&m.node);
     serve(&m.outside, SERVER_PORT, "outside");
     m
 }
 
-/// A server in `ns` on 0.0.0.0:`port` answering `<tag> <peer ip>`.
+/// A server in `ns` on [::]:`port` (both families) answering `<tag> <peer ip>`.
 fn serve(ns: &Netns, port: u16, tag: &'static str) {
     ns.enter(|| {
-        let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind server");
+        let listener = std::net::TcpListener::bind(("::", port)).expect("bind server");
         std::thread::spawn(move || {
             for mut s in listener.incoming().flatten() {
-                let peer = s.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+                let peer = s.peer_addr().map(|p| p.ip().to_canonical().to_string()).unwrap_or_default();
                 let _ = s.write_all(format!("{tag} {peer}").as_bytes());
             }
         });
     });
 }
 
-/// Transparent listeners on 15001/15006/15008 in the node, answering
+/// Transparent listeners on 15001/15006/15008 in the node, IPv4 and IPv6, answering
 /// `<port> <original destination> <peer>`. Runs until the runtime is dropped.
 fn node_listeners(node: &Netns) -> tokio::runtime::Runtime {
     let rt = node.runtime();
     let ready = rt.spawn(async {
-        for port in [15001u16, 15006, 15008] {
-            let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        let any: [std::net::IpAddr; 2] = [[0u8; 4].into(), [0u16; 8].into()];
+        for (port, ip) in [15001u16, 15006, 15008].into_iter().flat_map(|p| any.map(|ip| (p, ip))) {
+            let addr = SocketAddr::new(ip, port);
             let listener =
                 ztunnel::socket::transparent_listener(addr, Some(ebpf::redirector::DEFAULT_ZTUNNEL_MARK))
                     .expect("transparent listener");
@@ -96,12 +107,78 @@ fn expect_landing(reply: Result<String, String>, port: u16, orig: &str, peer_ip:
     assert_eq!(parts.len(), 3, "unexpected reply {reply:?}");
     assert_eq!(parts[0], port.to_string(), "listener reached: {reply:?}");
     assert_eq!(parts[1], orig, "original destination: {reply:?}");
-    assert!(parts[2].starts_with(&format!("{peer_ip}:")), "peer: {reply:?}");
+    let peer: SocketAddr = parts[2].parse().unwrap_or_else(|e| panic!("peer {reply:?}: {e}"));
+    assert_eq!(peer.ip().to_string(), peer_ip, "peer: {reply:?}");
 }
 
 fn load(node: &Netns) -> Redirector {
-    node.enter(|| Redirector::load(Settings::default()))
+    let settings = redirect_settings(node);
+    node.enter(|| Redirector::load(settings))
         .unwrap_or_else(|e| panic!("cannot load the eBPF program (kernel or privileges missing?): {e}"))
+}
+
+/// Removes what `r` pinned and checks nothing is left: no pins, rules, routes, and no program
+/// attached to any interface of the node.
+fn remove(node: &Netns, r: Redirector) {
+    let settings = r.status().settings.expect("settings");
+    drop(r);
+    let removed = uninstall(node, &settings);
+    assert!(removed.programs == 1 && removed.maps == 3, "uninstall removed {removed}");
+    assert_eq!(attached(node), Vec::<u32>::new(), "programs still attached after uninstall");
+}
+
+/// Program ids attached (TCX ingress) on every interface of `node`, sorted, with repeats.
+fn attached(node: &Netns) -> Vec<u32> {
+    node.enter(|| {
+        let mut ids = Vec::new();
+        for iface in ebpf::routing::interfaces().expect("interfaces") {
+            ids.extend(ebpf::redirector::attached_programs(&iface).expect("query tcx"));
+        }
+        ids.sort();
+        ids
+    })
+}
+
+/// A client written in Python (an independent socket implementation), run in `ns`: connects to
+/// `host`:`port` after setting the socket option `opt` (`ipopt`: IPv4 options, `dstopt`: an
+/// IPv6 destination-options header, `none`), and prints what the server wrote or `ERR <why>`.
+fn talk_py(ns: &Netns, host: &str, port: u16, opt: &str) -> Result<String, String> {
+    const CLIENT: &str = r#"
+import socket, sys
+host, port, opt = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+if opt == "ipopt":
+    # Four bytes of IP options (NOP NOP NOP EOL): the IPv4 header grows to 24 bytes.
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, b"\x01\x01\x01\x00")
+elif opt == "dstopt":
+    # A destination-options extension header with one PadN option.
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
+s.settimeout(3)
+try:
+    s.connect((host, port))
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    print(data.decode())
+except Exception as e:
+    print("ERR", e)
+"#;
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "python3", "-c", CLIENT, host, &port.to_string(), opt])
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() {
+        panic!("python client failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    match text.strip_prefix("ERR ") {
+        Some(e) => Err(e.to_string()),
+        None => Ok(text),
+    }
 }
 
 #[test]
@@ -123,6 +200,15 @@ fn enrolled_pod_traffic_lands_on_ztunnel_listeners() {
     // Outbound from the enrolled pod, to anywhere: 15001 with the original destination.
     expect_landing(talk(&m.pod_a, "192.0.2.10:80"), 15001, "192.0.2.10:80", POD_A);
     expect_landing(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), 15001, "10.9.0.2:8080", POD_A);
+    // Even to ztunnel's own ports on another host: only ztunnel's marked traffic is exempt.
+    for port in [15001, 15006, 15008] {
+        expect_landing(
+            talk(&m.pod_a, &format!("{OUTSIDE}:{port}")),
+            15001,
+            &format!("{OUTSIDE}:{port}"),
+            POD_A,
+        );
+    }
     // Inbound to the enrolled pod from outside: 15006, or 15008 for port 15008.
     expect_landing(talk(&m.outside, &format!("{POD_A}:8080")), 15006, "10.1.1.2:8080", OUTSIDE);
     expect_landing(talk(&m.outside, &format!("{POD_A}:15008")), 15008, "10.1.1.2:15008", OUTSIDE);
@@ -133,7 +219,7 @@ fn enrolled_pod_traffic_lands_on_ztunnel_listeners() {
     assert_eq!(status.pods.len(), 1);
     assert_eq!(status.interfaces["veth-a"].mode, "tcx", "kernel >= 6.6 attaches with TCX");
     assert!(status.interfaces["uplink"].uplink);
-    assert!(status.stats["captured_outbound"] >= 2, "{:?}", status.stats);
+    assert!(status.stats["captured_outbound"] >= 5, "{:?}", status.stats);
     assert!(status.stats["captured_inbound"] >= 1, "{:?}", status.stats);
     assert!(status.stats["captured_hbone"] >= 1, "{:?}", status.stats);
 
@@ -142,9 +228,103 @@ fn enrolled_pod_traffic_lands_on_ztunnel_listeners() {
     assert_eq!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_A}")));
     assert!(!redirector.status().interfaces.contains_key("veth-a"), "detached once no pod is left");
 
-    assert_eq!(routing_state(&m.node), (1, 1));
-    m.node.enter(|| redirector.shutdown()).expect("shutdown");
-    assert_eq!(routing_state(&m.node), (0, 0), "rule and route removed on shutdown");
+    assert_eq!(routing_state(&m.node), (2, 2), "one rule and one route per family");
+    remove(&m.node, redirector);
+}
+
+#[test]
+fn ip_options_and_ipv6_extension_headers_do_not_bypass_capture() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = mesh("opts");
+    let _listeners = node_listeners(&m.node);
+    let mut redirector = load(&m.node);
+    m.node
+        .enter(|| {
+            redirector.enroll(POD_A.parse().expect("ip"), "veth-a")?;
+            redirector.enroll(POD_A6.parse().expect("ip"), "veth-a")?;
+            redirector.attach_uplink("uplink")
+        })
+        .expect("enroll");
+
+    // A plain client as the baseline, then the same connection with IP options (unprivileged):
+    // both land on ztunnel, from the enrolled pod and toward it.
+    expect_landing(talk_py(&m.pod_a, OUTSIDE, SERVER_PORT, "none"), 15001, "10.9.0.2:8080", POD_A);
+    expect_landing(talk_py(&m.pod_a, OUTSIDE, SERVER_PORT, "ipopt"), 15001, "10.9.0.2:8080", POD_A);
+    expect_landing(talk_py(&m.outside, POD_A, SERVER_PORT, "ipopt"), 15006, "10.1.1.2:8080", OUTSIDE);
+    // IPv6 with a destination-options extension header, both ways.
+    expect_landing(talk_py(&m.pod_a, OUTSIDE6, SERVER_PORT, "dstopt"), 15001, "[fd00:9::2]:8080", POD_A6);
+    expect_landing(talk_py(&m.outside, POD_A6, SERVER_PORT, "dstopt"), 15006, "[fd00:1:1::2]:8080", OUTSIDE6);
+    // The unenrolled pod still talks directly, options or not.
+    assert_eq!(talk_py(&m.pod_b, OUTSIDE, SERVER_PORT, "ipopt"), Ok(format!("outside {POD_B}")));
+    remove(&m.node, redirector);
+}
+
+#[test]
+fn ipv6_and_dual_stack_pods_are_captured_like_ipv4() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = mesh("v6");
+    let _listeners = node_listeners(&m.node);
+    let mut redirector = load(&m.node);
+    m.node
+        .enter(|| {
+            redirector.enroll(POD_A.parse().expect("ip"), "veth-a")?;
+            redirector.enroll(POD_A6.parse().expect("ip"), "veth-a")?;
+            redirector.attach_uplink("uplink")
+        })
+        .expect("enroll");
+    expect_landing(talk(&m.pod_a, &format!("[{OUTSIDE6}]:{SERVER_PORT}")), 15001, "[fd00:9::2]:8080", POD_A6);
+    expect_landing(talk(&m.pod_a, "[2001:db8::10]:80"), 15001, "[2001:db8::10]:80", POD_A6);
+    expect_landing(talk(&m.outside, &format!("[{POD_A6}]:8080")), 15006, "[fd00:1:1::2]:8080", OUTSIDE6);
+    expect_landing(talk(&m.outside, &format!("[{POD_A6}]:15008")), 15008, "[fd00:1:1::2]:15008", OUTSIDE6);
+    // The same pod's IPv4 is captured too.
+    expect_landing(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), 15001, "10.9.0.2:8080", POD_A);
+    // The unenrolled pod's IPv6 is not.
+    assert_eq!(talk(&m.pod_b, &format!("[{OUTSIDE6}]:{SERVER_PORT}")), Ok("outside fd00:1:2::2".to_string()));
+    assert_eq!(redirector.status().interfaces["veth-a"].pods.len(), 2);
+    remove(&m.node, redirector);
+}
+
+#[test]
+fn fragments_and_unknown_ipv6_headers_of_enrolled_pods_are_dropped() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = mesh("frag");
+    let mut redirector = load(&m.node);
+    m.node
+        .enter(|| {
+            redirector.enroll(POD_A.parse().expect("ip"), "veth-a")?;
+            redirector.enroll(POD_A6.parse().expect("ip"), "veth-a")
+        })
+        .expect("enroll");
+    // Raw packets from the enrolled pod (root in the pod can craft them): a first IPv4 fragment
+    // carrying a TCP SYN, an IPv6 packet with a fragment header, and one whose next header is
+    // the mobility header (135), which we do not walk.
+    const RAW: &str = r#"
+import socket, struct, sys
+src4, dst4, src6, dst6 = sys.argv[1:5]
+tcp = struct.pack("!HHIIBBHHH", 40000, 8080, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 7, 0x2000, 64, 6, 0,
+                 socket.inet_aton(src4), socket.inet_aton(dst4))
+s4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+s4.sendto(ip + tcp, (dst4, 0))
+s6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 44)
+s6.sendto(struct.pack("!BBHI", 6, 0, 1, 9) + tcp, (dst6, 0))
+s7 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 135)
+s7.sendto(bytes([6, 0, 0, 0, 0, 0, 0, 0]) + tcp, (dst6, 0))
+print("sent")
+"#;
+    let before = redirector.status().stats;
+    m.pod_a.exec(&["python3", "-c", RAW, POD_A, OUTSIDE, POD_A6, OUTSIDE6]);
+    let mut after = redirector.status().stats;
+    for _ in 0..20 {
+        if after["dropped_fragment"] >= before["dropped_fragment"] + 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        after = redirector.status().stats;
+    }
+    assert!(after["dropped_fragment"] >= before["dropped_fragment"] + 2, "{before:?} -> {after:?}");
+    assert!(after["dropped_unparseable"] > before["dropped_unparseable"], "{before:?} -> {after:?}");
+    remove(&m.node, redirector);
 }
 
 #[test]
@@ -159,7 +339,7 @@ fn without_a_listener_an_enrolled_pod_fails_closed() {
     assert!(redirector.status().stats["dropped_no_listener"] >= 1);
     // The unenrolled pod still reaches the server.
     assert_eq!(talk(&m.pod_b, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_B}")));
-    m.node.enter(|| redirector.shutdown()).expect("shutdown");
+    remove(&m.node, redirector);
 }
 
 #[test]
@@ -196,85 +376,89 @@ fn ztunnel_connections_keep_the_client_source_and_are_not_recaptured() {
     let stats = redirector.status().stats;
     assert_eq!(stats["captured_outbound"], 0, "the pod's replies are not new flows: {stats:?}");
     assert!(stats["followed_socket"] >= 1, "{stats:?}");
-    m.node.enter(|| redirector.shutdown()).expect("shutdown");
+    remove(&m.node, redirector);
     drop(rt);
 }
 
-/// Programs named like ours that the kernel holds.
-fn loaded_capture_programs() -> usize {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| p.name_as_str() == Some(ebpf::redirector::PROGRAM_NAME))
-        .count()
-}
-
-fn wait_for_programs(n: usize) {
-    for _ in 0..50 {
-        if loaded_capture_programs() == n {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("expected {n} loaded capture program(s), kernel holds {}", loaded_capture_programs());
-}
-
-/// Child mode of `restart_after_a_crash_leaves_nothing_stale`: load, enroll, report, wait to
-/// be killed.
+/// Child mode of `capture_survives_a_killed_loader_and_is_adopted`: load, enroll, report, wait
+/// to be killed.
 #[test]
-#[ignore = "helper run by restart_after_a_crash_leaves_nothing_stale in a child process"]
+#[ignore = "helper run by capture_survives_a_killed_loader_and_is_adopted in a child process"]
 fn crash_child() {
-    let Ok(iface) = std::env::var("REDIRECT_CHILD_IFACE") else { return };
-    let mut redirector = Redirector::load(Settings::default()).expect("child load");
-    redirector.enroll(POD_A.parse().expect("ip"), &iface).expect("child enroll");
-    println!("READY");
+    let Ok(pin_dir) = std::env::var("REDIRECT_CHILD_PIN_DIR") else { return };
+    let settings = Settings { pin_dir: pin_dir.into(), ..Default::default() };
+    let mut redirector = Redirector::load(settings).expect("child load");
+    redirector.enroll(POD_A.parse().expect("ip"), "veth-a").expect("child enroll");
+    redirector.attach_uplink("uplink").expect("child uplink");
+    println!("READY {}", redirector.status().program_id);
     std::io::stdout().flush().expect("flush");
     std::thread::sleep(Duration::from_secs(60));
 }
 
+/// True when the kernel still holds a program with this id.
+fn program_loaded(id: u32) -> bool {
+    aya::programs::loaded_programs().filter_map(Result::ok).any(|p| p.id() == id)
+}
+
 #[test]
-fn restart_after_a_crash_leaves_nothing_stale() {
+fn capture_survives_a_killed_loader_and_is_adopted() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = mesh("crash");
-    let _listeners = node_listeners(&m.node);
-    wait_for_programs(0);
+    let settings = redirect_settings(&m.node);
 
-    // A loader that dies without cleaning up.
+    // A loader that dies without cleaning up, as ztunnel does on kill -9.
     let exe = std::env::current_exe().expect("test binary");
     let mut child = std::process::Command::new("ip")
         .args(["netns", "exec", &m.node.name])
         .arg(exe)
         .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
-        .env("REDIRECT_CHILD_IFACE", "veth-a")
+        .env("REDIRECT_CHILD_PIN_DIR", &settings.pin_dir)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn child loader");
     let mut out = child.stdout.take().expect("stdout");
     let mut seen = String::new();
     let mut buf = [0u8; 256];
-    while !seen.contains("READY") {
+    while !seen.contains("READY") || !seen[seen.find("READY").unwrap_or(0)..].contains('\n') {
         let n = out.read(&mut buf).expect("child output");
         assert!(n > 0, "child loader exited before it was ready: {seen}");
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    expect_landing(talk(&m.pod_a, "192.0.2.10:80"), 15001, "192.0.2.10:80", POD_A);
+    let old_id: u32 = seen
+        .split("READY ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("child did not report its program id: {seen}"));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL)
         .expect("kill -9");
     child.wait().expect("reap");
 
-    // TCX links die with the process; the routing rule is what a crash leaves behind.
-    wait_for_programs(0);
-    assert_eq!(routing_state(&m.node).0, 1, "the crashed loader's rule is still there");
+    // The capture outlived its loader: the program is still attached to both interfaces, and
+    // with no listener the enrolled pod reaches nothing, and nothing reaches it.
+    assert_eq!(attached(&m.node), vec![old_id, old_id], "pinned links survive the loader");
+    assert!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")).is_err(), "pod A got out in plaintext");
+    assert!(talk(&m.outside, &format!("{POD_A}:{SERVER_PORT}")).is_err(), "pod A was reached in plaintext");
+    assert!(talk(&m.outside, &format!("{POD_A}:15008")).is_err(), "pod A was reached in plaintext");
+    assert_eq!(routing_state(&m.node), (2, 2), "the rules stay");
 
-    // A new loader replaces it instead of adding a second one, and works.
-    let mut redirector = load(&m.node);
-    assert_eq!(routing_state(&m.node), (1, 1));
-    wait_for_programs(1);
-    m.node.enter(|| redirector.enroll(POD_A.parse().expect("ip"), "veth-a")).expect("enroll");
+    // A new loader adopts the pinned state: one program on each interface (its own), the old
+    // one gone from the kernel, the enrolled pod known, no second rule; traffic works again.
+    let _listeners = node_listeners(&m.node);
+    let redirector = load(&m.node);
+    let status = redirector.status();
+    assert_eq!(status.adopted, (2, 1), "{status:?}");
+    assert_eq!(status.pods.get(&POD_A.parse().expect("ip")).map(String::as_str), Some("veth-a"));
+    assert_eq!(attached(&m.node), vec![status.program_id, status.program_id], "one set, not two");
+    assert!(!program_loaded(old_id), "the replaced program is unloaded");
+    assert_eq!(routing_state(&m.node), (2, 2));
+    assert!(status.stats["dropped_no_listener"] >= 3, "counters live in the pinned map: {:?}", status.stats);
     expect_landing(talk(&m.pod_a, "192.0.2.10:80"), 15001, "192.0.2.10:80", POD_A);
+    expect_landing(talk(&m.outside, &format!("{POD_A}:8080")), 15006, "10.1.1.2:8080", OUTSIDE);
 
-    m.node.enter(|| redirector.shutdown()).expect("shutdown");
-    assert_eq!(routing_state(&m.node), (0, 0));
-    wait_for_programs(0);
+    // Uninstalling leaves nothing, and the pod talks directly again.
+    remove(&m.node, redirector);
+    assert!(!program_loaded(status.program_id), "program unloaded after uninstall");
     assert_eq!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_A}")));
 }
 
@@ -283,7 +467,7 @@ workloads:
   - name: a
     namespace: demo
     serviceAccount: a
-    addresses: [10.1.1.2]
+    addresses: [10.1.1.2, "fd00:1:1::2"]
     node: node-a
   - name: b
     namespace: demo
@@ -310,11 +494,14 @@ fn ztunnel_enrolls_the_workloads_scheduled_on_its_node() {
     std::fs::write(&path, ZTUNNEL_MESH).expect("config");
     let zt = start_ztunnel(&m.node, &path, "node-a", &["--uplink", "*"]);
 
-    // Only the workload scheduled on node-a is enrolled, on the interface the node routes it by.
-    zt.converge("pod A enrolled", &|s| s.pods.len() == 1);
+    // Only the workload scheduled on node-a is enrolled (both its addresses), on the interface
+    // the node routes it by.
+    zt.converge("pod A enrolled", &|s| s.pods.len() == 2);
     let status = zt.app.enrollment.as_ref().expect("redirection on").status();
     assert_eq!(status.pods.get(&POD_A.parse().expect("ip")).map(String::as_str), Some("veth-a"));
+    assert_eq!(status.pods.get(&POD_A6.parse().expect("ip")).map(String::as_str), Some("veth-a"));
     expect_landing(talk(&m.pod_a, "192.0.2.10:80"), 15001, "192.0.2.10:80", POD_A);
+    expect_landing(talk(&m.pod_a, &format!("[{OUTSIDE6}]:80")), 15001, "[fd00:9::2]:80", POD_A6);
     expect_landing(talk(&m.outside, &format!("{POD_A}:8080")), 15006, "10.1.1.2:8080", OUTSIDE);
     assert_eq!(talk(&m.pod_b, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_B}")));
     // With every interface watched, plaintext from an unenrolled pod on the same node to the
@@ -327,6 +514,48 @@ fn ztunnel_enrolls_the_workloads_scheduled_on_its_node() {
     zt.converge("pod A unenrolled", &|s| s.pods.is_empty());
     assert_eq!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_A}")));
     zt.stop(&m.node);
+}
+
+#[test]
+fn a_stopped_ztunnel_leaves_pods_closed_and_a_new_one_adopts_them() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = mesh("stop");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mesh.yaml");
+    std::fs::write(&path, ZTUNNEL_MESH).expect("config");
+    let zt = start_ztunnel(&m.node, &path, "node-a", &["--uplink", "uplink"]);
+    zt.converge("pod A enrolled", &|s| s.pods.len() == 2);
+    let first = zt.app.enrollment.as_ref().expect("redirection on").status();
+
+    // What ztunnel does after SIGTERM and its drain: the app is dropped. Capture stays.
+    let NodeZtunnel { rt, app } = zt;
+    m.node.enter(|| drop(app));
+    drop(rt);
+    assert_eq!(attached(&m.node), vec![first.program_id, first.program_id]);
+    for (who, dst) in [
+        (&m.pod_a, format!("{OUTSIDE}:{SERVER_PORT}")),
+        (&m.pod_a, format!("[{OUTSIDE6}]:{SERVER_PORT}")),
+        (&m.outside, format!("{POD_A}:{SERVER_PORT}")),
+        (&m.outside, format!("[{POD_A6}]:{SERVER_PORT}")),
+    ] {
+        let outcome = talk(who, &dst);
+        assert!(outcome.is_err(), "{dst} reached in plaintext with ztunnel stopped: {outcome:?}");
+    }
+
+    // The next ztunnel adopts the capture before it knows any workload, keeps it through its
+    // first sync, and serves the pod again.
+    let _listeners = node_listeners(&m.node);
+    let zt = start_ztunnel(&m.node, &path, "node-a", &["--uplink", "uplink"]);
+    let status = zt.app.enrollment.as_ref().expect("redirection on").status();
+    assert_eq!(status.adopted, (2, 2), "{status:?}");
+    zt.converge("pod A still enrolled", &|s| s.pods.len() == 2);
+    assert_eq!(attached(&m.node), vec![status.program_id, status.program_id], "one set, not two");
+    assert!(!program_loaded(first.program_id), "the replaced program is unloaded");
+    expect_landing(talk(&m.pod_a, "192.0.2.10:80"), 15001, "192.0.2.10:80", POD_A);
+    expect_landing(talk(&m.outside, &format!("[{POD_A6}]:8080")), 15006, "[fd00:1:1::2]:8080", OUTSIDE6);
+    zt.stop(&m.node);
+    assert_eq!(attached(&m.node), Vec::<u32>::new());
+    assert_eq!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_A}")));
 }
 
 #[test]

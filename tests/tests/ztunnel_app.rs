@@ -23,6 +23,7 @@ fn config(source: Source) -> Config {
         redirect: false,
         uplinks: vec![],
         static_pods: vec![],
+        redirect_settings: ebpf::Settings::default(),
         network: String::new(),
         ca: ztunnel::config::CaConfig::Local { dir: std::env::temp_dir().join("ztunnel-app-test-ca") },
         cert_lifetime: ztunnel::config::DEFAULT_CERT_LIFETIME,

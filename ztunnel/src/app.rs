@@ -53,7 +53,7 @@ impl Drop for App {
             t.abort();
         }
         if let Some(e) = &self.enrollment {
-            e.shutdown();
+            e.release();
         }
     }
 }
@@ -107,13 +107,14 @@ impl App {
             None => None,
         };
         let enrollment = if config.redirect {
-            let redirector = Redirector::load(ebpf::Settings::default())?;
+            let redirector = Redirector::load(config.redirect_settings.clone())?;
             let (enrollment, task) = Enrollment::start(
                 redirector,
                 config.node_name.clone(),
                 config.uplinks.clone(),
                 config.static_pods.clone(),
                 state.addresses().clone(),
+                ready.clone(),
                 &mut registry,
             );
             tasks.push(task);

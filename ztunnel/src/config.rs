@@ -2,9 +2,10 @@
 //! Environment names follow Istio's ztunnel so a DaemonSet spec carries over.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use common::telemetry::LogFormat;
 use common::xds::{ControlPlaneArgs, NodeInfo, Source, SourceError};
 
@@ -62,6 +63,8 @@ pub struct Config {
     pub uplinks: Vec<String>,
     /// Pods enrolled whatever the control plane says (VM/ECS hosts): `ip` or `ip@interface`.
     pub static_pods: Vec<StaticPod>,
+    /// Marks, ports and the bpffs pin directory of the eBPF redirection.
+    pub redirect_settings: ebpf::Settings,
     /// The network this node is on (workload and VIP addresses are looked up in it).
     pub network: String,
     /// Where workload certificates come from.
@@ -78,8 +81,14 @@ pub struct Config {
 #[derive(Debug, Parser)]
 #[command(name = "ztunnel", version, about = "L4 node proxy of the ambient mesh")]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     #[command(flatten)]
     pub control_plane: ControlPlaneArgs,
+    /// Directory on a BPF filesystem where the capture (program, maps, links) is pinned so it
+    /// outlives ztunnel; one per node. Mounted as bpffs when its parent is not one.
+    #[arg(long, env = "ZTUNNEL_BPF_PIN_DIR", default_value = ebpf::pin::DEFAULT_PIN_DIR, global = true)]
+    pub bpf_pin_dir: PathBuf,
     #[arg(long, env = "NODE_NAME", default_value = "local")]
     pub node_name: String,
     #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
@@ -127,6 +136,15 @@ pub struct Args {
     pub no_proxy: bool,
 }
 
+/// What to do instead of running the proxy.
+#[derive(Clone, Debug, Subcommand)]
+pub enum Command {
+    /// Removes the pinned capture (program, maps, links), netlink filters and routing rules from
+    /// this node, and says what it removed. Capture otherwise stays when ztunnel stops; run this
+    /// with no ztunnel running, when taking the mesh off the node.
+    Uninstall,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(transparent)]
@@ -171,6 +189,7 @@ impl Config {
             redirect: args.redirect,
             uplinks: args.uplinks,
             static_pods: args.static_pods,
+            redirect_settings: ebpf::Settings { pin_dir: args.bpf_pin_dir, ..Default::default() },
             network: args.network,
             ca,
             cert_lifetime: DEFAULT_CERT_LIFETIME,

@@ -3,12 +3,18 @@
 use clap::Parser;
 use tracing::info;
 use ztunnel::app::App;
-use ztunnel::config::{Args, Config};
+use ztunnel::config::{Args, Command, Config};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::telemetry::init(args.log_format);
+    if let Some(Command::Uninstall) = args.command {
+        let settings = ebpf::Settings { pin_dir: args.bpf_pin_dir, ..Default::default() };
+        let removed = ebpf::uninstall(&settings)?;
+        info!(pin_dir = %settings.pin_dir.display(), %removed, "capture uninstalled");
+        return Ok(());
+    }
     let config = Config::from_args(args)?;
     info!(config = %serde_json::to_string(&config)?, "starting ztunnel");
     let drain_period = config.drain_period;

@@ -1,6 +1,6 @@
-//! Pod enrollment: keeps the eBPF redirector's enrolled set equal to the workloads scheduled on
-//! this node (their `node` field is our node name) that have an IPv4 address and do not speak
-//! HBONE natively (`native_tunnel`, e.g. waypoints), plus the pods
+//! Pod enrollment: keeps the eBPF redirector's enrolled set equal to the addresses (IPv4 and
+//! IPv6) of the workloads scheduled on this node (their `node` field is our node name) that do
+//! not speak HBONE natively (`native_tunnel`, e.g. waypoints), plus the pods
 //! configured explicitly (VM and ECS hosts without Kubernetes). A pod's interface is the one the
 //! host routes its address through, unless the explicit entry names it.
 //!
@@ -11,12 +11,17 @@
 //!
 //! Reconciles after every workload update, and every few seconds so that a pod whose interface
 //! was not up yet is retried. Failures are logged and counted; the pod is retried.
+//!
+//! Capture adopted from a previous ztunnel (pinned in the kernel) is only ever narrowed once
+//! the first control-plane sync is through: until then a restarted ztunnel knows no workloads,
+//! and unenrolling on that basis would open every pod of the node.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use common::readiness::Ready;
 use common::xds::ResourceStore;
 use ebpf::{Redirector, Status};
 use prometheus_client::metrics::counter::Counter;
@@ -24,7 +29,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use proto::workload::{Address, address};
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// How often enrollment is re-checked without an update (retries of failed enrollments).
 const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
@@ -74,6 +79,7 @@ impl Enrollment {
         uplinks: Vec<String>,
         static_pods: Vec<StaticPod>,
         workloads: Arc<ResourceStore<Address>>,
+        ready: Ready,
         registry: &mut Registry,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let metrics = RedirectMetrics::default();
@@ -82,7 +88,7 @@ impl Enrollment {
         r.register("enroll_errors", "Failed pod enrollments (retried)", metrics.errors.clone());
         let (tx, status) = watch::channel(redirector.status());
         let redirector = Arc::new(Mutex::new(Some(redirector)));
-        let wanted = Wanted { node_name, uplinks, static_pods };
+        let wanted = Wanted { node_name, uplinks, static_pods, ready };
         let task = tokio::spawn(reconcile_loop(redirector.clone(), wanted, workloads, metrics, tx));
         (Self { redirector, status }, task)
     }
@@ -98,13 +104,12 @@ impl Enrollment {
         let _ = rx.wait_for(|s| pred(s)).await;
     }
 
-    /// Detaches everything and removes the routing rule (on shutdown). Idempotent.
-    pub fn shutdown(&self) {
+    /// Stops reconciling and lets go of the redirector on shutdown, leaving capture pinned in
+    /// the kernel (enrolled pods fail closed until a ztunnel adopts it). Idempotent.
+    pub fn release(&self) {
         let taken = self.redirector.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(r) = taken
-            && let Err(e) = r.shutdown()
-        {
-            warn!(error = %e, "eBPF redirection teardown incomplete");
+        if let Some(r) = taken {
+            r.release();
         }
     }
 }
@@ -114,9 +119,21 @@ struct Wanted {
     node_name: String,
     uplinks: Vec<String>,
     static_pods: Vec<StaticPod>,
+    /// Tells when the first control-plane sync is through.
+    ready: Ready,
 }
 
 impl Wanted {
+    /// True once the control-plane source's initial sync is done (its readiness task, named
+    /// `xds initial sync ...` or `local config ...`, is no longer pending).
+    fn synced(&self) -> bool {
+        !self
+            .ready
+            .pending()
+            .iter()
+            .any(|p| p.starts_with("xds initial sync") || p.starts_with("local config"))
+    }
+
     /// Uplink interfaces, with `*` expanded to every current interface.
     fn uplinks(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -150,6 +167,8 @@ fn desired(wanted: &Wanted, workloads: &ResourceStore<Address>) -> BTreeMap<IpAd
         for bytes in &w.addresses {
             if let Ok(octets) = <[u8; 4]>::try_from(bytes.as_slice()) {
                 want.insert(IpAddr::from(octets), None);
+            } else if let Ok(octets) = <[u8; 16]>::try_from(bytes.as_slice()) {
+                want.insert(std::net::Ipv6Addr::from(octets).to_canonical(), None);
             }
         }
     }
@@ -167,16 +186,31 @@ async fn reconcile_loop(
     status: watch::Sender<Status>,
 ) {
     let mut changes = workloads.subscribe();
+    let mut pruned_adopted = false;
     loop {
         let want = desired(&wanted, &workloads);
         let uplinks = wanted.uplinks();
+        // Before the first sync only add; after it, drop what adoption brought and is not wanted.
+        let synced = wanted.synced();
+        let prune_adopted = synced && !pruned_adopted;
+        pruned_adopted |= synced;
         let redirector = redirector.clone();
         let metrics_ = metrics.clone();
         // Enrolling runs netlink and `ip`: keep it off the async workers.
         let result = tokio::task::spawn_blocking(move || {
             let mut guard = redirector.lock().unwrap_or_else(PoisonError::into_inner);
             let r = guard.as_mut()?;
-            reconcile(r, &want, &uplinks, &metrics_);
+            reconcile(r, &want, &uplinks, synced, &metrics_);
+            if prune_adopted {
+                match r.detach_unused(&uplinks) {
+                    Ok(0) => {}
+                    Ok(n) => info!(n, "detached from interfaces adopted but no longer needed"),
+                    Err(e) => {
+                        metrics_.errors.inc();
+                        warn!(error = %e, "cannot detach unused interfaces");
+                    }
+                }
+            }
             Some(r.status())
         })
         .await;
@@ -188,18 +222,22 @@ async fn reconcile_loop(
             }
             Err(e) => warn!(error = %e, "enrollment task failed"),
         }
+        // Not synced yet: look again soon, the sync may complete without a workload change.
+        let wait = if synced { RESYNC_INTERVAL } else { Duration::from_millis(200) };
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(RESYNC_INTERVAL) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
 
-/// One pass: unenroll what is no longer wanted, enroll what is missing, attach new uplinks.
+/// One pass: unenroll what is no longer wanted (only once `synced`), enroll what is missing,
+/// attach new uplinks.
 fn reconcile(
     r: &mut Redirector,
     want: &BTreeMap<IpAddr, Option<String>>,
     uplinks: &[String],
+    synced: bool,
     metrics: &RedirectMetrics,
 ) {
     // One listing per pass (each `ip` call is a process): uplink pruning and the check that an
@@ -223,7 +261,7 @@ fn reconcile(
             warn!(%iface, error = %e, "cannot attach to uplink; will retry");
         }
     }
-    let have: Vec<IpAddr> = r.enrolled().map(IpAddr::V4).collect();
+    let have: Vec<IpAddr> = if synced { r.enrolled().collect() } else { Vec::new() };
     for ip in have.iter().filter(|ip| !want.contains_key(ip)) {
         if let Err(e) = r.unenroll(*ip) {
             metrics.errors.inc();

@@ -49,6 +49,10 @@ pub fn transparent_listener(addr: SocketAddr, mark: Option<u32>) -> Result<TcpLi
     let socket = new_socket(addr)?;
     let err = |what| move |source| SocketError { what, addr, source };
     socket.set_reuse_address(true).map_err(err("SO_REUSEADDR"))?;
+    if addr.is_ipv6() {
+        // The IPv4 listener of the same port is a socket of its own.
+        socket.set_only_v6(true).map_err(err("IPV6_V6ONLY"))?;
+    }
     set_transparent(&socket, addr)?;
     if let Some(mark) = mark {
         socket.set_mark(mark).map_err(err("SO_MARK"))?;
