@@ -24,9 +24,8 @@ if [ "$(id -u)" != 0 ]; then
   echo "local-mesh: needs root (network namespaces and eBPF); run it as root or with sudo" >&2
   exit 1
 fi
-for tool in ip curl cargo; do
-  command -v "$tool" >/dev/null || { echo "local-mesh: $tool is needed" >&2; exit 1; }
-done
+# Installs what is missing (iproute2, curl, clang and libbpf-dev for the eBPF build, ...).
+deploy/setup.sh
 
 echo "==> building (the first run takes a few minutes)"
 cargo build --quiet --bin xds-server --bin ztunnel --bin waypoint --bin mesh-demo
