@@ -35,6 +35,12 @@ work=$(mktemp -d)
 tag=lm$$
 pids=()
 namespaces=()
+ztunnel_nodes=()
+# ztunnel pins its capture on a BPF filesystem. `ip netns exec` hides /sys/fs/bpf, so the demo
+# mounts one under /run, in this mount namespace, where the nodes' processes see it.
+pins=/run/ambient-mesh-demo/bpf
+mkdir -p "$pins"
+mountpoint -q "$pins" || mount -t bpf bpf "$pins"
 cleanup() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   # ztunnel drains for up to 5 s on SIGTERM; anything still alive after 8 s is killed.
@@ -46,6 +52,11 @@ cleanup() {
   done
   for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # Capture is pinned and outlives ztunnel (pods fail closed); taking the mesh off a node is
+  # an explicit uninstall.
+  for node in "${ztunnel_nodes[@]}"; do
+    ip netns exec "$tag-$node" "$bin/ztunnel" uninstall --bpf-pin-dir "$pins/$tag-$node" 2>&1 | grep -o 'removed=.*' | sed "s/^/    $node: capture uninstalled, /" || true
+  done
   for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
   rm -rf "$work"
 }
@@ -114,8 +125,9 @@ wait_ready() { # ns what log
   return 1
 }
 start_ztunnel() { # node
+  ztunnel_nodes+=("$1")
   spawn_in "$1" "$work/ztunnel-$1.log" "$bin/ztunnel" --xds-address http://10.0.0.1:15010 \
-    --node-name "$1" --local-ca "$work/ca" --redirect --uplink '*'
+    --node-name "$1" --local-ca "$work/ca" --redirect --uplink '*' --bpf-pin-dir "$pins/$tag-$1"
   wait_ready "$1" "ztunnel on $1 (xDS synced, workload certificates issued)" "$work/ztunnel-$1.log"
 }
 echo "==> one ztunnel per node, eBPF capture on, local CA in $work/ca"

@@ -199,7 +199,7 @@ fn run(bin_dir: PathBuf, out: PathBuf, smoke: bool) -> anyhow::Result<()> {
         scenarios::run_once(&cluster, &settings, &Proxies { mesh: Some(&mesh_procs) }, &mut mesh);
     }
     let memory = scenarios::memory(&cluster, &settings, &mesh_procs);
-    drop(mesh_procs);
+    mesh_procs.stop(&cluster);
 
     let date = common_date();
     let report = report::Report {

@@ -283,7 +283,11 @@ impl Mesh {
             &["--listen", XDS_ADDR, "--config", config],
         );
         let url = format!("http://{XDS_ADDR}");
+        let pins = [mesh_tests::node::bpf_pin_dir(&c.node_a), mesh_tests::node::bpf_pin_dir(&c.node_b)];
+        let pin_a = pins[0].to_str().expect("path").to_string();
+        let pin_b = pins[1].to_str().expect("path").to_string();
         let zt = |node: &str| {
+            let pin = if node == "node-a" { pin_a.as_str() } else { pin_b.as_str() };
             vec![
                 "--xds-address",
                 url.as_str(),
@@ -294,6 +298,8 @@ impl Mesh {
                 "--redirect",
                 "--uplink",
                 "*",
+                "--bpf-pin-dir",
+                pin,
             ]
             .into_iter()
             .map(str::to_string)
@@ -332,5 +338,17 @@ impl Mesh {
         wait_enrolled(&c.node_a, CLIENT_IP);
         wait_enrolled(&c.node_b, SERVER_IP);
         Self { ztunnel_a, ztunnel_b, waypoint, _control_plane: control_plane }
+    }
+
+    /// Stops the processes, then removes the capture the ztunnels pinned (it outlives them).
+    pub fn stop(self, c: &Cluster) {
+        drop(self);
+        for node in [&c.node_a, &c.node_b] {
+            let settings = mesh_tests::node::redirect_settings(node);
+            match node.enter(|| ebpf::uninstall(&settings)) {
+                Ok(removed) => tracing::info!(node = %node.name, %removed, "capture uninstalled"),
+                Err(e) => tracing::warn!(node = %node.name, error = %e, "capture uninstall failed"),
+            }
+        }
     }
 }
