@@ -147,3 +147,12 @@ pub fn link_nodes(a: &Netns, b: &Netns) {
     enable_forwarding(a);
     enable_forwarding(b);
 }
+
+/// Adds IPv6 to a link [`link_nodes`] made: `fd00:0:0:1::1/64` in `a`, `fd00:0:0:1::2/64` in
+/// `b`, node A's pod range `fd00:a::/32` and node B's `fd00:b::/32` routed across it.
+pub fn link_nodes6(a: &Netns, b: &Netns) {
+    a.ip(&["-6", "addr", "add", "fd00:0:0:1::1/64", "dev", "link-a", "nodad"]);
+    b.ip(&["-6", "addr", "add", "fd00:0:0:1::2/64", "dev", "link-b", "nodad"]);
+    a.ip(&["-6", "route", "add", "fd00:b::/32", "via", "fd00:0:0:1::2"]);
+    b.ip(&["-6", "route", "add", "fd00:a::/32", "via", "fd00:0:0:1::1"]);
+}

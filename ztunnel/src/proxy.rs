@@ -165,11 +165,19 @@ impl Proxy {
             inbound: local(&inbound, c.inbound_addr),
             inbound_plaintext: local(&plaintext, c.inbound_plaintext_addr),
         };
-        let tasks = vec![
+        // IPv6 twins of listeners bound to the unspecified IPv4 address, on the same ports.
+        let twin = |a: SocketAddr, bound: SocketAddr| ipv6_twin(a, bound, c.mark);
+        let outbound6 = twin(c.outbound_addr, bound.outbound);
+        let inbound6 = twin(c.inbound_addr, bound.inbound);
+        let plaintext6 = twin(c.inbound_plaintext_addr, bound.inbound_plaintext);
+        let mut tasks = vec![
             tokio::spawn(outbound::serve(self.clone(), outbound)),
             tokio::spawn(inbound::serve(self.clone(), inbound)),
             tokio::spawn(inbound_plaintext::serve(self.clone(), plaintext)),
         ];
+        tasks.extend(outbound6.map(|l| tokio::spawn(outbound::serve(self.clone(), l))));
+        tasks.extend(inbound6.map(|l| tokio::spawn(inbound::serve(self.clone(), l))));
+        tasks.extend(plaintext6.map(|l| tokio::spawn(inbound_plaintext::serve(self.clone(), l))));
         Ok((bound, tasks))
     }
 
@@ -299,6 +307,23 @@ where
                 warn!(listener = name, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// For a listener configured on `0.0.0.0:port`, the same listener on `[::]:port` (IPv6 only),
+/// so that IPv6 and dual-stack pods are served alike. A host without IPv6 gets a warning and
+/// only the IPv4 listener; its pods have no IPv6 traffic to capture.
+fn ipv6_twin(configured: SocketAddr, bound: SocketAddr, mark: u32) -> Option<TcpListener> {
+    if configured.ip() != IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+        return None;
+    }
+    let addr = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), bound.port());
+    match socket::transparent_listener(addr, Some(mark)) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!(%addr, error = %e, "no IPv6 listener: IPv6 pods cannot be served on this host");
+            None
         }
     }
 }
