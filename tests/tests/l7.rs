@@ -953,8 +953,11 @@ sys.stdout.write(repr(reply))
     assert!(py.contains("py") && py.contains("v2"), "grpcio reply via the waypoint: {py}");
 
     // A CONNECT for a service this waypoint does not serve is refused; one it serves is not.
-    let statuses = client_rt
-        .block_on(client_rt.spawn({
+    // These peers speak HBONE to the waypoint themselves, as a ztunnel does, so they run in
+    // node-a's own namespace: an enrolled pod's SYN to port 15008 is captured like any other.
+    let probe_rt = p.node_a.runtime();
+    let statuses = probe_rt
+        .block_on(probe_rt.spawn({
             let ca = ca.clone();
             async move {
                 use common::hbone::client::ClientError;
@@ -976,8 +979,8 @@ sys.stdout.write(repr(reply))
 
     // At L7 the waypoint-wide ALLOW admits only demo/client: another identity gets its tunnel
     // but its requests are refused 403.
-    let stranger = client_rt
-        .block_on(client_rt.spawn({
+    let stranger = probe_rt
+        .block_on(probe_rt.spawn({
             let ca = ca.clone();
             async move {
                 let conn = to_waypoint(&ca, "other", "stranger").await;
