@@ -12,13 +12,8 @@ if [ "$(id -u)" != 0 ]; then
   echo "benches/run.sh: needs root (network namespaces, eBPF)" >&2
   exit 1
 fi
-missing=()
-for p in iperf3 curl util-linux iproute2; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "== installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
-fi
+# The one list of packages (iperf3, taskset, iproute2, ...) lives in the set-up script.
+deploy/setup.sh
 
 bins=(--bin ztunnel --bin waypoint --bin xds-server --bin mesh-bench)
 if [ "${1:-}" = "--smoke" ]; then
