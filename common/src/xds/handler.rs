@@ -51,10 +51,17 @@ impl fmt::Display for Rejection {
 }
 
 /// Applies decoded resources of one type. Every update that is not returned as a rejection
-/// must be in force when `handle` returns; a rejected update must leave the previous state of
-/// that resource untouched.
+/// must be in force when `handle` returns. A rejected update leaves the previous state of that
+/// resource untouched, unless the handler documents a fail-safe form it holds instead (the
+/// ztunnel state does this for Authorizations: what cannot be applied never widens access).
 pub trait Handler<T>: Send + Sync + 'static {
     fn handle(&self, updates: Vec<XdsUpdate<T>>) -> Vec<Rejection>;
+
+    /// Told, before `handle` runs for the same batch, about each resource of the batch that
+    /// could not be decoded. It is rejected (NACKed) whatever the handler does; a handler may
+    /// act on what it can still read of it. `handle` is then called even if nothing else in
+    /// the batch decoded. Does nothing by default.
+    fn undecodable(&self, _raw: &RawResource, _reason: &str) {}
 }
 
 /// A resource before decoding, as carried by a delta response or the local file.
@@ -91,11 +98,14 @@ where
                     version: raw.version,
                     resource,
                 })),
-                Err(reason) => rejected.push(Rejection::new(raw.name, reason)),
+                Err(reason) => {
+                    self.handler.undecodable(&raw, &reason);
+                    rejected.push(Rejection::new(raw.name, reason));
+                }
             }
         }
         updates.extend(removed.into_iter().map(XdsUpdate::Remove));
-        if !updates.is_empty() {
+        if !updates.is_empty() || !rejected.is_empty() {
             rejected.extend(self.handler.handle(updates));
         }
         rejected
@@ -206,5 +216,37 @@ mod tests {
         assert!(rejected[0].reason.contains("cannot decode"), "{}", rejected[0]);
         assert_eq!(*recorder.0.lock().expect("test lock"), ["good", "gone"]);
         assert!(handlers.apply("type.googleapis.com/unknown", vec![], vec![]).is_none());
+    }
+
+    /// Records what `handle` and `undecodable` are told, in order.
+    #[derive(Default)]
+    struct Told(Mutex<Vec<String>>);
+
+    impl Handler<proto::workload::Address> for Arc<Told> {
+        fn handle(&self, updates: Vec<XdsUpdate<proto::workload::Address>>) -> Vec<Rejection> {
+            self.0.lock().expect("test lock").push(format!("handle {}", updates.len()));
+            vec![]
+        }
+
+        fn undecodable(&self, raw: &RawResource, reason: &str) {
+            assert!(reason.contains("cannot decode"), "{reason}");
+            self.0.lock().expect("test lock").push(format!("undecodable {}", raw.name));
+        }
+    }
+
+    #[test]
+    fn the_handler_is_told_of_undecodable_resources_and_still_handles_the_batch() {
+        let told = Arc::new(Told::default());
+        let mut handlers = Handlers::new();
+        handlers.add::<proto::workload::Address, _>(proto::ADDRESS_TYPE_URL, told.clone());
+        let garbage =
+            prost_types::Any { type_url: proto::ADDRESS_TYPE_URL.into(), value: vec![0xff, 0xff, 0xff] };
+        let raw = RawResource { name: "garbage".into(), version: "1".into(), body: Some(garbage) };
+        let rejected = handlers.apply(proto::ADDRESS_TYPE_URL, vec![raw], vec![]).expect("registered");
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(*told.0.lock().expect("test lock"), ["undecodable garbage", "handle 0"]);
+        // An empty batch with nothing rejected is not handed on.
+        assert_eq!(handlers.apply(proto::ADDRESS_TYPE_URL, vec![], vec![]), Some(vec![]));
+        assert_eq!(told.0.lock().expect("test lock").len(), 2);
     }
 }
