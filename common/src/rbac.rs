@@ -2,7 +2,8 @@
 //! DENY policies first (any match refuses), AUDIT policies are logged, then ALLOW policies (none
 //! means allow; otherwise one must match). Dry-run policies are evaluated and logged but never
 //! decide. A request-level match evaluated where there is no request (L4) never allows and
-//! always denies, so L7 rules fail closed in ztunnel.
+//! always denies, so L7 rules fail closed in ztunnel. A workload that names a policy the state
+//! does not hold is not reached while it is missing.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use crate::identity::Identity;
 use tracing::info;
 
 use crate::state::policy::{HttpMatch, Match, StringMatch};
-use crate::state::{Action, Policy};
+use crate::state::{Action, Policy, Snapshot, Workload};
 
 /// What a connection looks like to a policy.
 #[derive(Clone, Debug)]
@@ -47,6 +48,8 @@ pub enum Verdict {
     DeniedBy(String),
     /// ALLOW policies exist and none matched.
     NotAllowed,
+    /// The destination names this policy and the state does not hold it.
+    PolicyMissing(String),
 }
 
 impl Verdict {
@@ -60,6 +63,7 @@ impl Verdict {
             Verdict::Allow => "allowed".into(),
             Verdict::DeniedBy(p) => format!("denied by policy {p}"),
             Verdict::NotAllowed => "no ALLOW policy matched".into(),
+            Verdict::PolicyMissing(p) => format!("policy {p} named by the destination is missing"),
         }
     }
 
@@ -67,9 +71,60 @@ impl Verdict {
     pub fn label(&self) -> &'static str {
         match self {
             Verdict::Allow => "allow",
-            Verdict::DeniedBy(_) => "deny",
-            Verdict::NotAllowed => "deny",
+            Verdict::DeniedBy(_) | Verdict::NotAllowed | Verdict::PolicyMissing(_) => "deny",
         }
+    }
+
+    /// The metric label of why: `allowed`, `denied_by_policy`, `no_allow_match` or
+    /// `policy_missing`.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Verdict::Allow => "allowed",
+            Verdict::DeniedBy(_) => "denied_by_policy",
+            Verdict::NotAllowed => "no_allow_match",
+            Verdict::PolicyMissing(_) => "policy_missing",
+        }
+    }
+
+    /// The policy that decided a denial: the matching DENY, or the missing one.
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            Verdict::DeniedBy(p) | Verdict::PolicyMissing(p) => Some(p),
+            Verdict::Allow | Verdict::NotAllowed => None,
+        }
+    }
+}
+
+/// Evaluates the policies of the destination workload `w` in `snapshot` for `conn`: refused
+/// while a policy `w` names is missing (its policies are not known in full), otherwise
+/// [`evaluate`] over [`Snapshot::policies_for`].
+pub fn evaluate_workload(snapshot: &Snapshot, w: &Workload, conn: &Connection<'_>) -> Verdict {
+    if let Some(missing) = snapshot.missing_policies(w).next() {
+        return Verdict::PolicyMissing(missing.to_string());
+    }
+    evaluate(&snapshot.policies_for(w), conn)
+}
+
+/// [`Verdict::reason`], saying also when the policies that decided are held in their fail-safe
+/// form (rejected on receipt), for logs and access records.
+pub fn explain(snapshot: &Snapshot, w: &Workload, verdict: &Verdict) -> String {
+    let reason = verdict.reason();
+    let failsafe: Vec<String> = match verdict {
+        Verdict::DeniedBy(p) => {
+            snapshot.failsafe_reason(p).map(|why| format!("{p}: {why}")).into_iter().collect()
+        }
+        Verdict::NotAllowed => snapshot
+            .policies_for(w)
+            .iter()
+            .filter(|p| p.action == Action::Allow && !p.dry_run)
+            .filter_map(|p| snapshot.failsafe_reason(&p.key()).map(|why| format!("{}: {why}", p.key())))
+            .collect(),
+        Verdict::Allow | Verdict::PolicyMissing(_) => vec![],
+    };
+    if failsafe.is_empty() {
+        reason
+    } else {
+        format!("{reason} (held fail-safe after rejection: {})", failsafe.join("; "))
     }
 }
 

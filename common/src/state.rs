@@ -5,6 +5,12 @@
 //! [`ResourceStore`]s (validation, versions) and then a new immutable [`Snapshot`] is built and
 //! swapped in. Proxies take the current snapshot (one `Arc` clone under a short read lock) and
 //! ask it narrow questions; they never see the raw maps.
+//!
+//! Policy fails closed, as Istio's does for what it cannot apply: an Authorization rejected on
+//! receipt is still NACKed, but is held in its fail-safe form (an ALLOW matching nothing, a
+//! DENY matching everything in its scope) instead of the previous version or nothing; and a
+//! workload that names a policy the state does not hold is reported by
+//! [`Snapshot::missing_policies`] so that it is not reached while the policy is missing.
 
 pub mod policy;
 pub mod workload;
@@ -14,6 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::identity::Identity;
+use crate::xds::handler::RawResource;
 use crate::xds::{Handler, Handlers, Rejection, ResourceStore, XdsUpdate, validate};
 use proto::security::Authorization;
 use proto::workload::{Address, address};
@@ -22,7 +29,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tracing::warn;
 
-pub use policy::{Action, Policy, Scope};
+pub use policy::{Action, FailSafe, Policy, Scope};
 pub use workload::{Gateway, GatewayTarget, Port, Service, Tunnel, Workload};
 
 /// Rejects what the store would accept but ztunnel cannot route on.
@@ -89,6 +96,8 @@ pub struct Snapshot {
     global_policies: Vec<Arc<Policy>>,
     #[serde(skip)]
     namespace_policies: HashMap<String, Vec<Arc<Policy>>>,
+    /// Policies held in their fail-safe form (by `namespace/name`), and why they were rejected.
+    failsafe_policies: BTreeMap<String, String>,
     /// The network this ztunnel is on (addresses are looked up in it).
     #[serde(skip)]
     network: String,
@@ -116,6 +125,7 @@ impl Snapshot {
         network: &str,
         addresses: Vec<(String, Address)>,
         policies: Vec<(String, Authorization)>,
+        failsafe: Vec<(String, FailSafe)>,
     ) -> Self {
         let mut s = Snapshot { network: network.to_string(), ..Default::default() };
         for (name, a) in addresses {
@@ -134,11 +144,18 @@ impl Snapshot {
                 warn!(resource = %name, %reason, "skipping address that does not convert");
             }
         }
-        for (name, p) in policies {
-            match Policy::from_proto(&p) {
+        // A stand-in replaces whatever version of the same resource was accepted before.
+        let replaced: std::collections::HashSet<&str> =
+            failsafe.iter().map(|(name, _)| name.as_str()).collect();
+        for (name, p) in policies.iter().filter(|(name, _)| !replaced.contains(name.as_str())) {
+            match Policy::from_proto(p) {
                 Ok(p) => s.add_policy(Arc::new(p)),
                 Err(reason) => warn!(resource = %name, %reason, "skipping policy that does not convert"),
             }
+        }
+        for (_, f) in failsafe {
+            s.failsafe_policies.insert(f.policy.key(), f.reason);
+            s.add_policy(f.policy);
         }
         s
     }
@@ -281,7 +298,8 @@ impl Snapshot {
         }
     }
 
-    /// Policies that apply to `w`: global ones, its namespace's, and those selecting it.
+    /// Policies that apply to `w`: global ones, its namespace's, and those selecting it. Those
+    /// it names that are not held are left out: see [`Snapshot::missing_policies`].
     pub fn policies_for(&self, w: &Workload) -> Vec<Arc<Policy>> {
         let mut out = self.global_policies.clone();
         if let Some(ns) = self.namespace_policies.get(&w.namespace) {
@@ -295,6 +313,17 @@ impl Snapshot {
                 .cloned(),
         );
         out
+    }
+
+    /// The policies `w` names (`namespace/name`) that are not held. While one is missing, the
+    /// policies of `w` are not known in full, so nothing may reach it (fail closed).
+    pub fn missing_policies<'a>(&'a self, w: &'a Workload) -> impl Iterator<Item = &'a str> + 'a {
+        w.authorization_policies.iter().map(String::as_str).filter(|name| !self.policies.contains_key(*name))
+    }
+
+    /// Why the policy `key` (`namespace/name`) is held in its fail-safe form, if it is.
+    pub fn failsafe_reason(&self, key: &str) -> Option<&str> {
+        self.failsafe_policies.get(key).map(String::as_str)
     }
 
     /// Workloads scheduled on `node`.
@@ -324,6 +353,8 @@ struct Inner {
     network: String,
     addresses: Arc<ResourceStore<Address>>,
     policies: Arc<ResourceStore<Authorization>>,
+    /// Rejected Authorizations held in their fail-safe form, by resource name.
+    failsafe: policy::FailSafeSet,
     current: RwLock<Arc<Snapshot>>,
     changed: watch::Sender<u64>,
 }
@@ -353,6 +384,7 @@ impl State {
             network: network.to_string(),
             addresses: ResourceStore::new(check_address),
             policies: ResourceStore::new(check_authorization),
+            failsafe: policy::FailSafeSet::default(),
             current: RwLock::new(Arc::new(Snapshot { network: network.to_string(), ..Default::default() })),
             changed: watch::channel(0).0,
         });
@@ -377,6 +409,11 @@ impl State {
         &self.inner.policies
     }
 
+    /// Registers the state's own metrics (policies held fail-safe) in `registry`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.inner.failsafe.register(registry);
+    }
+
     /// A receiver that changes after every new snapshot.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.changed.subscribe()
@@ -397,6 +434,7 @@ impl State {
             &self.inner.network,
             self.inner.addresses.entries(),
             self.inner.policies.entries(),
+            self.inner.failsafe.entries(),
         );
         *self.inner.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snapshot);
         self.inner.changed.send_modify(|n| *n += 1);
@@ -414,11 +452,53 @@ impl Handler<Address> for Feed {
     }
 }
 
+/// Authorizations fail closed: one that is rejected is still NACKed, and held in its fail-safe
+/// form in place of any earlier version; one accepted or removed takes its stand-in out.
 impl Handler<Authorization> for Feed {
     fn handle(&self, updates: Vec<XdsUpdate<Authorization>>) -> Vec<Rejection> {
-        let rejected = self.0.inner.policies.handle(updates);
+        let inner = &self.0.inner;
+        let mut rejected = Vec::new();
+        let mut apply = Vec::with_capacity(updates.len());
+        for update in updates {
+            match update {
+                XdsUpdate::Update(r) => match check_authorization(&r.name, &r.resource) {
+                    Ok(()) => {
+                        inner.failsafe.clear(&r.name);
+                        apply.push(XdsUpdate::Update(r));
+                    }
+                    Err(reason) => {
+                        inner.failsafe.hold(&r.name, &r.resource, &reason);
+                        rejected.push(Rejection::new(r.name, reason));
+                    }
+                },
+                XdsUpdate::Remove(name) => {
+                    inner.failsafe.clear(&name);
+                    apply.push(XdsUpdate::Remove(name));
+                }
+            }
+        }
+        rejected.extend(inner.policies.handle(apply));
         self.0.rebuild();
         rejected
+    }
+
+    /// A body that does not decode as a whole may still carry a readable name, scope and action.
+    fn undecodable(&self, raw: &RawResource, reason: &str) {
+        let readable = raw
+            .body
+            .as_ref()
+            .filter(|b| b.type_url == proto::AUTHORIZATION_TYPE_URL)
+            .and_then(|b| policy::AuthorizationHeader::read(&b.value));
+        match readable {
+            Some(a) => {
+                self.0.inner.failsafe.hold(&raw.name, &a, reason);
+            }
+            None => warn!(
+                resource = %raw.name,
+                %reason,
+                "Authorization cannot be read at all; workloads naming it are refused while it is missing"
+            ),
+        }
     }
 }
 

@@ -1,9 +1,19 @@
 //! L4 authorization policies as evaluated, converted from `istio.security.Authorization` on
-//! receipt (addresses parsed into networks, enums resolved).
+//! receipt (addresses parsed into networks, enums resolved), and the fail-safe form a policy
+//! that cannot be converted is held in.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::IpNet;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use proto::security as sec;
 use serde::Serialize;
+use tracing::warn;
 
 use crate::xds::validate::ip_bytes;
 
@@ -175,6 +185,155 @@ impl Policy {
             dry_run: p.dry_run,
             rules,
         })
+    }
+}
+
+impl Policy {
+    /// The form an Authorization rejected on receipt is held in, so that what cannot be applied
+    /// never widens access: an ALLOW matches nothing (no rules), a DENY matches everything in its
+    /// scope (one rule without clauses). `resource` is the xDS resource name (`namespace/name`),
+    /// which is what workloads refer to; the body's name and namespace stand in when it is not
+    /// of that form. An action that is not ALLOW or DENY (a CUSTOM, or a value this build does not
+    /// know) is held as a DENY; a scope that cannot be read as WORKLOAD_SELECTOR, so only the
+    /// workloads that name the policy are affected. `None` when no name can be read.
+    pub fn fail_safe(resource: &str, p: &sec::Authorization) -> Option<Self> {
+        let (namespace, name) = match resource.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                (ns.to_string(), name.to_string())
+            }
+            _ if !p.namespace.is_empty() && !p.name.is_empty() => (p.namespace.clone(), p.name.clone()),
+            _ => return None,
+        };
+        let scope = match sec::Scope::try_from(p.scope) {
+            Ok(sec::Scope::Global) => Scope::Global,
+            Ok(sec::Scope::Namespace) => Scope::Namespace,
+            Ok(sec::Scope::WorkloadSelector) | Err(_) => Scope::WorkloadSelector,
+        };
+        let (action, rules) = match sec::Action::try_from(p.action) {
+            Ok(sec::Action::Allow) => (Action::Allow, vec![]),
+            Ok(sec::Action::Deny) | Err(_) => (Action::Deny, vec![Rule { clauses: vec![] }]),
+        };
+        Some(Self { name, namespace, scope, action, dry_run: p.dry_run, rules })
+    }
+}
+
+/// The leading fields of `istio.security.Authorization` (same numbers and types), decoded on
+/// their own when the whole resource does not decode (a malformed rule), so that a rejected
+/// policy can still be held in its fail-safe form. Rules and extensions are skipped unread.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AuthorizationHeader {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub namespace: String,
+    #[prost(int32, tag = "3")]
+    pub scope: i32,
+    #[prost(int32, tag = "4")]
+    pub action: i32,
+    #[prost(bool, tag = "6")]
+    pub dry_run: bool,
+}
+
+impl AuthorizationHeader {
+    /// What can be read of an encoded Authorization whose body does not decode as a whole.
+    pub fn read(body: &[u8]) -> Option<sec::Authorization> {
+        let h = <Self as prost::Message>::decode(body).ok()?;
+        Some(sec::Authorization {
+            name: h.name,
+            namespace: h.namespace,
+            scope: h.scope,
+            action: h.action,
+            dry_run: h.dry_run,
+            ..Default::default()
+        })
+    }
+}
+
+/// A policy held in its fail-safe form, and why it was rejected.
+#[derive(Clone, Debug)]
+pub struct FailSafe {
+    pub policy: Arc<Policy>,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: &'static str,
+}
+
+/// The Authorizations held in their fail-safe form, by xDS resource name, and the metrics that
+/// count them. A rejected update installs the stand-in in place of whatever version was held;
+/// a later accepted update or a removal of the same resource takes it out.
+#[derive(Debug, Default)]
+pub struct FailSafeSet {
+    held: Mutex<BTreeMap<String, FailSafe>>,
+    /// Rejected Authorizations installed in fail-safe form, by the action held.
+    installed: Family<ActionLabels, Counter>,
+    /// Authorizations held in fail-safe form now.
+    current: Gauge,
+}
+
+impl FailSafeSet {
+    /// Registers `istio_authorization_policy_failsafe_total{action}` and
+    /// `istio_authorization_policies_failsafe` (the registry carries the `istio` prefix).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "authorization_policy_failsafe",
+            "Authorizations rejected on receipt and installed in fail-safe form (ALLOW: matches nothing; DENY: matches everything in its scope), by action",
+            self.installed.clone(),
+        );
+        registry.register(
+            "authorization_policies_failsafe",
+            "Authorizations currently held in fail-safe form",
+            self.current.clone(),
+        );
+    }
+
+    /// Holds `resource`, rejected for `reason`, in its fail-safe form when its name can be
+    /// read; logs and counts it. Returns whether a stand-in is now held.
+    pub fn hold(&self, resource: &str, p: &sec::Authorization, reason: &str) -> bool {
+        let Some(policy) = Policy::fail_safe(resource, p) else {
+            warn!(
+                resource,
+                %reason,
+                "rejected Authorization has no readable name; workloads naming it are refused while it is missing"
+            );
+            return false;
+        };
+        let (action, effect) = match policy.action {
+            Action::Allow => ("ALLOW", "an ALLOW that matches nothing"),
+            _ => ("DENY", "a DENY that matches everything in its scope"),
+        };
+        warn!(
+            policy = %policy.key(),
+            action,
+            scope = ?policy.scope,
+            %reason,
+            "Authorization rejected on receipt; held fail-safe as {effect}"
+        );
+        self.installed.get_or_create(&ActionLabels { action }).inc();
+        let mut held = self.lock();
+        held.insert(resource.to_string(), FailSafe { policy: Arc::new(policy), reason: reason.to_string() });
+        self.current.set(held.len() as i64);
+        true
+    }
+
+    /// `resource` was accepted or removed: its stand-in, if any, goes.
+    pub fn clear(&self, resource: &str) {
+        let mut held = self.lock();
+        if let Some(f) = held.remove(resource) {
+            tracing::info!(policy = %f.policy.key(), "Authorization no longer held fail-safe");
+        }
+        self.current.set(held.len() as i64);
+    }
+
+    /// Every stand-in, by resource name.
+    pub fn entries(&self) -> Vec<(String, FailSafe)> {
+        self.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, FailSafe>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

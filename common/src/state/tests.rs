@@ -148,3 +148,256 @@ fn a_rejected_update_keeps_the_last_good_state() {
     assert!(dump["workloads"]["Kubernetes//Pod/demo/echo-2"]["identity"].is_string(), "{dump}");
     assert!(dump["endpoints"]["demo/echo.demo.svc.cluster.local"].is_array(), "{dump}");
 }
+
+// Policy fails closed: what cannot be applied never widens access.
+
+use crate::rbac::{self, Connection, Verdict};
+use proto::security as sec;
+
+const GUARDED: &str = r#"
+workloads:
+  - {name: client, namespace: demo, serviceAccount: client, addresses: [10.1.1.2], node: node-a}
+  - {name: echo, namespace: demo, serviceAccount: echo, addresses: [10.1.1.3], node: node-a,
+     authorizationPolicies: [demo/only-client]}
+  - {name: other, namespace: other, serviceAccount: other, addresses: [10.1.1.4], node: node-a}
+"#;
+
+/// An Authorization `namespace/name` whose one rule allows (or denies) principal `sa` of demo.
+fn authz(
+    namespace: &str,
+    name: &str,
+    scope: sec::Scope,
+    action: sec::Action,
+    sa: &str,
+) -> sec::Authorization {
+    let principal = sec::StringMatch {
+        match_type: Some(sec::string_match::MatchType::Exact(format!("cluster.local/ns/demo/sa/{sa}"))),
+    };
+    let m = sec::Match { principals: vec![principal], ..Default::default() };
+    sec::Authorization {
+        name: name.into(),
+        namespace: namespace.into(),
+        scope: scope as i32,
+        action: action as i32,
+        rules: vec![sec::Rule { clauses: vec![sec::Clause { matches: vec![m] }] }],
+        ..Default::default()
+    }
+}
+
+/// The same with a rule that does not validate: a /40 prefix on an IPv4 address.
+fn invalid(mut a: sec::Authorization) -> sec::Authorization {
+    let bad = sec::Address { address: vec![10, 0, 0, 0], length: 40 };
+    a.rules[0].clauses[0].matches[0].source_ips.push(bad);
+    a
+}
+
+fn push_body(handlers: &Handlers, name: &str, body: Vec<u8>) -> Vec<Rejection> {
+    let any = prost_types::Any { type_url: proto::AUTHORIZATION_TYPE_URL.into(), value: body };
+    let raw = RawResource { name: name.into(), version: "v".into(), body: Some(any) };
+    handlers.apply(proto::AUTHORIZATION_TYPE_URL, vec![raw], vec![]).expect("registered")
+}
+
+fn push_policy(handlers: &Handlers, a: &sec::Authorization) -> Vec<Rejection> {
+    push_body(handlers, &format!("{}/{}", a.namespace, a.name), prost::Message::encode_to_vec(a))
+}
+
+fn remove_policy(handlers: &Handlers, name: &str) {
+    let rejected =
+        handlers.apply(proto::AUTHORIZATION_TYPE_URL, vec![], vec![name.into()]).expect("registered");
+    assert_eq!(rejected, vec![]);
+}
+
+fn guarded() -> (State, Handlers) {
+    let (state, handlers) = State::new("");
+    assert_eq!(load(&handlers, GUARDED), vec![]);
+    (state, handlers)
+}
+
+/// The verdict for `sa` of demo connecting to the workload at `dst`, with only the policies
+/// that exist (the evaluation that predates missing-policy checks).
+fn verdict_from(state: &State, sa: &str, dst: &str) -> Verdict {
+    let s = state.snapshot();
+    let w = s.workload_by_ip(dst.parse().expect("ip")).expect("workload").clone();
+    let id = Identity::new("cluster.local", "demo", sa).expect("identity");
+    let conn = Connection {
+        source: Some(&id),
+        source_ip: "10.1.1.2".parse().expect("ip"),
+        destination_ip: dst.parse().expect("ip"),
+        destination_port: 8080,
+        http: None,
+    };
+    rbac::evaluate(&s.policies_for(&w), &conn)
+}
+
+/// The full decision for the workload at `dst`, missing policies included.
+fn decide(state: &State, sa: &str, dst: &str) -> Verdict {
+    let s = state.snapshot();
+    let w = s.workload_by_ip(dst.parse().expect("ip")).expect("workload").clone();
+    let id = Identity::new("cluster.local", "demo", sa).expect("identity");
+    let conn = Connection {
+        source: Some(&id),
+        source_ip: "10.1.1.2".parse().expect("ip"),
+        destination_ip: dst.parse().expect("ip"),
+        destination_port: 8080,
+        http: None,
+    };
+    rbac::evaluate_workload(&s, &w, &conn)
+}
+
+#[test]
+fn a_new_allow_that_fails_validation_is_held_as_matching_nothing() {
+    let (state, handlers) = guarded();
+    let policy =
+        invalid(authz("demo", "only-client", sec::Scope::WorkloadSelector, sec::Action::Allow, "client"));
+    let rejected = push_policy(&handlers, &policy);
+    assert_eq!(rejected.len(), 1, "still NACKed: {rejected:?}");
+    assert!(rejected[0].reason.contains("prefix length 40"), "{rejected:?}");
+    // The stand-in is the workload's only ALLOW, so nothing reaches it; not the open door an
+    // absent policy would leave.
+    assert_eq!(verdict_from(&state, "client", "10.1.1.3"), Verdict::NotAllowed);
+    let s = state.snapshot();
+    let echo = s.workload_by_ip("10.1.1.3".parse().expect("ip")).expect("echo").clone();
+    let held = s.policies_for(&echo);
+    assert_eq!(held.len(), 1);
+    assert_eq!((held[0].action, held[0].scope), (Action::Allow, Scope::WorkloadSelector));
+    assert!(held[0].rules.is_empty(), "an ALLOW stand-in matches nothing: {:?}", held[0]);
+    assert!(s.failsafe_reason("demo/only-client").is_some_and(|r| r.contains("prefix length")));
+    let reason = rbac::explain(&s, &echo, &decide(&state, "client", "10.1.1.3"));
+    assert!(reason.contains("held fail-safe") && reason.contains("demo/only-client"), "{reason}");
+    // Workloads that do not name it are not touched.
+    assert_eq!(verdict_from(&state, "client", "10.1.1.4"), Verdict::Allow);
+    let dump = serde_json::to_value(&*s).expect("dump");
+    assert!(dump["failsafe_policies"]["demo/only-client"].is_string(), "{dump}");
+}
+
+#[test]
+fn a_rejected_deny_is_held_as_matching_everything_in_its_scope() {
+    let (state, handlers) = guarded();
+    let mut deny = authz("demo", "deny-intruder", sec::Scope::Namespace, sec::Action::Deny, "intruder");
+    deny.rules[0].clauses[0].matches[0].destination_ports.push(70_000);
+    let rejected = push_policy(&handlers, &deny);
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(rejected[0].reason.contains("70000"), "{rejected:?}");
+    // Everything in namespace demo is refused, whoever asks; namespace other is not.
+    let by = Verdict::DeniedBy("demo/deny-intruder".into());
+    assert_eq!(verdict_from(&state, "client", "10.1.1.2"), by);
+    assert_eq!(verdict_from(&state, "intruder", "10.1.1.2"), by);
+    assert_eq!(verdict_from(&state, "client", "10.1.1.4"), Verdict::Allow);
+}
+
+#[test]
+fn a_rejected_update_replaces_the_version_in_force_until_a_good_one_arrives() {
+    let (state, handlers) = guarded();
+    let good = authz("demo", "only-client", sec::Scope::WorkloadSelector, sec::Action::Allow, "client");
+    assert_eq!(push_policy(&handlers, &good), vec![]);
+    assert_eq!(verdict_from(&state, "client", "10.1.1.3"), Verdict::Allow);
+    assert_eq!(verdict_from(&state, "intruder", "10.1.1.3"), Verdict::NotAllowed);
+
+    // A bad update of an ALLOW must not leave the old, wider one in force...
+    assert_eq!(push_policy(&handlers, &invalid(good.clone())).len(), 1);
+    assert_eq!(verdict_from(&state, "client", "10.1.1.3"), Verdict::NotAllowed);
+    // ...nor may a bad update of a DENY (here one turned from ALLOW) deny less than everything.
+    let mut turned = invalid(good.clone());
+    turned.action = sec::Action::Deny as i32;
+    assert_eq!(push_policy(&handlers, &turned).len(), 1);
+    assert_eq!(verdict_from(&state, "client", "10.1.1.3"), Verdict::DeniedBy("demo/only-client".into()));
+
+    // A good version takes over again, and a removal takes everything out.
+    assert_eq!(push_policy(&handlers, &good), vec![]);
+    assert_eq!(verdict_from(&state, "client", "10.1.1.3"), Verdict::Allow);
+    assert!(state.snapshot().failsafe_reason("demo/only-client").is_none());
+    assert_eq!(push_policy(&handlers, &invalid(good)).len(), 1);
+    remove_policy(&handlers, "demo/only-client");
+    let s = state.snapshot();
+    assert!(s.failsafe_reason("demo/only-client").is_none());
+    assert!(!s.policies.contains_key("demo/only-client"), "removed, stand-in included");
+}
+
+#[test]
+fn unreadable_actions_deny_and_unreadable_scopes_only_touch_the_workloads_naming_them() {
+    let (state, handlers) = guarded();
+    // An action this build does not know (a CUSTOM, say) is held as a DENY...
+    let mut custom = authz("demo", "only-client", sec::Scope::WorkloadSelector, sec::Action::Allow, "client");
+    custom.action = 2;
+    assert_eq!(push_policy(&handlers, &custom).len(), 1);
+    assert_eq!(verdict_from(&state, "client", "10.1.1.3"), Verdict::DeniedBy("demo/only-client".into()));
+    // ...and a scope it does not know applies only where named.
+    let mut odd = authz("demo", "odd-scope", sec::Scope::Namespace, sec::Action::Deny, "client");
+    odd.scope = 9;
+    assert_eq!(push_policy(&handlers, &odd).len(), 1);
+    let s = state.snapshot();
+    assert_eq!(s.policies.get("demo/odd-scope").map(|p| p.scope), Some(Scope::WorkloadSelector));
+    assert_eq!(verdict_from(&state, "client", "10.1.1.2"), Verdict::Allow, "client does not name it");
+}
+
+#[test]
+fn a_policy_that_does_not_decode_is_held_fail_safe_when_its_header_reads() {
+    let (state, handlers) = guarded();
+    let header = sec::Authorization {
+        name: "only-client".into(),
+        namespace: "demo".into(),
+        scope: sec::Scope::WorkloadSelector as i32,
+        action: sec::Action::Allow as i32,
+        ..Default::default()
+    };
+    // Field 5 (rules), length-delimited, holding bytes that are no Rule.
+    let mut body = prost::Message::encode_to_vec(&header);
+    body.extend([0x2a, 3, 0xff, 0xff, 0xff]);
+    let rejected = push_body(&handlers, "demo/only-client", body);
+    assert_eq!(rejected.len(), 1);
+    assert!(rejected[0].reason.contains("cannot decode"), "{rejected:?}");
+    assert_eq!(verdict_from(&state, "client", "10.1.1.3"), Verdict::NotAllowed);
+    assert!(state.snapshot().failsafe_reason("demo/only-client").is_some());
+
+    // Garbage all through: nothing is readable, so nothing is held; the workload naming it
+    // is refused because the policy is missing.
+    let (state, handlers) = guarded();
+    assert_eq!(push_body(&handlers, "demo/only-client", vec![0xff; 4]).len(), 1);
+    assert!(state.snapshot().failsafe_reason("demo/only-client").is_none());
+    assert_eq!(decide(&state, "client", "10.1.1.3"), Verdict::PolicyMissing("demo/only-client".into()));
+}
+
+#[test]
+fn a_workload_naming_a_missing_policy_is_refused_until_it_arrives() {
+    let (state, handlers) = guarded();
+    let s = state.snapshot();
+    let echo = s.workload_by_ip("10.1.1.3".parse().expect("ip")).expect("echo").clone();
+    assert_eq!(s.missing_policies(&echo).collect::<Vec<_>>(), ["demo/only-client"]);
+    let missing = decide(&state, "client", "10.1.1.3");
+    assert_eq!(missing, Verdict::PolicyMissing("demo/only-client".into()));
+    assert_eq!(
+        (missing.label(), missing.cause(), missing.policy()),
+        ("deny", "policy_missing", Some("demo/only-client"))
+    );
+    assert!(missing.reason().contains("demo/only-client"), "{}", missing.reason());
+    // Workloads that name nothing missing are decided as before.
+    assert_eq!(decide(&state, "client", "10.1.1.4"), Verdict::Allow);
+
+    let good = authz("demo", "only-client", sec::Scope::WorkloadSelector, sec::Action::Allow, "client");
+    assert_eq!(push_policy(&handlers, &good), vec![]);
+    assert_eq!(decide(&state, "client", "10.1.1.3"), Verdict::Allow);
+    assert_eq!(decide(&state, "intruder", "10.1.1.3"), Verdict::NotAllowed);
+    // Removed again: missing again.
+    remove_policy(&handlers, "demo/only-client");
+    assert_eq!(decide(&state, "client", "10.1.1.3"), Verdict::PolicyMissing("demo/only-client".into()));
+}
+
+#[test]
+fn fail_safe_policies_are_counted() {
+    let (state, handlers) = guarded();
+    let mut registry = crate::metrics::new_registry();
+    state.register_metrics(&mut registry);
+    let allow =
+        invalid(authz("demo", "only-client", sec::Scope::WorkloadSelector, sec::Action::Allow, "client"));
+    let mut deny = invalid(authz("demo", "deny-x", sec::Scope::Namespace, sec::Action::Deny, "x"));
+    deny.rules[0].clauses[0].matches[0].source_ips[0].length = 33;
+    assert_eq!(push_policy(&handlers, &allow).len(), 1);
+    assert_eq!(push_policy(&handlers, &deny).len(), 1);
+    let text = crate::metrics::render(&registry);
+    assert!(text.contains("istio_authorization_policy_failsafe_total{action=\"ALLOW\"} 1"), "{text}");
+    assert!(text.contains("istio_authorization_policy_failsafe_total{action=\"DENY\"} 1"), "{text}");
+    assert!(text.contains("istio_authorization_policies_failsafe 2"), "{text}");
+    remove_policy(&handlers, "demo/deny-x");
+    let text = crate::metrics::render(&registry);
+    assert!(text.contains("istio_authorization_policies_failsafe 1"), "{text}");
+}

@@ -1,5 +1,7 @@
 //! Checks run on receipt, before a resource is applied. What fails here is rejected (NACKed)
-//! and the previous version of that resource stays in force.
+//! and the previous version of that resource stays in force, except for an Authorization in
+//! ztunnel's state, which is held in its fail-safe form instead (see `state::policy`): what
+//! cannot be applied never widens access.
 
 use proto::security::{Authorization, Match, StringMatch};
 use proto::workload::{Address, GatewayAddress, NetworkAddress, Port, Service, Workload, address};
