@@ -67,6 +67,7 @@ impl App {
         let xds_metrics = XdsMetrics::new(&mut registry);
 
         let (state, handlers) = State::new(&config.network);
+        state.register_metrics(&mut registry);
         let admin_listener = admin::bind(config.admin_addr).await?;
         let metrics_listener = admin::bind(config.metrics_addr).await?;
         let readiness_listener = admin::bind(config.readiness_addr).await?;

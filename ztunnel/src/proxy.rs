@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::socket::{self, SocketError};
-use common::rbac::{self, Verdict};
+use common::rbac;
 use common::state::{Snapshot, State, Workload};
 use metrics::{Failure, Metrics, Record};
 
@@ -197,32 +197,30 @@ impl Proxy {
         w.node == self.inner.config.node_name
     }
 
-    /// Evaluates the destination workload's policies, counting and logging the decision.
+    /// Evaluates the destination workload's policies (refused while one it names is missing),
+    /// counting and logging the decision. A refusal carries the reason for the access record.
     fn authorize(
         &self,
         snapshot: &Snapshot,
         direction: &'static str,
         dst: &Workload,
         conn: &rbac::Connection<'_>,
-    ) -> Verdict {
-        let policies = snapshot.policies_for(dst);
-        let verdict = rbac::evaluate(&policies, conn);
-        let policy = match &verdict {
-            Verdict::DeniedBy(p) => Some(p.as_str()),
-            _ => None,
-        };
-        self.metrics().decision(direction, verdict.label(), policy);
-        if !verdict.is_allow() {
-            warn!(
-                direction,
-                dst = %dst.name,
-                src = %conn.source.map_or_else(|| "-".to_string(), ToString::to_string),
-                src_ip = %conn.source_ip,
-                reason = %verdict.reason(),
-                "connection denied by policy"
-            );
+    ) -> Result<(), ProxyError> {
+        let verdict = rbac::evaluate_workload(snapshot, dst, conn);
+        self.metrics().decision(direction, &verdict);
+        if verdict.is_allow() {
+            return Ok(());
         }
-        verdict
+        let reason = rbac::explain(snapshot, dst, &verdict);
+        warn!(
+            direction,
+            dst = %dst.name,
+            src = %conn.source.map_or_else(|| "-".to_string(), ToString::to_string),
+            src_ip = %conn.source_ip,
+            %reason,
+            "connection denied by policy"
+        );
+        Err(ProxyError::Denied(reason))
     }
 
     /// A plain TCP connection carrying ztunnel's mark, from `source` when given (the client's

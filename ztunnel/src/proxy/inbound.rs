@@ -126,10 +126,7 @@ pub(super) async fn deliver(
         destination_port: dst.port(),
         http: None,
     };
-    let verdict = proxy.authorize(&snapshot, rec.direction(), &w, &conn);
-    if !verdict.is_allow() {
-        return Err(ProxyError::Denied(verdict.reason()));
-    }
+    proxy.authorize(&snapshot, rec.direction(), &w, &conn)?;
     rec.upstream = Some(dst);
     proxy.connect_direct(dst, preserve).await
 }

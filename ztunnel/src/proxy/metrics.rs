@@ -15,6 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
+use common::rbac::Verdict;
 use common::state::{Service, Workload};
 
 pub use common::metrics::TrafficLabels as TcpLabels;
@@ -23,7 +24,9 @@ pub use common::metrics::TrafficLabels as TcpLabels;
 struct DecisionLabels {
     direction: &'static str,
     decision: &'static str,
-    /// The deciding DENY policy, or `-`.
+    /// Why: `allowed`, `denied_by_policy`, `no_allow_match` or `policy_missing`.
+    reason: &'static str,
+    /// The deciding DENY policy or the missing one, or `-`.
     policy: String,
 }
 
@@ -59,7 +62,7 @@ impl Metrics {
         registry.register("tcp_sent_bytes", "Bytes sent to the client", m.sent.clone());
         registry.register(
             "authorization_decisions",
-            "L4 authorization decisions, by direction and deciding DENY policy",
+            "L4 authorization decisions, by direction, reason and deciding (DENY or missing) policy",
             m.decisions.clone(),
         );
         registry.register(
@@ -70,9 +73,10 @@ impl Metrics {
         m
     }
 
-    pub fn decision(&self, direction: &'static str, decision: &'static str, policy: Option<&str>) {
-        let policy = policy.unwrap_or("-").to_string();
-        self.decisions.get_or_create(&DecisionLabels { direction, decision, policy }).inc();
+    pub fn decision(&self, direction: &'static str, verdict: &Verdict) {
+        let policy = verdict.policy().unwrap_or("-").to_string();
+        let labels = DecisionLabels { direction, decision: verdict.label(), reason: verdict.cause(), policy };
+        self.decisions.get_or_create(&labels).inc();
     }
 
     pub fn passthrough(&self, outcome: &'static str) {
