@@ -75,7 +75,7 @@ impl App {
         let metrics_addr = metrics_listener.local_addr()?;
         let readiness_addr = readiness_listener.local_addr()?;
 
-        let mut tasks = vec![config.source.clone().spawn(handlers, &ready, xds_metrics)];
+        let (mut tasks, synced) = spawn_source(&config, handlers, &ready, xds_metrics);
         let drain = Drain::new();
         let mut certs = None;
         let proxy_addrs = match &config.proxy {
@@ -92,6 +92,7 @@ impl App {
                     certs.clone(),
                     metrics,
                     drain.watch(),
+                    synced.clone(),
                 );
                 let (bound, proxy_tasks) = proxy.start()?;
                 tasks.extend(proxy_tasks);
@@ -154,6 +155,26 @@ impl App {
             None => 0,
         }
     }
+}
+
+/// Starts the control-plane source. It reports its first sync (every subscribed type, Address
+/// and Authorization, processed once) on a readiness of its own, returned for the proxies to
+/// wait on; the same pending tasks, by the same names, block the app's readiness until then.
+fn spawn_source(
+    config: &Config,
+    handlers: common::xds::Handlers,
+    ready: &Ready,
+    metrics: XdsMetrics,
+) -> (Vec<JoinHandle<()>>, Ready) {
+    let synced = Ready::new();
+    let source = config.source.clone().spawn(handlers, &synced, metrics);
+    let mirrored: Vec<_> = synced.pending().into_iter().map(|name| ready.register(name)).collect();
+    let waiter = synced.clone();
+    let mirror = tokio::spawn(async move {
+        waiter.wait().await;
+        drop(mirrored);
+    });
+    (vec![source, mirror], synced)
 }
 
 fn ca_source(config: &Config) -> anyhow::Result<CaSource> {

@@ -3,6 +3,10 @@
 //! Each connection goes through explicit phases: accept -> resolve (who is talking to what,
 //! from the state snapshot) -> authorize -> connect -> copy -> record. Every refusal is logged
 //! in the access log with its reason and counted in `istio_tcp_connections_failed_total`.
+//!
+//! The listeners are bound at start but accept nothing before the first sync of Address and
+//! Authorization: until then connections wait in the kernel's backlog, and are served once
+//! policies are known (`istio_proxy_listeners_accepting` turns 1).
 
 pub mod inbound;
 pub mod inbound_plaintext;
@@ -19,6 +23,7 @@ use common::copy::{ByteCounters, copy_bidirectional};
 use common::drain::{Guard, Watch};
 use common::hbone::pool::Pool;
 use common::identity::CertificateManager;
+use common::readiness::Ready;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -124,6 +129,8 @@ struct Inner {
     certs: CertificateManager,
     metrics: Metrics,
     drain: Watch,
+    /// Done once the control-plane source has processed its first push of every type.
+    synced: Ready,
 }
 
 /// What every proxy task shares. Cheap to clone.
@@ -141,6 +148,8 @@ pub struct Bound {
 }
 
 impl Proxy {
+    /// `synced` is the readiness of the control-plane source alone (its first sync of every
+    /// type): the listeners accept nothing before it is ready.
     pub fn new(
         config: ProxyConfig,
         state: State,
@@ -148,8 +157,9 @@ impl Proxy {
         certs: CertificateManager,
         metrics: Metrics,
         drain: Watch,
+        synced: Ready,
     ) -> Self {
-        Self { inner: Arc::new(Inner { config, state, pool, certs, metrics, drain }) }
+        Self { inner: Arc::new(Inner { config, state, pool, certs, metrics, drain, synced }) }
     }
 
     /// Binds the three transparent listeners and spawns their accept loops, which stop when
@@ -223,6 +233,24 @@ impl Proxy {
         Err(ProxyError::Denied(reason))
     }
 
+    /// Waits until the first sync of Address and Authorization is in, so that nothing is
+    /// accepted before the policies are known. False when the drain starts first.
+    async fn wait_synced(&self, listener: &'static str) -> bool {
+        if !self.inner.synced.is_ready() {
+            info!(listener, pending = ?self.inner.synced.pending(), "bound; accepting nothing before the first xDS sync");
+            tokio::select! {
+                _ = self.inner.synced.wait() => {}
+                _ = self.drain().draining() => {
+                    info!(listener, "draining before the first xDS sync: never accepted");
+                    return false;
+                }
+            }
+            info!(listener, "first xDS sync done: accepting");
+        }
+        self.metrics().accepting(listener);
+        true
+    }
+
     /// A plain TCP connection carrying ztunnel's mark, from `source` when given (the client's
     /// address, kept so the server sees who really called). Falls back to our own address if
     /// the kernel refuses the source.
@@ -279,6 +307,9 @@ where
 {
     if let Ok(addr) = listener.local_addr() {
         info!(listener = name, %addr, "listening");
+    }
+    if !proxy.wait_synced(name).await {
+        return;
     }
     loop {
         let accepted = tokio::select! {

@@ -25,6 +25,9 @@ pub(super) async fn serve(proxy: Proxy, listener: TcpListener) {
         Arc::new(WorkloadTls::new(proxy.inner.state.clone(), c.node_name.clone(), proxy.inner.certs.clone()));
     let handler = Arc::new(Inbound(proxy.clone()));
     let trust_domain = c.trust_domain.clone();
+    if !proxy.wait_synced("inbound").await {
+        return;
+    }
     tokio::select! {
         _ = server::serve(listener, tls, trust_domain, handler) => {}
         _ = proxy.drain().draining() => info!(listener = "inbound", "draining: no longer accepting"),

@@ -12,6 +12,7 @@ use common::metrics::Parties;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
@@ -31,6 +32,11 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
 }
@@ -45,6 +51,7 @@ pub struct Metrics {
     sent: Family<TcpLabels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
     passthrough: Family<OutcomeLabels, Counter>,
+    accepting: Family<ListenerLabels, Gauge>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -70,6 +77,11 @@ impl Metrics {
             "Outbound connections to destinations outside the registry: passed through or refused",
             m.passthrough.clone(),
         );
+        registry.register(
+            "proxy_listeners_accepting",
+            "1 once a proxy listener accepts connections (after the first sync of Address and Authorization), by listener",
+            m.accepting.clone(),
+        );
         m
     }
 
@@ -77,6 +89,11 @@ impl Metrics {
         let policy = verdict.policy().unwrap_or("-").to_string();
         let labels = DecisionLabels { direction, decision: verdict.label(), reason: verdict.cause(), policy };
         self.decisions.get_or_create(&labels).inc();
+    }
+
+    /// `listener` accepts connections from now on.
+    pub fn accepting(&self, listener: &'static str) {
+        self.accepting.get_or_create(&ListenerLabels { listener }).set(1);
     }
 
     pub fn passthrough(&self, outcome: &'static str) {
