@@ -286,7 +286,9 @@ fn l4_mesh_end_to_end() {
 
     // The control plane, in node-a, reached by both ztunnels over the link.
     let store = XdsStore::new();
-    push(&store, MESH);
+    // The echo pods name allow-intruder only once it exists: a workload naming a missing policy
+    // is refused (fail closed).
+    push(&store, &MESH.replace("authorizationPolicies: [demo/allow-intruder],", ""));
     let cp_rt = c.node_a.runtime();
     let xds = cp_rt
         .block_on(cp_rt.spawn(xds_server::start(XDS_ADDR.parse().expect("addr"), store.clone())))
