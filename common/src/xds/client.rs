@@ -275,7 +275,7 @@ impl XdsClient {
         }
         self.metrics.rejected_resources.get_or_create(&label).inc_by(rejections.len() as u64);
         for r in &rejections {
-            warn!(%type_url, resource = %r.name, reason = %r.reason, "rejected xDS resource, keeping previous state");
+            warn!(%type_url, resource = %r.name, reason = %r.reason, "rejected xDS resource, keeping the previous version (a rejected Authorization is held fail-safe)");
         }
         let mut detail = format!("rejected {} of {} resources: ", rejections.len(), total);
         for (i, r) in rejections.iter().enumerate() {

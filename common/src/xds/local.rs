@@ -165,7 +165,7 @@ impl LocalSource {
                 self.metrics.nacks.get_or_create(&label).inc();
                 self.metrics.rejected_resources.get_or_create(&label).inc_by(rejections.len() as u64);
                 for r in &rejections {
-                    warn!(%type_url, resource = %r.name, reason = %r.reason, "rejected local resource, keeping previous state");
+                    warn!(%type_url, resource = %r.name, reason = %r.reason, "rejected local resource, keeping the previous version (a rejected Authorization is held fail-safe)");
                 }
             }
             info!(%type_url, changed = count, rejected = rejections.len(), path = %self.path.display(), "applied local config");
