@@ -91,6 +91,48 @@ impl WorkloadCertificate {
     pub fn lifetime(&self) -> Duration {
         self.not_after.duration_since(self.not_before).unwrap_or_default()
     }
+
+    /// Whether this certificate may be presented at `now`: it must have a validity period at all
+    /// and not be past its end. (A `notBefore` slightly ahead of us is left to the peer: CAs
+    /// back-date, and clocks differ by a little.)
+    pub fn check_usable(&self, now: SystemTime) -> Result<(), Unusable> {
+        if self.not_after <= self.not_before {
+            return Err(Unusable::NoLifetime {
+                not_before: unix(self.not_before),
+                not_after: unix(self.not_after),
+            });
+        }
+        if self.not_after <= now {
+            return Err(Unusable::Expired { not_after: unix(self.not_after) });
+        }
+        Ok(())
+    }
+}
+
+/// Why a certificate cannot be presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unusable {
+    /// `notAfter` is not after `notBefore` (times in Unix seconds).
+    #[error("certificate has no validity period (notBefore {not_before}, notAfter {not_after})")]
+    NoLifetime { not_before: u64, not_after: u64 },
+    /// `notAfter` has passed (Unix seconds).
+    #[error("certificate expired (notAfter {not_after})")]
+    Expired { not_after: u64 },
+}
+
+impl Unusable {
+    /// A short label value for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Unusable::NoLifetime { .. } => "no_lifetime",
+            Unusable::Expired { .. } => "expired",
+        }
+    }
+}
+
+/// Unix seconds (0 before the epoch).
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
 }
 
 /// Parses every certificate in a PEM text.
@@ -138,5 +180,31 @@ impl LeafInfo {
             not_before: to_time(cert.validity().not_before),
             not_after: to_time(cert.validity().not_after),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::LocalCa;
+
+    #[test]
+    fn expired_and_empty_validity_are_unusable() {
+        let ca = LocalCa::generate("cluster.local").expect("ca");
+        let id = Identity::new("cluster.local", "ns", "sa").expect("id");
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+
+        let good = ca.issue(&id, hour).expect("cert");
+        assert_eq!(good.check_usable(now), Ok(()));
+        assert!(matches!(good.check_usable(now + 2 * hour), Err(Unusable::Expired { .. })));
+
+        let expired = ca.issue_with_validity(&id, now - 2 * hour, now - hour).expect("cert");
+        let err = expired.check_usable(now).expect_err("expired");
+        assert_eq!(err.reason(), "expired");
+
+        let instant = ca.issue_with_validity(&id, now + hour, now + hour).expect("cert");
+        let err = instant.check_usable(now).expect_err("no lifetime");
+        assert_eq!(err.reason(), "no_lifetime");
     }
 }
