@@ -1,9 +1,11 @@
 //! Readiness: the process is ready once every registered start-up task has finished.
 //!
 //! Each component that must finish before the proxy can serve (the first xDS sync, the first
-//! certificates) takes a [`BlockReady`] and calls [`BlockReady::done`] when it is through.
+//! certificates) takes a [`BlockReady`] and calls [`BlockReady::done`] when it is through. While
+//! it waits, a task can say what it is waiting for ([`BlockReady::set_detail`]); the readiness
+//! endpoint shows that next to its name.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::watch;
@@ -11,7 +13,8 @@ use tokio::sync::watch;
 /// Tracks the start-up tasks that still block readiness.
 #[derive(Clone, Debug)]
 pub struct Ready {
-    pending: Arc<Mutex<BTreeSet<String>>>,
+    /// Pending task names, each with what it is still waiting for (if it said).
+    pending: Arc<Mutex<BTreeMap<String, Option<String>>>>,
     tx: Arc<watch::Sender<bool>>,
     /// Number of pending tasks, published on every change.
     count: Arc<watch::Sender<usize>>,
@@ -33,16 +36,23 @@ impl Ready {
     pub fn register(&self, name: impl Into<String>) -> BlockReady {
         let name = name.into();
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        pending.insert(name.clone());
+        pending.insert(name.clone(), None);
         self.count.send_replace(pending.len());
         self.tx.send_replace(false);
         BlockReady { ready: self.clone(), name: Some(name) }
     }
 
-    /// Names of the tasks still pending (for the readiness endpoint's body).
+    /// The tasks still pending, for the readiness endpoint's body: each task's name, followed by
+    /// `: <detail>` when it said what it is waiting for.
     pub fn pending(&self) -> Vec<String> {
         let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        pending.iter().cloned().collect()
+        pending
+            .iter()
+            .map(|(name, detail)| match detail {
+                Some(d) => format!("{name}: {d}"),
+                None => name.clone(),
+            })
+            .collect()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -62,7 +72,7 @@ impl Ready {
         let mut rx = self.count.subscribe();
         let others = || {
             let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-            pending.iter().any(|p| p != name)
+            pending.keys().any(|p| p != name)
         };
         loop {
             rx.borrow_and_update();
@@ -73,6 +83,13 @@ impl Ready {
             if rx.changed().await.is_err() {
                 return;
             }
+        }
+    }
+
+    fn describe(&self, name: &str, detail: Option<String>) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(d) = pending.get_mut(name) {
+            *d = detail;
         }
     }
 
@@ -96,6 +113,14 @@ pub struct BlockReady {
 impl BlockReady {
     pub fn done(mut self) {
         self.release();
+    }
+
+    /// Says what the task is still waiting for (`None` clears it); shown after its name by
+    /// [`Ready::pending`] until the task is done.
+    pub fn set_detail(&self, detail: Option<String>) {
+        if let Some(name) = &self.name {
+            self.ready.describe(name, detail);
+        }
     }
 
     fn release(&mut self) {
@@ -128,6 +153,28 @@ mod tests {
         assert_eq!(ready.pending(), vec!["certs".to_string()]);
         drop(b);
         assert!(ready.is_ready());
+    }
+
+    #[test]
+    fn pending_tasks_say_what_they_wait_for() {
+        let ready = Ready::new();
+        let xds = ready.register("xds");
+        let certs = ready.register("certs");
+        certs.set_detail(Some("missing spiffe://td/ns/a/sa/b (CA error: refused)".into()));
+        assert_eq!(
+            ready.pending(),
+            vec!["certs: missing spiffe://td/ns/a/sa/b (CA error: refused)".to_string(), "xds".to_string()]
+        );
+        certs.set_detail(None);
+        assert_eq!(ready.pending(), vec!["certs".to_string(), "xds".to_string()]);
+        certs.set_detail(Some("missing spiffe://td/ns/a/sa/c (waiting for the CA)".into()));
+        xds.done();
+        assert_eq!(
+            ready.pending(),
+            vec!["certs: missing spiffe://td/ns/a/sa/c (waiting for the CA)".to_string()]
+        );
+        certs.done();
+        assert!(ready.is_ready() && ready.pending().is_empty());
     }
 
     #[tokio::test]
