@@ -15,7 +15,6 @@ use common::xds::{ResourceStore, XdsMetrics};
 use proto::security::Authorization;
 use proto::workload::Address;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::proxy::{self, Bound, Proxy};
@@ -182,9 +181,10 @@ fn ca_source(config: &Config) -> anyhow::Result<CaSource> {
     config.ca.source(trust_domain, config.cert_lifetime, true).map_err(anyhow::Error::msg)
 }
 
-/// Once the first xDS sync is in, fetches the certificates of this node's workloads and then
-/// releases readiness; afterwards keeps fetching for workloads that arrive, so a first
-/// connection never waits on the CA.
+/// Once the first xDS sync is in, holds the certificates of this node's workloads and then
+/// releases readiness (naming, until then, the identities still missing and why); afterwards
+/// keeps fetching for workloads that arrive, so a first connection never waits on the CA, and
+/// drops the certificates of workloads that left.
 async fn prefetch_certificates(
     state: State,
     certs: CertificateManager,
@@ -193,35 +193,10 @@ async fn prefetch_certificates(
     block: common::readiness::BlockReady,
 ) {
     ready.wait_for_others(CERTS_TASK).await;
-    let mut changes = state.subscribe();
-    let mut block = Some(block);
-    loop {
-        changes.borrow_and_update();
-        let ids: std::collections::BTreeSet<Identity> =
-            state.snapshot().workloads_on(&node).map(|w| w.identity.clone()).collect();
-        for id in &ids {
-            if certs.current(id).is_none() {
-                match block {
-                    // Readiness waits for every certificate (the manager retries failures).
-                    Some(_) => {
-                        certs.wait_ready(id).await;
-                    }
-                    None => {
-                        if let Err(e) = certs.fetch(id).await {
-                            warn!(identity = %id, error = %e, "certificate prefetch failed; retrying in the background");
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(b) = block.take() {
-            info!(identities = ids.len(), "certificates of this node's workloads are ready");
-            b.done();
-        }
-        if changes.changed().await.is_err() {
-            return;
-        }
-    }
+    let wanted = || -> std::collections::BTreeSet<Identity> {
+        state.snapshot().workloads_on(&node).map(|w| w.identity.clone()).collect()
+    };
+    certs.follow(state.subscribe(), wanted, block).await;
 }
 
 fn admin_routes(
