@@ -1,18 +1,24 @@
 //! Certificates from the three sources: the Istio CA over real gRPC (an in-test
 //! `CreateCertificate` server signing with a local root), the manager coalescing, retrying and
-//! counting fetches, and mounted files reloaded when they change.
+//! counting fetches, backing off from certificates too short-lived to rotate, dropping the
+//! identities of departed workloads and naming the missing ones in readiness, and mounted files
+//! reloaded when they change.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use common::admin::{self, Router};
 use common::grpc::GrpcTarget;
 use common::identity::ca_client::{CaClientError, IstioCaClient};
 use common::identity::files::CertificateFiles;
 use common::identity::local_ca::new_csr;
 use common::identity::manager::ManagerError;
 use common::identity::{CaSource, CertMetrics, CertificateManager, Identity, LocalCa};
+use common::readiness::Ready;
 use mesh_tests::ca_server::{self, CaBehaviour};
+use mesh_tests::http::get;
 use prometheus_client::registry::Registry;
 
 const TOKEN: &str = "a-service-account-jwt";
@@ -116,6 +122,104 @@ async fn manager_coalesces_retries_and_counts() {
     let summary = manager.summary();
     assert_eq!(summary.len(), 2);
     assert!(summary.iter().all(|s| s.state == "ready" && s.not_after.is_some()));
+}
+
+/// CA requests made for `identity` (by impersonation).
+fn requests_for(behaviour: &CaBehaviour, identity: &Identity) -> usize {
+    let asked = identity.to_string();
+    behaviour.impersonated.lock().expect("lock").iter().filter(|s| **s == asked).count()
+}
+
+/// The sum of every sample of the metric lines starting with `prefix`.
+fn metric_sum(registry: &Registry, prefix: &str) -> u64 {
+    let text = common::metrics::render(registry);
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The CA issues 1-second certificates (X.509 keeps whole seconds, so 0-1 s remain): rotating
+/// at half life would ask it every half second or faster. The manager asks no faster than once
+/// a second and backs off, and counts them.
+#[tokio::test]
+async fn manager_backs_off_from_a_ca_issuing_short_lived_certificates() {
+    let (behaviour, target, _dir) = ca(Some(TOKEN)).await;
+    let mut registry = Registry::with_prefix("istio");
+    let metrics = CertMetrics::new(&mut registry);
+    let client = IstioCaClient::new(target, Duration::from_secs(1), true).expect("client");
+    let manager = CertificateManager::new(CaSource::Istio(client), metrics);
+    manager.prefetch(&id("a"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Requests at 0, 1 s and 2-3 s.
+    let requests = requests_for(&behaviour, &id("a"));
+    assert!((2..=4).contains(&requests), "{requests} CA requests in 3 s");
+    let counted = metric_sum(&registry, r#"istio_certificate_unusable_total{source="istio""#);
+    assert!(counted + 1 >= requests as u64 && counted <= requests as u64, "{counted} of {requests} counted");
+}
+
+/// A workload leaves: its identity is dropped and its certificate no longer refreshed, while
+/// the identity still wanted keeps rotating.
+#[tokio::test]
+async fn identities_no_longer_wanted_are_dropped_and_not_refreshed() {
+    let (behaviour, target, _dir) = ca(Some(TOKEN)).await;
+    let client = IstioCaClient::new(target, Duration::from_secs(1), true).expect("client");
+    let manager = CertificateManager::new(CaSource::Istio(client), CertMetrics::default());
+    let (a, b) = (id("a"), id("b"));
+    manager.prefetch(&a);
+    manager.prefetch(&b);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(requests_for(&behaviour, &b) >= 2, "b refreshed while wanted");
+
+    assert_eq!(manager.retain([&a]), vec![b.clone()]);
+    tokio::time::sleep(Duration::from_millis(200)).await; // a request already on the wire lands
+    let (a_before, b_before) = (requests_for(&behaviour, &a), requests_for(&behaviour, &b));
+    let held: Vec<String> = manager.summary().into_iter().map(|s| s.identity).collect();
+    assert_eq!(held, vec![a.to_string()]);
+    // a's next refreshes come within 1-2 s and 2-4 s of its last one.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    assert_eq!(requests_for(&behaviour, &b), b_before, "b no longer refreshed");
+    assert!(requests_for(&behaviour, &a) > a_before, "a still refreshed");
+}
+
+/// Readiness names the identity whose certificate cannot be issued, and why, and turns ready
+/// once the CA issues it.
+#[tokio::test]
+async fn readiness_names_the_identity_the_ca_does_not_issue() {
+    let (behaviour, target, _dir) = ca(Some(TOKEN)).await;
+    behaviour.fail_first.store(usize::MAX, Ordering::SeqCst);
+    let client = IstioCaClient::new(target, HOUR, true).expect("client");
+    let manager = CertificateManager::new(CaSource::Istio(client), CertMetrics::default());
+    let ready = Ready::new();
+    let listener = admin::bind("127.0.0.1:0".parse().expect("addr")).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(admin::serve(listener, admin::readiness_routes(Router::new(), ready.clone()), "readiness"));
+
+    let block = ready.register("workload certificates");
+    let wanted = Arc::new(Mutex::new(BTreeSet::from([id("a")])));
+    let (_changes, rx) = tokio::sync::watch::channel(0u64);
+    tokio::spawn({
+        let (manager, wanted) = (manager.clone(), wanted.clone());
+        async move { manager.follow(rx, move || wanted.lock().expect("lock").clone(), block).await }
+    });
+
+    let expected = format!("not ready: workload certificates: missing {} (CA error: ", id("a"));
+    let start = Instant::now();
+    let body = loop {
+        let (status, body) = get(addr, "/healthz/ready").await.expect("readiness");
+        assert_eq!(status, 503, "{body}");
+        if body.contains("CA error") {
+            break body;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "never named: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(body.starts_with(&expected) && body.contains("CA warming up"), "{body}");
+
+    behaviour.fail_first.store(0, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(35), ready.wait()).await.expect("ready once issued");
+    let (status, body) = get(addr, "/healthz/ready").await.expect("readiness");
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
 }
 
 /// Writes a leaf for `identity` signed by `ca` into the three files.
