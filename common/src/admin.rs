@@ -128,7 +128,13 @@ pub async fn serve(listener: TcpListener, router: Router, name: &'static str) {
 
 /// Binds `addr`; a bind failure is returned, not hidden.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    // SO_REUSEPORT: a new process can start on the same ports while the old one drains.
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// `/metrics` and `/stats/prometheus` for the registry.

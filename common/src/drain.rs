@@ -90,6 +90,16 @@ impl Watch {
         self.token.upgrade().map(|t| Guard { _token: t })
     }
 
+    /// A guard for a connection the kernel handed over just as the drain started (accepted,
+    /// but not yet counted): allowed until the period ends, as long as the drain is still
+    /// waiting for other connections. `None` otherwise.
+    pub fn late_guard(&self) -> Option<Guard> {
+        if *self.phase.borrow() == Phase::Closing {
+            return None;
+        }
+        self.token.upgrade().map(|t| Guard { _token: t })
+    }
+
     pub fn is_draining(&self) -> bool {
         *self.phase.borrow() != Phase::Running
     }

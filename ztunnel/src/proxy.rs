@@ -166,6 +166,7 @@ impl Proxy {
     /// the drain starts.
     pub fn start(&self) -> Result<(Bound, Vec<JoinHandle<()>>), SocketError> {
         let c = &self.inner.config;
+        socket::enable_listener_migration();
         let outbound = socket::transparent_listener(c.outbound_addr, Some(c.mark))?;
         let inbound = socket::transparent_listener(c.inbound_addr, Some(c.mark))?;
         let plaintext = socket::transparent_listener(c.inbound_plaintext_addr, Some(c.mark))?;
@@ -321,7 +322,11 @@ where
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Some(guard) = proxy.drain().guard() else { return };
+                // Accepted just as the drain began: served, not reset.
+                let Some(guard) = proxy.drain().guard().or_else(|| proxy.drain().late_guard()) else {
+                    warn!(listener = name, %peer, "accepted after the drain finished; closing");
+                    return;
+                };
                 let dst = match socket::original_dst(&stream) {
                     Ok(d) => d.0,
                     Err(e) => {

@@ -45,10 +45,15 @@ fn set_transparent(socket: &Socket, addr: SocketAddr) -> Result<(), SocketError>
 }
 
 /// A listener on `addr` that accepts connections for any destination assigned to it.
+///
+/// `SO_REUSEPORT` lets the next ztunnel bind the same ports while this one still runs (a
+/// hand-over): both take new connections until this one drains and closes its listener, whose
+/// queued connections the kernel then moves to the successor (`tcp_migrate_req`).
 pub fn transparent_listener(addr: SocketAddr, mark: Option<u32>) -> Result<TcpListener, SocketError> {
     let socket = new_socket(addr)?;
     let err = |what| move |source| SocketError { what, addr, source };
     socket.set_reuse_address(true).map_err(err("SO_REUSEADDR"))?;
+    socket.set_reuse_port(true).map_err(err("SO_REUSEPORT"))?;
     if addr.is_ipv6() {
         // The IPv4 listener of the same port is a socket of its own.
         socket.set_only_v6(true).map_err(err("IPV6_V6ONLY"))?;
@@ -86,4 +91,25 @@ pub fn outbound_socket(
     socket.set_nonblocking(true).map_err(err("O_NONBLOCK"))?;
     let std: std::net::TcpStream = socket.into();
     Ok(TcpSocket::from_std_stream(std))
+}
+
+/// `net.ipv4.tcp_migrate_req`: whether a closing listener's queued connections move to another
+/// listener of its `SO_REUSEPORT` group. Per network namespace; also covers IPv6.
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Turns on `tcp_migrate_req` in the calling thread's network namespace, so that a draining
+/// ztunnel closing its listeners hands the connections still queued on them to its successor
+/// instead of resetting them. Returns whether it is on.
+pub fn enable_listener_migration() -> bool {
+    match std::fs::write(MIGRATE_REQ, "1") {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                path = MIGRATE_REQ,
+                "cannot enable listener migration: connections queued when ztunnel hands over may be reset"
+            );
+            false
+        }
+    }
 }

@@ -26,8 +26,8 @@ pub enum ClientError {
     HandshakeTimeout(SocketAddr),
     #[error("HTTP/2 to {addr}: {source}")]
     Http2 { addr: SocketAddr, source: hyper::Error },
-    #[error("CONNECT {authority} via {addr} answered {status}")]
-    Status { addr: SocketAddr, authority: String, status: StatusCode },
+    #[error("CONNECT {authority} via {addr} answered {status}{}", if *.draining { " (peer draining)" } else { "" })]
+    Status { addr: SocketAddr, authority: String, status: StatusCode, draining: bool },
     #[error("bad CONNECT request for {0}")]
     BadRequest(String),
 }
@@ -39,6 +39,20 @@ pub struct Connection {
     id: u64,
     addr: SocketAddr,
     sender: SendRequest<Empty<Bytes>>,
+}
+
+impl ClientError {
+    /// True when the stream cannot have been delivered and the connection is going away: an
+    /// HTTP/2 error before the CONNECT was answered (GOAWAY, a refused stream, a closed
+    /// connection), or a draining peer's 503. Nothing has reached the destination's application
+    /// yet, so the same CONNECT may be sent again on a new connection.
+    pub fn retry_on_new_connection(&self) -> bool {
+        match self {
+            Self::Status { draining, .. } => *draining,
+            Self::Http2 { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 impl Connection {
@@ -121,7 +135,11 @@ impl Connection {
         let response =
             sender.send_request(req).await.map_err(|source| ClientError::Http2 { addr, source })?;
         if response.status() != StatusCode::OK {
-            return Err(ClientError::Status { addr, authority: target, status: response.status() });
+            let draining = response
+                .headers()
+                .get("proxy-status")
+                .is_some_and(|v| v.as_bytes() == super::server::DRAINING_STATUS.as_bytes());
+            return Err(ClientError::Status { addr, authority: target, status: response.status(), draining });
         }
         let upgraded =
             hyper::upgrade::on(response).await.map_err(|source| ClientError::Http2 { addr, source })?;

@@ -96,6 +96,7 @@ pub struct PoolMetrics {
     connections: Gauge,
     opened: Counter,
     closed: Family<ReasonLabels, Counter>,
+    retried: Counter,
 }
 
 impl PoolMetrics {
@@ -105,6 +106,11 @@ impl PoolMetrics {
         r.register("connections", "HBONE connections held in the pool", m.connections.clone());
         r.register("connections_opened", "HBONE connections dialled", m.opened.clone());
         r.register("connections_closed", "HBONE connections released, by reason", m.closed.clone());
+        r.register(
+            "streams_retried",
+            "CONNECTs sent again on a new connection because theirs was going away (peer draining)",
+            m.retried.clone(),
+        );
         m
     }
 }
@@ -162,19 +168,29 @@ impl Pool {
         headers: HeaderMap,
     ) -> Result<PooledStream, PoolError> {
         let cert = self.inner.certs.fetch(&key.src).await?;
+        // A connection that is going away (its peer drains or restarts) gets one more try on a
+        // new connection, so a ztunnel hand-over fails no stream.
+        let mut retried = false;
         loop {
             match self.step(key, &cert)? {
                 Step::Use(conn, active, idle_since) => {
                     let guard = StreamGuard { active, idle_since, _conn: conn.clone() };
-                    return match conn.open(authority, headers).await {
-                        Ok(stream) => Ok(PooledStream { stream, _guard: guard }),
+                    match conn.open(authority, headers.clone()).await {
+                        Ok(stream) => return Ok(PooledStream { stream, _guard: guard }),
                         Err(e) => {
-                            if !matches!(e, ClientError::Status { .. }) {
-                                self.evict(key, &conn, "error");
+                            let going_away = e.retry_on_new_connection();
+                            if going_away || !matches!(e, ClientError::Status { .. }) {
+                                self.evict(key, &conn, if going_away { "going_away" } else { "error" });
                             }
-                            Err(e.into())
+                            if going_away && !retried {
+                                retried = true;
+                                self.inner.metrics.retried.inc();
+                                debug!(dst = %key.dst_addr, error = %e, "HBONE stream retried on a new connection");
+                                continue;
+                            }
+                            return Err(e.into());
                         }
-                    };
+                    }
                 }
                 Step::Wait(mut rx) => {
                     let outcome = rx.wait_for(Option::is_some).await.map(|r| r.clone());

@@ -2,6 +2,13 @@
 //! caller's [`ConnectHandler`] whether to accept. The handler sees the authority, the peer's
 //! verified identity and the request headers; it answers with a stream callback (200) or a
 //! status of its choosing. Malformed requests get 400 without reaching the handler.
+//!
+//! Draining ([`serve_draining`]): when the drain starts the listener is closed (with
+//! `net.ipv4.tcp_migrate_req` its queued connections move to a successor listening on the same
+//! port with `SO_REUSEPORT`) and every connection gets an HTTP/2 GOAWAY: its open streams run
+//! on, new ones go to a new connection. A 503 refusal sent while draining carries
+//! [`DRAINING_STATUS`] in `proxy-status` (RFC 9209), so that our own clients retry it on a new
+//! connection rather than fail.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,8 +28,13 @@ use tracing::{debug, info, warn};
 
 use super::HboneStream;
 use super::connect::{self, Authority};
+use crate::drain::Watch;
 use crate::identity::{CertificateManager, Identity, WorkloadCertificate};
 use crate::tls;
+
+/// `proxy-status` of a 503 answered by a draining server: the request never reached its
+/// destination and can be retried on a new connection.
+pub const DRAINING_STATUS: &str = "ztunnel; error=connection_refused; details=\"draining\"";
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -122,12 +134,31 @@ pub async fn serve(
     trust_domain: String,
     handler: Arc<dyn ConnectHandler>,
 ) {
+    serve_draining(listener, tls, trust_domain, handler, None).await
+}
+
+/// Like [`serve`], and when `drain` starts: returns (closing the listener) and sends GOAWAY on
+/// every connection, which then ends once its streams have.
+pub async fn serve_draining(
+    listener: TcpListener,
+    tls: Arc<dyn ServerTls>,
+    trust_domain: String,
+    handler: Arc<dyn ConnectHandler>,
+    drain: Option<Watch>,
+) {
     let trust_domain: Arc<str> = trust_domain.into();
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "HBONE listening");
     }
     loop {
-        let (tcp, peer_addr) = match listener.accept().await {
+        let accepted = match &drain {
+            Some(d) => tokio::select! {
+                a = listener.accept() => a,
+                _ = d.draining() => return,
+            },
+            None => listener.accept().await,
+        };
+        let (tcp, peer_addr) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "HBONE accept failed");
@@ -135,9 +166,10 @@ pub async fn serve(
                 continue;
             }
         };
-        let (tls, handler, trust_domain) = (tls.clone(), handler.clone(), trust_domain.clone());
+        let (tls, handler, trust_domain, drain) =
+            (tls.clone(), handler.clone(), trust_domain.clone(), drain.clone());
         tokio::spawn(async move {
-            match serve_connection(tcp, peer_addr, &*tls, &trust_domain, handler).await {
+            match serve_connection(tcp, peer_addr, &*tls, &trust_domain, handler, drain).await {
                 Ok(()) => {}
                 Err(ConnError::Refused(reason)) => warn!(%peer_addr, %reason, "HBONE connection refused"),
                 Err(ConnError::Http2(e)) => debug!(%peer_addr, error = %e, "HBONE connection ended"),
@@ -158,6 +190,7 @@ async fn serve_connection(
     server_tls: &dyn ServerTls,
     trust_domain: &str,
     handler: Arc<dyn ConnectHandler>,
+    drain: Option<Watch>,
 ) -> Result<(), ConnError> {
     let _ = tcp.set_nodelay(true);
     let local_addr = tcp.local_addr().map_err(|e| ConnError::Refused(e.to_string()))?;
@@ -172,9 +205,11 @@ async fn serve_connection(
     let peer = tls::peer_identity(tls.get_ref().1.peer_certificates(), trust_domain)
         .map_err(|e| ConnError::Refused(e.to_string()))?;
     debug!(%peer_addr, %peer, "HBONE connection established");
+    let draining = drain.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let (handler, peer) = (handler.clone(), peer.clone());
-        async move { Ok::<_, Infallible>(on_request(req, peer, peer_addr, local_addr, handler).await) }
+        let draining = draining.as_ref().is_some_and(Watch::is_draining);
+        async move { Ok::<_, Infallible>(on_request(req, peer, peer_addr, local_addr, handler, draining).await) }
     });
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
@@ -185,7 +220,16 @@ async fn serve_connection(
         .max_concurrent_streams(super::MAX_CONCURRENT_STREAMS)
         .keep_alive_interval(super::KEEPALIVE_INTERVAL)
         .keep_alive_timeout(super::KEEPALIVE_TIMEOUT);
-    builder.serve_connection(TokioIo::new(tls), svc).await.map_err(ConnError::Http2)
+    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    let Some(drain) = drain else { return conn.await.map_err(ConnError::Http2) };
+    tokio::pin!(conn);
+    tokio::select! {
+        done = conn.as_mut() => return done.map_err(ConnError::Http2),
+        _ = drain.draining() => {}
+    }
+    debug!(%peer_addr, "draining: GOAWAY sent, open streams run on");
+    conn.as_mut().graceful_shutdown();
+    conn.await.map_err(ConnError::Http2)
 }
 
 fn reply(status: StatusCode) -> Response<Empty<Bytes>> {
@@ -200,6 +244,7 @@ async fn on_request(
     peer_addr: SocketAddr,
     local_addr: SocketAddr,
     handler: Arc<dyn ConnectHandler>,
+    draining: bool,
 ) -> Response<Empty<Bytes>> {
     let authority = match connect::parse(req.method(), req.uri()) {
         Ok(a) => a,
@@ -213,7 +258,11 @@ async fn on_request(
     match handler.handle(request).await {
         Decision::Refuse(status, reason) => {
             debug!(%status, %reason, "CONNECT refused");
-            reply(status)
+            let mut r = reply(status);
+            if draining && status == StatusCode::SERVICE_UNAVAILABLE {
+                r.headers_mut().insert("proxy-status", http::HeaderValue::from_static(DRAINING_STATUS));
+            }
+            r
         }
         Decision::Accept(on_stream) => {
             tokio::spawn(async move {

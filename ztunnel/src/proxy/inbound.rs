@@ -28,10 +28,11 @@ pub(super) async fn serve(proxy: Proxy, listener: TcpListener) {
     if !proxy.wait_synced("inbound").await {
         return;
     }
-    tokio::select! {
-        _ = server::serve(listener, tls, trust_domain, handler) => {}
-        _ = proxy.drain().draining() => info!(listener = "inbound", "draining: no longer accepting"),
-    }
+    // On drain: the listener closes (a successor on the same port takes over) and peers get
+    // GOAWAY on their connections.
+    let drain = Some(proxy.drain().clone());
+    server::serve_draining(listener, tls, trust_domain, handler, drain).await;
+    info!(listener = "inbound", "draining: no longer accepting");
 }
 
 struct Inbound(Proxy);
