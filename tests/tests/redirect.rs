@@ -558,6 +558,117 @@ fn a_stopped_ztunnel_leaves_pods_closed_and_a_new_one_adopts_them() {
     assert_eq!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_A}")));
 }
 
+/// A real ztunnel process (this package's `ztunnel-proc`, the `ztunnel` binary's entry) in
+/// `node`, its log in `log`.
+fn ztunnel_process(node: &Netns, args: &[&str], log: &std::path::Path) -> std::process::Child {
+    let log = std::fs::File::create(log).expect("log file");
+    std::process::Command::new("ip")
+        .args(["netns", "exec", &node.name, env!("CARGO_BIN_EXE_ztunnel-proc")])
+        .args(args)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn ztunnel")
+}
+
+/// Waits up to 15 s for `pred` over the programs attached in `node`.
+fn wait_attached(node: &Netns, what: &str, pred: impl Fn(&[u32]) -> bool) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = attached(node);
+        if pred(&now) {
+            return now;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}: attached {now:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn signal(child: &mut std::process::Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("signal");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(std::time::Instant::now() < deadline, "ztunnel did not exit after {sig}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_killed_or_terminated_ztunnel_process_leaves_capture_in_place() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = mesh("proc");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mesh.yaml");
+    std::fs::write(&path, ZTUNNEL_MESH).expect("config");
+    let pin_dir = redirect_settings(&m.node).pin_dir;
+    let args = [
+        "--local-config",
+        path.to_str().expect("path"),
+        "--node-name",
+        "node-a",
+        "--redirect",
+        "--no-proxy",
+        "--uplink",
+        "uplink",
+        "--bpf-pin-dir",
+        pin_dir.to_str().expect("path"),
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--readiness-addr",
+        "127.0.0.1:0",
+    ];
+    // The proxies' stand-ins (this test's listeners) show where captured connections land;
+    // the ztunnel process only enrolls.
+    let listeners = node_listeners(&m.node);
+    let log = |n: usize| dir.path().join(format!("ztunnel-{n}.log"));
+    let mut first = ztunnel_process(&m.node, &args, &log(1));
+    let ids = wait_attached(&m.node, "the first ztunnel's capture", |ids| ids.len() == 2);
+    expect_landing(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), 15001, "10.9.0.2:8080", POD_A);
+
+    // kill -9: capture stays; the pod is still captured, never direct.
+    signal(&mut first, nix::sys::signal::Signal::SIGKILL);
+    assert_eq!(attached(&m.node), ids, "capture outlives a killed ztunnel");
+    expect_landing(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), 15001, "10.9.0.2:8080", POD_A);
+    expect_landing(talk(&m.outside, &format!("[{POD_A6}]:8080")), 15006, "[fd00:1:1::2]:8080", OUTSIDE6);
+
+    // A new process adopts it (one program per interface, its own; the old one unloaded)...
+    let mut second = ztunnel_process(&m.node, &args, &log(2));
+    let adopted = wait_attached(&m.node, "adoption", |now| now.len() == 2 && now[0] == now[1] && now != ids);
+    assert!(!program_loaded(ids[0]), "the killed ztunnel's program is unloaded once replaced");
+    expect_landing(talk(&m.pod_a, "192.0.2.10:80"), 15001, "192.0.2.10:80", POD_A);
+
+    // ...and SIGTERM (drain, exit) leaves it in place too.
+    signal(&mut second, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(attached(&m.node), adopted, "capture outlives a stopped ztunnel");
+    let log2 = std::fs::read_to_string(log(2)).unwrap_or_default();
+    assert!(log2.contains("capture stays in place"), "the stop says what it leaves: {log2}");
+    // With nothing listening at all, the pod reaches nothing, and nothing reaches it.
+    drop(listeners);
+    assert!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")).is_err(), "pod A got out in plaintext");
+    assert!(talk(&m.outside, &format!("{POD_A}:{SERVER_PORT}")).is_err(), "pod A was reached in plaintext");
+
+    // `ztunnel uninstall` removes everything and says what it removed.
+    let uninstall = std::process::Command::new("ip")
+        .args(["netns", "exec", &m.node.name, env!("CARGO_BIN_EXE_ztunnel-proc"), "uninstall"])
+        .args(["--bpf-pin-dir", pin_dir.to_str().expect("path")])
+        .output()
+        .expect("run uninstall");
+    let said =
+        String::from_utf8_lossy(&uninstall.stdout).to_string() + &String::from_utf8_lossy(&uninstall.stderr);
+    assert!(uninstall.status.success(), "uninstall failed: {said}");
+    assert!(
+        said.contains("2 link(s)") && said.contains("1 program(s)") && said.contains("3 map(s)"),
+        "{said}"
+    );
+    assert!(said.contains("2 routing rule(s)") && said.contains("2 route(s)"), "{said}");
+    assert_eq!(attached(&m.node), Vec::<u32>::new());
+    assert_eq!(routing_state(&m.node), (0, 0));
+    assert!(!pin_dir.exists(), "pin directory removed");
+    assert_eq!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_A}")));
+}
+
 #[test]
 fn explicit_enrollment_serves_hosts_without_kubernetes() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

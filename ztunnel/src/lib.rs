@@ -2,9 +2,10 @@
 //!
 //! Configuration (`config`), the indexed mesh state fed by xDS or a local file (`state`), L4
 //! authorization (`rbac`), the proxies on 15001/15006/15008 (`proxy`), eBPF pod enrollment
-//! (`redirect`) and the sockets redirected traffic needs (`socket`), wired together in `app`.
+//! (`redirect`) and the sockets redirected traffic needs (`socket`), wired together in `app`; `cli` is the process around it.
 
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod proxy;
 pub mod redirect;

@@ -1,51 +1,11 @@
-//! ztunnel binary: parse config, start the app, run until SIGTERM or Ctrl-C.
+//! ztunnel binary: parse flags, set up telemetry, run (see `ztunnel::cli`).
 
 use clap::Parser;
-use tracing::info;
-use ztunnel::app::App;
-use ztunnel::config::{Args, Command, Config};
+use ztunnel::config::Args;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::telemetry::init(args.log_format);
-    if let Some(Command::Uninstall) = args.command {
-        let settings = ebpf::Settings { pin_dir: args.bpf_pin_dir, ..Default::default() };
-        let removed = ebpf::uninstall(&settings)?;
-        info!(pin_dir = %settings.pin_dir.display(), %removed, "capture uninstalled");
-        return Ok(());
-    }
-    let config = Config::from_args(args)?;
-    info!(config = %serde_json::to_string(&config)?, "starting ztunnel");
-    let drain_period = config.drain_period;
-    let mut app = App::start(config).await?;
-    let ready = app.ready.clone();
-    tokio::select! {
-        _ = ready.wait() => info!("ztunnel ready"),
-        _ = shutdown_signal() => {
-            app.drain(drain_period).await;
-            return Ok(());
-        }
-    }
-    shutdown_signal().await;
-    info!(period_s = drain_period.as_secs(), "shutting down: draining connections");
-    let cut = app.drain(drain_period).await;
-    info!(cut, "shutting down");
-    drop(app);
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops ztunnel");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    ztunnel::cli::run(args).await
 }
