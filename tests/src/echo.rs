@@ -23,3 +23,27 @@ pub fn serve_lines(listener: TcpListener, reply: fn(&str, &str, &str) -> String,
         }
     });
 }
+
+/// Connects from `ns` to `dst`, sends `line`, half-closes, and returns everything received
+/// (trailing newline trimmed). A refused connection is an error or an empty reply.
+pub fn exchange(ns: &crate::netns::Netns, dst: &str, line: &str) -> Result<String, String> {
+    use std::io::Read;
+    ns.enter(|| {
+        let addr: std::net::SocketAddr = dst.parse().map_err(|e| format!("{dst}: {e}"))?;
+        let timeout = std::time::Duration::from_secs(3);
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(15))).map_err(|e| e.to_string())?;
+        writeln!(s, "{line}").map_err(|e| e.to_string())?;
+        s.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+        Ok(reply.trim_end().to_string())
+    })
+}
+
+/// Fails the test unless `outcome` (of [`exchange`]) was refused: an error or an empty reply.
+pub fn expect_refused(outcome: Result<String, String>, what: &str) {
+    if let Ok(reply) = &outcome {
+        assert!(reply.is_empty(), "{what} should be refused, got {reply:?}");
+    }
+}

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use common::hbone::server::{self, BoxFuture, ConnectRequest, Decision, FixedTls};
 use common::identity::Identity;
 use common::identity::local_ca::LocalCa;
+use mesh_tests::echo::{exchange, expect_refused};
 use mesh_tests::netns::{Netns, link_nodes, require_root, wire};
 use mesh_tests::node::NodeZtunnel;
 use mesh_tests::xds_server::{self, XdsStore};
@@ -99,33 +100,12 @@ fn echo_server(ns: &Netns, name: &'static str) {
     mesh_tests::echo::serve_lines(listener, |name, peer, line| format!("{name} {peer} {line}"), name.into());
 }
 
-/// Connects from `ns` to `dst`, sends `line`, half-closes, and returns everything received.
-/// A refused connection is an error or an empty reply.
-fn talk(ns: &Netns, dst: &str, line: &str) -> Result<String, String> {
-    ns.enter(|| {
-        let addr: SocketAddr = dst.parse().map_err(|e| format!("{dst}: {e}"))?;
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(15))).map_err(|e| e.to_string())?;
-        writeln!(s, "{line}").map_err(|e| e.to_string())?;
-        s.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
-        Ok(reply.trim_end().to_string())
-    })
-}
-
-fn expect_refused(outcome: Result<String, String>, what: &str) {
-    if let Ok(reply) = &outcome {
-        assert!(reply.is_empty(), "{what} should be refused, got {reply:?}");
-    }
-}
-
 /// Who served each of `n` connections from `ns` to `dst` (the first word of each reply);
 /// every reply must show the source address `src`.
 fn servers(ns: &Netns, dst: &str, n: usize, src: &str) -> BTreeSet<String> {
     (0..n)
         .map(|i| {
-            let reply = talk(ns, dst, &format!("req-{i}")).unwrap_or_else(|e| panic!("{dst}: {e}"));
+            let reply = exchange(ns, dst, &format!("req-{i}")).unwrap_or_else(|e| panic!("{dst}: {e}"));
             let parts: Vec<&str> = reply.split(' ').collect();
             assert_eq!(parts.len(), 3, "unexpected reply {reply:?}");
             assert_eq!(parts[1], src, "the server saw the client's own address: {reply:?}");
@@ -314,7 +294,7 @@ fn l4_mesh_end_to_end() {
     // Pod to pod across nodes, through both ztunnels over HBONE; the server sees the client's
     // own address.
     let dst = format!("{ECHO_2}:8080");
-    assert_eq!(talk(&c.client, &dst, "hello"), Ok(format!("echo-2 {CLIENT} hello")));
+    assert_eq!(exchange(&c.client, &dst, "hello"), Ok(format!("echo-2 {CLIENT} hello")));
 
     // The service VIP is balanced over the endpoints on both nodes (echo-1 is on the client's
     // node and served in-process, echo-2 across the link).
@@ -322,7 +302,7 @@ fn l4_mesh_end_to_end() {
     assert_eq!(served, BTreeSet::from(["echo-1".to_string(), "echo-2".to_string()]));
 
     // Policy: only namespace demo may reach demo's pods, so the intruder is refused...
-    expect_refused(talk(&c.intruder, &format!("{ECHO_1}:8080"), "let me in"), "intruder -> echo-1");
+    expect_refused(exchange(&c.intruder, &format!("{ECHO_1}:8080"), "let me in"), "intruder -> echo-1");
     // ...until an ALLOW by its principal arrives over xDS.
     let with_allow = format!("{MESH}{ALLOW_INTRUDER}");
     push(&store, &with_allow);
@@ -331,41 +311,41 @@ fn l4_mesh_end_to_end() {
             s.workload_by_uid("Kubernetes//Pod/demo/echo-1").is_some_and(|w| s.policies_for(w).len() == 2)
         });
     }
-    assert_eq!(talk(&c.intruder, &format!("{ECHO_1}:8080"), "hi"), Ok(format!("echo-1 {INTRUDER} hi")));
+    assert_eq!(exchange(&c.intruder, &format!("{ECHO_1}:8080"), "hi"), Ok(format!("echo-1 {INTRUDER} hi")));
     // A DENY beats every ALLOW.
     push(&store, &format!("{with_allow}{DENY_CLIENT}"));
     converge(&zt_b, "deny-client", |s| {
         s.workload_by_uid("Kubernetes//Pod/demo/echo-2").is_some_and(|w| s.policies_for(w).len() == 3)
     });
-    expect_refused(talk(&c.client, &dst, "denied?"), "client -> echo-2 under deny-client");
+    expect_refused(exchange(&c.client, &dst, "denied?"), "client -> echo-2 under deny-client");
     push(&store, &with_allow);
     converge(&zt_b, "deny-client removed", |s| {
         s.workload_by_uid("Kubernetes//Pod/demo/echo-2").is_some_and(|w| s.policies_for(w).len() == 2)
     });
-    assert_eq!(talk(&c.client, &dst, "again"), Ok(format!("echo-2 {CLIENT} again")));
+    assert_eq!(exchange(&c.client, &dst, "again"), Ok(format!("echo-2 {CLIENT} again")));
 
     // A service with a waypoint: the connection goes to the waypoint over HBONE as the client,
     // asking for the service address the client dialled.
     assert_eq!(
-        talk(&c.client, WAYPOINT_VIP, "via waypoint"),
+        exchange(&c.client, WAYPOINT_VIP, "via waypoint"),
         Ok(format!("waypoint {WAYPOINT_VIP} spiffe://cluster.local/ns/demo/sa/client"))
     );
 
     // Plaintext from outside the mesh (inbound 15006): refused where policy needs an identity
     // (demo-only), delivered where no policy applies, with the caller's address kept.
-    expect_refused(talk(&c.outside, &format!("{ECHO_1}:8080"), "plain"), "plaintext -> echo-1");
+    expect_refused(exchange(&c.outside, &format!("{ECHO_1}:8080"), "plain"), "plaintext -> echo-1");
     assert_eq!(
-        talk(&c.outside, &format!("{INTRUDER}:8080"), "plain"),
+        exchange(&c.outside, &format!("{INTRUDER}:8080"), "plain"),
         Ok(format!("intruder {OUTSIDE} plain"))
     );
 
     // Unknown destinations: passed through from node-a, refused by node-b (registry-only).
     let outside = format!("{OUTSIDE}:8080");
-    assert_eq!(talk(&c.client, &outside, "out"), Ok(format!("outside {CLIENT} out")));
-    expect_refused(talk(&c.intruder, &outside, "out"), "registry-only node-b -> outside");
+    assert_eq!(exchange(&c.client, &outside, "out"), Ok(format!("outside {CLIENT} out")));
+    expect_refused(exchange(&c.intruder, &outside, "out"), "registry-only node-b -> outside");
 
     // A destination that cannot prove the identity the registry gives it is refused.
-    expect_refused(talk(&c.client, &format!("{ROGUE}:8080"), "trust me"), "rogue destination");
+    expect_refused(exchange(&c.client, &format!("{ROGUE}:8080"), "trust me"), "rogue destination");
 
     // node-a's inbound HBONE answers a CONNECT per its checks: 200 for its workload, 400 for an
     // authority other than the address the connection came to, 503 for ztunnel's own ports,
@@ -490,7 +470,7 @@ fn l4_mesh_end_to_end() {
         (app, cut)
     });
     let refused_new = (0..20).any(|_| {
-        let outcome = talk(&c.client, &format!("{ECHO_1}:8080"), "new");
+        let outcome = exchange(&c.client, &format!("{ECHO_1}:8080"), "new");
         outcome.is_err() || outcome.as_deref() == Ok("")
     });
     assert!(refused_new, "new connections must be refused while draining");

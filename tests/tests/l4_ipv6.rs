@@ -8,10 +8,7 @@
 //!   intruder 10.1.2.2 fd00:a:2::2  (other)
 //! ```
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
-
+use mesh_tests::echo::{exchange, expect_refused};
 use mesh_tests::netns::{Netns, link_nodes, link_nodes6, require_root, wire, wire6};
 use mesh_tests::node::NodeZtunnel;
 use mesh_tests::xds_server::{self, XdsStore};
@@ -33,26 +30,6 @@ policies:
     action: ALLOW
     rules: [{clauses: [{matches: [{namespaces: [{exact: demo}]}]}]}]
 "#;
-
-/// Connects from `ns` to `dst`, sends a line, half-closes, returns the reply.
-fn talk(ns: &Netns, dst: &str) -> Result<String, String> {
-    ns.enter(|| {
-        let addr: SocketAddr = dst.parse().map_err(|e| format!("{dst}: {e}"))?;
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(15))).map_err(|e| e.to_string())?;
-        writeln!(s, "hello").map_err(|e| e.to_string())?;
-        s.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
-        Ok(reply.trim_end().to_string())
-    })
-}
-
-fn expect_refused(outcome: Result<String, String>, what: &str) {
-    if let Ok(reply) = &outcome {
-        assert!(reply.is_empty(), "{what} should be refused, got {reply:?}");
-    }
-}
 
 /// Sum of the `istio_authorization_decisions_total` samples with `decision`.
 fn decisions(zt: &NodeZtunnel, decision: &str) -> f64 {
@@ -107,19 +84,22 @@ fn ipv6_pods_are_proxied_and_held_to_policy_like_ipv4() {
 
     // The client reaches echo on each family, through both ztunnels; echo sees the client's
     // own address of that family.
-    assert_eq!(talk(&client, "[fd00:b:1::2]:8080"), Ok("echo fd00:a:1::2 hello".into()));
-    assert_eq!(talk(&client, "10.2.1.2:8080"), Ok("echo ::ffff:10.1.1.2 hello".into()));
+    assert_eq!(exchange(&client, "[fd00:b:1::2]:8080", "hello"), Ok("echo fd00:a:1::2 hello".into()));
+    assert_eq!(exchange(&client, "10.2.1.2:8080", "hello"), Ok("echo ::ffff:10.1.1.2 hello".into()));
 
     // The intruder is refused by the same policy on each family, and each refusal is counted.
     let denied_before = decisions(&zt_b, "deny");
-    expect_refused(talk(&intruder, "[fd00:b:1::2]:8080"), "intruder over IPv6");
-    expect_refused(talk(&intruder, "10.2.1.2:8080"), "intruder over IPv4");
+    expect_refused(exchange(&intruder, "[fd00:b:1::2]:8080", "hello"), "intruder over IPv6");
+    expect_refused(exchange(&intruder, "10.2.1.2:8080", "hello"), "intruder over IPv4");
     let denied = decisions(&zt_b, "deny") - denied_before;
     assert!(denied >= 2.0, "both refusals counted by node-b's ztunnel: {denied}");
 
     // Direct plaintext to the pod's IPv6 from the other node's namespace is captured for
     // inbound policy too: a connection with no identity is refused by the ALLOW policy.
-    expect_refused(talk(&node_a, "[fd00:b:1::2]:8080"), "plaintext from node-a to echo over IPv6");
+    expect_refused(
+        exchange(&node_a, "[fd00:b:1::2]:8080", "hello"),
+        "plaintext from node-a to echo over IPv6",
+    );
 
     zt_a.stop(&node_a);
     zt_b.stop(&node_b);

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use mesh_tests::echo::{exchange, expect_refused};
 use mesh_tests::netns::{Netns, require_root, wire};
 use mesh_tests::node::NodeZtunnel;
 use mesh_tests::xds_server::{self, XdsServerHandle, XdsStore};
@@ -138,27 +139,6 @@ fn pods(tag: &str) -> Pods {
     p
 }
 
-/// Connects from `ns` to `dst`, sends `line`, half-closes, and returns everything received.
-/// A refused connection is an error or an empty reply.
-fn talk(ns: &Netns, dst: &str, line: &str) -> Result<String, String> {
-    ns.enter(|| {
-        let addr: SocketAddr = dst.parse().map_err(|e| format!("{dst}: {e}"))?;
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(15))).map_err(|e| e.to_string())?;
-        writeln!(s, "{line}").map_err(|e| e.to_string())?;
-        s.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
-        Ok(reply.trim_end().to_string())
-    })
-}
-
-fn expect_refused(outcome: Result<String, String>, what: &str) {
-    if let Ok(reply) = &outcome {
-        assert!(reply.is_empty(), "{what} should be refused, got {reply:?}");
-    }
-}
-
 /// The sum of the samples of `metric` carrying every one of `labels` (0 when there are none).
 fn sample_sum(metrics: &str, metric: &str, labels: &[&str]) -> f64 {
     metrics
@@ -261,7 +241,7 @@ fn an_allow_that_fails_validation_closes_its_workload_instead_of_opening_it() {
     assert!(sample_sum(&metrics, "istio_xds_nack_total", &[&url]) >= 1.0, "{metrics}");
 
     // Closed, not open: the rejected ALLOW is held as one that matches nothing.
-    expect_refused(talk(&p.client, &format!("{ECHO_1}:8080"), "let me in"), "client -> echo-1");
+    expect_refused(exchange(&p.client, &format!("{ECHO_1}:8080"), "let me in"), "client -> echo-1");
     let metrics = zt.metrics();
     let held = sample_sum(&metrics, "istio_authorization_policy_failsafe_total", &["action=\"ALLOW\""]);
     assert_eq!(held, 1.0, "{metrics}");
@@ -281,7 +261,7 @@ fn an_allow_that_fails_validation_closes_its_workload_instead_of_opening_it() {
     // A good version takes over and lets the client in.
     put_policy(&store, &allow_only("only-client", "client"));
     converge(&zt, "the good only-client", echo_1_has(1));
-    assert_eq!(talk(&p.client, &format!("{ECHO_1}:8080"), "hi"), Ok(format!("echo-1 {CLIENT} hi")));
+    assert_eq!(exchange(&p.client, &format!("{ECHO_1}:8080"), "hi"), Ok(format!("echo-1 {CLIENT} hi")));
     assert_eq!(sample_sum(&zt.metrics(), "istio_authorization_policies_failsafe", &[]), 0.0);
 
     zt.stop(&p.node);
@@ -303,7 +283,7 @@ fn a_workload_naming_a_missing_policy_is_refused_until_it_arrives() {
     zt.converge("pods enrolled", &|s| s.pods.len() == 3);
 
     // echo-2 names demo/later, which does not exist: refused, and said so.
-    expect_refused(talk(&p.client, &format!("{ECHO_2}:8080"), "anyone home?"), "client -> echo-2");
+    expect_refused(exchange(&p.client, &format!("{ECHO_2}:8080"), "anyone home?"), "client -> echo-2");
     let metrics = zt.metrics();
     let missing = sample_sum(
         &metrics,
@@ -317,7 +297,7 @@ fn a_workload_naming_a_missing_policy_is_refused_until_it_arrives() {
         "the access record says why: {refusals:?}"
     );
     // echo-1, whose policy is there, is decided by it.
-    assert_eq!(talk(&p.client, &format!("{ECHO_1}:8080"), "hi"), Ok(format!("echo-1 {CLIENT} hi")));
+    assert_eq!(exchange(&p.client, &format!("{ECHO_1}:8080"), "hi"), Ok(format!("echo-1 {CLIENT} hi")));
 
     // The policy arrives and allows the client.
     put_policy(&store, &allow_only("later", "client"));
@@ -325,7 +305,7 @@ fn a_workload_naming_a_missing_policy_is_refused_until_it_arrives() {
         s.workload_by_uid("Kubernetes//Pod/demo/echo-2")
             .is_some_and(|w| s.policies_for(w).iter().any(|p| p.name == "later"))
     });
-    assert_eq!(talk(&p.client, &format!("{ECHO_2}:8080"), "now?"), Ok(format!("echo-2 {CLIENT} now?")));
+    assert_eq!(exchange(&p.client, &format!("{ECHO_2}:8080"), "now?"), Ok(format!("echo-2 {CLIENT} now?")));
 
     zt.stop(&p.node);
     cp_rt.block_on(xds.stop());
