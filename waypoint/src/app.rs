@@ -93,9 +93,18 @@ impl App {
         let watch = drain.watch();
         let handler = Arc::new(Listener { ctx, me, drain: watch.clone() });
         let serve = server::serve(listener, tls, config.trust_domain.clone(), handler);
+        // Nothing is accepted before the first sync of routes, policies and workloads and our
+        // own certificate: until then connections wait in the kernel's backlog rather than meet
+        // a waypoint that knows no policy.
+        let gate = ready.clone();
         tasks.push(tokio::spawn(async move {
             tokio::select! {
-                _ = serve => {}
+                _ = async {
+                    info!("the mesh listener waits for the first sync and the certificate");
+                    gate.wait().await;
+                    info!("the mesh listener accepts");
+                    serve.await
+                } => {}
                 _ = watch.draining() => info!("draining: the mesh listener no longer accepts"),
             }
         }));
