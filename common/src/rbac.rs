@@ -1,8 +1,9 @@
 //! Authorization with Istio's semantics, for ztunnel (L4) and the waypoint (L4 + request):
 //! DENY policies first (any match refuses), AUDIT policies are logged, then ALLOW policies (none
 //! means allow; otherwise one must match). Dry-run policies are evaluated and logged but never
-//! decide. A request-level match evaluated where there is no request (L4) never allows and
-//! always denies, so L7 rules fail closed in ztunnel. A workload that names a policy the state
+//! decide. A request-level match evaluated where there is no request (L4) never allows, and in
+//! a DENY its request fields are dropped while its L4 fields still decide (Istio's handling of
+//! HTTP-only fields on TCP), so L7 rules fail closed in ztunnel and on the waypoint's TCP ports. A workload that names a policy the state
 //! does not hold is not reached while it is missing.
 
 use std::net::IpAddr;
@@ -202,8 +203,11 @@ fn match_holds(m: &Match, action: Action, conn: &Connection<'_>) -> bool {
         && negative(m.not_service_accounts.is_empty(), account(&m.not_service_accounts));
     match (&m.http, conn.http) {
         (None, _) => l4,
-        // A request-level rule with no request: fail closed.
-        (Some(_), None) => action == Action::Deny,
+        // A request-level rule with no request (L4), as Istio applies it to TCP: in a DENY the
+        // request fields are dropped and the rest of the rule (source, destination, port)
+        // still decides, so it refuses at least what it would at L7; in an ALLOW it admits
+        // nothing. Fail closed either way.
+        (Some(_), None) => action == Action::Deny && l4,
         (Some(h), Some(req)) => l4 && http_holds(h, action, conn, req),
     }
 }

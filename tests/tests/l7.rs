@@ -183,9 +183,12 @@ waypointPolicies:
     authorization:
       action: DENY
       rules:
-        - to: [{operation: {paths: ["/admin*"]}}]
-        - when: [{key: "request.headers[x-block]", values: ["yes"]}]
-        - to: [{operation: {methods: [DELETE]}}]
+        # Scoped to port 80: on the TCP port (82) the request fields cannot be read, and a
+        # DENY rule made only of them would refuse every tunnel (fail closed, as Istio does).
+        - to: [{operation: {paths: ["/admin*"], ports: ["80"]}}]
+        - to: [{operation: {ports: ["80"]}}]
+          when: [{key: "request.headers[x-block]", values: ["yes"]}]
+        - to: [{operation: {methods: [DELETE], ports: ["80"]}}]
   - name: only-client
     namespace: demo
     target: {waypoint: demo/waypoint}
@@ -1000,6 +1003,30 @@ sys.stdout.write(repr(reply))
         .expect("stranger");
     assert_eq!(stranger, 403, "ALLOW by principal and namespace refuses other/stranger");
 
+    // A TCP port is authorized at L4 when the tunnel is asked for: other/stranger is refused
+    // before any byte is passed through (no request to refuse later); demo/client is admitted.
+    let tcp_tunnels = probe_rt
+        .block_on(probe_rt.spawn({
+            let ca = ca.clone();
+            async move {
+                use common::hbone::client::ClientError;
+                let authority =
+                    common::hbone::connect::parse_authority(&format!("{VIP}:82")).expect("authority");
+                let mut out = Vec::new();
+                for (ns, sa) in [("other", "stranger"), ("demo", "client")] {
+                    let conn = to_waypoint(&ca, ns, sa).await;
+                    out.push(match conn.open(&authority, http::HeaderMap::new()).await {
+                        Ok(_) => 200,
+                        Err(ClientError::Status { status, .. }) => status.as_u16(),
+                        Err(e) => panic!("{ns}/{sa}: {e}"),
+                    });
+                }
+                out
+            }
+        }))
+        .expect("tcp tunnels");
+    assert_eq!(tcp_tunnels, [401, 200], "TCP port: stranger refused, client admitted");
+
     // Tracing: the waypoint's span is the caller's child and the upstream's parent, and reaches
     // the collector; B3 input continues the same trace.
     let upstream_tp = |k: &str| {
@@ -1073,7 +1100,13 @@ sys.stdout.write(repr(reply))
         "istio_tcp_connections_opened_total",
         &["reporter=\"waypoint\"", "request_protocol=\"tcp\""],
     );
-    assert_eq!(tcp, 1.0, "the TCP passthrough");
+    assert_eq!(tcp, 2.0, "the TCP passthrough, and demo/client's admitted tunnel to port 82");
+    let denied = samples(
+        &m,
+        "istio_authorization_decisions_total",
+        &["direction=\"waypoint\"", "decision=\"deny\"", "policy=\"-\""],
+    );
+    assert_eq!(denied, 1.0, "other/stranger's tunnel to port 82, refused by the waypoint-wide ALLOW");
 
     // The JSON access log: one line per request with the fields users parse.
     let log = std::fs::read_to_string(&access_log).expect("access log");

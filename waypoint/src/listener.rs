@@ -5,6 +5,14 @@
 //!
 //! Inside the tunnel the service port's `app_protocol` decides: TCP and TLS are passed through
 //! to an endpoint; everything else is served as HTTP/1.1 or HTTP/2 (h2c, gRPC included).
+//!
+//! A tunnel to a TCP or TLS port is authorized at L4 before it is accepted (source principal,
+//! namespace, IP, destination port), with the policies of the waypoint and the service: past
+//! the waypoint the destination's ztunnel only sees the waypoint's identity, so this is where
+//! source-based policy applies. Rules that need a request (methods, paths, ...) cannot match
+//! here: an ALLOW made of them admits nothing, a DENY made of them refuses (fail closed). A
+//! refusal answers 401, as ztunnel's inbound does, with a log line and
+//! `istio_authorization_decisions_total{direction="waypoint"}`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -21,6 +29,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::{debug, info, warn};
 
+use common::rbac::{self, Verdict};
+
+use crate::filter::authz::{self, Target as PolicyTarget};
 use crate::proxy::{self, Context, Downstream, HEADER_READ_TIMEOUT};
 
 /// Who this waypoint is, as services name their waypoint.
@@ -81,6 +92,12 @@ impl Listener {
                 return Decision::Refuse(status, reason);
             }
         };
+        if accepted.tcp
+            && let Err(reason) = self.authorize_tunnel(&accepted.down)
+        {
+            warn!(authority = %req.authority, peer = %req.peer, %reason, "tunnel to a TCP port denied by policy");
+            return Decision::Refuse(StatusCode::UNAUTHORIZED, reason);
+        }
         let (ctx, drain) = (self.ctx.clone(), self.drain.clone());
         Decision::Accept(Box::new(move |stream| {
             Box::pin(async move {
@@ -95,6 +112,33 @@ impl Listener {
                 drop(guard);
             })
         }))
+    }
+
+    /// L4 authorization of a tunnel to a TCP/TLS port, with the waypoint's and the service's
+    /// policies; counted either way.
+    fn authorize_tunnel(&self, down: &Downstream) -> Result<(), String> {
+        let table = self.ctx.routes.table();
+        let targets =
+            [PolicyTarget::Waypoint(self.ctx.waypoint.clone()), PolicyTarget::Service(down.service.key())];
+        let policies = authz::applicable(&table.policies, &targets);
+        if policies.is_empty() {
+            self.ctx.metrics.decision("allow", "-");
+            return Ok(());
+        }
+        let conn = rbac::Connection {
+            source: Some(&down.source_identity),
+            source_ip: down.client_addr.ip(),
+            destination_ip: down.local_addr.ip(),
+            destination_port: down.port,
+            http: None,
+        };
+        let verdict = rbac::evaluate(&policies, &conn);
+        let policy = match &verdict {
+            Verdict::DeniedBy(p) => p.as_str(),
+            _ => "-",
+        };
+        self.ctx.metrics.decision(if verdict.is_allow() { "allow" } else { "deny" }, policy);
+        if verdict.is_allow() { Ok(()) } else { Err(verdict.reason().to_string()) }
     }
 
     fn resolve(&self, snapshot: &Snapshot, req: &ConnectRequest) -> Result<Accepted, (StatusCode, String)> {

@@ -35,8 +35,18 @@ fn bytes_histogram() -> Histogram {
 }
 
 /// The waypoint's request metrics.
+/// Labels of `istio_authorization_decisions_total` at the waypoint (tunnels to TCP/TLS ports,
+/// authorized at L4; HTTP requests are counted by their response code).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub direction: &'static str,
+    pub decision: &'static str,
+    pub policy: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct Metrics {
+    decisions: Family<DecisionLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     duration: Histograms,
     request_bytes: Histograms,
@@ -72,6 +82,7 @@ impl AccessSink {
 impl Metrics {
     pub fn new(registry: &mut Registry, log_format: LogFormat, sink: AccessSink) -> Self {
         let m = Self {
+            decisions: Family::default(),
             requests: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
             request_bytes: Family::new_with_constructor(bytes_histogram),
@@ -84,6 +95,11 @@ impl Metrics {
             sink,
         };
         registry.register("requests", "Requests handled", m.requests.clone());
+        registry.register(
+            "authorization_decisions",
+            "L4 authorization decisions on tunnels to TCP/TLS ports",
+            m.decisions.clone(),
+        );
         registry.register("request_duration_milliseconds", "Request duration", m.duration.clone());
         registry.register("request_bytes", "Request body sizes", m.request_bytes.clone());
         registry.register("response_bytes", "Response body sizes", m.response_bytes.clone());
@@ -111,6 +127,12 @@ impl Metrics {
     }
 
     /// Records one TCP connection passed through.
+    /// Counts an L4 authorization decision on a tunnel.
+    pub fn decision(&self, decision: &'static str, policy: &str) {
+        let labels = DecisionLabels { direction: "waypoint", decision, policy: policy.to_string() };
+        self.decisions.get_or_create(&labels).inc();
+    }
+
     pub fn tcp(&self, labels: &TrafficLabels, received: u64, sent: u64) {
         self.tcp_opened.get_or_create(labels).inc();
         self.tcp_received.get_or_create(labels).inc_by(received);

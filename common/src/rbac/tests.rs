@@ -239,3 +239,34 @@ fn request_rules_fail_closed_at_l4_and_audit_never_decides() {
     );
     assert_eq!(evaluate(&[http_policy("audit", Action::Audit, HttpMatch::default())], &c), Verdict::Allow);
 }
+
+#[test]
+fn at_l4_a_deny_drops_its_request_fields_and_keeps_the_rest() {
+    use crate::state::policy::HttpMatch;
+    let client = id("demo", "client");
+    let by_path = HttpMatch { paths: vec![StringMatch::istio("/admin*")], ..Default::default() };
+    // DENY {paths: /admin*, ports: 80}: at L4 it refuses port 80 (all of it, since the path
+    // cannot be read) and leaves port 82 alone; an ALLOW of the same shape admits nothing.
+    let scoped = |action| {
+        policy(
+            "p",
+            action,
+            vec![Match {
+                destination_ports: vec![80],
+                http: Some(Box::new(by_path.clone())),
+                ..Default::default()
+            }],
+        )
+    };
+    let on = |port| conn(Some(&client), "10.0.0.1", "10.0.0.2", port);
+    assert_eq!(evaluate(&[scoped(Action::Deny)], &on(80)), Verdict::DeniedBy("demo/p".into()));
+    assert_eq!(evaluate(&[scoped(Action::Deny)], &on(82)), Verdict::Allow);
+    assert_eq!(evaluate(&[scoped(Action::Allow)], &on(80)), Verdict::NotAllowed);
+    // Sources count too: a DENY for another namespace's requests does not refuse ours at L4.
+    let others = policy(
+        "o",
+        Action::Deny,
+        vec![Match { namespaces: vec![exact("other")], http: Some(Box::new(by_path)), ..Default::default() }],
+    );
+    assert_eq!(evaluate(&[others], &on(80)), Verdict::Allow);
+}
