@@ -625,7 +625,20 @@ fn a_killed_or_terminated_ztunnel_process_leaves_capture_in_place() {
     let log = |n: usize| dir.path().join(format!("ztunnel-{n}.log"));
     let mut first = ztunnel_process(&m.node, &args, &log(1));
     let ids = wait_attached(&m.node, "the first ztunnel's capture", |ids| ids.len() == 2);
+    // Both of pod A's addresses enrolled (the process enrolls them one after the other).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let landed = |r: Result<String, String>, port: &str| r.is_ok_and(|r| r.starts_with(port));
+    while !landed(talk(&m.outside, &format!("[{POD_A6}]:8080")), "15006 ")
+        || !landed(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), "15001 ")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first ztunnel never enrolled both addresses of pod A"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     expect_landing(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), 15001, "10.9.0.2:8080", POD_A);
+    expect_landing(talk(&m.outside, &format!("[{POD_A6}]:8080")), 15006, "[fd00:1:1::2]:8080", OUTSIDE6);
 
     // kill -9: capture stays; the pod is still captured, never direct.
     signal(&mut first, nix::sys::signal::Signal::SIGKILL);

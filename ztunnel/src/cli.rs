@@ -17,18 +17,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::from_args(args)?;
+    // Watch for SIGTERM before starting anything: a stop during start-up still drains.
+    let mut stop = Shutdown::watch();
     info!(config = %serde_json::to_string(&config)?, "starting ztunnel");
     let drain_period = config.drain_period;
     let mut app = App::start(config).await?;
     let ready = app.ready.clone();
     tokio::select! {
         _ = ready.wait() => info!("ztunnel ready"),
-        _ = shutdown_signal() => {
+        _ = stop.wait() => {
             app.drain(drain_period).await;
             return Ok(());
         }
     }
-    shutdown_signal().await;
+    stop.wait().await;
     info!(period_s = drain_period.as_secs(), "shutting down: draining connections");
     let cut = app.drain(drain_period).await;
     info!(cut, "shutting down");
@@ -36,17 +38,33 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops ztunnel");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM or Ctrl-C, registered when created.
+struct Shutdown {
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Shutdown {
+    fn watch() -> Self {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => Self { term: Some(term) },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops ztunnel");
+                Self { term: None }
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    }
+
+    async fn wait(&mut self) {
+        match &mut self.term {
+            Some(term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
     }
 }
