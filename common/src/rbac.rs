@@ -3,8 +3,9 @@
 //! means allow; otherwise one must match). Dry-run policies are evaluated and logged but never
 //! decide. A request-level match evaluated where there is no request (L4) never allows, and in
 //! a DENY its request fields are dropped while its L4 fields still decide (Istio's handling of
-//! HTTP-only fields on TCP), so L7 rules fail closed in ztunnel and on the waypoint's TCP ports. A workload that names a policy the state
-//! does not hold is not reached while it is missing.
+//! HTTP-only fields on TCP), so L7 rules fail closed in ztunnel and on the waypoint's TCP
+//! ports. A workload that names a policy the state does not hold is not reached while it is
+//! missing.
 
 use std::net::IpAddr;
 use std::sync::Arc;

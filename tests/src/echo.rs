@@ -24,6 +24,15 @@ pub fn serve_lines(listener: TcpListener, reply: fn(&str, &str, &str) -> String,
     });
 }
 
+/// A line echo server in `ns` on `bind`:8080 named `name`, answering `<name> <peer ip> <line>`
+/// (bind `::` to serve both families).
+pub fn serve_pod(ns: &crate::netns::Netns, bind: &str, name: &str) {
+    let listener = ns
+        .enter(|| TcpListener::bind((bind, 8080)))
+        .unwrap_or_else(|e| panic!("bind the echo server in {}: {e}", ns.name));
+    serve_lines(listener, |name, peer, line| format!("{name} {peer} {line}"), name.to_string());
+}
+
 /// Connects from `ns` to `dst`, sends `line`, half-closes, and returns everything received
 /// (trailing newline trimmed). A refused connection is an error or an empty reply.
 pub fn exchange(ns: &crate::netns::Netns, dst: &str, line: &str) -> Result<String, String> {

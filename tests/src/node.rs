@@ -43,6 +43,22 @@ pub fn routing_state(node: &Netns) -> (usize, usize) {
     })
 }
 
+/// The in-repo control plane serving `store` on `addr`, on a runtime whose threads live in
+/// `node`; keep the runtime as long as the server runs.
+pub fn control_plane(
+    node: &Netns,
+    addr: &str,
+    store: std::sync::Arc<crate::xds_server::XdsStore>,
+) -> (tokio::runtime::Runtime, crate::xds_server::XdsServerHandle) {
+    let rt = node.runtime();
+    let addr: std::net::SocketAddr = addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}"));
+    let server = rt
+        .block_on(rt.spawn(crate::xds_server::start(addr, store)))
+        .expect("join")
+        .unwrap_or_else(|e| panic!("xds server on {addr} in {}: {e}", node.name));
+    (rt, server)
+}
+
 /// ztunnel started from command-line flags on a runtime whose threads live in the node.
 pub struct NodeZtunnel {
     pub rt: tokio::runtime::Runtime,

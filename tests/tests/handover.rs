@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use mesh_tests::netns::{Netns, link_nodes, require_root, wire};
 use mesh_tests::node::NodeZtunnel;
-use mesh_tests::xds_server::{self, XdsStore};
+use mesh_tests::xds_server::XdsStore;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const XDS_ADDR: &str = "10.0.0.1:15010";
@@ -163,22 +163,13 @@ fn ztunnel_is_replaced_under_load_without_a_failed_connection() {
     link_nodes(&node_a, &node_b);
     wire(&node_a, &client, "v-client", "10.1.1");
     wire(&node_b, &echo, "v-echo", "10.2.1");
-    let listener = echo.enter(|| std::net::TcpListener::bind(("0.0.0.0", 8080)).expect("bind echo"));
-    mesh_tests::echo::serve_lines(
-        listener,
-        |name, peer, line| format!("{name} {peer} {line}"),
-        "echo".into(),
-    );
+    mesh_tests::echo::serve_pod(&echo, "0.0.0.0", "echo");
 
     let ca_dir = tempfile::tempdir().expect("tempdir");
     let ca = ca_dir.path().to_str().expect("path").to_string();
     let store = XdsStore::new();
     store.load_yaml(MESH).unwrap_or_else(|e| panic!("config: {e:#}"));
-    let cp_rt = node_a.runtime();
-    let xds = cp_rt
-        .block_on(cp_rt.spawn(xds_server::start(XDS_ADDR.parse().expect("addr"), store.clone())))
-        .expect("join")
-        .expect("xds server");
+    let (cp_rt, xds) = mesh_tests::node::control_plane(&node_a, XDS_ADDR, store.clone());
     let url = format!("http://{XDS_ADDR}");
     let common = ["--xds-address", url.as_str(), "--local-ca", &ca, "--redirect", "--uplink", "*"];
     let flags_a = [&common[..], &["--node-name", "node-a"]].concat();

@@ -26,7 +26,7 @@ use common::identity::local_ca::LocalCa;
 use mesh_tests::echo::{exchange, expect_refused};
 use mesh_tests::netns::{Netns, link_nodes, require_root, wire};
 use mesh_tests::node::NodeZtunnel;
-use mesh_tests::xds_server::{self, XdsStore};
+use mesh_tests::xds_server::XdsStore;
 
 const CLIENT: &str = "10.1.1.2";
 const ECHO_1: &str = "10.1.2.2";
@@ -93,12 +93,6 @@ const ECHO_3_WORKLOAD: &str = r#"
      workloadName: echo, canonicalName: echo, canonicalRevision: v1,
      services: {demo/echo.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]}}
 "#;
-
-/// A line echo server on 0.0.0.0:8080 in `ns`: each line gets `<name> <peer ip> <line>`.
-fn echo_server(ns: &Netns, name: &'static str) {
-    let listener = ns.enter(|| std::net::TcpListener::bind(("0.0.0.0", 8080)).expect("bind echo server"));
-    mesh_tests::echo::serve_lines(listener, |name, peer, line| format!("{name} {peer} {line}"), name.into());
-}
 
 /// Who served each of `n` connections from `ns` to `dst` (the first word of each reply);
 /// every reply must show the source address `src`.
@@ -174,7 +168,7 @@ fn cluster() -> Cluster {
         (&c.intruder, "intruder"),
         (&c.outside, "outside"),
     ] {
-        echo_server(ns, name);
+        mesh_tests::echo::serve_pod(ns, "0.0.0.0", name);
     }
     c
 }
@@ -269,11 +263,7 @@ fn l4_mesh_end_to_end() {
     // The echo pods name allow-intruder only once it exists: a workload naming a missing policy
     // is refused (fail closed).
     push(&store, &MESH.replace("authorizationPolicies: [demo/allow-intruder],", ""));
-    let cp_rt = c.node_a.runtime();
-    let xds = cp_rt
-        .block_on(cp_rt.spawn(xds_server::start(XDS_ADDR.parse().expect("addr"), store.clone())))
-        .expect("join")
-        .expect("xds server");
+    let (cp_rt, xds) = mesh_tests::node::control_plane(&c.node_a, XDS_ADDR, store.clone());
     let xds_url = format!("http://{XDS_ADDR}");
     let common_flags = ["--xds-address", &xds_url, "--local-ca", &ca, "--redirect", "--uplink", "*"];
     let zt_a = NodeZtunnel::start(&c.node_a, &[&common_flags[..], &["--node-name", "node-a"]].concat());

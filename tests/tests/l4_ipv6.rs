@@ -11,7 +11,7 @@
 use mesh_tests::echo::{exchange, expect_refused};
 use mesh_tests::netns::{Netns, link_nodes, link_nodes6, require_root, wire, wire6};
 use mesh_tests::node::NodeZtunnel;
-use mesh_tests::xds_server::{self, XdsStore};
+use mesh_tests::xds_server::XdsStore;
 
 const XDS_ADDR: &str = "10.0.0.1:15010";
 
@@ -57,22 +57,13 @@ fn ipv6_pods_are_proxied_and_held_to_policy_like_ipv4() {
     wire(&node_b, &echo, "v-echo", "10.2.1");
     wire6(&node_b, &echo, "v-echo", "fd00:b:1");
     // The echo server answers on both families with the peer it saw.
-    let listener = echo.enter(|| std::net::TcpListener::bind(("::", 8080)).expect("bind echo server"));
-    mesh_tests::echo::serve_lines(
-        listener,
-        |name, peer, line| format!("{name} {peer} {line}"),
-        "echo".into(),
-    );
+    mesh_tests::echo::serve_pod(&echo, "::", "echo");
 
     let ca_dir = tempfile::tempdir().expect("tempdir");
     let ca = ca_dir.path().to_str().expect("path").to_string();
     let store = XdsStore::new();
     store.load_yaml(MESH).unwrap_or_else(|e| panic!("config: {e:#}"));
-    let cp_rt = node_a.runtime();
-    let xds = cp_rt
-        .block_on(cp_rt.spawn(xds_server::start(XDS_ADDR.parse().expect("addr"), store.clone())))
-        .expect("join")
-        .expect("xds server");
+    let (cp_rt, xds) = mesh_tests::node::control_plane(&node_a, XDS_ADDR, store.clone());
     let url = format!("http://{XDS_ADDR}");
     let flags = ["--xds-address", &url, "--local-ca", &ca, "--redirect", "--uplink", "*"];
     let zt_a = NodeZtunnel::start(&node_a, &[&flags[..], &["--node-name", "node-a"]].concat());

@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_tests::netns::{Netns, link_nodes, require_root, run, wire};
 use mesh_tests::node::NodeZtunnel;
-use mesh_tests::xds_server::{self, XdsStore};
+use mesh_tests::xds_server::XdsStore;
 use proto::ambient::testing::v1::echo_client::EchoClient;
 use proto::ambient::testing::v1::echo_server::{Echo, EchoServer};
 use proto::ambient::testing::v1::{EchoReply, EchoRequest};
@@ -532,11 +532,7 @@ fn waypoint_end_to_end() {
     );
     let store = XdsStore::new();
     store.load_yaml(&mesh).unwrap_or_else(|e| panic!("mesh config: {e:#}"));
-    let cp_rt = p.node_a.runtime();
-    let xds = cp_rt
-        .block_on(cp_rt.spawn(xds_server::start(XDS_ADDR.parse().expect("addr"), store.clone())))
-        .expect("join")
-        .expect("xds server");
+    let (cp_rt, xds) = mesh_tests::node::control_plane(&p.node_a, XDS_ADDR, store.clone());
     let url = format!("http://{XDS_ADDR}");
     let flags = ["--xds-address", &url, "--local-ca", &ca, "--redirect", "--uplink", "*"];
     let zt_a = NodeZtunnel::start(&p.node_a, &[&flags[..], &["--node-name", "node-a"]].concat());

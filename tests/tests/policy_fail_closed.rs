@@ -27,7 +27,7 @@ use std::time::Duration;
 use mesh_tests::echo::{exchange, expect_refused};
 use mesh_tests::netns::{Netns, require_root, wire};
 use mesh_tests::node::NodeZtunnel;
-use mesh_tests::xds_server::{self, XdsServerHandle, XdsStore};
+use mesh_tests::xds_server::{XdsServerHandle, XdsStore};
 use proto::AUTHORIZATION_TYPE_URL;
 use proto::security as sec;
 
@@ -129,12 +129,7 @@ fn pods(tag: &str) -> Pods {
     wire(&p.node, &p.echo_1, "v-echo1", "10.1.2");
     wire(&p.node, &p.echo_2, "v-echo2", "10.1.3");
     for (ns, name) in [(&p.echo_1, "echo-1"), (&p.echo_2, "echo-2")] {
-        let listener = ns.enter(|| std::net::TcpListener::bind(("0.0.0.0", 8080)).expect("bind echo server"));
-        mesh_tests::echo::serve_lines(
-            listener,
-            |name, peer, line| format!("{name} {peer} {line}"),
-            name.into(),
-        );
+        mesh_tests::echo::serve_pod(ns, "0.0.0.0", name);
     }
     p
 }
@@ -182,12 +177,7 @@ fn put_policy(store: &XdsStore, a: &sec::Authorization) {
 
 /// The xDS server serving `store` in `node`, on its loopback.
 fn control_plane(node: &Netns, store: Arc<XdsStore>) -> (tokio::runtime::Runtime, XdsServerHandle) {
-    let rt = node.runtime();
-    let server = rt
-        .block_on(rt.spawn(xds_server::start(XDS_ADDR.parse().expect("addr"), store)))
-        .expect("join")
-        .expect("xds server");
-    (rt, server)
+    mesh_tests::node::control_plane(node, XDS_ADDR, store)
 }
 
 fn start_ztunnel(node: &Netns, ca_dir: &std::path::Path, extra: &[&str]) -> NodeZtunnel {
