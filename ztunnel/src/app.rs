@@ -115,7 +115,7 @@ impl App {
                 config.uplinks.clone(),
                 config.static_pods.clone(),
                 state.addresses().clone(),
-                ready.clone(),
+                synced.clone(),
                 &mut registry,
             );
             tasks.push(task);

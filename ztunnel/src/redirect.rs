@@ -79,7 +79,7 @@ impl Enrollment {
         uplinks: Vec<String>,
         static_pods: Vec<StaticPod>,
         workloads: Arc<ResourceStore<Address>>,
-        ready: Ready,
+        synced: Ready,
         registry: &mut Registry,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let metrics = RedirectMetrics::default();
@@ -88,7 +88,7 @@ impl Enrollment {
         r.register("enroll_errors", "Failed pod enrollments (retried)", metrics.errors.clone());
         let (tx, status) = watch::channel(redirector.status());
         let redirector = Arc::new(Mutex::new(Some(redirector)));
-        let wanted = Wanted { node_name, uplinks, static_pods, ready };
+        let wanted = Wanted { node_name, uplinks, static_pods, synced };
         let task = tokio::spawn(reconcile_loop(redirector.clone(), wanted, workloads, metrics, tx));
         (Self { redirector, status }, task)
     }
@@ -119,19 +119,14 @@ struct Wanted {
     node_name: String,
     uplinks: Vec<String>,
     static_pods: Vec<StaticPod>,
-    /// Tells when the first control-plane sync is through.
-    ready: Ready,
+    /// The control-plane source's own readiness: done once its first sync is through.
+    synced: Ready,
 }
 
 impl Wanted {
-    /// True once the control-plane source's initial sync is done (its readiness task, named
-    /// `xds initial sync ...` or `local config ...`, is no longer pending).
+    /// True once the control-plane source's first sync is done.
     fn synced(&self) -> bool {
-        !self
-            .ready
-            .pending()
-            .iter()
-            .any(|p| p.starts_with("xds initial sync") || p.starts_with("local config"))
+        self.synced.is_ready()
     }
 
     /// Uplink interfaces, with `*` expanded to every current interface.
@@ -222,11 +217,11 @@ async fn reconcile_loop(
             }
             Err(e) => warn!(error = %e, "enrollment task failed"),
         }
-        // Not synced yet: look again soon, the sync may complete without a workload change.
-        let wait = if synced { RESYNC_INTERVAL } else { Duration::from_millis(200) };
+        // The first sync may complete without a workload change: it wakes the loop too.
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(wait) => {}
+            _ = wanted.synced.wait(), if !synced => {}
+            _ = tokio::time::sleep(RESYNC_INTERVAL) => {}
         }
     }
 }
