@@ -6,6 +6,25 @@
 //! HTTP-only fields on TCP), so L7 rules fail closed in ztunnel and on the waypoint's TCP
 //! ports. A workload that names a policy the state does not hold is not reached while it is
 //! missing.
+//!
+//! Request fields. `hosts`/`not_hosts` compare ignoring ASCII case (exact, prefix, suffix and
+//! presence alike), as Istio's host matcher does (`ignore_case`), whatever case the caller
+//! passes; methods, paths and header values are case-sensitive, as in Istio.
+//!
+//! `when` conditions. An attribute has zero or more values: a field holds when some value
+//! matches one of its `values`, and its `notValues` hold when no value matches any of them, so
+//! an attribute without a value matches no positive value and every `notValues`. A key this
+//! module does not know (or a malformed one) never allows and always denies. JWT claims, as
+//! Istio reads them from Envoy's `jwt_authn` payload:
+//! - `request.auth.claims[a][b]..` walks nested objects (at most [`MAX_CLAIM_DEPTH`] names,
+//!   each non-empty and free of brackets; anything else is a malformed key). A missing name,
+//!   or a step through a non-object, leaves the claim without a value.
+//! - A list claim has a value per element. A string is one value, except the top-level
+//!   `scope` and `permission` claims, which are space-delimited lists (Istio's default
+//!   `spaceDelimitedClaims`). Numbers and booleans compare as their JSON text (`3`, `true`);
+//!   objects, nulls, and lists inside a list have no value.
+//! - `request.auth.audiences` is the `aud` claim (a string or a list), `request.auth.presenter`
+//!   the `azp` claim. Without a JWT every claim key is known and has no value.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -213,44 +232,128 @@ fn match_holds(m: &Match, action: Action, conn: &Connection<'_>) -> bool {
     }
 }
 
-fn any(list: &[StringMatch], value: Option<&str>) -> bool {
-    value.is_some_and(|v| list.iter().any(|s| s.matches(v)))
+/// A request field: with patterns `pos`, some value matches one of them; with patterns `neg`,
+/// no value matches any. A field without values matches no positive pattern.
+fn field<V: AsRef<str>>(
+    pos: &[StringMatch],
+    neg: &[StringMatch],
+    values: &[V],
+    matches: fn(&StringMatch, &str) -> bool,
+) -> bool {
+    let any = |list: &[StringMatch]| values.iter().any(|v| list.iter().any(|s| matches(s, v.as_ref())));
+    (pos.is_empty() || any(pos)) && (neg.is_empty() || !any(neg))
 }
 
 fn http_holds(h: &HttpMatch, action: Action, conn: &Connection<'_>, req: &Request<'_>) -> bool {
-    let field = |pos: &[StringMatch], neg: &[StringMatch], value: Option<&str>| {
-        (pos.is_empty() || any(pos, value)) && (neg.is_empty() || !any(neg, value))
-    };
-    field(&h.hosts, &h.not_hosts, Some(req.host))
-        && field(&h.methods, &h.not_methods, Some(req.method))
-        && field(&h.paths, &h.not_paths, Some(req.path))
-        && field(&h.request_principals, &h.not_request_principals, req.request_principal)
+    field(&h.hosts, &h.not_hosts, &[req.host], host_matches)
+        && field(&h.methods, &h.not_methods, &[req.method], StringMatch::matches)
+        && field(&h.paths, &h.not_paths, &[req.path], StringMatch::matches)
+        && field(
+            &h.request_principals,
+            &h.not_request_principals,
+            req.request_principal.as_slice(),
+            StringMatch::matches,
+        )
         && h.conditions.iter().all(|c| match attribute(&c.key, conn, req) {
-            Some(value) => field(&c.values, &c.not_values, value.as_deref()),
+            Some(values) => field(&c.values, &c.not_values, &values, StringMatch::matches),
             // A key we cannot evaluate: fail closed.
             None => action == Action::Deny,
         })
 }
 
-/// The value of a `when` key for this request; `None` when the key is not one we know (the
-/// inner `None` is a known key without a value here).
-fn attribute(key: &str, conn: &Connection<'_>, req: &Request<'_>) -> Option<Option<String>> {
-    let inner = |prefix: &str| key.strip_prefix(prefix).and_then(|k| k.strip_suffix(']'));
-    if let Some(name) = inner("request.headers[") {
-        return Some(req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string));
+/// [`StringMatch::matches`] ignoring ASCII case, for hosts. Compares bytes, so a pattern that
+/// ends inside a multi-byte character of `host` simply does not match.
+fn host_matches(m: &StringMatch, host: &str) -> bool {
+    let (host, len) = (host.as_bytes(), host.len());
+    match m {
+        StringMatch::Exact(s) => host.eq_ignore_ascii_case(s.as_bytes()),
+        StringMatch::Prefix(s) => host.get(..s.len()).is_some_and(|h| h.eq_ignore_ascii_case(s.as_bytes())),
+        StringMatch::Suffix(s) => len
+            .checked_sub(s.len())
+            .and_then(|start| host.get(start..))
+            .is_some_and(|h| h.eq_ignore_ascii_case(s.as_bytes())),
+        StringMatch::Presence => len > 0,
     }
-    if let Some(name) = inner("request.auth.claims[") {
-        let claim = req.claims.and_then(|c| c.get(name));
-        return Some(claim.map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)));
+}
+
+/// The values of a `when` key for this request; `None` when the key is not one we know or is
+/// malformed (an empty list is a known key without a value here).
+fn attribute(key: &str, conn: &Connection<'_>, req: &Request<'_>) -> Option<Vec<String>> {
+    let claims = |path: &str| {
+        let path = claim_path(path)?;
+        Some(req.claims.map(|c| values_at(c, &path)).unwrap_or_default())
+    };
+    if let Some(name) = key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
+        return Some(
+            req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string).into_iter().collect(),
+        );
     }
-    Some(match key {
+    if let Some(path) = key.strip_prefix("request.auth.claims") {
+        return claims(path);
+    }
+    let value = match key {
+        "request.auth.audiences" => return claims("[aud]"),
+        "request.auth.presenter" => return claims("[azp]"),
         "source.ip" => Some(conn.source_ip.to_string()),
         "source.namespace" => conn.source.map(|s| s.namespace().to_string()),
         "source.principal" => conn.source.map(Identity::principal),
         "destination.port" => Some(conn.destination_port.to_string()),
         "request.auth.principal" => req.request_principal.map(str::to_string),
         _ => return None,
-    })
+    };
+    Some(value.into_iter().collect())
+}
+
+/// The most claim names a `request.auth.claims[..]` key may walk through.
+pub const MAX_CLAIM_DEPTH: usize = 16;
+
+/// Top-level claims whose string value is a space-delimited list (Istio's default
+/// `spaceDelimitedClaims`, normalized by Envoy's `jwt_authn`).
+const SPACE_DELIMITED_CLAIMS: [&str; 2] = ["scope", "permission"];
+
+/// The values `claims` has for `key`, the part of a `request.auth.claims[..]` condition key
+/// after `request.auth.claims` (`[groups]`, `[realm][role]`); `None` when `key` is malformed.
+/// Never panics.
+pub fn claim_values(claims: &serde_json::Value, key: &str) -> Option<Vec<String>> {
+    claim_path(key).map(|path| values_at(claims, &path))
+}
+
+/// The names in `[a][b]..`: at least one and at most [`MAX_CLAIM_DEPTH`], each non-empty and
+/// without brackets, and nothing around them.
+fn claim_path(key: &str) -> Option<Vec<&str>> {
+    let mut names = Vec::new();
+    let mut rest = key;
+    while !rest.is_empty() {
+        let (name, after) = rest.strip_prefix('[')?.split_once(']')?;
+        if name.is_empty() || name.contains('[') || names.len() == MAX_CLAIM_DEPTH {
+            return None;
+        }
+        names.push(name);
+        rest = after;
+    }
+    (!names.is_empty()).then_some(names)
+}
+
+/// The values at `path` in `claims`, walking objects only.
+fn values_at(claims: &serde_json::Value, path: &[&str]) -> Vec<String> {
+    use serde_json::Value;
+    let Some(claim) = path.iter().try_fold(claims, |v, name| v.as_object()?.get(*name)) else {
+        return vec![];
+    };
+    let scalar = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(_) | Value::Bool(_) => Some(v.to_string()),
+        Value::Null | Value::Array(_) | Value::Object(_) => None,
+    };
+    match claim {
+        Value::Array(items) => items.iter().filter_map(scalar).collect(),
+        Value::String(s) if matches!(path, [name] if SPACE_DELIMITED_CLAIMS.contains(name)) => {
+            let items: Vec<String> = s.split(' ').filter(|i| !i.is_empty()).map(str::to_string).collect();
+            // Envoy leaves a string that splits into nothing as it is.
+            if items.is_empty() { vec![s.clone()] } else { items }
+        }
+        other => scalar(other).into_iter().collect(),
+    }
 }
 
 #[cfg(test)]
