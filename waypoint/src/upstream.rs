@@ -2,22 +2,26 @@
 //! authority `<pod ip>:<target port>`), presenting the waypoint's identity and requiring the
 //! endpoint's. HTTP/2 upstreams share one connection per endpoint; HTTP/1.1 upstreams keep a
 //! few idle connections per endpoint. Endpoints are chosen round robin or by least requests
-//! (power of two choices).
+//! (power of two choices). The per-endpoint and per-service state (connections, requests in
+//! flight, rotations, outlier records) is pruned as endpoints and services leave the mesh
+//! ([`Upstream::spawn_pruner`]) and capped as a backstop.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use common::hbone::connect::Authority;
 use common::hbone::pool::{Pool, PoolKey, PooledStream};
 use common::identity::Identity;
-use common::state::{Endpoint, Service, Snapshot};
+use common::state::{Endpoint, Service, Snapshot, State};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rand::Rng;
+use tokio::task::JoinHandle;
 use tracing::debug;
 
 use crate::body::ProxyBody;
@@ -26,6 +30,20 @@ use crate::body::ProxyBody;
 const MAX_IDLE_H1: usize = 16;
 /// The HBONE port of every node's ztunnel (and of pods that speak HBONE themselves).
 const HBONE_PORT: u16 = 15008;
+/// Endpoints (address and identity, per protocol) whose connections are kept at once. Beyond
+/// it closed ones are dropped first; a new endpoint that still finds no room is not pooled (its
+/// connection serves its request, then closes).
+pub const MAX_CLIENT_ENTRIES: usize = 16_384;
+/// Endpoint addresses whose requests in flight are counted at once. Beyond it counters no
+/// request holds are dropped first; an endpoint that still finds no room gets a counter of its
+/// own that is not shared (least request then sees it idle).
+pub const MAX_OUTSTANDING_ENTRIES: usize = 65_536;
+/// Services whose round-robin position is kept at once. Beyond it a new service starts from a
+/// random position each time.
+pub const MAX_ROUND_ROBIN_ENTRIES: usize = 16_384;
+/// The least time between two prunes by [`Upstream::spawn_pruner`], however often the mesh
+/// changes.
+const MIN_PRUNE_GAP: Duration = Duration::from_secs(1);
 
 /// How to choose among endpoints.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -80,6 +98,29 @@ enum Client {
     H1(Vec<(http1::SendRequest<ProxyBody>, u32)>),
 }
 
+impl Client {
+    /// Drops closed connections; `false` if none is left.
+    fn retain_open(&mut self) -> bool {
+        match self {
+            Client::H2(s, _) => !s.is_closed(),
+            Client::H1(idle) => {
+                idle.retain(|(s, _)| !s.is_closed());
+                !idle.is_empty()
+            }
+        }
+    }
+}
+
+/// Room for `key` in `clients` under [`MAX_CLIENT_ENTRIES`], dropping closed connections if
+/// needed.
+fn client_room(clients: &mut HashMap<ClientKey, Client>, key: &ClientKey) -> bool {
+    if clients.len() < MAX_CLIENT_ENTRIES || clients.contains_key(key) {
+        return true;
+    }
+    clients.retain(|_, c| c.retain_open());
+    clients.len() < MAX_CLIENT_ENTRIES
+}
+
 /// Sends requests to endpoints. Cheap to clone.
 #[derive(Clone)]
 pub struct Upstream {
@@ -106,8 +147,84 @@ impl Upstream {
         }
     }
 
+    /// The requests in flight to `addr`, shared by every [`Target`] for it.
     fn outstanding(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
-        self.outstanding.lock().unwrap_or_else(PoisonError::into_inner).entry(addr).or_default().clone()
+        let mut map = self.outstanding.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = map.get(&addr) {
+            return count.clone();
+        }
+        if map.len() >= MAX_OUTSTANDING_ENTRIES {
+            // Counters no target holds are zero: dropping them loses nothing.
+            map.retain(|_, c| Arc::strong_count(c) > 1);
+        }
+        let count = Arc::default();
+        if map.len() < MAX_OUTSTANDING_ENTRIES {
+            map.insert(addr, Arc::clone(&count));
+        }
+        count
+    }
+
+    /// The next round-robin turn of the service `key`.
+    fn next_turn(&self, key: String) -> usize {
+        let mut rr = self.round_robin.lock().unwrap_or_else(PoisonError::into_inner);
+        if rr.len() >= MAX_ROUND_ROBIN_ENTRIES && !rr.contains_key(&key) {
+            return rand::rng().random_range(0..usize::MAX);
+        }
+        let n = rr.entry(key).or_default();
+        *n = n.wrapping_add(1);
+        *n
+    }
+
+    /// Forgets what belongs to endpoints and services that are not in `snapshot`: outlier
+    /// records of endpoints no longer serving their service, rotations of services that are
+    /// gone, pooled connections to endpoints that are gone (or whose identity changed) and
+    /// closed ones, and request counters that no request holds (a [`Target`] keeps its counter
+    /// working, and the counter stays the endpoint's, until its request ends).
+    pub fn prune(&self, snapshot: &Snapshot) {
+        self.outstanding
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, c| Arc::strong_count(c) > 1);
+        self.round_robin.lock().unwrap_or_else(PoisonError::into_inner).retain(|key, _| {
+            key.split_once('/')
+                .is_some_and(|(namespace, hostname)| snapshot.service(namespace, hostname).is_some())
+        });
+        self.clients.lock().unwrap_or_else(PoisonError::into_inner).retain(|key, client| {
+            let known = snapshot.workload_by_ip(key.addr.ip()).is_some_and(|w| w.identity == key.identity);
+            known && client.retain_open()
+        });
+        self.ejections.prune(snapshot);
+    }
+
+    /// Prunes ([`Upstream::prune`]) against `state`'s current snapshot every `every`, and soon
+    /// after the mesh changes (at most once a second). The task runs until aborted.
+    pub fn spawn_pruner(&self, state: State, every: Duration) -> JoinHandle<()> {
+        let upstream = self.clone();
+        let mut changes = state.subscribe();
+        let every = every.max(MIN_PRUNE_GAP);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    Ok(()) = changes.changed() => {}
+                }
+                upstream.prune(&state.snapshot());
+                tokio::time::sleep(MIN_PRUNE_GAP).await;
+            }
+        })
+    }
+
+    /// Entries held per map (outstanding, round robin, clients, outlier records), for tests and
+    /// the config dump.
+    pub fn tracked(&self) -> (usize, usize, usize, usize) {
+        (
+            self.outstanding.lock().unwrap_or_else(PoisonError::into_inner).len(),
+            self.round_robin.lock().unwrap_or_else(PoisonError::into_inner).len(),
+            self.clients.lock().unwrap_or_else(PoisonError::into_inner).len(),
+            self.ejections.len(),
+        )
     }
 
     /// The healthy endpoints of `service` for `port`, with their addresses.
@@ -144,12 +261,7 @@ impl Upstream {
             return None;
         }
         let index = match self.balance {
-            Balance::RoundRobin => {
-                let mut rr = self.round_robin.lock().unwrap_or_else(PoisonError::into_inner);
-                let n = rr.entry(service.key()).or_default();
-                *n = n.wrapping_add(1);
-                *n % candidates.len()
-            }
+            Balance::RoundRobin => self.next_turn(key) % candidates.len(),
             Balance::LeastRequest => {
                 let mut rng = rand::rng();
                 let a = rng.random_range(0..candidates.len());
@@ -276,6 +388,9 @@ impl Upstream {
 
     fn return_h1(&self, key: ClientKey, sender: http1::SendRequest<ProxyBody>, used: u32) {
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if !client_room(&mut clients, &key) {
+            return;
+        }
         if let Client::H1(idle) = clients.entry(key).or_insert_with(|| Client::H1(Vec::new()))
             && idle.len() < MAX_IDLE_H1
         {
@@ -284,7 +399,10 @@ impl Upstream {
     }
 
     fn put(&self, key: ClientKey, client: Client) {
-        self.clients.lock().unwrap_or_else(PoisonError::into_inner).insert(key, client);
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if client_room(&mut clients, &key) {
+            clients.insert(key, client);
+        }
     }
 
     fn evict(&self, key: &ClientKey) {
@@ -310,7 +428,7 @@ mod tests {
     use super::*;
     use common::identity::{CaSource, CertMetrics, CertificateManager, LocalCa};
     use common::xds::LocalConfig;
-    use common::xds::handler::RawResource;
+    use common::xds::handler::{Handlers, RawResource};
 
     const MESH: &str = r#"
 workloads:
@@ -323,13 +441,28 @@ services:
 "#;
 
     fn upstream(balance: Balance) -> (Upstream, Arc<Snapshot>) {
-        let (state, handlers) = common::state::State::new("");
-        let resources = LocalConfig::from_yaml(MESH).expect("yaml").to_resources().expect("resources");
-        let raw = resources
-            .into_iter()
-            .map(|r| RawResource { name: r.name, version: "1".into(), body: Some(r.body) })
-            .collect();
-        assert_eq!(handlers.apply(proto::ADDRESS_TYPE_URL, raw, vec![]), Some(vec![]));
+        let (u, state, _) = upstream_in(balance);
+        (u, state.snapshot())
+    }
+
+    /// Applies the resources of `yaml` (adds them, or removes them by name).
+    fn apply(handlers: &Handlers, yaml: &str, remove: bool) {
+        let resources = LocalConfig::from_yaml(yaml).expect("yaml").to_resources().expect("resources");
+        let (raw, removed) = if remove {
+            (vec![], resources.into_iter().map(|r| r.name).collect())
+        } else {
+            let raw = resources
+                .into_iter()
+                .map(|r| RawResource { name: r.name, version: "1".into(), body: Some(r.body) })
+                .collect();
+            (raw, vec![])
+        };
+        assert_eq!(handlers.apply(proto::ADDRESS_TYPE_URL, raw, removed), Some(vec![]));
+    }
+
+    fn upstream_in(balance: Balance) -> (Upstream, State, Handlers) {
+        let (state, handlers) = State::new("");
+        apply(&handlers, MESH, false);
         let ca = Arc::new(LocalCa::generate("cluster.local").expect("ca"));
         let certs = CertificateManager::new(
             CaSource::Local(ca, std::time::Duration::from_secs(3600)),
@@ -337,7 +470,144 @@ services:
         );
         let pool = Pool::new(certs, Default::default(), Default::default());
         let id = Identity::new("cluster.local", "demo", "waypoint").expect("id");
-        (Upstream::new(pool, id, balance), state.snapshot())
+        (Upstream::new(pool, id, balance), state, handlers)
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    /// An open HTTP/1.1 client over an in-memory pipe (and the pipe's other end, to keep).
+    async fn open_h1() -> (http1::SendRequest<ProxyBody>, tokio::io::DuplexStream) {
+        let (near, far) = tokio::io::duplex(1024);
+        let (sender, conn) = http1::handshake(TokioIo::new(near)).await.expect("handshake");
+        tokio::spawn(conn);
+        (sender, far)
+    }
+
+    const WORKLOAD_C: &str = r#"
+workloads:
+  - {name: c, namespace: demo, addresses: [10.0.0.3], services: {demo/s: [{servicePort: 80, targetPort: 8080}]}}
+"#;
+
+    #[tokio::test]
+    async fn prune_forgets_what_left_the_mesh_and_keeps_what_is_in_use() {
+        let (u, state, handlers) = upstream_in(Balance::LeastRequest);
+        let snapshot = state.snapshot();
+        let svc = snapshot.service("demo", "s").expect("service").clone();
+        let (a, c) = (addr("10.0.0.1:8080"), addr("10.0.0.3:8080"));
+        let c_identity = snapshot.workload_by_ip(c.ip()).expect("c").identity.clone();
+        let a_identity = snapshot.workload_by_ip(a.ip()).expect("a").identity.clone();
+        // A request to c is in flight; a and b were counted but are idle.
+        let in_flight = u.outstanding(c);
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        drop((u.outstanding(a), u.outstanding(addr("10.0.0.2:8080"))));
+        u.round_robin.lock().expect("rr").extend([("demo/s".to_string(), 1), ("demo/gone".to_string(), 1)]);
+        let mut pipes = Vec::new();
+        let stale = Identity::new("cluster.local", "demo", "replaced").expect("id");
+        for (addr, identity) in [(a, &a_identity), (c, &c_identity), (a, &stale)] {
+            let (sender, pipe) = open_h1().await;
+            pipes.push(pipe);
+            u.return_h1(ClientKey { addr, identity: identity.clone(), h2: false }, sender, 0);
+        }
+        let outlier = crate::filter::traffic::Outlier {
+            consecutive_5xx: 5,
+            consecutive_gateway: 0,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 10,
+        };
+        let failed = crate::filter::traffic::Outcome::Status(500);
+        for (service, endpoint) in [("demo/s", a), ("demo/s", c), ("demo/gone", a)] {
+            u.ejections.report(service, endpoint, failed, &outlier, &[endpoint]);
+        }
+        assert_eq!(u.tracked(), (3, 2, 3, 3));
+
+        apply(&handlers, WORKLOAD_C, true);
+        let snapshot = state.snapshot();
+        assert!(snapshot.workload_by_ip(c.ip()).is_none(), "c left the mesh");
+        u.prune(&snapshot);
+
+        {
+            let outstanding = u.outstanding.lock().expect("outstanding");
+            assert_eq!(outstanding.keys().collect::<Vec<_>>(), [&c], "only the counter in use is kept");
+            assert!(Arc::ptr_eq(&outstanding[&c], &in_flight), "and it stays the one its request holds");
+        }
+        let rr: Vec<String> = u.round_robin.lock().expect("rr").keys().cloned().collect();
+        assert_eq!(rr, ["demo/s"]);
+        let clients: Vec<ClientKey> = u.clients.lock().expect("clients").keys().cloned().collect();
+        assert_eq!(
+            clients,
+            [ClientKey { addr: a, identity: a_identity.clone(), h2: false }],
+            "connections to c, and to a under another identity, are closed"
+        );
+        assert_eq!(u.ejections.len(), 1, "only a's record for its service is kept");
+        assert!(u.choose(&snapshot, &svc, 80).is_some_and(|t| t.addr != c));
+
+        // Connections that close go with the next prune.
+        drop(pipes);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        u.prune(&snapshot);
+        assert_eq!(u.tracked().2, 0, "closed connections are dropped");
+    }
+
+    #[tokio::test]
+    async fn the_maps_are_capped_against_a_flood_of_keys() {
+        let (u, _) = upstream(Balance::RoundRobin);
+        let nth = |i: usize| SocketAddr::new(std::net::Ipv4Addr::from(0x0a00_0000 + i as u32).into(), 80);
+        let held: Vec<_> = (0..10).map(|i| u.outstanding(nth(i))).collect();
+        for i in 0..MAX_OUTSTANDING_ENTRIES + 100 {
+            u.outstanding(nth(i));
+        }
+        let (outstanding, ..) = u.tracked();
+        assert!(outstanding <= MAX_OUTSTANDING_ENTRIES, "{outstanding}");
+        for (i, h) in held.iter().enumerate() {
+            assert!(Arc::ptr_eq(h, &u.outstanding(nth(i))), "counters in use survive the cap");
+        }
+        for i in 0..MAX_ROUND_ROBIN_ENTRIES + 100 {
+            u.next_turn(format!("demo/s{i}"));
+        }
+        assert!(u.tracked().1 <= MAX_ROUND_ROBIN_ENTRIES);
+        let identity = Identity::new("cluster.local", "demo", "a").expect("id");
+        for i in 0..MAX_CLIENT_ENTRIES + 100 {
+            u.put(ClientKey { addr: nth(i), identity: identity.clone(), h2: false }, Client::H1(Vec::new()));
+        }
+        assert!(u.tracked().2 <= MAX_CLIENT_ENTRIES);
+    }
+
+    #[tokio::test]
+    async fn the_pruner_follows_the_mesh() {
+        const EXTRA: &str = r#"
+services:
+  - {name: extra, namespace: demo, hostname: extra, addresses: [10.96.0.2], ports: [{servicePort: 80}]}
+"#;
+        let (u, state, handlers) = upstream_in(Balance::RoundRobin);
+        apply(&handlers, EXTRA, false);
+        let keys = |u: &Upstream| {
+            let mut k: Vec<String> = u.round_robin.lock().expect("rr").keys().cloned().collect();
+            k.sort();
+            k
+        };
+        u.round_robin
+            .lock()
+            .expect("rr")
+            .extend(["demo/s", "demo/extra", "demo/gone"].map(|k| (k.to_string(), 0)));
+        let task = u.spawn_pruner(state.clone(), Duration::from_secs(3600));
+        let settled = |want: &'static [&'static str]| {
+            let u = u.clone();
+            async move {
+                for _ in 0..100 {
+                    if keys(&u) == want {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                false
+            }
+        };
+        assert!(settled(&["demo/extra", "demo/s"]).await, "pruned at start: {:?}", keys(&u));
+        apply(&handlers, EXTRA, true);
+        assert!(settled(&["demo/s"]).await, "pruned after the change, long before the hour: {:?}", keys(&u));
+        task.abort();
     }
 
     #[tokio::test]

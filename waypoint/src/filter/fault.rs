@@ -6,12 +6,15 @@ use std::time::Duration;
 use proto::waypoint as wp;
 use rand::Rng;
 
+use super::retry::duration_from_proto;
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Fault {
     pub delay: Option<(Duration, f64)>,
     pub abort: Option<(u16, f64)>,
 }
 
+/// A share of requests: within 0..=100 (NaN is not).
 fn percentage(p: f64) -> Result<f64, String> {
     if (0.0..=100.0).contains(&p) { Ok(p) } else { Err(format!("percentage {p} is not within 0..=100")) }
 }
@@ -23,7 +26,8 @@ impl Fault {
             Some(d) => {
                 let fixed = d
                     .fixed_delay
-                    .and_then(|d| Duration::try_from(d).ok())
+                    .map(|d| duration_from_proto(d, "fixedDelay"))
+                    .transpose()?
                     .ok_or("delay needs a fixed delay")?;
                 Some((fixed, percentage(d.percentage)?))
             }
@@ -73,5 +77,24 @@ mod tests {
         let over =
             wp::Fault { delay: None, abort: Some(wp::fault::Abort { http_status: 503, percentage: 150.0 }) };
         assert!(Fault::from_proto(&over).is_err());
+    }
+
+    #[test]
+    fn hostile_delays_and_percentages_are_refused_not_a_panic() {
+        let delay = |seconds: i64, nanos: i32, percentage: f64| wp::Fault {
+            delay: Some(wp::fault::Delay {
+                fixed_delay: Some(prost_types::Duration { seconds, nanos }),
+                percentage,
+            }),
+            abort: None,
+        };
+        for (s, n) in [(i64::MIN, 0), (i64::MIN, -1), (-1, 0), (i64::MAX, i32::MAX)] {
+            assert!(Fault::from_proto(&delay(s, n, 50.0)).is_err(), "{s}s {n}ns");
+        }
+        for p in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.5, 100.5] {
+            assert!(Fault::from_proto(&delay(1, 0, p)).is_err(), "{p}");
+        }
+        let ok = Fault::from_proto(&delay(0, 5_000_000, 100.0)).expect("fault");
+        assert_eq!(ok.delay(), Some(Duration::from_millis(5)));
     }
 }

@@ -22,6 +22,28 @@ const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 const BUDGET_PERCENT: usize = 20;
 /// ...but never fewer than this.
 const BUDGET_MIN: usize = 3;
+/// The longest wait between tries, as a multiple of the base backoff (Envoy's `max_interval`
+/// default).
+const MAX_BACKOFF_FACTOR: u32 = 10;
+/// Doublings of the backoff before the cap applies anyway (keeps the shift in range).
+const MAX_BACKOFF_DOUBLINGS: u32 = 8;
+/// The longest `google.protobuf.Duration` (its documented range: about 10,000 years).
+const MAX_PROTO_DURATION_SECONDS: i64 = 315_576_000_000;
+
+/// A configured `google.protobuf.Duration` (`field` names it in the error) as a `std` one:
+/// refused when negative or beyond the type's range. Checked by hand before any arithmetic:
+/// prost's own conversion overflows on `i64::MIN` seconds.
+pub fn duration_from_proto(d: prost_types::Duration, field: &str) -> Result<Duration, String> {
+    let n = d.normalized();
+    if n.seconds < 0 || n.nanos < 0 {
+        return Err(format!("{field} is negative ({}s {}ns)", d.seconds, d.nanos));
+    }
+    if n.seconds > MAX_PROTO_DURATION_SECONDS {
+        return Err(format!("{field} is too large ({}s)", d.seconds));
+    }
+    // Both in range now: seconds fits u64 and nanos is below a second.
+    Ok(Duration::new(n.seconds as u64, n.nanos as u32))
+}
 
 /// What is retried.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -59,14 +81,18 @@ impl RetryPolicy {
             // Istio's default.
             on = RetryOn { gateway_errors: true, connect_failure: true, reset: true, ..Default::default() };
         }
-        let duration = |d: Option<prost_types::Duration>| {
-            d.map(|d| Duration::try_from(d).map_err(|_| "negative duration".to_string())).transpose()
-        };
         Ok(Self {
             attempts: r.attempts,
-            per_try_timeout: duration(r.per_try_timeout)?,
+            per_try_timeout: r
+                .per_try_timeout
+                .map(|d| duration_from_proto(d, "perTryTimeout"))
+                .transpose()?,
             on,
-            backoff: duration(r.backoff)?.unwrap_or(DEFAULT_BACKOFF),
+            backoff: r
+                .backoff
+                .map(|d| duration_from_proto(d, "backoff"))
+                .transpose()?
+                .unwrap_or(DEFAULT_BACKOFF),
         })
     }
 
@@ -89,10 +115,16 @@ impl RetryPolicy {
         self.on.connect_failure || self.on.reset || self.on.server_errors
     }
 
-    /// The wait before try `n` (1-based retry number): exponential, jittered, capped at 10x.
+    /// The wait before try `n` (1-based retry number): exponential, jittered (half to all of
+    /// it), capped at 10x the base. Saturates instead of overflowing for any `n` and base.
     pub fn backoff(&self, n: u32) -> Duration {
-        let exp = self.backoff.saturating_mul(1 << n.min(8)).min(self.backoff * 10);
-        exp.mul_f64(rand::rng().random_range(0.5..1.0))
+        let cap = self.backoff.saturating_mul(MAX_BACKOFF_FACTOR);
+        let exp = self.backoff.saturating_mul(1 << n.min(MAX_BACKOFF_DOUBLINGS)).min(cap);
+        // Integer nanoseconds: float scaling of a huge duration can round past `Duration::MAX`.
+        let nanos = exp.as_nanos();
+        let jittered = rand::rng().random_range(nanos / 2..=nanos);
+        // At most `exp`, so the seconds fit.
+        Duration::new((jittered / 1_000_000_000) as u64, (jittered % 1_000_000_000) as u32)
     }
 }
 
@@ -189,6 +221,47 @@ mod tests {
         for n in 1..6 {
             assert!(p.backoff(n) <= DEFAULT_BACKOFF * 10);
         }
+    }
+
+    #[test]
+    fn backoff_saturates_for_any_base_and_try() {
+        let with = |backoff| RetryPolicy { backoff, ..RetryPolicy::once() };
+        for base in
+            [Duration::MAX, Duration::from_secs(u64::MAX / 3), Duration::from_nanos(1), Duration::ZERO]
+        {
+            for n in [0, 1, 8, 9, 31, 32, 64, u32::MAX] {
+                let b = with(base).backoff(n);
+                assert!(
+                    b <= base.saturating_mul(10)
+                        && b >= base.saturating_mul(1 << n.min(8)).min(base.saturating_mul(10)) / 2,
+                    "{base:?} {n}: {b:?}"
+                );
+            }
+        }
+        let p = with(Duration::from_millis(100));
+        assert!(p.backoff(u32::MAX) <= Duration::from_secs(1), "capped at 10x");
+        assert!(p.backoff(u32::MAX) >= Duration::from_millis(500));
+    }
+
+    #[test]
+    fn hostile_proto_durations_are_refused_not_a_panic() {
+        let retry = |seconds: i64, nanos: i32| wp::Retry {
+            attempts: 1,
+            per_try_timeout: Some(prost_types::Duration { seconds, nanos }),
+            retry_on: vec![],
+            backoff: Some(prost_types::Duration { seconds, nanos }),
+        };
+        for (s, n) in
+            [(i64::MIN, 0), (i64::MIN, -999_999_999), (-1, 0), (0, -1), (i64::MAX, 0), (i64::MAX, i32::MAX)]
+        {
+            assert!(RetryPolicy::from_proto(&retry(s, n)).is_err(), "{s}s {n}ns");
+        }
+        let p = RetryPolicy::from_proto(&retry(1, 1_500_000_000)).expect("normalized");
+        assert_eq!(p.backoff, Duration::from_millis(2500));
+        assert_eq!(
+            duration_from_proto(prost_types::Duration { seconds: MAX_PROTO_DURATION_SECONDS, nanos: 0 }, "x"),
+            Ok(Duration::from_secs(MAX_PROTO_DURATION_SECONDS as u64))
+        );
     }
 
     #[test]

@@ -285,19 +285,31 @@ pub struct TimeoutsSpec {
     pub backend_request: Option<String>,
 }
 
-/// Parses `250ms`, `5s`, `2m`, `1h`.
+/// The longest duration accepted: the range of `google.protobuf.Duration` (about 10,000 years).
+const MAX_DURATION_SECONDS: u64 = 315_576_000_000;
+
+/// Parses `250ms`, `5s`, `2m`, `1h`; refuses a duration beyond [`MAX_DURATION_SECONDS`]
+/// (checked math: no overflow whatever the digits).
 fn duration(s: &str) -> Result<prost_types::Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("duration {s:?} has no unit"))?;
     let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("duration {s:?} is not a number"))?;
+    let too_large = || format!("duration {s:?} is too large");
+    let n: u64 = n.parse().map_err(|e: std::num::ParseIntError| match e.kind() {
+        std::num::IntErrorKind::PosOverflow => too_large(),
+        _ => format!("duration {s:?} is not a number"),
+    })?;
+    let secs = |per_unit: u64| n.checked_mul(per_unit).map(Duration::from_secs).ok_or_else(too_large);
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+        "m" => secs(60)?,
+        "h" => secs(3600)?,
         _ => return Err(format!("duration {s:?}: unit must be ms, s, m or h")),
     };
-    prost_types::Duration::try_from(d).map_err(|e| e.to_string())
+    if d.as_secs() > MAX_DURATION_SECONDS {
+        return Err(too_large());
+    }
+    prost_types::Duration::try_from(d).map_err(|_| too_large())
 }
 
 /// One HTTPRoute/GRPCRoute rule.
@@ -798,5 +810,26 @@ timeouts: {request: 1500ms}
         let f: FilterSpec = serde_yaml::from_str(two_kinds).expect("yaml");
         assert!(f.to_proto().is_err());
         assert!(duration("5 s").is_err());
+    }
+
+    #[test]
+    fn durations_too_large_are_refused_not_wrapped() {
+        for big in [
+            "99999999999999999h",
+            "5124095576030432h",
+            "307445734561825861m",
+            "315576000001s",
+            "18446744073709551615ms",
+            "99999999999999999999999ms",
+        ] {
+            assert_eq!(duration(big), Err(format!("duration {big:?} is too large")));
+        }
+        assert_eq!(duration("87660000h").map(|d| d.seconds), Ok(315_576_000_000), "the protobuf range");
+        assert_eq!(
+            duration("315576000000999ms").map(|d| (d.seconds, d.nanos)),
+            Ok((315_576_000_000, 999_000_000))
+        );
+        assert_eq!(duration("2m").map(|d| d.seconds), Ok(120));
+        assert!(duration("ms").is_err_and(|e| e.contains("not a number")));
     }
 }
