@@ -32,3 +32,6 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a peer may wait after the TLS handshake before its first CONNECT (the HTTP/2
+/// preface and SETTINGS come first); a silent connection is dropped.
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

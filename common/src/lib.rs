@@ -6,6 +6,7 @@ pub mod admin;
 pub mod backoff;
 pub mod copy;
 pub mod drain;
+pub mod flags;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

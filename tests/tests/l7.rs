@@ -16,14 +16,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_tests::netns::{Netns, link_nodes, require_root, run, wire};
+
+#[path = "support/l7.rs"]
+mod support;
 use mesh_tests::node::NodeZtunnel;
 use mesh_tests::xds_server::XdsStore;
 use proto::ambient::testing::v1::echo_client::EchoClient;
 use proto::ambient::testing::v1::echo_server::{Echo, EchoServer};
 use proto::ambient::testing::v1::{EchoReply, EchoRequest};
+use support::{HttpClient, Reply, jwt_keys, to_waypoint, token};
 
 const VIP: &str = "10.96.0.10";
 const WAYPOINT_IP: &str = "10.2.5.2";
@@ -197,27 +201,6 @@ waypointPolicies:
       rules: [{from: [{source: {principals: ["cluster.local/ns/demo/sa/client"], namespaces: ["demo"]}}]}]
 "#;
 
-/// A P-256 key: its JWKS (JSON) and the PEM to sign test tokens with.
-fn jwt_keys() -> (String, jsonwebtoken::EncodingKey) {
-    use base64::Engine;
-    let key = rcgen::KeyPair::generate().expect("P-256 key");
-    let raw = key.public_key_raw();
-    assert_eq!(raw.len(), 65, "uncompressed point");
-    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "k1",
-        "x": b64(&raw[1..33]), "y": b64(&raw[33..65])}]});
-    let signing =
-        jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("signing key");
-    (jwks.to_string(), signing)
-}
-
-/// A signed ES256 token with `claims` (kid k1).
-fn token(key: &jsonwebtoken::EncodingKey, claims: serde_json::Value) -> String {
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-    header.kid = Some("k1".into());
-    jsonwebtoken::encode(&header, &claims, key).expect("token")
-}
-
 /// Routes that send a path prefix to echo-v1 on port 80 (each a target for one policy).
 const PREFIX_ROUTES: [(&str, &str); 7] = [
     ("limited", "/limited"),
@@ -240,19 +223,6 @@ fn mesh_config() -> String {
         })
         .collect();
     MESH.replacen("waypointPolicies:\n", &format!("{routes}waypointPolicies:\n"), 1)
-}
-
-/// An mTLS HBONE connection to the waypoint as `<ns>/<sa>` (certificate from the shared CA).
-async fn to_waypoint(ca: &str, ns: &str, sa: &str) -> common::hbone::client::Connection {
-    let local =
-        common::identity::LocalCa::load_or_create(std::path::Path::new(ca), "cluster.local").expect("ca");
-    let me = common::identity::Identity::new("cluster.local", ns, sa).expect("id");
-    let cert = local.issue(&me, Duration::from_secs(600)).expect("cert");
-    let wp_id = common::identity::Identity::new("cluster.local", "demo", "waypoint").expect("id");
-    let config = Arc::new(common::tls::client_config(&cert, vec![wp_id]).expect("tls"));
-    common::hbone::client::Connection::connect(format!("{WAYPOINT_IP}:15008").parse().expect("addr"), config)
-        .await
-        .expect("mTLS to the waypoint")
 }
 
 /// An OTLP/gRPC collector keeping every span it receives.
@@ -422,60 +392,6 @@ fn grpc_server(rt: &tokio::runtime::Runtime, name: &'static str) {
             .serve_with_incoming(incoming)
             .await;
     });
-}
-
-/// One HTTP connection from a pod, reused for several requests.
-enum HttpClient {
-    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
-    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
-}
-
-struct Reply {
-    status: u16,
-    headers: http::HeaderMap,
-    body: String,
-}
-
-impl HttpClient {
-    async fn connect(addr: SocketAddr, h2: bool) -> Self {
-        let stream =
-            tokio::net::TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        let io = TokioIo::new(stream);
-        if h2 {
-            let (s, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.expect("h2");
-            tokio::spawn(conn);
-            HttpClient::H2(s)
-        } else {
-            let (s, conn) = hyper::client::conn::http1::handshake(io).await.expect("h1");
-            tokio::spawn(conn);
-            HttpClient::H1(s)
-        }
-    }
-
-    async fn send(&mut self, method: &str, uri: &str, headers: &[(&str, &str)]) -> Reply {
-        let mut b = http::Request::builder().method(method);
-        b = match self {
-            HttpClient::H1(_) => b.uri(uri).header("host", "echo.demo.svc.cluster.local"),
-            HttpClient::H2(_) => b.uri(format!("http://echo.demo.svc.cluster.local{uri}")),
-        };
-        for (k, v) in headers {
-            b = b.header(*k, *v);
-        }
-        let req = b.body(Empty::<Bytes>::new()).expect("request");
-        let resp = match self {
-            HttpClient::H1(s) => {
-                s.ready().await.expect("ready");
-                s.send_request(req).await
-            }
-            HttpClient::H2(s) => s.send_request(req).await,
-        }
-        .unwrap_or_else(|e| panic!("{method} {uri}: {e}"));
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.expect("body").to_bytes();
-        Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
-    }
 }
 
 struct Pods {
@@ -960,7 +876,7 @@ sys.stdout.write(repr(reply))
             let ca = ca.clone();
             async move {
                 use common::hbone::client::ClientError;
-                let conn = to_waypoint(&ca, "demo", "client").await;
+                let conn = to_waypoint(&ca, WAYPOINT_IP, "demo", "client").await;
                 let mut out = Vec::new();
                 for a in ["10.96.0.11:80", "10.96.0.10:80", "10.96.0.10:7777"] {
                     let authority = common::hbone::connect::parse_authority(a).expect("authority");
@@ -982,7 +898,7 @@ sys.stdout.write(repr(reply))
         .block_on(probe_rt.spawn({
             let ca = ca.clone();
             async move {
-                let conn = to_waypoint(&ca, "other", "stranger").await;
+                let conn = to_waypoint(&ca, WAYPOINT_IP, "other", "stranger").await;
                 let authority = common::hbone::connect::parse_authority("10.96.0.10:80").expect("authority");
                 let stream = conn.open(&authority, http::HeaderMap::new()).await.expect("tunnel accepted");
                 let (mut send, c) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -1010,7 +926,7 @@ sys.stdout.write(repr(reply))
                     common::hbone::connect::parse_authority(&format!("{VIP}:82")).expect("authority");
                 let mut out = Vec::new();
                 for (ns, sa) in [("other", "stranger"), ("demo", "client")] {
-                    let conn = to_waypoint(&ca, ns, sa).await;
+                    let conn = to_waypoint(&ca, WAYPOINT_IP, ns, sa).await;
                     out.push(match conn.open(&authority, http::HeaderMap::new()).await {
                         Ok(_) => 200,
                         Err(ClientError::Status { status, .. }) => status.as_u16(),

@@ -25,6 +25,10 @@ use crate::route::table::{Routes, summary};
 use crate::upstream::Upstream;
 
 /// A running waypoint.
+/// How often the upstream's per-endpoint state is pruned of endpoints that are gone (also soon
+/// after each workload change).
+const UPSTREAM_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct App {
     pub ready: Ready,
     pub state: State,
@@ -77,19 +81,27 @@ impl App {
             .map_err(anyhow::Error::msg)?,
             None => Tracer::disabled(),
         };
+        let drain = Drain::new();
         let ctx = Arc::new(Context {
             tracer,
             retries: crate::filter::retry::Retries::new(&mut registry),
             state: state.clone(),
             routes: routes.clone(),
-            upstream: Upstream::new(pool, identity.clone(), config.balance),
+            upstream: Upstream::new(
+                pool,
+                identity.clone(),
+                config.balance,
+                config.limits.upstream_connect_timeout,
+            ),
             metrics: Metrics::new(&mut registry, config.log_format, AccessSink::open(&config.access_log)?),
             waypoint: config.name.clone(),
+            limits: config.limits.clone(),
+            drain: drain.watch(),
         });
+        tasks.push(ctx.upstream.spawn_pruner(state.clone(), UPSTREAM_PRUNE_INTERVAL));
         let (ns, host) = config.service_hostname.split_once('/').unwrap_or(("", &config.service_hostname));
         let me = SelfRef { service: (ns.to_string(), host.to_string()), addresses: config.addresses.clone() };
         let tls = Arc::new(ManagedTls::new(certs.clone(), identity.clone()));
-        let drain = Drain::new();
         let watch = drain.watch();
         let handler = Arc::new(Listener { ctx, me, drain: watch.clone() });
         let serve = server::serve(listener, tls, config.trust_domain.clone(), handler);

@@ -8,6 +8,7 @@ use clap::Parser;
 use common::telemetry::LogFormat;
 use common::xds::{ControlPlaneArgs, NodeInfo, Source, SourceError};
 
+use crate::route::normalize::PathNormalization;
 use crate::upstream::Balance;
 
 /// The `mesh` listener (HBONE).
@@ -17,6 +18,69 @@ pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr
 pub const DEFAULT_READINESS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15021);
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// How long a new tunnel may stay silent before its protocol (HTTP/1.1 or HTTP/2) is known.
+pub const DEFAULT_PROTOCOL_DETECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send a request's head (slowloris guard).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A tunnel with no request in flight for this long is closed (Envoy's HCM default).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// HTTP/2 PING interval on tunnels and the wait for its answer.
+pub const DEFAULT_H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request body buffered for retries or mirrors may take to arrive.
+pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connecting to an endpoint (TCP, mTLS, CONNECT) (Istio's cluster connect timeout).
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bounds on every wait of the request path, and how request paths are normalized.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Limits {
+    /// Istio's `meshConfig.pathNormalization`: `BASE` (default), `MERGE_SLASHES`,
+    /// `DECODE_AND_MERGE_SLASHES` or `NONE`.
+    pub path_normalization: PathNormalization,
+    #[serde(serialize_with = "human")]
+    pub protocol_detection_timeout: Duration,
+    #[serde(serialize_with = "human")]
+    pub header_read_timeout: Duration,
+    #[serde(serialize_with = "human")]
+    pub idle_timeout: Duration,
+    #[serde(serialize_with = "human")]
+    pub h2_keepalive_interval: Duration,
+    #[serde(serialize_with = "human")]
+    pub h2_keepalive_timeout: Duration,
+    #[serde(serialize_with = "human")]
+    pub request_body_timeout: Duration,
+    #[serde(serialize_with = "human")]
+    pub upstream_connect_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            path_normalization: PathNormalization::default(),
+            protocol_detection_timeout: DEFAULT_PROTOCOL_DETECTION_TIMEOUT,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            h2_keepalive_interval: DEFAULT_H2_KEEPALIVE_INTERVAL,
+            h2_keepalive_timeout: DEFAULT_H2_KEEPALIVE_TIMEOUT,
+            request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
+            upstream_connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+fn human<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+/// A duration flag: `250ms`, `5s`, `1m`, `1h` (not zero).
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: must be more than zero"));
+    }
+    Ok(d)
+}
 
 pub use common::identity::CaConfig;
 
@@ -54,6 +118,7 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// Percent of new traces sampled (a caller's decision is followed).
     pub trace_sampling: f64,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Parser)]
@@ -108,6 +173,29 @@ pub struct Args {
     /// Percent of new traces sampled (Istio's default is 1).
     #[arg(long, env = "TRACE_SAMPLING", default_value_t = 1.0)]
     pub trace_sampling: f64,
+    /// Request path normalization: BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES or NONE.
+    #[arg(long, env = "PATH_NORMALIZATION", default_value = "BASE")]
+    pub path_normalization: PathNormalization,
+    /// How long a new tunnel may stay silent before its protocol is known.
+    #[arg(long, env = "PROTOCOL_DETECTION_TIMEOUT", value_parser = duration_arg, default_value = "5s")]
+    pub protocol_detection_timeout: Duration,
+    /// How long a client may take to send a request's head.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", value_parser = duration_arg, default_value = "30s")]
+    pub header_read_timeout: Duration,
+    /// A tunnel with no request in flight for this long is closed.
+    #[arg(long, env = "IDLE_TIMEOUT", value_parser = duration_arg, default_value = "1h")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 PING interval on tunnels; a PING unanswered for `--h2-keepalive-timeout` closes it.
+    #[arg(long, env = "H2_KEEPALIVE_INTERVAL", value_parser = duration_arg, default_value = "30s")]
+    pub h2_keepalive_interval: Duration,
+    #[arg(long, env = "H2_KEEPALIVE_TIMEOUT", value_parser = duration_arg, default_value = "10s")]
+    pub h2_keepalive_timeout: Duration,
+    /// How long a request body buffered for retries or mirrors may take to arrive.
+    #[arg(long, env = "REQUEST_BODY_TIMEOUT", value_parser = duration_arg, default_value = "30s")]
+    pub request_body_timeout: Duration,
+    /// Connecting to an endpoint (TCP, mTLS and CONNECT).
+    #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT", value_parser = duration_arg, default_value = "10s")]
+    pub upstream_connect_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +246,16 @@ impl Config {
             drain_period: Duration::from_secs(args.drain_period_seconds),
             otlp_endpoint: args.otlp_endpoint,
             trace_sampling: args.trace_sampling.clamp(0.0, 100.0),
+            limits: Limits {
+                path_normalization: args.path_normalization,
+                protocol_detection_timeout: args.protocol_detection_timeout,
+                header_read_timeout: args.header_read_timeout,
+                idle_timeout: args.idle_timeout,
+                h2_keepalive_interval: args.h2_keepalive_interval,
+                h2_keepalive_timeout: args.h2_keepalive_timeout,
+                request_body_timeout: args.request_body_timeout,
+                upstream_connect_timeout: args.upstream_connect_timeout,
+            },
         })
     }
 }

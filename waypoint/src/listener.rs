@@ -14,6 +14,8 @@
 //! refusal answers 401, as ztunnel's inbound does, with a log line and
 //! `istio_authorization_decisions_total{direction="waypoint"}`.
 
+pub mod tunnel;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -28,11 +30,12 @@ use http::StatusCode;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::{debug, info, warn};
+use tunnel::{Activity, Tracked};
 
 use common::rbac::{self, Verdict};
 
-use crate::filter::authz::{self, Target as PolicyTarget};
-use crate::proxy::{self, Context, Downstream, HEADER_READ_TIMEOUT};
+use crate::filter::authz;
+use crate::proxy::{self, Context, Downstream};
 
 /// Who this waypoint is, as services name their waypoint.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -118,9 +121,8 @@ impl Listener {
     /// policies; counted either way.
     fn authorize_tunnel(&self, down: &Downstream) -> Result<(), String> {
         let table = self.ctx.routes.table();
-        let targets =
-            [PolicyTarget::Waypoint(self.ctx.waypoint.clone()), PolicyTarget::Service(down.service.key())];
-        let policies = authz::applicable(&table.policies, &targets);
+        let targets = down.policy_targets(&self.ctx.waypoint);
+        let policies = authz::applicable(&table.policy.authz, &targets);
         if policies.is_empty() {
             self.ctx.metrics.decision("allow", "-");
             return Ok(());
@@ -152,31 +154,55 @@ impl Listener {
             }
         };
         let not_ours = || (StatusCode::FORBIDDEN, format!("{addr} is not served by this waypoint"));
-        let service: Arc<Service> = match snapshot.service_by_vip(addr.ip()) {
-            Some(svc) if svc.waypoint.as_ref().is_some_and(|g| self.me.is(g, snapshot)) => svc.clone(),
+        let (service, pod): (Arc<Service>, _) = match snapshot.service_by_vip(addr.ip()) {
+            Some(svc) if svc.waypoint.as_ref().is_some_and(|g| self.me.is(g, snapshot)) => {
+                (svc.clone(), None)
+            }
             Some(_) => return Err(not_ours()),
             None => {
+                // A pod address: the request goes to that pod, not to its service's endpoints.
                 let w = snapshot.workload_by_ip(addr.ip()).ok_or_else(not_ours)?;
                 if !w.waypoint.as_ref().is_some_and(|g| self.me.is(g, snapshot)) {
                     return Err(not_ours());
                 }
-                snapshot.service_of(w).cloned().ok_or_else(not_ours)?
+                (snapshot.service_of(w).cloned().ok_or_else(not_ours)?, Some(w.clone()))
             }
         };
-        let port = service.port(addr.port());
-        if !service.ports.is_empty() && port.is_none() {
+        // A pod address names the pod's port; the protocol is the one of the service port that
+        // targets it.
+        let port = match &pod {
+            None => service.port(addr.port()).cloned(),
+            Some(w) => w
+                .services
+                .get(&service.key())
+                .and_then(|ports| {
+                    ports.iter().find(|p| p.target_port == addr.port() || p.service_port == addr.port())
+                })
+                .and_then(|p| service.port(p.service_port))
+                .cloned(),
+        };
+        if pod.is_none() && !service.ports.is_empty() && port.is_none() {
             return Err((
                 StatusCode::FORBIDDEN,
                 format!("service {} has no port {}", service.hostname, addr.port()),
             ));
         }
-        let protocol = port.map_or("UNKNOWN", |p| p.app_protocol);
-        let client_addr = common::hbone::forwarded_for(&req.headers).unwrap_or(req.peer_addr);
+        let protocol = port.as_ref().map_or("UNKNOWN", |p| p.app_protocol);
+        // The original client, believed only when the peer proves the identity of the workload
+        // at that address (as ztunnel's inbound does); otherwise the peer itself.
+        let forwarded = common::hbone::forwarded_for(&req.headers)
+            .filter(|a| snapshot.workload_by_ip(a.ip()).is_some_and(|w| w.identity == req.peer));
+        if forwarded.is_none() && common::hbone::forwarded_for(&req.headers).is_some() {
+            debug!(peer = %req.peer, "forwarded address ignored: the peer is not the workload at it");
+        }
+        let client_addr = forwarded.unwrap_or(req.peer_addr);
         let source_workload =
             snapshot.workload_by_ip(client_addr.ip()).filter(|w| w.identity == req.peer).cloned();
         let down = Downstream {
             service,
-            port: addr.port(),
+            port: port.as_ref().map_or(addr.port(), |p| p.service_port),
+            target_addr: addr,
+            pod,
             upstream_h2: match protocol {
                 "HTTP2" | "GRPC" => Some(true),
                 "HTTP11" => Some(false),
@@ -191,17 +217,38 @@ impl Listener {
     }
 }
 
-/// Serves HTTP in one tunnel. When the drain starts, the connection is shut down gracefully
-/// (requests in flight finish, HTTP/2 gets GOAWAY, idle HTTP/1.1 keep-alive closes); when the
-/// drain period ends it is dropped.
+/// Serves HTTP in one tunnel: once its protocol is known (within the detection timeout), until
+/// it has been idle for the idle timeout. When the drain starts, the connection is shut down
+/// gracefully (requests in flight finish, HTTP/2 gets GOAWAY, idle HTTP/1.1 keep-alive closes);
+/// when the drain period ends it is dropped.
 async fn serve_http(ctx: Arc<Context>, down: Arc<Downstream>, stream: HboneStream, drain: Watch) {
+    let limits = ctx.limits.clone();
+    let stream = match tunnel::detect(stream, limits.protocol_detection_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            if matches!(e, tunnel::DetectError::Timeout(_)) {
+                ctx.metrics.timeout("protocol_detection");
+            }
+            debug!(source = %down.source_identity, error = %e, "tunnel closed before a request");
+            return;
+        }
+    };
+    let activity = Activity::new();
+    let (svc_ctx, svc_activity) = (ctx.clone(), activity.clone());
     let svc = service_fn(move |req| {
-        let (ctx, down) = (ctx.clone(), down.clone());
-        async move { Ok::<_, std::convert::Infallible>(proxy::handle(ctx, down, req).await) }
+        let (ctx, down, guard) = (svc_ctx.clone(), down.clone(), svc_activity.begin());
+        async move {
+            let response = proxy::handle(ctx, down, req).await;
+            Ok::<_, std::convert::Infallible>(response.map(|b| Tracked::new(b, guard)))
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.h2_keepalive_interval)
+        .keep_alive_timeout(limits.h2_keepalive_timeout);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -210,6 +257,16 @@ async fn serve_http(ctx: Arc<Context>, down: Arc<Downstream>, stream: HboneStrea
             conn.as_mut().graceful_shutdown();
             tokio::select! {
                 r = conn.as_mut() => r,
+                _ = drain.closing() => Ok(()),
+            }
+        }
+        _ = activity.idle(limits.idle_timeout) => {
+            ctx.metrics.timeout("idle");
+            debug!(idle = ?limits.idle_timeout, "tunnel idle: closing");
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = tokio::time::sleep(limits.h2_keepalive_timeout) => Ok(()),
                 _ = drain.closing() => Ok(()),
             }
         }
@@ -222,13 +279,26 @@ async fn serve_http(ctx: Arc<Context>, down: Arc<Downstream>, stream: HboneStrea
 /// TCP (or TLS) ports: bytes go to an endpoint as they are.
 async fn passthrough(ctx: Arc<Context>, down: Arc<Downstream>, stream: HboneStream) {
     let snapshot = ctx.state.snapshot();
-    let Some(target) = ctx.upstream.choose(&snapshot, &down.service, down.port) else {
+    let chosen = match &down.pod {
+        // Addressed to a pod: that pod.
+        Some(pod) => Some(crate::upstream::Target {
+            addr: down.target_addr,
+            identity: pod.identity.clone(),
+            workload: pod.clone(),
+            outstanding: Arc::default(),
+        }),
+        None => ctx.upstream.choose(&snapshot, &down.service, down.port),
+    };
+    let Some(target) = chosen else {
         warn!(service = %down.service.hostname, "TCP passthrough: no healthy endpoint");
         return;
     };
     let upstream = match ctx.upstream.tunnel(&target, Some(down.client_addr)).await {
         Ok(u) => u,
         Err(e) => {
+            if matches!(e, crate::upstream::UpstreamError::ConnectTimeout { .. }) {
+                ctx.metrics.timeout("upstream_connect");
+            }
             warn!(error = %e, "TCP passthrough: upstream unreachable");
             return;
         }

@@ -2,7 +2,6 @@
 //! one line to stdout (JSON with `--log-format json`, in the shape of shared/spec/telemetry.md).
 
 use std::io::Write;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use common::metrics::TrafficLabels;
@@ -55,28 +54,57 @@ pub struct Metrics {
     tcp_closed: Family<TrafficLabels, Counter>,
     tcp_received: Family<TrafficLabels, Counter>,
     tcp_sent: Family<TrafficLabels, Counter>,
+    timeouts: Family<TimeoutLabels, Counter>,
     log_format: LogFormat,
     sink: AccessSink,
 }
 
-/// Where access log lines go.
-#[derive(Clone, Debug, Default)]
-pub enum AccessSink {
-    #[default]
-    Stdout,
-    /// Appended to a file.
-    File(Arc<Mutex<std::fs::File>>),
+/// Access log lines waiting for the writer; beyond this, lines are dropped and counted rather
+/// than slowing requests down.
+pub const ACCESS_LOG_QUEUE: usize = 16 * 1024;
+
+/// Where access log lines go: a bounded queue drained by one writer thread, so a request never
+/// waits on stdout or a file.
+#[derive(Clone, Debug)]
+pub struct AccessSink {
+    tx: std::sync::mpsc::SyncSender<String>,
+    dropped: Counter,
 }
 
 impl AccessSink {
     /// `-` is stdout; anything else a file opened for appending.
     pub fn open(path: &str) -> std::io::Result<Self> {
-        if path == "-" {
-            return Ok(Self::Stdout);
-        }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Self::File(Arc::new(Mutex::new(file))))
+        let out: Box<dyn Write + Send> = if path == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(ACCESS_LOG_QUEUE);
+        std::thread::Builder::new().name("access-log".into()).spawn(move || {
+            let mut w = std::io::BufWriter::new(out);
+            // Ends when every sender is gone.
+            while let Ok(line) = rx.recv() {
+                let _ = writeln!(w, "{line}");
+                while let Ok(line) = rx.try_recv() {
+                    let _ = writeln!(w, "{line}");
+                }
+                let _ = w.flush();
+            }
+        })?;
+        Ok(Self { tx, dropped: Counter::default() })
     }
+
+    fn send(&self, line: String) {
+        if self.tx.try_send(line).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+/// Labels of `istio_waypoint_timeouts_total`: which bound fired.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    pub timeout: &'static str,
 }
 
 impl Metrics {
@@ -91,9 +119,20 @@ impl Metrics {
             tcp_closed: Family::default(),
             tcp_received: Family::default(),
             tcp_sent: Family::default(),
+            timeouts: Family::default(),
             log_format,
             sink,
         };
+        registry.register(
+            "waypoint_timeouts",
+            "Waits of the waypoint cut short by their bound (protocol_detection, idle, request_body, upstream_connect, ...)",
+            m.timeouts.clone(),
+        );
+        registry.register(
+            "waypoint_access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            m.sink.dropped.clone(),
+        );
         registry.register("requests", "Requests handled", m.requests.clone());
         registry.register(
             "authorization_decisions",
@@ -126,13 +165,18 @@ impl Metrics {
         self.write(log);
     }
 
-    /// Records one TCP connection passed through.
+    /// Counts a bound that fired.
+    pub fn timeout(&self, which: &'static str) {
+        self.timeouts.get_or_create(&TimeoutLabels { timeout: which }).inc();
+    }
+
     /// Counts an L4 authorization decision on a tunnel.
     pub fn decision(&self, decision: &'static str, policy: &str) {
         let labels = DecisionLabels { direction: "waypoint", decision, policy: policy.to_string() };
         self.decisions.get_or_create(&labels).inc();
     }
 
+    /// Records one TCP connection passed through.
     pub fn tcp(&self, labels: &TrafficLabels, received: u64, sent: u64) {
         self.tcp_opened.get_or_create(labels).inc();
         self.tcp_received.get_or_create(labels).inc_by(received);
@@ -145,14 +189,7 @@ impl Metrics {
             LogFormat::Json => serde_json::to_string(log).unwrap_or_default(),
             LogFormat::Text => log.text(),
         };
-        match &self.sink {
-            AccessSink::Stdout => {
-                let _ = writeln!(std::io::stdout().lock(), "{line}");
-            }
-            AccessSink::File(f) => {
-                let _ = writeln!(f.lock().unwrap_or_else(PoisonError::into_inner), "{line}");
-            }
-        }
+        self.sink.send(line);
     }
 }
 

@@ -2,6 +2,8 @@
 //! (regexes built, weights defaulted, durations converted). A route that cannot be compiled is
 //! rejected (NACKed) and the previous version stays in force.
 
+pub mod normalize;
+pub mod policies;
 pub mod table;
 
 use std::time::Duration;

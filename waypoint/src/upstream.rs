@@ -72,6 +72,8 @@ pub enum UpstreamError {
     Tunnel { addr: SocketAddr, reason: String },
     #[error("HTTP to {addr}: {source}")]
     Http { addr: SocketAddr, source: hyper::Error },
+    #[error("HBONE to {addr}: not connected within {after:?}")]
+    ConnectTimeout { addr: SocketAddr, after: std::time::Duration },
 }
 
 /// The endpoint a request goes to.
@@ -127,6 +129,8 @@ pub struct Upstream {
     pool: Pool,
     identity: Identity,
     balance: Balance,
+    /// Longest a connect (TCP, mTLS, CONNECT) to an endpoint may take.
+    connect_timeout: std::time::Duration,
     clients: Arc<Mutex<HashMap<ClientKey, Client>>>,
     outstanding: Arc<Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>>,
     round_robin: Arc<Mutex<HashMap<String, usize>>>,
@@ -135,11 +139,17 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(pool: Pool, identity: Identity, balance: Balance) -> Self {
+    pub fn new(
+        pool: Pool,
+        identity: Identity,
+        balance: Balance,
+        connect_timeout: std::time::Duration,
+    ) -> Self {
         Self {
             pool,
             identity,
             balance,
+            connect_timeout,
             clients: Arc::default(),
             outstanding: Arc::default(),
             round_robin: Arc::default(),
@@ -293,9 +303,11 @@ impl Upstream {
         {
             headers.insert("forwarded", v);
         }
-        self.pool
-            .connect(&key, &Authority::Addr(target.addr), headers)
+        let authority = Authority::Addr(target.addr);
+        let connect = self.pool.connect(&key, &authority, headers);
+        tokio::time::timeout(self.connect_timeout, connect)
             .await
+            .map_err(|_| UpstreamError::ConnectTimeout { addr: target.addr, after: self.connect_timeout })?
             .map_err(|e| UpstreamError::Tunnel { addr: target.addr, reason: e.to_string() })
     }
 
@@ -470,7 +482,7 @@ services:
         );
         let pool = Pool::new(certs, Default::default(), Default::default());
         let id = Identity::new("cluster.local", "demo", "waypoint").expect("id");
-        (Upstream::new(pool, id, balance), state, handlers)
+        (Upstream::new(pool, id, balance, std::time::Duration::from_secs(10)), state, handlers)
     }
 
     fn addr(s: &str) -> SocketAddr {

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use common::copy::{ByteCounters, copy_bidirectional};
 use common::drain::{Guard, Watch};
+use common::flags::ResponseFlag;
 use common::hbone::pool::Pool;
 use common::identity::CertificateManager;
 use common::readiness::Ready;
@@ -107,14 +108,25 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// Envoy's response flag for this failure.
-    pub fn flags(&self) -> &'static str {
+    pub fn flag(&self) -> ResponseFlag {
         match self {
-            ProxyError::UnknownSource(_) | ProxyError::RegistryOnly(_) => "NR",
-            ProxyError::NoEndpoint(_) | ProxyError::NoWaypoint(_) | ProxyError::NotLocal(_) => "UH",
-            ProxyError::Connect { .. } | ProxyError::Hbone { .. } | ProxyError::UnsupportedTunnel(_) => "UF",
-            ProxyError::SelfCall(_) | ProxyError::Draining | ProxyError::AddressMismatch { .. } => "-",
-            ProxyError::Denied(_) => "-",
+            ProxyError::UnknownSource(_) | ProxyError::RegistryOnly(_) => ResponseFlag::NoRoute,
+            ProxyError::NoEndpoint(_) | ProxyError::NoWaypoint(_) | ProxyError::NotLocal(_) => {
+                ResponseFlag::NoHealthyUpstream
+            }
+            ProxyError::Connect { .. } | ProxyError::Hbone { .. } | ProxyError::UnsupportedTunnel(_) => {
+                ResponseFlag::UpstreamConnectionFailure
+            }
+            ProxyError::SelfCall(_) | ProxyError::Draining | ProxyError::AddressMismatch { .. } => {
+                ResponseFlag::None
+            }
+            ProxyError::Denied(_) => ResponseFlag::None,
         }
+    }
+
+    /// [`Self::flag`] as Envoy writes it.
+    pub fn flags(&self) -> &'static str {
+        self.flag().as_str()
     }
 
     pub fn failure(&self) -> Failure {

@@ -206,7 +206,12 @@ async fn serve_connection(
         .map_err(|e| ConnError::Refused(e.to_string()))?;
     debug!(%peer_addr, %peer, "HBONE connection established");
     let draining = drain.clone();
+    // Set by the first request: a peer that completes TLS and then sends nothing (not even the
+    // HTTP/2 preface) is dropped after FIRST_REQUEST_TIMEOUT instead of holding the connection.
+    let spoke = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let heard = spoke.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
+        heard.store(true, std::sync::atomic::Ordering::Relaxed);
         let (handler, peer) = (handler.clone(), peer.clone());
         let draining = draining.as_ref().is_some_and(Watch::is_draining);
         async move { Ok::<_, Infallible>(on_request(req, peer, peer_addr, local_addr, handler, draining).await) }
@@ -221,11 +226,31 @@ async fn serve_connection(
         .keep_alive_interval(super::KEEPALIVE_INTERVAL)
         .keep_alive_timeout(super::KEEPALIVE_TIMEOUT);
     let conn = builder.serve_connection(TokioIo::new(tls), svc);
-    let Some(drain) = drain else { return conn.await.map_err(ConnError::Http2) };
     tokio::pin!(conn);
-    tokio::select! {
-        done = conn.as_mut() => return done.map_err(ConnError::Http2),
-        _ = drain.draining() => {}
+    let first_deadline = tokio::time::sleep(super::FIRST_REQUEST_TIMEOUT);
+    tokio::pin!(first_deadline);
+    let mut waiting_first = true;
+    let draining = async {
+        match &drain {
+            Some(d) => d.draining().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(draining);
+    loop {
+        tokio::select! {
+            done = conn.as_mut() => return done.map_err(ConnError::Http2),
+            _ = &mut first_deadline, if waiting_first => {
+                if !spoke.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(ConnError::Refused(format!(
+                        "no request within {:?} of the TLS handshake",
+                        super::FIRST_REQUEST_TIMEOUT
+                    )));
+                }
+                waiting_first = false;
+            }
+            _ = &mut draining => break,
+        }
     }
     debug!(%peer_addr, "draining: GOAWAY sent, open streams run on");
     conn.as_mut().graceful_shutdown();

@@ -15,6 +15,7 @@ use proto::waypoint as wp;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use super::policies::{CompiledPolicy, PolicyIndex};
 use super::{Parent, PathMatch, Route, RouteMatch};
 use crate::filter::authz::Target;
 use crate::filter::fault::Fault;
@@ -23,7 +24,7 @@ use crate::filter::mirror::Mirror;
 use crate::filter::ratelimit::TokenBucket;
 use crate::filter::retry::RetryPolicy;
 use crate::filter::traffic::TrafficPolicy;
-use common::state::Policy;
+use tracing::{debug, warn};
 
 /// What a request is matched on.
 pub struct RequestView<'a> {
@@ -52,27 +53,9 @@ pub enum Lookup {
 pub struct RouteTable {
     by_service: BTreeMap<String, Vec<Arc<Route>>>,
     by_waypoint: BTreeMap<String, Vec<Arc<Route>>>,
-    /// Authorization policies by what they attach to.
+    /// Everything else that attaches to the waypoint, a service or a route.
     #[serde(skip)]
-    pub policies: BTreeMap<Target, Vec<Arc<Policy>>>,
-    /// Rate limits by what they attach to.
-    #[serde(skip)]
-    pub limits: BTreeMap<Target, Vec<Arc<TokenBucket>>>,
-    /// Faults by what they attach to.
-    #[serde(skip)]
-    pub faults: BTreeMap<Target, Vec<Fault>>,
-    /// Retry policies by what they attach to.
-    #[serde(skip)]
-    pub retries: BTreeMap<Target, RetryPolicy>,
-    /// Mirrors by what they attach to.
-    #[serde(skip)]
-    pub mirrors: BTreeMap<Target, Vec<Mirror>>,
-    /// JWT rules by what they attach to.
-    #[serde(skip)]
-    pub jwt: BTreeMap<Target, Vec<Arc<JwtRule>>>,
-    /// Request caps and outlier detection by backend service (`namespace/hostname`).
-    #[serde(skip)]
-    pub traffic: BTreeMap<String, Arc<TrafficPolicy>>,
+    pub policy: PolicyIndex,
 }
 
 fn path_matches(m: &PathMatch, path: &str) -> bool {
@@ -136,16 +119,12 @@ fn precedence(m: &RouteMatch) -> Precedence {
 impl RouteTable {
     #[cfg(test)]
     fn build(routes: impl IntoIterator<Item = Route>) -> Self {
-        Self::build_with(routes, Vec::new())
+        Self::build_with(routes.into_iter().map(Arc::new), PolicyIndex::default())
     }
 
-    fn build_with(routes: impl IntoIterator<Item = Route>, policies: Vec<(Target, Policy)>) -> Self {
-        let mut t = Self::default();
-        for (target, p) in policies {
-            t.policies.entry(target).or_default().push(Arc::new(p));
-        }
+    fn build_with(routes: impl IntoIterator<Item = Arc<Route>>, policy: PolicyIndex) -> Self {
+        let mut t = Self { policy, ..Self::default() };
         for r in routes {
-            let r = Arc::new(r);
             match &r.parent {
                 Parent::Service(s) => t.by_service.entry(s.key()).or_default().push(r.clone()),
                 Parent::Waypoint(w) => t.by_waypoint.entry(w.clone()).or_default().push(r.clone()),
@@ -242,10 +221,16 @@ fn check(name: &str, r: &wp::Resource) -> Result<(), String> {
     Ok(())
 }
 
+/// A resource as last compiled, with its source (reused while the source is unchanged).
+enum Compiled {
+    Route(Box<wp::Route>, Arc<Route>),
+    Policy(Arc<CompiledPolicy>),
+}
+
 struct Inner {
     resources: Arc<ResourceStore<wp::Resource>>,
-    /// Token buckets by policy, kept across rebuilds while the policy's limit is unchanged.
-    buckets: std::sync::Mutex<HashMap<String, (wp::LocalRateLimit, Arc<TokenBucket>)>>,
+    /// Compiled resources by name, kept across pushes.
+    compiled: std::sync::Mutex<HashMap<String, Compiled>>,
     current: RwLock<Arc<RouteTable>>,
     changed: watch::Sender<u64>,
 }
@@ -262,7 +247,7 @@ impl Routes {
         let routes = Self {
             inner: Arc::new(Inner {
                 resources: ResourceStore::new(check),
-                buckets: Default::default(),
+                compiled: Default::default(),
                 current: RwLock::default(),
                 changed: watch::channel(0).0,
             }),
@@ -304,67 +289,75 @@ impl Handler<wp::Resource> for Feed {
     fn handle(&self, updates: Vec<XdsUpdate<wp::Resource>>) -> Vec<Rejection> {
         let inner = &self.0.inner;
         let rejected = inner.resources.handle(updates);
-        let mut routes = Vec::new();
-        let mut policies = Vec::new();
-        let mut limits: BTreeMap<Target, Vec<Arc<TokenBucket>>> = BTreeMap::new();
-        let mut faults: BTreeMap<Target, Vec<Fault>> = BTreeMap::new();
-        let mut retries: BTreeMap<Target, RetryPolicy> = BTreeMap::new();
-        let mut mirrors: BTreeMap<Target, Vec<Mirror>> = BTreeMap::new();
-        let mut jwt: BTreeMap<Target, Vec<Arc<JwtRule>>> = BTreeMap::new();
-        let mut traffic: BTreeMap<String, Arc<TrafficPolicy>> = BTreeMap::new();
-        let mut buckets = inner.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut kept = HashMap::new();
+        let mut cache = inner.compiled.lock().unwrap_or_else(PoisonError::into_inner);
+        let fetched: HashMap<String, Arc<JwtRule>> = cache
+            .values()
+            .filter_map(|c| match c {
+                Compiled::Policy(p) => Some(p.fetched_rules()),
+                Compiled::Route(..) => None,
+            })
+            .flatten()
+            .collect();
+        let mut next = HashMap::new();
+        let (mut reused, mut compiled) = (0usize, 0usize);
         for (name, r) in inner.resources.entries() {
-            match r.kind {
-                Some(wp::resource::Kind::Route(route)) => routes.extend(Route::from_proto(&route).ok()),
-                Some(wp::resource::Kind::Policy(p)) => {
-                    policies.extend(crate::filter::authz::convert(&p).ok().flatten());
-                    let Ok(target) = crate::filter::authz::target_of(&p) else { continue };
-                    if let Some(r) = &p.rate_limit {
-                        let bucket = match buckets.remove(&name) {
-                            Some((old, b)) if &old == r => Some(b),
-                            _ => TokenBucket::from_proto(r).ok().map(Arc::new),
-                        };
-                        if let Some(b) = bucket {
-                            limits.entry(target.clone()).or_default().push(b.clone());
-                            kept.insert(name.clone(), (*r, b));
+            let old = cache.remove(&name);
+            let entry = match (r.kind, old) {
+                (Some(wp::resource::Kind::Route(src)), Some(Compiled::Route(old_src, route)))
+                    if *old_src == src =>
+                {
+                    reused += 1;
+                    Compiled::Route(old_src, route)
+                }
+                (Some(wp::resource::Kind::Route(src)), _) => match Route::from_proto(&src) {
+                    Ok(route) => {
+                        compiled += 1;
+                        Compiled::Route(Box::new(src), Arc::new(route))
+                    }
+                    Err(e) => {
+                        warn!(resource = %name, error = %e, "route held by the store does not compile; skipped");
+                        continue;
+                    }
+                },
+                (Some(wp::resource::Kind::Policy(src)), Some(Compiled::Policy(old))) if old.source == src => {
+                    reused += 1;
+                    Compiled::Policy(old)
+                }
+                (Some(wp::resource::Kind::Policy(src)), old) => {
+                    let old = match &old {
+                        Some(Compiled::Policy(p)) => Some(&**p),
+                        _ => None,
+                    };
+                    match CompiledPolicy::compile(src, old, &fetched) {
+                        Ok(p) => {
+                            compiled += 1;
+                            Compiled::Policy(Arc::new(p))
                         }
-                    }
-                    if let (Target::Service(key), Some(t)) = (&target, &p.traffic)
-                        && let Ok(t) = TrafficPolicy::from_proto(t)
-                    {
-                        traffic.insert(key.clone(), Arc::new(t));
-                    }
-                    for r in p.request_authentication.iter().flat_map(|a| &a.rules) {
-                        if let Ok(rule) = JwtRule::from_proto(r) {
-                            let rule = Arc::new(rule);
-                            crate::filter::jwt::keep_fetched(&rule);
-                            jwt.entry(target.clone()).or_default().push(rule);
+                        Err(e) => {
+                            warn!(resource = %name, error = %e, "policy held by the store does not compile; skipped");
+                            continue;
                         }
-                    }
-                    if let Some(m) = p.mirror.as_ref().and_then(|m| Mirror::from_proto(m).ok()) {
-                        mirrors.entry(target.clone()).or_default().push(m);
-                    }
-                    if let Some(r) = p.retry.as_ref().and_then(|r| RetryPolicy::from_proto(r).ok()) {
-                        retries.insert(target.clone(), r);
-                    }
-                    if let Some(f) = p.fault.as_ref().and_then(|f| Fault::from_proto(f).ok()) {
-                        faults.entry(target).or_default().push(f);
                     }
                 }
-                None => {}
-            }
+                (None, _) => continue,
+            };
+            next.insert(name, entry);
         }
-        *buckets = kept;
-        drop(buckets);
-        let mut table = RouteTable::build_with(routes, policies);
-        table.limits = limits;
-        table.faults = faults;
-        table.retries = retries;
-        table.mirrors = mirrors;
-        table.jwt = jwt;
-        table.traffic = traffic;
-        let table = Arc::new(table);
+        debug!(reused, compiled, "waypoint resources compiled");
+        *cache = next;
+        let routes: Vec<Arc<Route>> = cache
+            .values()
+            .filter_map(|c| match c {
+                Compiled::Route(_, r) => Some(r.clone()),
+                Compiled::Policy(_) => None,
+            })
+            .collect();
+        let policy = PolicyIndex::build(cache.values().filter_map(|c| match c {
+            Compiled::Policy(p) => Some(&**p),
+            Compiled::Route(..) => None,
+        }));
+        drop(cache);
+        let table = Arc::new(RouteTable::build_with(routes, policy));
         *inner.current.write().unwrap_or_else(PoisonError::into_inner) = table;
         inner.changed.send_modify(|n| *n += 1);
         rejected

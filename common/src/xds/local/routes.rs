@@ -492,7 +492,8 @@ pub struct WaypointPolicySpec {
     pub retry: Option<RetrySpec>,
     #[serde(default)]
     pub mirror: Option<MirrorSpec>,
-    /// `{jwtRules: [{issuer, audiences, jwks | jwksUri, forwardOriginalToken, outputClaimToHeaders}]}`.
+    /// `{jwtRules: [{issuer, audiences, jwks | jwksUri, forwardOriginalToken, outputClaimToHeaders,
+    /// fromHeaders: [{name, prefix}], fromParams, fromCookies}]}`.
     #[serde(default)]
     pub request_authentication: Option<RequestAuthenticationSpec>,
     /// `{connectionPool: {maxRequests, maxPendingRequests}, outlierDetection: {consecutive5xxErrors,
@@ -554,6 +555,23 @@ pub struct JwtRuleSpec {
     pub forward_original_token: bool,
     #[serde(default)]
     pub output_claim_to_headers: Vec<ClaimToHeaderSpec>,
+    /// Where the token is read from; none of the three: `Authorization: Bearer` and the
+    /// `access_token` query parameter.
+    #[serde(default)]
+    pub from_headers: Vec<JwtHeaderSpec>,
+    #[serde(default)]
+    pub from_params: Vec<String>,
+    #[serde(default)]
+    pub from_cookies: Vec<String>,
+}
+
+/// `{name: x-jwt, prefix: "Bearer "}` (no prefix: the whole value is the token).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtHeaderSpec {
+    pub name: String,
+    #[serde(default)]
+    pub prefix: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -743,6 +761,13 @@ impl WaypointPolicySpec {
                             .iter()
                             .map(|c| wp::ClaimToHeader { header: c.header.clone(), claim: c.claim.clone() })
                             .collect(),
+                        from_headers: j
+                            .from_headers
+                            .iter()
+                            .map(|h| wp::JwtHeader { name: h.name.clone(), prefix: h.prefix.clone() })
+                            .collect(),
+                        from_params: j.from_params.clone(),
+                        from_cookies: j.from_cookies.clone(),
                     })
                     .collect(),
             });
@@ -831,5 +856,36 @@ timeouts: {request: 1500ms}
         );
         assert_eq!(duration("2m").map(|d| d.seconds), Ok(120));
         assert!(duration("ms").is_err_and(|e| e.contains("not a number")));
+    }
+
+    #[test]
+    fn jwt_token_locations_in_yaml_become_their_wire_form() {
+        let yaml = r#"
+name: jwt
+namespace: demo
+target: {route: demo/secure}
+requestAuthentication:
+  jwtRules:
+    - issuer: https://issuer.test
+      jwksUri: http://keys.test/jwks.json
+      fromHeaders: [{name: x-jwt, prefix: "Bearer "}, {name: x-raw}]
+      fromParams: [my_token]
+      fromCookies: [session]
+    - issuer: https://other.test
+      jwks: '{"keys": []}'
+"#;
+        let spec: WaypointPolicySpec = serde_yaml::from_str(yaml).expect("yaml");
+        let Some(wp::resource::Kind::Policy(p)) = spec.to_proto().expect("converts").kind else {
+            panic!("a policy")
+        };
+        let rules = p.request_authentication.expect("request authentication").rules;
+        let headers: Vec<_> =
+            rules[0].from_headers.iter().map(|h| (h.name.as_str(), h.prefix.as_str())).collect();
+        assert_eq!(headers, [("x-jwt", "Bearer "), ("x-raw", "")]);
+        assert_eq!(rules[0].from_params, ["my_token"]);
+        assert_eq!(rules[0].from_cookies, ["session"]);
+        assert!(rules[1].from_headers.is_empty() && rules[1].from_params.is_empty(), "defaults stay unset");
+        let typo = yaml.replace("fromParams", "fromParam");
+        assert!(serde_yaml::from_str::<WaypointPolicySpec>(&typo).is_err(), "unknown fields are refused");
     }
 }

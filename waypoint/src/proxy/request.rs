@@ -1,0 +1,207 @@
+//! The request as the stages see it (read once, normalized once) and the record of the exchange
+//! that metrics, the access log and the trace span are written from when it ends.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Instant, SystemTime};
+
+use common::flags::ResponseFlag;
+use common::state::Service;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Request, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use rand::Rng;
+
+use super::{Context, Downstream, ProxyError};
+use crate::metrics::AccessLog;
+use crate::route::normalize::{normalize_host, normalize_path};
+use crate::upstream::Target;
+
+/// Hop-by-hop headers a proxy must not forward (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers and those `Connection` names (keeping `te: trailers`, which gRPC
+/// needs end to end).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let keeps_trailers =
+        headers.get_all(header::TE).iter().any(|v| v.to_str().is_ok_and(|v| v.contains("trailers")));
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    if keeps_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// One request, as every stage reads it. Built once: hop-by-hop headers are gone (so nothing a
+/// client lists in `Connection` can remove what the mesh adds later) and the path is normalized
+/// (so routing, policy and the upstream see the same path).
+pub struct RequestCtx {
+    pub parts: http::request::Parts,
+    pub body: Incoming,
+    /// The normalized path, without the query.
+    pub path: String,
+    /// The query, untouched.
+    pub query: Option<String>,
+    /// The host for matching: lower case, no port, no trailing dot.
+    pub host: String,
+    /// The authority as the client sent it (`:authority` or `Host`), for the upstream.
+    pub authority: Option<String>,
+    /// An HTTP/1.1 upgrade asked for: the protocol and the client side of the upgrade.
+    pub upgrade: Option<(HeaderValue, OnUpgrade)>,
+    pub grpc: bool,
+    pub request_id: String,
+}
+
+impl RequestCtx {
+    /// Reads `req`; `request_id` is the one the exchange records.
+    pub fn new(ctx: &Context, mut req: Request<Incoming>, request_id: String) -> Result<Self, ProxyError> {
+        let grpc = is_grpc(req.headers());
+        let upgrade = (req.version() == Version::HTTP_11)
+            .then(|| req.headers().get(header::UPGRADE).cloned())
+            .flatten()
+            .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let raw = parts.uri.path();
+        let path = normalize_path(raw, ctx.limits.path_normalization)
+            .map_err(|source| ProxyError::BadPath { path: raw.to_string(), source })?
+            .into_owned();
+        let query = parts.uri.query().map(str::to_string);
+        let authority =
+            parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+                parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
+            });
+        let host = authority.as_deref().map(normalize_host).unwrap_or_default();
+        Ok(Self { parts, body, path, query, host, authority, upgrade, grpc, request_id })
+    }
+
+    /// `path?query`, normalized path first.
+    pub fn path_and_query(&self, path: &str) -> String {
+        match &self.query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        }
+    }
+}
+
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The client's `x-request-id`, else a new UUIDv4.
+fn request_id_of(headers: &HeaderMap) -> String {
+    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        return id.to_string();
+    }
+    let n: u128 = rand::rng().random();
+    let h = format!("{n:032x}");
+    format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+}
+
+/// What the access log and metrics need about one request, filled in as it goes.
+pub struct Exchange {
+    pub start: Instant,
+    pub start_time: SystemTime,
+    pub log: AccessLog,
+    pub grpc: bool,
+    pub route: Option<Arc<crate::route::Route>>,
+    pub target: Option<Target>,
+    pub backend_service: Option<Arc<Service>>,
+    pub request_bytes: Arc<AtomicU64>,
+    /// A fault delay was injected (flag `DI`).
+    pub delayed: bool,
+    /// The flag of an answer that came from upstream (`URX` when retries ran out).
+    pub upstream_flag: ResponseFlag,
+    /// A slot of the backend's request cap, released when the exchange ends.
+    pub slot: Option<crate::filter::traffic::Slot>,
+    /// This request's trace span.
+    pub span: Option<crate::filter::trace::ServerSpan>,
+}
+
+impl Exchange {
+    pub fn new(ctx: &Context, down: &Downstream, req: &Request<Incoming>) -> Self {
+        let header = |n: HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| header(header::HOST));
+        Self {
+            start: Instant::now(),
+            start_time: SystemTime::now(),
+            log: AccessLog {
+                authority,
+                method: Some(req.method().to_string()),
+                path: req.uri().path_and_query().map(|p| p.to_string()),
+                protocol: Some(format!("{:?}", req.version())),
+                request_id: Some(request_id_of(req.headers())),
+                user_agent: header(header::USER_AGENT),
+                x_forwarded_for: header(HeaderName::from_static("x-forwarded-for")),
+                downstream_remote_address: Some(down.client_addr.to_string()),
+                downstream_local_address: Some(down.local_addr.to_string()),
+                source_principal: Some(down.source_identity.to_string()),
+                response_flags: "-".into(),
+                ..Default::default()
+            },
+            grpc: is_grpc(req.headers()),
+            route: None,
+            target: None,
+            backend_service: None,
+            request_bytes: Arc::new(AtomicU64::new(0)),
+            delayed: false,
+            upstream_flag: ResponseFlag::None,
+            slot: None,
+            span: Some(crate::filter::trace::ServerSpan::start(req.headers(), ctx.tracer.sampling_percent)),
+        }
+    }
+
+    /// The flag of an answer that came from upstream.
+    pub fn success_flag(&self) -> ResponseFlag {
+        match self.upstream_flag {
+            ResponseFlag::None if self.delayed => ResponseFlag::DelayInjected,
+            f => f,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_and_te_trailers_kept() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(
+            h.get("x-secret").is_none() && h.get("connection").is_none() && h.get("keep-alive").is_none()
+        );
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert!(h.get("x-kept").is_some());
+    }
+}

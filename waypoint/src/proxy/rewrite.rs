@@ -1,0 +1,103 @@
+//! Rewriting: the route's and the backend's request filters (header modifiers, URL rewrite),
+//! then the head the upstream gets (URI and version for its protocol, `Host`, the forwarding
+//! headers, the trace context). Hop-by-hop headers were removed when the request was read, so
+//! nothing here can be undone by a client's `Connection` header.
+
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Uri, Version};
+
+use super::request::{Exchange, RequestCtx};
+use super::route::{Backend, modify_path};
+use super::{Downstream, ProxyError};
+use crate::route::table::Selected;
+use crate::route::{Filter, HeaderModifier};
+
+pub fn apply_headers(headers: &mut HeaderMap, m: &HeaderModifier) {
+    for (n, v) in &m.set {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v)) {
+            headers.insert(n, v);
+        }
+    }
+    for (n, v) in &m.add {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v)) {
+            headers.append(n, v);
+        }
+    }
+    for n in &m.remove {
+        headers.remove(n.as_str());
+    }
+}
+
+/// What the request filters decided: the upstream path and, if rewritten, the host.
+pub struct Rewritten {
+    pub path: String,
+    pub host: Option<String>,
+}
+
+/// Applies the route's request filters, then the backend's.
+pub fn request_filters(req: &mut RequestCtx, selected: Option<&Selected>, backend: &Backend) -> Rewritten {
+    let mut out = Rewritten { path: req.path.clone(), host: None };
+    let route_filters = selected.map(|s| s.route.filters.as_slice()).unwrap_or_default();
+    let prefix = selected.and_then(|s| s.matched_prefix.as_deref());
+    for f in route_filters.iter().chain(backend.filters.iter()) {
+        match f {
+            Filter::RequestHeaders(m) => apply_headers(&mut req.parts.headers, m),
+            Filter::Rewrite(r) => {
+                if let Some(m) = &r.path {
+                    out.path = modify_path(&req.path, m, prefix);
+                }
+                if let Some(h) = &r.hostname {
+                    out.host = Some(h.clone());
+                }
+            }
+            Filter::ResponseHeaders(_) | Filter::Redirect(_) => {}
+        }
+    }
+    out
+}
+
+/// Sets the head the upstream gets. `h2`: the upstream speaks HTTP/2.
+pub fn upstream_head(
+    req: &mut RequestCtx,
+    down: &Downstream,
+    ex: &Exchange,
+    rewritten: Rewritten,
+    authority: &str,
+    h2: bool,
+) -> Result<(), ProxyError> {
+    let authority = rewritten.host.as_deref().unwrap_or(authority);
+    let path_and_query = req.path_and_query(&rewritten.path);
+    let parts = &mut req.parts;
+    parts.uri = if h2 {
+        Uri::builder().scheme("http").authority(authority).path_and_query(path_and_query.as_str()).build()
+    } else {
+        Uri::builder().path_and_query(path_and_query.as_str()).build()
+    }
+    .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
+    parts.version = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let headers = &mut parts.headers;
+    if h2 {
+        headers.remove(header::HOST);
+    } else if let Ok(v) = HeaderValue::from_str(authority) {
+        headers.insert(header::HOST, v);
+    }
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", down.client_addr.ip()),
+        None => down.client_addr.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&req.request_id) {
+        headers.insert("x-request-id", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(span) = &ex.span {
+        span.inject(headers);
+    }
+    if let Some((protocol, _)) = &req.upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol.clone());
+    }
+    Ok(())
+}
