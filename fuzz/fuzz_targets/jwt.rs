@@ -25,7 +25,10 @@ static RULES: LazyLock<Vec<Arc<JwtRule>>> = LazyLock::new(|| {
         let mut r = wp::JwtRule {
             issuer: issuer.into(),
             jwks: JWKS.into(),
-            output_claim_to_headers: vec![wp::ClaimToHeader { header: "x-jwt-sub".into(), claim: "sub".into() }],
+            output_claim_to_headers: vec![wp::ClaimToHeader {
+                header: "x-jwt-sub".into(),
+                claim: "sub".into(),
+            }],
             ..Default::default()
         };
         edit(&mut r);
@@ -58,12 +61,17 @@ fuzz_target!(|data: &[u8]| {
     }
     match authenticate(&RULES, &mut headers, query) {
         Ok(Some(v)) => panic!("a fuzzed token verified: {}", v.principal),
-        Ok(None) | Err(_) => assert!(!headers.contains_key("x-jwt-sub"), "a client-sent claim header survived"),
+        Ok(None) | Err(_) => {
+            assert!(!headers.contains_key("x-jwt-sub"), "a client-sent claim header survived")
+        }
     }
 
     if let Some((json, key)) = claims.and_then(|c| {
         let i = c.iter().position(|b| *b == 0)?;
-        Some((serde_json::from_slice::<serde_json::Value>(&c[..i]).ok()?, std::str::from_utf8(&c[i + 1..]).ok()?))
+        Some((
+            serde_json::from_slice::<serde_json::Value>(&c[..i]).ok()?,
+            std::str::from_utf8(&c[i + 1..]).ok()?,
+        ))
     }) {
         let values = common::rbac::claim_values(&json, key);
         if !key.starts_with('[') {
