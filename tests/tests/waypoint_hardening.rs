@@ -172,6 +172,36 @@ fn jwks_server(rt: &tokio::runtime::Runtime, jwks: String) {
     });
 }
 
+/// Every check runs; the test fails at the end naming each one that did not hold (so a run on
+/// code without the defences shows all that get through, not only the first).
+#[derive(Default)]
+struct Checks(Vec<String>);
+
+impl Checks {
+    fn record(&mut self, ok: bool, what: String) {
+        if !ok {
+            self.0.push(what);
+        }
+    }
+
+    fn finish(self) {
+        assert!(self.0.is_empty(), "{} checks failed:\n{}", self.0.len(), self.0.join("\n"));
+    }
+}
+
+macro_rules! check {
+    ($checks:ident, $ok:expr, $($what:tt)+) => {
+        $checks.record($ok, format!($($what)+))
+    };
+}
+
+macro_rules! check_eq {
+    ($checks:ident, $got:expr, $want:expr, $($what:tt)+) => {{
+        let (got, want) = (&$got, &$want);
+        $checks.record(got == want, format!("{} (got {got:?}, want {want:?})", format!($($what)+)))
+    }};
+}
+
 fn header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
     answer.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
@@ -275,6 +305,7 @@ fn waypoint_refuses_what_got_around_it() {
     let blocked_group = token(&key, claims(serde_json::json!({"groups": ["dev", "blocked"]})));
     let intern = token(&key, claims(serde_json::json!({"realm": {"role": "intern"}})));
 
+    let mut checks = Checks::default();
     let client_rt = client.runtime();
     let vip: SocketAddr = "10.96.0.10:80".parse().expect("addr");
     let ask = |req: String| {
@@ -287,28 +318,28 @@ fn waypoint_refuses_what_got_around_it() {
         ["/admin", "/%61dmin", "/./admin", "/x/../admin", "//admin", "/%2e%2e/admin", "/public/..//admin/x"]
     {
         let (status, answer) = ask(get(path, HOST, &[]));
-        assert_eq!(status, 403, "{path} must be denied: {answer}");
+        check_eq!(checks, status, 403, "{path} must be denied: {answer}");
     }
     let (status, answer) = ask(get("/x/./y/../public?a=%2e", HOST, &[]));
-    assert_eq!(status, 200, "{answer}");
-    assert!(
+    check_eq!(checks, status, 200, "{answer}");
+    check!(
+        checks,
         answer.contains(" GET /x/public?a=%2e"),
         "the upstream gets the normalized path, query untouched: {answer}"
     );
     let (status, answer) = ask(get("/bad%zzpath", HOST, &[]));
-    assert_eq!(status, 400, "an escape that cannot be decoded: {answer}");
-    assert!(
-        !SEEN
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .any(|p| p.contains("admin") || p.contains("%zz"))
+    check_eq!(checks, status, 400, "an escape that cannot be decoded: {answer}");
+    let seen = SEEN.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    check!(
+        checks,
+        !seen.iter().any(|p| p.contains("admin") || p.contains("%zz")),
+        "refused paths reached a server: {seen:?}"
     );
 
     // Hosts: matched without case, port or trailing dot.
     for host in ["admin.demo.svc", "ADMIN.demo.svc", "admin.demo.svc.", "Admin.Demo.Svc:80"] {
         let (status, answer) = ask(get("/public", host, &[]));
-        assert_eq!(status, 403, "host {host} must be denied: {answer}");
+        check_eq!(checks, status, 403, "host {host} must be denied: {answer}");
     }
 
     // JWT: a forged token under a lower-case scheme, or a second Authorization header, is a 401
@@ -317,28 +348,30 @@ fn waypoint_refuses_what_got_around_it() {
     let bearer = |t: &str| format!("Bearer {t}");
     let lower = format!("bearer {forged}");
     let (status, answer) = ask(get("/secure/forged", HOST, &[("authorization", &lower)]));
-    assert_eq!(status, 401, "lower-case bearer with a forged token: {answer}");
+    check_eq!(checks, status, 401, "lower-case bearer with a forged token: {answer}");
     let (status, answer) = ask(get(
         "/secure/two",
         HOST,
         &[("authorization", &bearer(&valid)), ("authorization", &bearer(&forged))],
     ));
-    assert_eq!(status, 401, "two Authorization headers: {answer}");
-    assert_eq!(
-        SEEN.lock().unwrap_or_else(|e| e.into_inner()).len(),
-        seen_before,
-        "refused requests never reached a server"
-    );
+    check_eq!(checks, status, 401, "two Authorization headers: {answer}");
+    let seen = SEEN.lock().unwrap_or_else(|e| e.into_inner()).len();
+    check_eq!(checks, seen, seen_before, "refused requests never reached a server");
     let (status, answer) = ask(get("/secure/ok", HOST, &[("authorization", &bearer(&valid))]));
-    assert_eq!(status, 200, "{answer}");
-    assert_eq!(header(&answer, "x-echo-x-jwt-sub"), Some("alice"), "claim copied to a header: {answer}");
-    assert_eq!(header(&answer, "x-echo-authorization"), None, "the token is not forwarded: {answer}");
+    check_eq!(checks, status, 200, "{answer}");
+    check_eq!(
+        checks,
+        header(&answer, "x-echo-x-jwt-sub"),
+        Some("alice"),
+        "claim copied to a header: {answer}"
+    );
+    check_eq!(checks, header(&answer, "x-echo-authorization"), None, "the token is not forwarded: {answer}");
 
     // Claims: a DENY on an element of a list claim and on a nested claim applies.
     let (status, answer) = ask(get("/secure/list", HOST, &[("authorization", &bearer(&blocked_group))]));
-    assert_eq!(status, 403, "list claim: {answer}");
+    check_eq!(checks, status, 403, "list claim: {answer}");
     let (status, answer) = ask(get("/secure/nested", HOST, &[("authorization", &bearer(&intern))]));
-    assert_eq!(status, 403, "nested claim: {answer}");
+    check_eq!(checks, status, 403, "nested claim: {answer}");
 
     // JWKS continuity: with the JWKS server stalled, an unrelated route is pushed; the valid
     // token keeps working at once (the rule and its keys were kept).
@@ -360,23 +393,23 @@ fn waypoint_refuses_what_got_around_it() {
         .expect("the unrelated route arrives");
     let started = Instant::now();
     let (status, answer) = ask(get("/secure/after-push", HOST, &[("authorization", &bearer(&valid))]));
-    assert_eq!(status, 200, "the token still verifies right after the push: {answer}");
-    assert!(started.elapsed() < Duration::from_secs(3), "answered without waiting for the JWKS");
+    check_eq!(checks, status, 200, "the token still verifies right after the push: {answer}");
+    check!(checks, started.elapsed() < Duration::from_secs(3), "answered without waiting for the JWKS");
     JWKS_SLOW.store(false, Ordering::SeqCst);
 
     // Hop-by-hop: a client cannot make the waypoint drop a header the mesh sets.
     let (status, answer) = ask(get("/added", HOST, &[("connection", "x-added, x-forwarded-for")]));
-    assert_eq!(status, 200, "{answer}");
-    assert_eq!(header(&answer, "x-echo-x-added"), Some("yes"), "route header kept: {answer}");
-    assert_eq!(header(&answer, "x-echo-x-forwarded-for"), Some("10.1.1.2"), "{answer}");
+    check_eq!(checks, status, 200, "{answer}");
+    check_eq!(checks, header(&answer, "x-echo-x-added"), Some("yes"), "route header kept: {answer}");
+    check_eq!(checks, header(&answer, "x-echo-x-forwarded-for"), Some("10.1.1.2"), "{answer}");
 
     // A stalled request body on a retry route is answered (408), not held forever.
     let started = Instant::now();
     let (status, answer) = ask(format!(
         "POST /retry/body HTTP/1.1\r\nhost: {HOST}\r\ncontent-length: 10\r\nconnection: close\r\n\r\nabc"
     ));
-    assert_eq!(status, 408, "{answer}");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    check_eq!(checks, status, 408, "{answer}");
+    check!(checks, started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 
     // A pod address reaches that pod (never another endpoint of its service).
     let pod: SocketAddr = "10.2.1.2:8080".parse().expect("addr");
@@ -390,7 +423,11 @@ fn waypoint_refuses_what_got_around_it() {
             out
         }))
         .expect("join");
-    assert!(servers.iter().all(|s| s == "v1"), "every request to v1's address reached v1: {servers:?}");
+    check!(
+        checks,
+        servers.iter().all(|s| s == "v1"),
+        "every request to v1's address reached v1: {servers:?}"
+    );
 
     // gRPC: denied by policy, the answer is a gRPC status (7), not text/plain.
     let code = client_rt
@@ -408,7 +445,7 @@ fn waypoint_refuses_what_got_around_it() {
             }
         }))
         .expect("join");
-    assert_eq!(code, tonic::Code::PermissionDenied);
+    check_eq!(checks, code, tonic::Code::PermissionDenied, "value");
 
     // `forwarded` is believed only from the workload at that address: another identity that
     // claims the client's address gets neither its ipBlocks ALLOW nor its x-forwarded-for.
@@ -437,9 +474,9 @@ fn waypoint_refuses_what_got_around_it() {
             }
         }))
         .expect("join");
-    assert!(liar.starts_with("HTTP/1.1 403"), "the liar is not 10.1.1.2: {liar}");
-    assert!(honest.starts_with("HTTP/1.1 200"), "{honest}");
-    assert_eq!(header(&honest, "x-echo-x-forwarded-for"), Some("10.1.1.2"), "{honest}");
+    check!(checks, liar.starts_with("HTTP/1.1 403"), "the liar is not 10.1.1.2: {liar}");
+    check!(checks, honest.starts_with("HTTP/1.1 200"), "{honest}");
+    check_eq!(checks, header(&honest, "x-echo-x-forwarded-for"), Some("10.1.1.2"), "{honest}");
 
     // Silent tunnels: 500 CONNECTs that never send a byte are closed after the detection
     // timeout; a tunnel idle after a request is closed after the idle timeout.
@@ -456,13 +493,17 @@ fn waypoint_refuses_what_got_around_it() {
                     }
                     std::mem::forget(conn);
                 }
-                let mut closed = 0;
+                let mut reads = tokio::task::JoinSet::new();
                 for mut s in streams {
-                    let mut buf = [0u8; 1];
-                    if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
-                        closed += 1;
-                    }
+                    reads.spawn(async move {
+                        let mut buf = [0u8; 1];
+                        matches!(
+                            tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await,
+                            Ok(Ok(0))
+                        )
+                    });
                 }
+                let closed = reads.join_all().await.into_iter().filter(|c| *c).count();
                 let conn = to_waypoint(&ca, WAYPOINT_IP, "demo", "client").await;
                 let mut s = conn.open(&authority, http::HeaderMap::new()).await.expect("tunnel");
                 s.write_all(format!("GET /idle HTTP/1.1\r\nhost: {HOST}\r\n\r\n").as_bytes())
@@ -483,9 +524,10 @@ fn waypoint_refuses_what_got_around_it() {
             }
         }))
         .expect("join");
-    assert_eq!(closed, 500, "every silent tunnel closed by the waypoint");
-    assert!(idle_closed, "the idle tunnel was closed after the idle timeout");
+    check_eq!(checks, closed, 500, "every silent tunnel closed by the waypoint");
+    check!(checks, idle_closed, "the idle tunnel was closed after the idle timeout");
 
+    checks.finish();
     drop(wp);
     drop(wp_rt);
     zt_a.stop(&node_a);
