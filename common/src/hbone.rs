@@ -9,7 +9,7 @@ pub mod connect;
 pub mod pool;
 pub mod server;
 
-pub use connect::forwarded_for;
+pub use connect::{forwarded_for, proven_client};
 
 use std::time::Duration;
 

@@ -88,6 +88,26 @@ impl NodeZtunnel {
         Self { rt, app }
     }
 
+    /// Starts the ztunnel of node `node_name` as the mesh tests run it (capture on, every uplink,
+    /// the control plane at `xds_url`, the local CA in `ca`, then `extra`) and waits until it is
+    /// ready.
+    pub fn start_node(node: &Netns, xds_url: &str, ca: &str, node_name: &str, extra: &[&str]) -> Self {
+        let base = [
+            "--xds-address",
+            xds_url,
+            "--local-ca",
+            ca,
+            "--redirect",
+            "--uplink",
+            "*",
+            "--node-name",
+            node_name,
+        ];
+        let zt = Self::start(node, &[&base[..], extra].concat());
+        zt.wait_ready(&format!("ztunnel on {node_name}"));
+        zt
+    }
+
     /// Runs `fut` on the node's runtime (inside the namespace) and waits for it.
     pub fn block<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> T {
         self.rt.block_on(self.rt.spawn(fut)).expect("task")

@@ -265,14 +265,9 @@ fn l4_mesh_end_to_end() {
     push(&store, &MESH.replace("authorizationPolicies: [demo/allow-intruder],", ""));
     let (cp_rt, xds) = mesh_tests::node::control_plane(&c.node_a, XDS_ADDR, store.clone());
     let xds_url = format!("http://{XDS_ADDR}");
-    let common_flags = ["--xds-address", &xds_url, "--local-ca", &ca, "--redirect", "--uplink", "*"];
-    let zt_a = NodeZtunnel::start(&c.node_a, &[&common_flags[..], &["--node-name", "node-a"]].concat());
-    zt_a.wait_ready("ztunnel on node-a");
-    let zt_b = NodeZtunnel::start(
-        &c.node_b,
-        &[&common_flags[..], &["--node-name", "node-b", "--outbound-policy", "registry-only"]].concat(),
-    );
-    zt_b.wait_ready("ztunnel on node-b");
+    let zt_a = NodeZtunnel::start_node(&c.node_a, &xds_url, &ca, "node-a", &[]);
+    let zt_b =
+        NodeZtunnel::start_node(&c.node_b, &xds_url, &ca, "node-b", &["--outbound-policy", "registry-only"]);
     zt_a.converge("node-a pods enrolled", &|s| s.pods.len() == 2);
     zt_b.converge("node-b pods enrolled", &|s| s.pods.len() == 2);
     let enrolled_b = zt_b.app.enrollment.as_ref().expect("redirection on").status();

@@ -65,11 +65,8 @@ fn ipv6_pods_are_proxied_and_held_to_policy_like_ipv4() {
     store.load_yaml(MESH).unwrap_or_else(|e| panic!("config: {e:#}"));
     let (cp_rt, xds) = mesh_tests::node::control_plane(&node_a, XDS_ADDR, store.clone());
     let url = format!("http://{XDS_ADDR}");
-    let flags = ["--xds-address", &url, "--local-ca", &ca, "--redirect", "--uplink", "*"];
-    let zt_a = NodeZtunnel::start(&node_a, &[&flags[..], &["--node-name", "node-a"]].concat());
-    let zt_b = NodeZtunnel::start(&node_b, &[&flags[..], &["--node-name", "node-b"]].concat());
-    zt_a.wait_ready("ztunnel on node-a");
-    zt_b.wait_ready("ztunnel on node-b");
+    let zt_a = NodeZtunnel::start_node(&node_a, &url, &ca, "node-a", &[]);
+    let zt_b = NodeZtunnel::start_node(&node_b, &url, &ca, "node-b", &[]);
     zt_a.converge("node-a pods enrolled on both families", &|s| s.pods.len() == 4);
     zt_b.converge("node-b pod enrolled on both families", &|s| s.pods.len() == 2);
 

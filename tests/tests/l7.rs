@@ -450,11 +450,8 @@ fn waypoint_end_to_end() {
     store.load_yaml(&mesh).unwrap_or_else(|e| panic!("mesh config: {e:#}"));
     let (cp_rt, xds) = mesh_tests::node::control_plane(&p.node_a, XDS_ADDR, store.clone());
     let url = format!("http://{XDS_ADDR}");
-    let flags = ["--xds-address", &url, "--local-ca", &ca, "--redirect", "--uplink", "*"];
-    let zt_a = NodeZtunnel::start(&p.node_a, &[&flags[..], &["--node-name", "node-a"]].concat());
-    zt_a.wait_ready("ztunnel on node-a");
-    let zt_b = NodeZtunnel::start(&p.node_b, &[&flags[..], &["--node-name", "node-b"]].concat());
-    zt_b.wait_ready("ztunnel on node-b");
+    let zt_a = NodeZtunnel::start_node(&p.node_a, &url, &ca, "node-a", &[]);
+    let zt_b = NodeZtunnel::start_node(&p.node_b, &url, &ca, "node-b", &[]);
     zt_a.converge("node-a pods enrolled", &|s| s.pods.len() == 2);
     zt_b.converge("node-b pod enrolled", &|s| s.pods.len() == 1);
 
@@ -475,49 +472,23 @@ fn waypoint_end_to_end() {
             ))
             .serve_with_incoming(otlp),
     );
-    let args = waypoint::config::Args::try_parse_from([
-        "waypoint",
-        "--xds-address",
+    let wp = support::start_waypoint(
+        &wp_rt,
         &url,
-        "--local-ca",
         &ca,
-        "--name",
-        "waypoint",
-        "--namespace",
-        "demo",
-        "--address",
         WAYPOINT_IP,
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--readiness-addr",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-        "--access-log",
-        access_log.to_str().expect("path"),
-        "--otlp-endpoint",
-        "http://127.0.0.1:4317",
-        "--trace-sampling",
-        "100",
-    ])
-    .expect("waypoint flags");
-    let config = waypoint::config::Config::from_args(args).expect("config");
-    let wp = wp_rt
-        .block_on(wp_rt.spawn(waypoint::app::App::start(config)))
-        .expect("join")
-        .expect("waypoint starts");
-    let ready = wp.ready.clone();
-    wp_rt
-        .block_on(async { tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, ready.wait()).await })
-        .unwrap_or_else(|_| panic!("waypoint never ready: {:?}", wp.ready.pending()));
-    let routes = wp.routes.clone();
-    wp_rt
-        .block_on(async {
-            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == 33)).await
-        })
-        .expect("routes arrive");
+        &[
+            "--log-format",
+            "json",
+            "--access-log",
+            access_log.to_str().expect("path"),
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+            "--trace-sampling",
+            "100",
+        ],
+    );
+    support::wait_resources(&wp_rt, &wp, 33);
 
     let (v1_rt, v2_rt) = (p.v1.runtime(), p.v2.runtime());
     http_server(&v1_rt, "v1");
@@ -1021,7 +992,16 @@ sys.stdout.write(repr(reply))
     assert_eq!(denied, 1.0, "other/stranger's tunnel to port 82, refused by the waypoint-wide ALLOW");
 
     // The JSON access log: one line per request with the fields users parse.
-    let log = std::fs::read_to_string(&access_log).expect("access log");
+    // Lines are written by the waypoint's log thread: read once the file stops growing.
+    let mut log = String::new();
+    for _ in 0..50 {
+        let now = std::fs::read_to_string(&access_log).expect("access log");
+        if !now.is_empty() && now.len() == log.len() {
+            break;
+        }
+        log = now;
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let lines: Vec<serde_json::Value> =
         log.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
     assert!(lines.len() >= 1000, "{} lines", lines.len());
@@ -1084,5 +1064,3 @@ sys.stdout.write(repr(reply))
     zt_b.stop(&p.node_b);
     cp_rt.block_on(xds.stop());
 }
-
-use clap::Parser as _;

@@ -117,6 +117,17 @@ fn load(node: &Netns) -> Redirector {
         .unwrap_or_else(|e| panic!("cannot load the eBPF program (kernel or privileges missing?): {e}"))
 }
 
+/// Enrolls pod A by both of its addresses and attaches the uplink.
+fn enroll_pod_a(m: &Mesh, redirector: &mut Redirector) {
+    m.node
+        .enter(|| {
+            redirector.enroll(POD_A.parse().expect("ip"), "veth-a")?;
+            redirector.enroll(POD_A6.parse().expect("ip"), "veth-a")?;
+            redirector.attach_uplink("uplink")
+        })
+        .expect("enroll");
+}
+
 /// Removes what `r` pinned and checks nothing is left: no pins, rules, routes, and no program
 /// attached to any interface of the node.
 fn remove(node: &Netns, r: Redirector) {
@@ -238,13 +249,7 @@ fn ip_options_and_ipv6_extension_headers_do_not_bypass_capture() {
     let m = mesh("opts");
     let _listeners = node_listeners(&m.node);
     let mut redirector = load(&m.node);
-    m.node
-        .enter(|| {
-            redirector.enroll(POD_A.parse().expect("ip"), "veth-a")?;
-            redirector.enroll(POD_A6.parse().expect("ip"), "veth-a")?;
-            redirector.attach_uplink("uplink")
-        })
-        .expect("enroll");
+    enroll_pod_a(&m, &mut redirector);
 
     // A plain client as the baseline, then the same connection with IP options (unprivileged):
     // both land on ztunnel, from the enrolled pod and toward it.
@@ -265,13 +270,7 @@ fn ipv6_and_dual_stack_pods_are_captured_like_ipv4() {
     let m = mesh("v6");
     let _listeners = node_listeners(&m.node);
     let mut redirector = load(&m.node);
-    m.node
-        .enter(|| {
-            redirector.enroll(POD_A.parse().expect("ip"), "veth-a")?;
-            redirector.enroll(POD_A6.parse().expect("ip"), "veth-a")?;
-            redirector.attach_uplink("uplink")
-        })
-        .expect("enroll");
+    enroll_pod_a(&m, &mut redirector);
     expect_landing(talk(&m.pod_a, &format!("[{OUTSIDE6}]:{SERVER_PORT}")), 15001, "[fd00:9::2]:8080", POD_A6);
     expect_landing(talk(&m.pod_a, "[2001:db8::10]:80"), 15001, "[2001:db8::10]:80", POD_A6);
     expect_landing(talk(&m.outside, &format!("[{POD_A6}]:8080")), 15006, "[fd00:1:1::2]:8080", OUTSIDE6);

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use clap::Parser;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_tests::netns::{Netns, link_nodes, require_root, wire};
 use mesh_tests::node::NodeZtunnel;
@@ -231,62 +230,32 @@ fn waypoint_refuses_what_got_around_it() {
     store.load_yaml(MESH).unwrap_or_else(|e| panic!("mesh config: {e:#}"));
     let (_cp_rt, _xds) = mesh_tests::node::control_plane(&node_a, XDS_ADDR, store.clone());
     let url = format!("http://{XDS_ADDR}");
-    let flags = ["--xds-address", &url, "--local-ca", &ca, "--redirect", "--uplink", "*"];
-    let zt_a = NodeZtunnel::start(&node_a, &[&flags[..], &["--node-name", "node-a"]].concat());
-    zt_a.wait_ready("ztunnel on node-a");
-    let zt_b = NodeZtunnel::start(&node_b, &[&flags[..], &["--node-name", "node-b"]].concat());
-    zt_b.wait_ready("ztunnel on node-b");
+    let zt_a = NodeZtunnel::start_node(&node_a, &url, &ca, "node-a", &[]);
+    let zt_b = NodeZtunnel::start_node(&node_b, &url, &ca, "node-b", &[]);
     zt_a.converge("node-a pod enrolled", &|s| s.pods.len() == 1);
     zt_b.converge("node-b pods enrolled", &|s| s.pods.len() == 2);
 
     let (jwks, key) = jwt_keys();
     let wp_rt = wp_ns.runtime();
     jwks_server(&wp_rt, jwks);
-    let args = waypoint::config::Args::try_parse_from([
-        "waypoint",
-        "--xds-address",
+    let wp = support::start_waypoint(
+        &wp_rt,
         &url,
-        "--local-ca",
         &ca,
-        "--name",
-        "waypoint",
-        "--namespace",
-        "demo",
-        "--address",
         WAYPOINT_IP,
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--readiness-addr",
-        "127.0.0.1:0",
-        "--path-normalization",
-        "MERGE_SLASHES",
-        "--protocol-detection-timeout",
-        "1s",
-        "--idle-timeout",
-        "2s",
-        "--request-body-timeout",
-        "1s",
-    ])
-    .expect("waypoint flags");
-    let config = waypoint::config::Config::from_args(args).expect("config");
-    let wp = wp_rt
-        .block_on(wp_rt.spawn(waypoint::app::App::start(config)))
-        .expect("join")
-        .expect("waypoint starts");
-    let ready = wp.ready.clone();
-    wp_rt
-        .block_on(async { tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, ready.wait()).await })
-        .unwrap_or_else(|_| panic!("waypoint never ready: {:?}", wp.ready.pending()));
-    let routes = wp.routes.clone();
+        &[
+            "--path-normalization",
+            "MERGE_SLASHES",
+            "--protocol-detection-timeout",
+            "1s",
+            "--idle-timeout",
+            "2s",
+            "--request-body-timeout",
+            "1s",
+        ],
+    );
     let resources = store.len(proto::WAYPOINT_RESOURCE_TYPE_URL);
-    wp_rt
-        .block_on(async {
-            tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == resources))
-                .await
-        })
-        .expect("routes arrive");
+    support::wait_resources(&wp_rt, &wp, resources);
     let (v1_rt, v2_rt) = (v1.runtime(), v2.runtime());
     http_server(&v1_rt, "v1");
     http_server(&v2_rt, "v2");
@@ -382,15 +351,7 @@ fn waypoint_refuses_what_got_around_it() {
         1,
     );
     store.load_yaml(&pushed).expect("push");
-    wp_rt
-        .block_on(async {
-            tokio::time::timeout(
-                mesh_tests::CONVERGE_TIMEOUT,
-                routes.wait_for(|_| routes.len() == resources + 1),
-            )
-            .await
-        })
-        .expect("the unrelated route arrives");
+    support::wait_resources(&wp_rt, &wp, resources + 1);
     let started = Instant::now();
     let (status, answer) = ask(get("/secure/after-push", HOST, &[("authorization", &bearer(&valid))]));
     check_eq!(checks, status, 200, "the token still verifies right after the push: {answer}");

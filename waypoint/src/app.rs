@@ -24,11 +24,11 @@ use crate::proxy::Context;
 use crate::route::table::{Routes, summary};
 use crate::upstream::Upstream;
 
-/// A running waypoint.
 /// How often the upstream's per-endpoint state is pruned of endpoints that are gone (also soon
 /// after each workload change).
 const UPSTREAM_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// A running waypoint.
 pub struct App {
     pub ready: Ready,
     pub state: State,

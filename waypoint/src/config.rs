@@ -177,25 +177,32 @@ pub struct Args {
     #[arg(long, env = "PATH_NORMALIZATION", default_value = "BASE")]
     pub path_normalization: PathNormalization,
     /// How long a new tunnel may stay silent before its protocol is known.
-    #[arg(long, env = "PROTOCOL_DETECTION_TIMEOUT", value_parser = duration_arg, default_value = "5s")]
-    pub protocol_detection_timeout: Duration,
+    /// Default: 5s.
+    #[arg(long, env = "PROTOCOL_DETECTION_TIMEOUT", value_parser = duration_arg)]
+    pub protocol_detection_timeout: Option<Duration>,
     /// How long a client may take to send a request's head.
-    #[arg(long, env = "HEADER_READ_TIMEOUT", value_parser = duration_arg, default_value = "30s")]
-    pub header_read_timeout: Duration,
+    /// Default: 30s.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", value_parser = duration_arg)]
+    pub header_read_timeout: Option<Duration>,
     /// A tunnel with no request in flight for this long is closed.
-    #[arg(long, env = "IDLE_TIMEOUT", value_parser = duration_arg, default_value = "1h")]
-    pub idle_timeout: Duration,
+    /// Default: 1h.
+    #[arg(long, env = "IDLE_TIMEOUT", value_parser = duration_arg)]
+    pub idle_timeout: Option<Duration>,
     /// HTTP/2 PING interval on tunnels; a PING unanswered for `--h2-keepalive-timeout` closes it.
-    #[arg(long, env = "H2_KEEPALIVE_INTERVAL", value_parser = duration_arg, default_value = "30s")]
-    pub h2_keepalive_interval: Duration,
-    #[arg(long, env = "H2_KEEPALIVE_TIMEOUT", value_parser = duration_arg, default_value = "10s")]
-    pub h2_keepalive_timeout: Duration,
+    /// Default: 30s.
+    #[arg(long, env = "H2_KEEPALIVE_INTERVAL", value_parser = duration_arg)]
+    pub h2_keepalive_interval: Option<Duration>,
+    /// Default: 10s.
+    #[arg(long, env = "H2_KEEPALIVE_TIMEOUT", value_parser = duration_arg)]
+    pub h2_keepalive_timeout: Option<Duration>,
     /// How long a request body buffered for retries or mirrors may take to arrive.
-    #[arg(long, env = "REQUEST_BODY_TIMEOUT", value_parser = duration_arg, default_value = "30s")]
-    pub request_body_timeout: Duration,
+    /// Default: 30s.
+    #[arg(long, env = "REQUEST_BODY_TIMEOUT", value_parser = duration_arg)]
+    pub request_body_timeout: Option<Duration>,
     /// Connecting to an endpoint (TCP, mTLS and CONNECT).
-    #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT", value_parser = duration_arg, default_value = "10s")]
-    pub upstream_connect_timeout: Duration,
+    /// Default: 10s.
+    #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT", value_parser = duration_arg)]
+    pub upstream_connect_timeout: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,15 +253,22 @@ impl Config {
             drain_period: Duration::from_secs(args.drain_period_seconds),
             otlp_endpoint: args.otlp_endpoint,
             trace_sampling: args.trace_sampling.clamp(0.0, 100.0),
-            limits: Limits {
-                path_normalization: args.path_normalization,
-                protocol_detection_timeout: args.protocol_detection_timeout,
-                header_read_timeout: args.header_read_timeout,
-                idle_timeout: args.idle_timeout,
-                h2_keepalive_interval: args.h2_keepalive_interval,
-                h2_keepalive_timeout: args.h2_keepalive_timeout,
-                request_body_timeout: args.request_body_timeout,
-                upstream_connect_timeout: args.upstream_connect_timeout,
+            limits: {
+                let d = Limits::default();
+                Limits {
+                    path_normalization: args.path_normalization,
+                    protocol_detection_timeout: args
+                        .protocol_detection_timeout
+                        .unwrap_or(d.protocol_detection_timeout),
+                    header_read_timeout: args.header_read_timeout.unwrap_or(d.header_read_timeout),
+                    idle_timeout: args.idle_timeout.unwrap_or(d.idle_timeout),
+                    h2_keepalive_interval: args.h2_keepalive_interval.unwrap_or(d.h2_keepalive_interval),
+                    h2_keepalive_timeout: args.h2_keepalive_timeout.unwrap_or(d.h2_keepalive_timeout),
+                    request_body_timeout: args.request_body_timeout.unwrap_or(d.request_body_timeout),
+                    upstream_connect_timeout: args
+                        .upstream_connect_timeout
+                        .unwrap_or(d.upstream_connect_timeout),
+                }
             },
         })
     }

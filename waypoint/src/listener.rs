@@ -190,14 +190,11 @@ impl Listener {
         let protocol = port.as_ref().map_or("UNKNOWN", |p| p.app_protocol);
         // The original client, believed only when the peer proves the identity of the workload
         // at that address (as ztunnel's inbound does); otherwise the peer itself.
-        let forwarded = common::hbone::forwarded_for(&req.headers)
-            .filter(|a| snapshot.workload_by_ip(a.ip()).is_some_and(|w| w.identity == req.peer));
-        if forwarded.is_none() && common::hbone::forwarded_for(&req.headers).is_some() {
-            debug!(peer = %req.peer, "forwarded address ignored: the peer is not the workload at it");
-        }
-        let client_addr = forwarded.unwrap_or(req.peer_addr);
-        let source_workload =
-            snapshot.workload_by_ip(client_addr.ip()).filter(|w| w.identity == req.peer).cloned();
+        let proven = common::hbone::proven_client(&req.headers, &req.peer, snapshot);
+        let client_addr = proven.map_or(req.peer_addr, |(a, _)| a);
+        let source_workload = proven.map(|(_, w)| w.clone()).or_else(|| {
+            snapshot.workload_by_ip(req.peer_addr.ip()).filter(|w| w.identity == req.peer).cloned()
+        });
         let down = Downstream {
             service,
             port: port.as_ref().map_or(addr.port(), |p| p.service_port),
@@ -279,16 +276,7 @@ async fn serve_http(ctx: Arc<Context>, down: Arc<Downstream>, stream: HboneStrea
 /// TCP (or TLS) ports: bytes go to an endpoint as they are.
 async fn passthrough(ctx: Arc<Context>, down: Arc<Downstream>, stream: HboneStream) {
     let snapshot = ctx.state.snapshot();
-    let chosen = match &down.pod {
-        // Addressed to a pod: that pod.
-        Some(pod) => Some(crate::upstream::Target {
-            addr: down.target_addr,
-            identity: pod.identity.clone(),
-            workload: pod.clone(),
-            outstanding: Arc::default(),
-        }),
-        None => ctx.upstream.choose(&snapshot, &down.service, down.port),
-    };
+    let chosen = down.pod_target().or_else(|| ctx.upstream.choose(&snapshot, &down.service, down.port));
     let Some(target) = chosen else {
         warn!(service = %down.service.hostname, "TCP passthrough: no healthy endpoint");
         return;

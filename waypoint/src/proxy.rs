@@ -73,6 +73,17 @@ pub struct Downstream {
 }
 
 impl Downstream {
+    /// The endpoint when the CONNECT was addressed to a pod: that pod, on the port asked for.
+    pub fn pod_target(&self) -> Option<crate::upstream::Target> {
+        let pod = self.pod.as_ref()?;
+        Some(crate::upstream::Target {
+            addr: self.target_addr,
+            identity: pod.identity.clone(),
+            workload: pod.clone(),
+            outstanding: Arc::default(),
+        })
+    }
+
     /// What policies attach to for a request in this tunnel (before its route is known).
     pub fn policy_targets(&self, waypoint: &str) -> Vec<PolicyTarget> {
         let mut targets = vec![PolicyTarget::Waypoint(waypoint.to_string())];
@@ -87,9 +98,9 @@ impl Downstream {
 /// Handles one request from the tunnel `down`.
 pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incoming>) -> Response<ProxyBody> {
     let mut ex = Exchange::new(&ctx, &down, &req);
-    let id = ex.log.request_id.clone().unwrap_or_default();
+    let id = ex.log.request_id.as_deref().unwrap_or_default();
     let span = info_span!("request", %id, source = %down.source_identity, route = tracing::field::Empty);
-    let result = process(&ctx, &down, req, &mut ex, id).instrument(span.clone()).await;
+    let result = process(&ctx, &down, req, &mut ex).instrument(span.clone()).await;
     let (response, flag) = match result {
         Ok(r) => (r.map(BodyExt::boxed), ex.success_flag()),
         Err(e) => {
@@ -118,9 +129,8 @@ async fn process(
     down: &Downstream,
     req: Request<Incoming>,
     ex: &mut Exchange,
-    request_id: String,
 ) -> Result<Response<Incoming>, ProxyError> {
-    let mut req = RequestCtx::new(ctx, req, request_id)?;
+    let mut req = RequestCtx::new(ctx, req, ex)?;
     let table = ctx.routes.table();
     let lookup = route::select(ctx, down, &table, &req);
     let mut targets = down.policy_targets(&ctx.waypoint);

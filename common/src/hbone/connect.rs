@@ -102,6 +102,23 @@ pub fn forwarded_for(headers: &http::HeaderMap) -> Option<SocketAddr> {
     })
 }
 
+/// The client a CONNECT's `forwarded` header names, believed only when the peer proved the
+/// identity of the workload at that address (a ztunnel speaks for its own pods only): the
+/// address and that workload. `None` when there is no such header or it is not proven; then
+/// the peer's own address is the source. An unproven claim is logged.
+pub fn proven_client<'a>(
+    headers: &http::HeaderMap,
+    peer: &crate::identity::Identity,
+    snapshot: &'a crate::state::Snapshot,
+) -> Option<(SocketAddr, &'a std::sync::Arc<crate::state::Workload>)> {
+    let claimed = forwarded_for(headers)?;
+    let proven = snapshot.workload_by_ip(claimed.ip()).filter(|w| w.identity == *peer);
+    if proven.is_none() {
+        tracing::debug!(%peer, %claimed, "forwarded address ignored: the peer is not the workload at it");
+    }
+    proven.map(|w| (claimed, w))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

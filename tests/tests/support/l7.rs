@@ -131,3 +131,52 @@ pub fn get(path: &str, host: &str, headers: &[(&str, &str)]) -> String {
     let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n{extra}connection: close\r\n\r\n")
 }
+
+/// Starts the waypoint `demo/waypoint` at `waypoint_ip` on `rt` (its pod's runtime) against the
+/// control plane at `xds_url` and the CA in `ca`, with `extra` flags, and waits until it is
+/// ready (first sync and certificate).
+pub fn start_waypoint(
+    rt: &tokio::runtime::Runtime,
+    xds_url: &str,
+    ca: &str,
+    waypoint_ip: &str,
+    extra: &[&str],
+) -> waypoint::app::App {
+    use clap::Parser;
+    let base = [
+        "waypoint",
+        "--xds-address",
+        xds_url,
+        "--local-ca",
+        ca,
+        "--name",
+        "waypoint",
+        "--namespace",
+        "demo",
+        "--address",
+        waypoint_ip,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--readiness-addr",
+        "127.0.0.1:0",
+    ];
+    let args = waypoint::config::Args::try_parse_from(base.iter().chain(extra)).expect("waypoint flags");
+    let config = waypoint::config::Config::from_args(args).expect("config");
+    let wp =
+        rt.block_on(rt.spawn(waypoint::app::App::start(config))).expect("join").expect("waypoint starts");
+    let ready = wp.ready.clone();
+    rt.block_on(async { tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, ready.wait()).await })
+        .unwrap_or_else(|_| panic!("waypoint never ready: {:?}", wp.ready.pending()));
+    wp
+}
+
+/// Waits on `rt` until the waypoint holds `n` route and policy resources.
+pub fn wait_resources(rt: &tokio::runtime::Runtime, wp: &waypoint::app::App, n: usize) {
+    let routes = wp.routes.clone();
+    rt.block_on(async {
+        tokio::time::timeout(mesh_tests::CONVERGE_TIMEOUT, routes.wait_for(|_| routes.len() == n)).await
+    })
+    .unwrap_or_else(|_| panic!("the waypoint never held {n} resources (holds {})", wp.routes.len()));
+}

@@ -75,9 +75,9 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    /// Reads `req`; `request_id` is the one the exchange records.
-    pub fn new(ctx: &Context, mut req: Request<Incoming>, request_id: String) -> Result<Self, ProxyError> {
-        let grpc = is_grpc(req.headers());
+    /// Reads `req`; what the exchange already read (request id, authority, gRPC) is taken from
+    /// `ex`.
+    pub fn new(ctx: &Context, mut req: Request<Incoming>, ex: &Exchange) -> Result<Self, ProxyError> {
         let upgrade = (req.version() == Version::HTTP_11)
             .then(|| req.headers().get(header::UPGRADE).cloned())
             .flatten()
@@ -89,12 +89,10 @@ impl RequestCtx {
             .map_err(|source| ProxyError::BadPath { path: raw.to_string(), source })?
             .into_owned();
         let query = parts.uri.query().map(str::to_string);
-        let authority =
-            parts.uri.authority().map(|a| a.to_string()).or_else(|| {
-                parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
-            });
+        let authority = ex.log.authority.clone();
         let host = authority.as_deref().map(normalize_host).unwrap_or_default();
-        Ok(Self { parts, body, path, query, host, authority, upgrade, grpc, request_id })
+        let request_id = ex.log.request_id.clone().unwrap_or_default();
+        Ok(Self { parts, body, path, query, host, authority, upgrade, grpc: ex.grpc, request_id })
     }
 
     /// `path?query`, normalized path first.

@@ -49,15 +49,10 @@ pub async fn endpoint(
         .ok_or_else(|| ProxyError::UnknownBackend(backend.service.key()))?;
     ex.backend_service = Some(service.clone());
     ex.log.upstream_cluster = Some(format!("outbound|{}||{}", backend.service.port, service.hostname));
-    if let Some(pod) = &down.pod {
+    if let Some(target) = down.pod_target() {
         // Addressed to the pod itself: that pod, on the port asked for.
-        let target = Target {
-            addr: down.target_addr,
-            identity: pod.identity.clone(),
-            workload: pod.clone(),
-            outstanding: Arc::default(),
-        };
         ex.log.upstream_host = Some(target.addr.to_string());
+        target.outstanding.fetch_add(1, Ordering::Relaxed);
         ex.target = Some(target.clone());
         return Ok(Endpoint { target, service, port: down.target_addr.port(), traffic: None });
     }

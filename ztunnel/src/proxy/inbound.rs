@@ -61,14 +61,11 @@ async fn accept(proxy: Proxy, req: ConnectRequest) -> Decision {
     // The client's address as its ztunnel saw it, believed only when the peer proves the
     // identity of the workload at that address.
     let snapshot = proxy.inner.state.snapshot();
-    let forwarded = common::hbone::forwarded_for(&req.headers)
-        .filter(|a| snapshot.workload_by_ip(a.ip()).is_some_and(|w| w.identity == req.peer));
+    let proven = common::hbone::proven_client(&req.headers, &req.peer, &snapshot);
+    let forwarded = proven.map(|(a, _)| a);
     let src_addr = forwarded.unwrap_or(req.peer_addr);
     let mut rec = Record::new(proxy.metrics(), Reporter::Destination, "inbound", src_addr, dst);
-    rec.src = Peer {
-        workload: forwarded.and_then(|a| snapshot.workload_by_ip(a.ip()).cloned()),
-        identity: Some(req.peer.clone()),
-    };
+    rec.src = Peer { workload: proven.map(|(_, w)| w.clone()), identity: Some(req.peer.clone()) };
     rec.mtls = true;
     let outcome = match proxy.drain().guard() {
         None => Err(ProxyError::Draining),
