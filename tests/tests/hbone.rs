@@ -190,3 +190,26 @@ async fn one_connection_multiplexes_many_streams() {
         tokio::time::timeout(Duration::from_secs(30), t).await.expect("no hang").expect("stream ok");
     }
 }
+
+#[tokio::test]
+async fn a_peer_silent_after_the_tls_handshake_is_dropped() {
+    let s = setup().await;
+    let tcp = tokio::net::TcpStream::connect(s.hbone).await.expect("connect");
+    let name = rustls_pki_types::ServerName::IpAddress(s.hbone.ip().into());
+    let mut tls =
+        tokio_rustls::TlsConnector::from(s.client.clone()).connect(name, tcp).await.expect("mTLS handshake");
+    // Not even the HTTP/2 preface: the server closes after FIRST_REQUEST_TIMEOUT.
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(common::hbone::FIRST_REQUEST_TIMEOUT + Duration::from_secs(5), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the silent peer was never dropped");
+    assert!(started.elapsed() >= common::hbone::FIRST_REQUEST_TIMEOUT - Duration::from_millis(100));
+}

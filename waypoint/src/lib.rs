@@ -5,6 +5,7 @@
 pub mod app;
 pub mod body;
 pub mod config;
+pub mod convert;
 pub mod filter {
     //! Request stages that may refuse a request.
     pub mod authz;

@@ -229,10 +229,8 @@ fn filters(v: &[wp::Filter]) -> Result<Vec<Filter>, String> {
         .collect()
 }
 
-fn duration(d: &Option<prost_types::Duration>) -> Result<Option<Duration>, String> {
-    d.as_ref()
-        .map(|d| Duration::try_from(*d).map_err(|_| format!("negative or invalid duration {d:?}")))
-        .transpose()
+fn duration(d: &Option<prost_types::Duration>, field: &str) -> Result<Option<Duration>, String> {
+    d.map(|d| crate::convert::duration_from_proto(d, field)).transpose()
 }
 
 impl Route {
@@ -307,8 +305,8 @@ impl Route {
             matches,
             filters,
             backends,
-            request_timeout: duration(&timeouts.request)?,
-            backend_timeout: duration(&timeouts.backend_request)?,
+            request_timeout: duration(&timeouts.request, "timeouts.request")?,
+            backend_timeout: duration(&timeouts.backend_request, "timeouts.backendRequest")?,
         })
     }
 }

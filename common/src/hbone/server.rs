@@ -239,6 +239,8 @@ async fn serve_connection(
     tokio::pin!(draining);
     loop {
         tokio::select! {
+            // The connection first: a request that arrives with the deadline counts.
+            biased;
             done = conn.as_mut() => return done.map_err(ConnError::Http2),
             _ = &mut first_deadline, if waiting_first => {
                 if !spoke.load(std::sync::atomic::Ordering::Relaxed) {

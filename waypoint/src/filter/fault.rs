@@ -6,7 +6,7 @@ use std::time::Duration;
 use proto::waypoint as wp;
 use rand::Rng;
 
-use super::retry::duration_from_proto;
+use crate::convert::duration_from_proto;
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Fault {

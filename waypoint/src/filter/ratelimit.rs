@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use proto::waypoint as wp;
 
-use super::retry::duration_from_proto;
+use crate::convert::duration_from_proto;
 
 #[derive(Debug)]
 pub struct TokenBucket {

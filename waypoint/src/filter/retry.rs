@@ -13,6 +13,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use proto::waypoint as wp;
+
+use crate::convert::duration_from_proto;
 use rand::Rng;
 
 /// Bodies up to this size are buffered so that a request can be tried again.
@@ -27,23 +29,6 @@ const BUDGET_MIN: usize = 3;
 const MAX_BACKOFF_FACTOR: u32 = 10;
 /// Doublings of the backoff before the cap applies anyway (keeps the shift in range).
 const MAX_BACKOFF_DOUBLINGS: u32 = 8;
-/// The longest `google.protobuf.Duration` (its documented range: about 10,000 years).
-const MAX_PROTO_DURATION_SECONDS: i64 = 315_576_000_000;
-
-/// A configured `google.protobuf.Duration` (`field` names it in the error) as a `std` one:
-/// refused when negative or beyond the type's range. Checked by hand before any arithmetic:
-/// prost's own conversion overflows on `i64::MIN` seconds.
-pub fn duration_from_proto(d: prost_types::Duration, field: &str) -> Result<Duration, String> {
-    let n = d.normalized();
-    if n.seconds < 0 || n.nanos < 0 {
-        return Err(format!("{field} is negative ({}s {}ns)", d.seconds, d.nanos));
-    }
-    if n.seconds > MAX_PROTO_DURATION_SECONDS {
-        return Err(format!("{field} is too large ({}s)", d.seconds));
-    }
-    // Both in range now: seconds fits u64 and nanos is below a second.
-    Ok(Duration::new(n.seconds as u64, n.nanos as u32))
-}
 
 /// What is retried.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -197,6 +182,7 @@ impl Retries {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::convert::MAX_PROTO_DURATION_SECONDS;
 
     #[test]
     fn retry_on_and_backoff() {

@@ -12,7 +12,7 @@ use common::state::Snapshot;
 use proto::waypoint as wp;
 use tokio::sync::Semaphore;
 
-use super::retry::duration_from_proto;
+use crate::convert::duration_from_proto;
 
 const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
@@ -62,14 +62,32 @@ impl Limit {
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             return Some(Slot(p));
         }
-        let waiting = self.pending.fetch_add(1, Ordering::AcqRel);
-        let slot = if waiting < self.config.max_pending {
-            self.slots.clone().acquire_owned().await.ok().map(Slot)
-        } else {
-            None
-        };
+        // Counted as waiting until this ends, also when the request is dropped while it waits
+        // (a client that goes away must not keep a place in the waiting room).
+        let waiting = Waiting::enter(&self.pending);
+        if waiting.ahead >= self.config.max_pending {
+            return None;
+        }
+        self.slots.clone().acquire_owned().await.ok().map(Slot)
+    }
+}
+
+/// A place in a request cap's waiting room, left when dropped.
+struct Waiting<'a> {
+    pending: &'a AtomicUsize,
+    /// How many were waiting before this one.
+    ahead: usize,
+}
+
+impl<'a> Waiting<'a> {
+    fn enter(pending: &'a AtomicUsize) -> Self {
+        Self { pending, ahead: pending.fetch_add(1, Ordering::AcqRel) }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
         self.pending.fetch_sub(1, Ordering::AcqRel);
-        slot
     }
 }
 
@@ -432,6 +450,18 @@ mod tests {
         assert!(limit.acquire().await.is_none(), "no waiting room: overflow");
         drop(held);
         assert!(limit.acquire().await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_while_waiting_leaves_the_waiting_room() {
+        let limit = Limit::new(LimitConfig { max_requests: 1, max_pending: 1 });
+        let _held = limit.acquire().await.expect("first");
+        for _ in 0..3 {
+            // Waits for the slot, then its client goes away.
+            let waited = tokio::time::timeout(std::time::Duration::from_millis(20), limit.acquire()).await;
+            assert!(waited.is_err(), "waits while the slot is held");
+        }
+        assert_eq!(limit.pending.load(Ordering::Acquire), 0, "nobody is left waiting");
     }
 
     #[tokio::test]

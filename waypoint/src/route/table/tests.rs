@@ -104,3 +104,22 @@ fn bad_routes_are_rejected_with_a_reason() {
     assert!(bad(&format!("{base}matches: [{{path: {{prefix: relative}}}}], backends: [{{service: {{namespace: d, hostname: h}}}}]}}]"))
         .contains("absolute"));
 }
+
+#[test]
+fn out_of_range_route_timeouts_are_rejected_not_panicking() {
+    let config = LocalConfig::from_yaml(
+        "routes: [{name: r, namespace: demo, parent: {service: {namespace: demo, hostname: echo}}, backends: [{service: {namespace: d, hostname: h}}]}]",
+    )
+    .expect("yaml");
+    let Some(wp::resource::Kind::Route(mut route)) = config.routes[0].to_proto().expect("proto").kind else {
+        panic!("route")
+    };
+    for (seconds, nanos) in [(i64::MIN, 0), (-1, 0), (0, -1), (i64::MAX, 0)] {
+        route.timeouts = Some(wp::Timeouts {
+            request: Some(prost_types::Duration { seconds, nanos }),
+            ..Default::default()
+        });
+        let e = Route::from_proto(&route).expect_err("must be rejected");
+        assert!(e.contains("timeouts.request"), "{seconds}s {nanos}ns: {e}");
+    }
+}
