@@ -52,6 +52,9 @@ pub struct Connection<'a> {
 pub struct Request<'a> {
     /// Host without port.
     pub host: &'a str,
+    /// The port the request's authority names; `None` when it names none (the destination
+    /// port is then the one `hosts: ["name:port"]` patterns compare with).
+    pub port: Option<u16>,
     pub method: &'a str,
     pub path: &'a str,
     pub headers: &'a http::HeaderMap,
@@ -245,7 +248,7 @@ fn field<V: AsRef<str>>(
 }
 
 fn http_holds(h: &HttpMatch, action: Action, conn: &Connection<'_>, req: &Request<'_>) -> bool {
-    field(&h.hosts, &h.not_hosts, &[req.host], host_matches)
+    hosts_hold(h, conn, req)
         && field(&h.methods, &h.not_methods, &[req.method], StringMatch::matches)
         && field(&h.paths, &h.not_paths, &[req.path], StringMatch::matches)
         && field(
@@ -259,6 +262,27 @@ fn http_holds(h: &HttpMatch, action: Action, conn: &Connection<'_>, req: &Reques
             // A key we cannot evaluate: fail closed.
             None => action == Action::Deny,
         })
+}
+
+/// `hosts`/`notHosts`: a pattern with a port (`name:8080`, `name:*`) is compared with
+/// `host:port` (the authority's port, else the destination port), one without with the host.
+fn hosts_hold(h: &HttpMatch, conn: &Connection<'_>, req: &Request<'_>) -> bool {
+    if h.hosts.is_empty() && h.not_hosts.is_empty() {
+        return true;
+    }
+    let with_port = format!("{}:{}", req.host, req.port.unwrap_or(conn.destination_port));
+    let subject = |m: &StringMatch| if has_port(m) { with_port.as_str() } else { req.host };
+    let any = |list: &[StringMatch]| list.iter().any(|m| host_matches(m, subject(m)));
+    (h.hosts.is_empty() || any(&h.hosts)) && !any(&h.not_hosts)
+}
+
+/// Whether a host pattern names a port: a `:` after any IPv6 literal's closing bracket.
+fn has_port(m: &StringMatch) -> bool {
+    let text = match m {
+        StringMatch::Exact(s) | StringMatch::Prefix(s) | StringMatch::Suffix(s) => s.as_str(),
+        StringMatch::Presence => return false,
+    };
+    text.rsplit_once(']').map_or(text, |(_, tail)| tail).contains(':')
 }
 
 /// [`StringMatch::matches`] ignoring ASCII case, for hosts. Compares bytes, so a pattern that
@@ -284,8 +308,10 @@ fn attribute(key: &str, conn: &Connection<'_>, req: &Request<'_>) -> Option<Vec<
         Some(req.claims.map(|c| values_at(c, &path)).unwrap_or_default())
     };
     if let Some(name) = key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
+        // Every value of a repeated header (a second `x-mode: bad` is not hidden behind the
+        // first); a value that is not text is no value.
         return Some(
-            req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string).into_iter().collect(),
+            req.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).map(str::to_string).collect(),
         );
     }
     if let Some(path) = key.strip_prefix("request.auth.claims") {

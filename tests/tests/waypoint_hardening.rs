@@ -76,6 +76,7 @@ waypointPolicies:
       rules:
         - to: [{operation: {paths: ["/admin*"], ports: ["80"]}}]
         - to: [{operation: {hosts: ["admin.demo.svc"], ports: ["80"]}}]
+        - to: [{operation: {hosts: ["secret.demo.svc:*", "vault.demo.svc.:80"], ports: ["80"]}}]
         - to: [{operation: {paths: ["/ambient.testing.v1.Echo/*"], ports: ["9090"]}}]
   - name: claims
     namespace: demo
@@ -306,7 +307,15 @@ fn waypoint_refuses_what_got_around_it() {
     );
 
     // Hosts: matched without case, port or trailing dot.
-    for host in ["admin.demo.svc", "ADMIN.demo.svc", "admin.demo.svc.", "Admin.Demo.Svc:80"] {
+    for host in [
+        "admin.demo.svc",
+        "ADMIN.demo.svc",
+        "admin.demo.svc.",
+        "Admin.Demo.Svc:80",
+        "Secret.Demo.Svc.:8080",
+        "vault.demo.svc",
+        "VAULT.demo.svc.:80",
+    ] {
         let (status, answer) = ask(get("/public", host, &[]));
         check_eq!(checks, status, 403, "host {host} must be denied: {answer}");
     }

@@ -24,6 +24,13 @@ use crate::proxy::Context;
 use crate::route::table::{Routes, summary};
 use crate::upstream::Upstream;
 
+/// The upstream's per-endpoint entries, for the config dump.
+fn upstream_entries(upstream: &Upstream) -> serde_json::Value {
+    let (outstanding, round_robin, connections, outlier_records) = upstream.tracked();
+    serde_json::json!({"outstanding": outstanding, "round_robin": round_robin,
+        "connections": connections, "outlier_records": outlier_records})
+}
+
 /// How often the upstream's per-endpoint state is pruned of endpoints that are gone (also soon
 /// after each workload change).
 const UPSTREAM_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
@@ -103,6 +110,7 @@ impl App {
         let me = SelfRef { service: (ns.to_string(), host.to_string()), addresses: config.addresses.clone() };
         let tls = Arc::new(ManagedTls::new(certs.clone(), identity.clone()));
         let watch = drain.watch();
+        let dump_upstream = ctx.upstream.clone();
         let handler = Arc::new(Listener { ctx, me, drain: watch.clone() });
         let serve = server::serve(listener, tls, config.trust_domain.clone(), handler);
         // Nothing is accepted before the first sync of routes, policies and workloads and our
@@ -142,6 +150,7 @@ impl App {
                     "pending": dump_ready.pending(),
                     "resources": { proto::WAYPOINT_RESOURCE_TYPE_URL: dump_routes.versions() },
                     "routes": summary(&dump_routes.table()),
+                    "upstream_entries": upstream_entries(&dump_upstream),
                     "route_table": serde_json::to_value(&*dump_routes.table()).unwrap_or_default(),
                     "state": serde_json::to_value(&*dump_state.snapshot()).unwrap_or_default(),
                 }))

@@ -192,6 +192,7 @@ fn request_attributes_match_with_istio_strings() {
     let claims = serde_json::json!({"group": "admins", "level": 3});
     let req = Request {
         host: "echo.demo",
+        port: None,
         method: "GET",
         path: "/admin/users",
         headers: &headers,
@@ -300,6 +301,7 @@ fn when(key: &str, values: &[&str], not_values: &[&str]) -> HttpMatch {
 fn jwt_request<'a>(headers: &'a http::HeaderMap, claims: Option<&'a serde_json::Value>) -> Request<'a> {
     Request {
         host: "echo.demo",
+        port: None,
         method: "GET",
         path: "/",
         headers,
@@ -537,7 +539,15 @@ fn claim_values_never_panics_and_reads_what_matching_reads() {
 
 /// A request for `host` from `demo/client`, to evaluate host, method and path rules on.
 fn host_request<'a>(headers: &'a http::HeaderMap, host: &'a str) -> Request<'a> {
-    Request { host, method: "GET", path: "/Admin", headers, request_principal: None, claims: None }
+    Request {
+        host,
+        port: None,
+        method: "GET",
+        path: "/Admin",
+        headers,
+        request_principal: None,
+        claims: None,
+    }
 }
 
 fn hosts(patterns: &[&str]) -> HttpMatch {
@@ -580,6 +590,35 @@ fn hosts_match_ignoring_ascii_case() {
     assert!(denies(&on("é.SVC"), hosts(&["*.svc"])));
     assert!(!denies(&on("é"), hosts(&["É*"])));
     assert!(!denies(&on("aé"), hosts(&["*©"])));
+}
+
+#[test]
+fn host_patterns_with_a_port_compare_with_host_and_port() {
+    let headers = http::HeaderMap::new();
+    let with_port = |port| Request { port, ..host_request(&headers, "admin.svc") };
+    // The authority's own port, else the destination port (8080 here).
+    for req in [with_port(None), with_port(Some(8080))] {
+        assert!(denies(&req, hosts(&["admin.svc:8080"])), "exact with port, {:?}", req.port);
+        assert!(denies(&req, hosts(&["ADMIN.svc:*"])), "any port, {:?}", req.port);
+        assert!(denies(&req, hosts(&["admin.svc"])), "no port in the pattern, {:?}", req.port);
+        assert!(!allows(&req, not_hosts(&["admin.svc:*"])), "not any port, {:?}", req.port);
+    }
+    assert!(!denies(&with_port(Some(9090)), hosts(&["admin.svc:8080"])), "another port");
+    assert!(denies(&with_port(Some(9090)), hosts(&["admin.svc:*"])));
+    let v6 = Request { port: Some(80), ..host_request(&headers, "[fd00::1]") };
+    assert!(denies(&v6, hosts(&["[fd00::1]"])), "an IPv6 literal without a port");
+    assert!(denies(&v6, hosts(&["[fd00::1]:80"])), "an IPv6 literal with a port");
+}
+
+#[test]
+fn every_value_of_a_repeated_header_is_matched() {
+    let mut headers = http::HeaderMap::new();
+    headers.append("x-mode", http::HeaderValue::from_static("ok"));
+    headers.append("x-mode", http::HeaderValue::from_static("very-bad"));
+    let req = host_request(&headers, "echo.demo");
+    assert!(denies(&req, when("request.headers[x-mode]", &["*bad"], &[])), "the second value");
+    assert!(!allows(&req, when("request.headers[x-mode]", &[], &["*bad"])), "notValues sees it too");
+    assert!(allows(&req, when("request.headers[x-mode]", &["ok"], &[])));
 }
 
 #[test]

@@ -26,6 +26,21 @@ fn strings(v: &[String]) -> Vec<StringMatch> {
     v.iter().map(|s| StringMatch::istio(s)).collect()
 }
 
+/// Host patterns as requests are matched: a trailing dot of the name dropped (`admin.svc.` and
+/// `admin.svc.:80` mean `admin.svc` and `admin.svc:80`); case is ignored when matching.
+fn host_patterns(v: &[String]) -> Vec<StringMatch> {
+    v.iter()
+        .map(|h| {
+            let (name, port) = match h.rsplit_once(':') {
+                Some((name, port)) if !port.contains(']') => (name, Some(port)),
+                _ => (h.as_str(), None),
+            };
+            let name = name.strip_suffix('.').unwrap_or(name);
+            StringMatch::istio(&port.map_or_else(|| name.to_string(), |p| format!("{name}:{p}")))
+        })
+        .collect()
+}
+
 fn nets(v: &[String]) -> Result<Vec<IpNet>, String> {
     v.iter()
         .map(|s| {
@@ -79,8 +94,8 @@ fn rule(r: &wp::AuthorizationRule) -> Result<Rule, String> {
                         destination_ports: ports(&o.ports)?,
                         not_destination_ports: ports(&o.not_ports)?,
                         http: Some(Box::new(HttpMatch {
-                            hosts: strings(&o.hosts),
-                            not_hosts: strings(&o.not_hosts),
+                            hosts: host_patterns(&o.hosts),
+                            not_hosts: host_patterns(&o.not_hosts),
                             methods: strings(&o.methods),
                             not_methods: strings(&o.not_methods),
                             paths: strings(&o.paths),
@@ -175,8 +190,15 @@ mod tests {
 
     fn decide(policies: &[Arc<Policy>], who: &Identity, ip: &str, method: &str, path: &str) -> Verdict {
         let headers = http::HeaderMap::new();
-        let req =
-            Request { host: "echo", method, path, headers: &headers, request_principal: None, claims: None };
+        let req = Request {
+            host: "echo",
+            port: None,
+            method,
+            path,
+            headers: &headers,
+            request_principal: None,
+            claims: None,
+        };
         let conn = Connection {
             source: Some(who),
             source_ip: ip.parse().expect("ip"),

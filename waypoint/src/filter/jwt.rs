@@ -260,6 +260,8 @@ impl JwtRule {
             validation.set_audience(&self.audiences);
         }
         validation.validate_nbf = true;
+        // `exp` and `nbf` are checked when present; a token without `exp` is valid, as in Envoy.
+        validation.required_spec_claims.clear();
         let mut refusal = JwtError::NoMatchingKey(self.issuer.clone());
         for jwk in keys.keys.iter().filter(|k| fits(k, &header)) {
             let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
@@ -375,9 +377,20 @@ pub fn authenticate(
         headers.remove(header);
     }
     let mut found: Vec<Found<'_>> = Vec::new();
+    // A value one rule cannot read (no prefix, not a token) counts only where no other rule
+    // found a token in the same place: two rules on one header with different prefixes do not
+    // refuse each other's tokens.
+    let mut unreadable: Vec<(TokenSource, JwtError)> = Vec::new();
     for rule in rules {
         for location in &rule.locations {
-            for (index, token) in extract(location, headers, query)? {
+            let tokens = match extract(location, headers, query) {
+                Ok(tokens) => tokens,
+                Err(e) => {
+                    unreadable.push((location.source(), e));
+                    continue;
+                }
+            };
+            for (index, token) in tokens {
                 let source = location.source();
                 match found.iter_mut().find(|f| f.source == source && f.index == index && f.token == token) {
                     Some(f) => f.rules.push(rule),
@@ -385,6 +398,11 @@ pub fn authenticate(
                 }
             }
         }
+    }
+    if let Some((_, e)) =
+        unreadable.into_iter().find(|(source, _)| !found.iter().any(|f| f.source == *source))
+    {
+        return Err(e);
     }
     let found = match found.len() {
         0 => return Ok(None),
@@ -460,20 +478,20 @@ fn extract(
     match location {
         Location::Header { name, prefix } => {
             for (index, value) in headers.get_all(name).iter().enumerate() {
-                let Some(rest) = strip_prefix(trim_blanks(value.as_bytes()), prefix) else {
+                let Some(rest) = strip_prefix(value.as_bytes().trim_ascii(), prefix) else {
                     if name == http::header::AUTHORIZATION {
                         continue; // another scheme (Basic, Digest...): not a JWT
                     }
                     return Err(JwtError::MissingPrefix(location.source()));
                 };
-                out.push((index, token(trim_blanks(rest))?));
+                out.push((index, token(rest.trim_ascii())?));
             }
         }
         Location::Param(param) => {
             let pairs = query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty());
             let values = pairs.filter_map(|pair| {
                 let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                (*percent_decode(key) == *param.as_bytes()).then(|| percent_decode(value))
+                (*query_decode(key) == *param.as_bytes()).then(|| query_decode(value))
             });
             for (index, value) in values.enumerate() {
                 out.push((index, token(&value)?));
@@ -484,7 +502,7 @@ fn extract(
             let pairs = cookies.flat_map(|v| v.as_bytes().split(|b| *b == b';'));
             let values = pairs.filter_map(|pair| {
                 let eq = pair.iter().position(|b| *b == b'=')?;
-                (trim_blanks(&pair[..eq]) == cookie.as_bytes()).then(|| trim_blanks(&pair[eq + 1..]))
+                (pair[..eq].trim_ascii() == cookie.as_bytes()).then(|| pair[eq + 1..].trim_ascii())
             });
             for (index, value) in values.enumerate() {
                 let value = value.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(value);
@@ -519,39 +537,13 @@ fn is_blank(b: &u8) -> bool {
     matches!(b, b' ' | b'\t')
 }
 
-/// `bytes` without leading and trailing spaces and tabs.
-fn trim_blanks(bytes: &[u8]) -> &[u8] {
-    let start = bytes.iter().position(|b| !is_blank(b)).unwrap_or(bytes.len());
-    let end = bytes.iter().rposition(|b| !is_blank(b)).map_or(start, |e| e + 1);
-    &bytes[start..end]
-}
-
 /// A query component with `%XX` escapes and `+` decoded (a bad escape stays as it is).
-fn percent_decode(s: &str) -> Cow<'_, [u8]> {
-    let bytes = s.as_bytes();
-    if !bytes.iter().any(|b| matches!(b, b'%' | b'+')) {
-        return Cow::Borrowed(bytes);
+fn query_decode(s: &str) -> Cow<'_, [u8]> {
+    if s.contains('+') {
+        Cow::Owned(percent_encoding::percent_decode_str(&s.replace('+', " ")).collect())
+    } else {
+        percent_encoding::percent_decode_str(s).into()
     }
-    let hex = |i: usize| bytes.get(i).and_then(|b| char::from(*b).to_digit(16));
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        match (b, hex(i + 1).zip(hex(i + 2))) {
-            (b'%', Some((hi, lo))) => {
-                out.extend(u8::try_from(hi * 16 + lo).ok());
-                i += 3;
-            }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    Cow::Owned(out)
 }
 
 /// Reads a JWKS, keeping the keys this proxy can use (an unknown key type or algorithm is skipped,
@@ -736,6 +728,31 @@ mod tests {
 
     fn principal(r: Result<Option<Verified>, JwtError>) -> String {
         r.expect("accepted").expect("a token").principal
+    }
+
+    #[test]
+    fn two_rules_on_one_header_do_not_refuse_each_others_tokens() {
+        let with_prefix = rule(ISS, x_jwt("Bearer "));
+        let bare = rule("https://other.test", x_jwt(""));
+        let mut h = headers(&[("x-jwt", &format!("Bearer {}", valid()))]);
+        assert_eq!(
+            principal(authenticate(&[with_prefix.clone(), bare.clone()], &mut h, None)),
+            format!("{ISS}/alice")
+        );
+        // Unreadable for every rule: still refused.
+        let mut h = headers(&[("x-jwt", "Bearer not-a-token")]);
+        assert!(authenticate(&[with_prefix, bare], &mut h, None).is_err());
+    }
+
+    #[test]
+    fn a_token_without_exp_is_valid_and_exp_is_checked_when_present() {
+        let mut c = claims(ISS);
+        c.as_object_mut().expect("object").remove("exp");
+        let mut h = headers(&[("authorization", &format!("Bearer {}", sign_with(&keys().1, &c)))]);
+        assert_eq!(principal(authenticate(&[rule(ISS, |_| {})], &mut h, None)), format!("{ISS}/alice"));
+        c["exp"] = (now() - 3600).into();
+        let mut h = headers(&[("authorization", &format!("Bearer {}", sign_with(&keys().1, &c)))]);
+        assert!(matches!(authenticate(&[rule(ISS, |_| {})], &mut h, None), Err(JwtError::Expired(_))));
     }
 
     #[test]

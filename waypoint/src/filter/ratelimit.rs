@@ -56,12 +56,6 @@ impl TokenBucket {
         }
     }
 
-    /// Gives back a token taken by [`TokenBucket::try_acquire`] (never above the maximum).
-    fn refund(&self) {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.0 = state.0.saturating_add(1).min(self.max);
-    }
-
     /// Adds the tokens of the whole intervals since `last` (integer math that saturates,
     /// whatever the rate and however long the bucket sat idle) and moves `last` on by them.
     fn refill(&self, tokens: &mut u32, last: &mut Instant, now: Instant) {
@@ -80,21 +74,26 @@ impl TokenBucket {
     }
 }
 
-/// Takes a token from every bucket in `buckets`, or from none: a bucket that refuses gives
-/// back the tokens already taken from the others. A bucket listed twice is counted once.
+/// Takes a token from every bucket in `buckets`, or from none. All of them are locked (in
+/// address order, so two requests never wait on each other crosswise) while they are checked,
+/// so a request refused by one bucket never holds another's token, even for an instant. A
+/// bucket listed twice is counted once.
 pub fn acquire_all<'a>(buckets: impl IntoIterator<Item = &'a Arc<TokenBucket>>) -> bool {
-    let mut taken: Vec<&Arc<TokenBucket>> = Vec::new();
-    for bucket in buckets {
-        if taken.iter().any(|t| Arc::ptr_eq(t, bucket)) {
-            continue;
-        }
-        if !bucket.try_acquire() {
-            for t in taken {
-                t.refund();
-            }
-            return false;
-        }
-        taken.push(bucket);
+    let mut unique: Vec<&TokenBucket> = buckets.into_iter().map(|b| &**b).collect();
+    unique.sort_by_key(|b| std::ptr::from_ref::<TokenBucket>(b) as usize);
+    unique.dedup_by(|a, b| std::ptr::eq(*a, *b));
+    let now = Instant::now();
+    let mut states: Vec<_> =
+        unique.iter().map(|b| b.state.lock().unwrap_or_else(PoisonError::into_inner)).collect();
+    for (bucket, state) in unique.iter().zip(states.iter_mut()) {
+        let (tokens, last) = &mut **state;
+        bucket.refill(tokens, last, now);
+    }
+    if states.iter().any(|s| s.0 == 0) {
+        return false;
+    }
+    for state in &mut states {
+        state.0 -= 1;
     }
     true
 }

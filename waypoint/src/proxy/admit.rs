@@ -39,6 +39,7 @@ pub fn authorize(
     }
     let request = rbac::Request {
         host: &req.host,
+        port: req.authority_port,
         method: req.parts.method.as_str(),
         path: &req.path,
         headers: &req.parts.headers,

@@ -15,7 +15,7 @@ use rand::Rng;
 
 use super::{Context, Downstream, ProxyError};
 use crate::metrics::AccessLog;
-use crate::route::normalize::{normalize_host, normalize_path};
+use crate::route::normalize::{authority_port, normalize_host, normalize_path};
 use crate::upstream::Target;
 
 /// Hop-by-hop headers a proxy must not forward (RFC 9110 7.6.1).
@@ -68,6 +68,8 @@ pub struct RequestCtx {
     pub host: String,
     /// The authority as the client sent it (`:authority` or `Host`), for the upstream.
     pub authority: Option<String>,
+    /// The port the authority names, if any.
+    pub authority_port: Option<u16>,
     /// An HTTP/1.1 upgrade asked for: the protocol and the client side of the upgrade.
     pub upgrade: Option<(HeaderValue, OnUpgrade)>,
     pub grpc: bool,
@@ -91,8 +93,20 @@ impl RequestCtx {
         let query = parts.uri.query().map(str::to_string);
         let authority = ex.log.authority.clone();
         let host = authority.as_deref().map(normalize_host).unwrap_or_default();
+        let authority_port = authority.as_deref().and_then(authority_port);
         let request_id = ex.log.request_id.clone().unwrap_or_default();
-        Ok(Self { parts, body, path, query, host, authority, upgrade, grpc: ex.grpc, request_id })
+        Ok(Self {
+            parts,
+            body,
+            path,
+            query,
+            host,
+            authority,
+            authority_port,
+            upgrade,
+            grpc: ex.grpc,
+            request_id,
+        })
     }
 
     /// `path?query`, normalized path first.

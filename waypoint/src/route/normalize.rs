@@ -129,18 +129,27 @@ pub fn normalize_path(path: &str, mode: PathNormalization) -> Result<Cow<'_, str
 /// (`[::1]:8080` -> `[::1]`), as Envoy's `stripPortFromHost` does; a bare IPv6 literal (more than
 /// one `:`, no brackets) is taken as having no port and kept whole.
 pub fn normalize_host(authority: &str) -> String {
-    let authority = authority.rsplit_once('@').map_or(authority, |(_userinfo, host)| host);
-    let host = match authority.rfind(':') {
-        Some(colon) if authority.starts_with('[') => {
-            // `[v6]:port` has its colon right after the bracket; `[v6]` has none outside it.
-            if authority[..colon].ends_with(']') { &authority[..colon] } else { authority }
-        }
-        Some(colon) if authority[..colon].contains(':') => authority,
-        Some(colon) => &authority[..colon],
-        None => authority,
-    };
+    let (host, _) = split_authority(authority);
     let host = host.strip_suffix('.').unwrap_or(host);
     host.to_ascii_lowercase()
+}
+
+/// The port an authority names, if any (`echo:8080` -> 8080; `echo`, `[::1]` -> none).
+pub fn authority_port(authority: &str) -> Option<u16> {
+    split_authority(authority).1?.parse().ok()
+}
+
+/// An authority split into its host and port text, userinfo dropped (see [`normalize_host`]
+/// for the IPv6 forms).
+fn split_authority(authority: &str) -> (&str, Option<&str>) {
+    let authority = authority.rsplit_once('@').map_or(authority, |(_userinfo, host)| host);
+    match authority.rfind(':') {
+        // `[v6]:port` has its colon right after the bracket; `[v6]` has none outside it.
+        Some(colon) if authority.starts_with('[') && !authority[..colon].ends_with(']') => (authority, None),
+        Some(colon) if !authority.starts_with('[') && authority[..colon].contains(':') => (authority, None),
+        Some(colon) => (&authority[..colon], Some(&authority[colon + 1..])),
+        None => (authority, None),
+    }
 }
 
 /// Origin-form, within [`MAX_PATH_LEN`], no raw control character.
@@ -524,6 +533,13 @@ mod tests {
 
     #[test]
     fn hosts_for_matching() {
+        assert_eq!(authority_port("Echo:8080"), Some(8080));
+        assert_eq!(authority_port("[::1]:80"), Some(80));
+        assert_eq!(
+            (authority_port("echo"), authority_port("[::1]"), authority_port("::1")),
+            (None, None, None)
+        );
+        assert_eq!(authority_port("echo:http"), None);
         for (authority, want) in [
             ("ADMIN.svc", "admin.svc"),
             ("echo.demo.svc.cluster.local.", "echo.demo.svc.cluster.local"),
