@@ -517,7 +517,8 @@ mod tests {
     fn random_paths_normalize_to_fixed_points() {
         const PIECES: [&str; 16] =
             ["/", "//", ".", "..", "%2e", "%2E", "%2f", "%5C", "%61", "%25", "\\", "a", "B", "~", "%7f", "%"];
-        let mut rng = rand::rng();
+        // Seeded, so a failure reproduces.
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x5eed);
         for _ in 0..20_000 {
             let mut path = String::from("/");
             for _ in 0..rng.random_range(0..12) {
