@@ -62,6 +62,8 @@ pub struct Metrics {
 /// Access log lines waiting for the writer; beyond this, lines are dropped and counted rather
 /// than slowing requests down.
 pub const ACCESS_LOG_QUEUE: usize = 16 * 1024;
+/// How often the writer drains the queue (so a line reaches the log within about this long).
+pub const ACCESS_LOG_FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Where access log lines go: a bounded queue drained by one writer thread, so a request never
 /// waits on stdout or a file.
@@ -81,14 +83,24 @@ impl AccessSink {
         };
         let (tx, rx) = std::sync::mpsc::sync_channel::<String>(ACCESS_LOG_QUEUE);
         std::thread::Builder::new().name("access-log".into()).spawn(move || {
+            // Drains the queue every ACCESS_LOG_FLUSH rather than waking per line: a request
+            // only pushes its line, with no wake-up or context switch on its path.
             let mut w = std::io::BufWriter::new(out);
-            // Ends when every sender is gone.
-            while let Ok(line) = rx.recv() {
-                let _ = writeln!(w, "{line}");
-                while let Ok(line) = rx.try_recv() {
-                    let _ = writeln!(w, "{line}");
-                }
+            loop {
+                std::thread::sleep(ACCESS_LOG_FLUSH);
+                let ended = loop {
+                    match rx.try_recv() {
+                        Ok(line) => {
+                            let _ = writeln!(w, "{line}");
+                        }
+                        Err(std::sync::mpsc::TryRecvError::Empty) => break false,
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => break true,
+                    }
+                };
                 let _ = w.flush();
+                if ended {
+                    return;
+                }
             }
         })?;
         Ok(Self { tx, dropped: Counter::default() })
@@ -227,11 +239,19 @@ pub struct AccessLog {
 
 /// RFC 3339 with milliseconds, UTC.
 pub fn rfc3339(t: SystemTime) -> String {
-    let format = time::format_description::parse_borrowed::<2>(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z",
-    );
-    match format {
-        Ok(f) => time::OffsetDateTime::from(t).format(&f).unwrap_or_default(),
+    /// Parsed once: this runs for every request.
+    static FORMAT: std::sync::LazyLock<
+        Result<
+            Vec<time::format_description::BorrowedFormatItem<'static>>,
+            time::error::InvalidFormatDescription,
+        >,
+    > = std::sync::LazyLock::new(|| {
+        time::format_description::parse_borrowed::<2>(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z",
+        )
+    });
+    match &*FORMAT {
+        Ok(f) => time::OffsetDateTime::from(t).format(f.as_slice()).unwrap_or_default(),
         Err(_) => String::new(),
     }
 }
