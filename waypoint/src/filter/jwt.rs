@@ -68,7 +68,7 @@ pub struct JwtRule {
     pub jwks_uri: Option<String>,
     /// Where this rule reads tokens (never empty: the defaults when the config lists none).
     locations: Vec<Location>,
-    keys: RwLock<Option<Arc<JwkSet>>>,
+    keys: RwLock<Option<Arc<Vec<Key>>>>,
 }
 
 /// A place a rule reads tokens from.
@@ -203,10 +203,15 @@ impl JwtRule {
             return Err("a JWT rule needs an issuer".into());
         }
         let keys = match (r.jwks.is_empty(), r.jwks_uri.is_empty()) {
-            (false, _) => Some(Arc::new(
-                parse_jwks(r.jwks.as_bytes(), MAX_JWKS_KEYS)
-                    .map_err(|e| format!("jwks of {}: {e}", r.issuer))?,
-            )),
+            (false, _) => {
+                let set = parse_jwks(r.jwks.as_bytes(), MAX_JWKS_KEYS)
+                    .map_err(|e| format!("jwks of {}: {e}", r.issuer))?;
+                let keys = Key::prepare(set);
+                if keys.is_empty() {
+                    return Err(format!("jwks of {}: no key can verify a signature", r.issuer));
+                }
+                Some(Arc::new(keys))
+            }
             (true, false) if r.jwks_uri.starts_with("http://") => None,
             (true, false) => return Err(format!("jwksUri {:?}: only http:// is supported", r.jwks_uri)),
             (true, true) => return Err(format!("JWT rule for {} needs jwks or jwksUri", r.issuer)),
@@ -231,14 +236,21 @@ impl JwtRule {
         })
     }
 
-    fn keys(&self) -> Option<Arc<JwkSet>> {
+    fn keys(&self) -> Option<Arc<Vec<Key>>> {
         self.keys.read().ok().and_then(|k| k.clone())
     }
 
-    pub fn set_keys(&self, keys: JwkSet) {
-        if let Ok(mut k) = self.keys.write() {
+    /// Replaces the keys with those of `set` that can verify a signature; a set with none
+    /// leaves the last keys in place. Returns how many were taken.
+    pub fn set_keys(&self, set: JwkSet) -> usize {
+        let keys = Key::prepare(set);
+        let n = keys.len();
+        if n > 0
+            && let Ok(mut k) = self.keys.write()
+        {
             *k = Some(Arc::new(keys));
         }
+        n
     }
 
     /// Starts with `other`'s keys (a new rule fetching from the same URL as an old one).
@@ -263,9 +275,9 @@ impl JwtRule {
         // `exp` and `nbf` are checked when present; a token without `exp` is valid, as in Envoy.
         validation.required_spec_claims.clear();
         let mut refusal = JwtError::NoMatchingKey(self.issuer.clone());
-        for jwk in keys.keys.iter().filter(|k| fits(k, &header)) {
-            let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
-            match jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation) {
+        let alg = format!("{:?}", header.alg);
+        for key in keys.iter().filter(|k| k.fits(header.kid.as_deref(), &alg)) {
+            match jsonwebtoken::decode::<serde_json::Value>(token, &key.decoding, &validation) {
                 Ok(data) => {
                     let sub = data.claims.get("sub").and_then(|s| s.as_str()).unwrap_or_default();
                     return Ok(Verified { principal: format!("{}/{sub}", self.issuer), claims: data.claims });
@@ -326,12 +338,40 @@ fn locations(r: &wp::JwtRule) -> Result<Vec<Location>, String> {
     Ok(out)
 }
 
-/// Whether `jwk` may have signed a token with `header`: same `kid` when the token names one, the
-/// same `alg` when the key names one, and not an encryption key.
-fn fits(jwk: &Jwk, header: &jsonwebtoken::Header) -> bool {
-    let kid = header.kid.as_ref().is_none_or(|kid| jwk.common.key_id.as_ref() == Some(kid));
-    let alg = jwk.common.key_algorithm.is_none_or(|a| a.to_string() == format!("{:?}", header.alg));
-    kid && alg && jwk.common.public_key_use != Some(PublicKeyUse::Encryption)
+/// A verification key, decoded once when the keys arrive (not for every token).
+struct Key {
+    kid: Option<String>,
+    /// The algorithm the key is for, as `jsonwebtoken` names it (`ES256`); `None`: any.
+    alg: Option<String>,
+    decoding: DecodingKey,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key").field("kid", &self.kid).field("alg", &self.alg).finish_non_exhaustive()
+    }
+}
+
+impl Key {
+    /// The signing keys of `set` that decode; encryption keys are left out.
+    fn prepare(set: JwkSet) -> Vec<Key> {
+        set.keys
+            .iter()
+            .filter(|jwk| jwk.common.public_key_use != Some(PublicKeyUse::Encryption))
+            .filter_map(|jwk| {
+                Some(Key {
+                    kid: jwk.common.key_id.clone(),
+                    alg: jwk.common.key_algorithm.map(|a| a.to_string()),
+                    decoding: DecodingKey::from_jwk(jwk).ok()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether this key may have signed a token whose header names `kid` and `alg`.
+    fn fits(&self, kid: Option<&str>, alg: &str) -> bool {
+        kid.is_none_or(|kid| self.kid.as_deref() == Some(kid)) && self.alg.as_deref().is_none_or(|a| a == alg)
+    }
 }
 
 /// Errors that mean "not signed by this key" rather than "signed, but refused".
@@ -636,8 +676,8 @@ pub fn keep_fetched(rule: &Arc<JwtRule>) {
             let Some(rule) = weak.upgrade() else { return };
             match fetch_jwks(&uri).await {
                 Ok(keys) => {
-                    debug!(issuer = %rule.issuer, %uri, keys = keys.keys.len(), "JWKS fetched");
-                    rule.set_keys(keys);
+                    let taken = rule.set_keys(keys);
+                    debug!(issuer = %rule.issuer, %uri, keys = taken, "JWKS fetched");
                 }
                 Err(e) => {
                     warn!(issuer = %rule.issuer, %uri, error = %e, "JWKS fetch failed; keeping the last keys")
