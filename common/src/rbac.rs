@@ -303,31 +303,68 @@ fn host_matches(m: &StringMatch, host: &str) -> bool {
 /// The values of a `when` key for this request; `None` when the key is not one we know or is
 /// malformed (an empty list is a known key without a value here).
 fn attribute(key: &str, conn: &Connection<'_>, req: &Request<'_>) -> Option<Vec<String>> {
-    let claims = |path: &str| {
-        let path = claim_path(path)?;
-        Some(req.claims.map(|c| values_at(c, &path)).unwrap_or_default())
-    };
-    if let Some(name) = key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
+    let claims = |path: &[&str]| req.claims.map(|c| values_at(c, path)).unwrap_or_default();
+    let value = match parse_key(key)? {
         // Every value of a repeated header (a second `x-mode: bad` is not hidden behind the
         // first); a value that is not text is no value.
-        return Some(
-            req.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).map(str::to_string).collect(),
-        );
-    }
-    if let Some(path) = key.strip_prefix("request.auth.claims") {
-        return claims(path);
-    }
-    let value = match key {
-        "request.auth.audiences" => return claims("[aud]"),
-        "request.auth.presenter" => return claims("[azp]"),
-        "source.ip" => Some(conn.source_ip.to_string()),
-        "source.namespace" => conn.source.map(|s| s.namespace().to_string()),
-        "source.principal" => conn.source.map(Identity::principal),
-        "destination.port" => Some(conn.destination_port.to_string()),
-        "request.auth.principal" => req.request_principal.map(str::to_string),
-        _ => return None,
+        Key::Header(name) => {
+            return Some(
+                req.headers
+                    .get_all(name)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .collect(),
+            );
+        }
+        Key::Claims(path) => return Some(claims(&path)),
+        Key::Audiences => return Some(claims(&["aud"])),
+        Key::Presenter => return Some(claims(&["azp"])),
+        Key::SourceIp => Some(conn.source_ip.to_string()),
+        Key::SourceNamespace => conn.source.map(|s| s.namespace().to_string()),
+        Key::SourcePrincipal => conn.source.map(Identity::principal),
+        Key::DestinationPort => Some(conn.destination_port.to_string()),
+        Key::RequestPrincipal => req.request_principal.map(str::to_string),
     };
     Some(value.into_iter().collect())
+}
+
+/// A `when` key this evaluator knows.
+enum Key<'a> {
+    Header(&'a str),
+    Claims(Vec<&'a str>),
+    Audiences,
+    Presenter,
+    SourceIp,
+    SourceNamespace,
+    SourcePrincipal,
+    DestinationPort,
+    RequestPrincipal,
+}
+
+fn parse_key(key: &str) -> Option<Key<'_>> {
+    if let Some(name) = key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
+        return (!name.is_empty()).then_some(Key::Header(name));
+    }
+    if let Some(path) = key.strip_prefix("request.auth.claims") {
+        return claim_path(path).map(Key::Claims);
+    }
+    Some(match key {
+        "request.auth.audiences" => Key::Audiences,
+        "request.auth.presenter" => Key::Presenter,
+        "source.ip" => Key::SourceIp,
+        "source.namespace" => Key::SourceNamespace,
+        "source.principal" => Key::SourcePrincipal,
+        "destination.port" => Key::DestinationPort,
+        "request.auth.principal" => Key::RequestPrincipal,
+        _ => return None,
+    })
+}
+
+/// Whether `key` is a `when` key this evaluator can read, to refuse a policy with another on
+/// receipt (at run time an unknown key fails closed).
+pub fn known_condition_key(key: &str) -> bool {
+    parse_key(key).is_some()
 }
 
 /// The most claim names a `request.auth.claims[..]` key may walk through.

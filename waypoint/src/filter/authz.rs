@@ -112,6 +112,9 @@ fn rule(r: &wp::AuthorizationRule) -> Result<Rule, String> {
         if c.key.is_empty() {
             return Err("a when condition needs a key".into());
         }
+        if !common::rbac::known_condition_key(&c.key) {
+            return Err(format!("when key {:?} is not one the waypoint can read", c.key));
+        }
         let condition =
             Condition { key: c.key.clone(), values: strings(&c.values), not_values: strings(&c.not_values) };
         clauses.push(Clause {
@@ -253,5 +256,9 @@ waypointPolicies:
         assert!(bad("{from: [{source: {ipBlocks: [not-an-ip]}}]}").contains("ip block"));
         assert!(bad("{to: [{operation: {ports: [http]}}]}").contains("port"));
         assert!(bad("{when: [{key: ''}]}").contains("key"));
+        assert!(
+            bad("{when: [{key: 'request.auth.claims[a]]', values: [x]}]}").contains("not one the waypoint")
+        );
+        assert!(bad("{when: [{key: 'connection.sni', values: [x]}]}").contains("not one the waypoint"));
     }
 }
