@@ -64,7 +64,11 @@ impl Setup {
     }
 
     fn pool(&self, max_streams: usize, idle_timeout: Duration) -> Pool {
-        Pool::new(self.certs.clone(), PoolConfig { max_streams, idle_timeout }, PoolMetrics::default())
+        Pool::new(
+            self.certs.clone(),
+            PoolConfig { max_streams, idle_timeout, ..Default::default() },
+            PoolMetrics::default(),
+        )
     }
 
     fn server_connections(&self) -> usize {
@@ -180,4 +184,29 @@ async fn rotation_moves_new_streams_while_old_ones_finish() {
     let mut got = Vec::new();
     old_stream.read_to_end(&mut got).await.expect("read");
     assert_eq!(got, b"started before rotation, finished after");
+}
+
+#[tokio::test]
+async fn a_peer_that_never_completes_the_handshake_is_a_connect_timeout() {
+    let s = setup(HOUR).await;
+    // Accepts TCP and then says nothing (no TLS): the dial must give up at the pool's bound.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let after = Duration::from_millis(300);
+    let pool = Pool::new(
+        s.certs.clone(),
+        PoolConfig { connect_timeout: after, ..Default::default() },
+        PoolMetrics::default(),
+    );
+    let key = PoolKey::new(id("client"), vec![id("echo")], None, silent_addr);
+    let started = std::time::Instant::now();
+    let e = pool.connect(&key, &authority(), HeaderMap::new()).await.err().expect("refused");
+    assert!(matches!(e, common::hbone::pool::PoolError::ConnectTimeout { .. }), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 }

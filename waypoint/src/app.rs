@@ -78,7 +78,9 @@ impl App {
         let readiness_addr = readiness_listener.local_addr()?;
 
         let mut tasks = vec![config.source.clone().spawn(handlers, &ready, xds_metrics)];
-        let pool = Pool::new(certs.clone(), PoolConfig::default(), PoolMetrics::new(&mut registry));
+        let pool_config =
+            PoolConfig { connect_timeout: config.limits.upstream_connect_timeout, ..PoolConfig::default() };
+        let pool = Pool::new(certs.clone(), pool_config, PoolMetrics::new(&mut registry));
         let tracer = match &config.otlp_endpoint {
             Some(e) => Tracer::otlp(
                 e.clone(),
@@ -94,12 +96,7 @@ impl App {
             retries: crate::filter::retry::Retries::new(&mut registry),
             state: state.clone(),
             routes: routes.clone(),
-            upstream: Upstream::new(
-                pool,
-                identity.clone(),
-                config.balance,
-                config.limits.upstream_connect_timeout,
-            ),
+            upstream: Upstream::new(pool, identity.clone(), config.balance),
             metrics: Metrics::new(&mut registry, config.log_format, AccessSink::open(&config.access_log)?),
             waypoint: config.name.clone(),
             limits: config.limits.clone(),

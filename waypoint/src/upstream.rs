@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use common::hbone::connect::Authority;
-use common::hbone::pool::{Pool, PoolKey, PooledStream};
+use common::hbone::pool::{Pool, PoolError, PoolKey, PooledStream};
 use common::identity::Identity;
 use common::state::{Endpoint, Service, Snapshot, State};
 use http::{HeaderMap, HeaderValue, Request, Response};
@@ -129,8 +129,6 @@ pub struct Upstream {
     pool: Pool,
     identity: Identity,
     balance: Balance,
-    /// Longest a connect (TCP, mTLS, CONNECT) to an endpoint may take.
-    connect_timeout: std::time::Duration,
     clients: Arc<Mutex<HashMap<ClientKey, Client>>>,
     outstanding: Arc<Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>>,
     round_robin: Arc<Mutex<HashMap<String, usize>>>,
@@ -139,17 +137,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(
-        pool: Pool,
-        identity: Identity,
-        balance: Balance,
-        connect_timeout: std::time::Duration,
-    ) -> Self {
+    pub fn new(pool: Pool, identity: Identity, balance: Balance) -> Self {
         Self {
             pool,
             identity,
             balance,
-            connect_timeout,
             clients: Arc::default(),
             outstanding: Arc::default(),
             round_robin: Arc::default(),
@@ -303,12 +295,11 @@ impl Upstream {
         {
             headers.insert("forwarded", v);
         }
-        let authority = Authority::Addr(target.addr);
-        let connect = self.pool.connect(&key, &authority, headers);
-        tokio::time::timeout(self.connect_timeout, connect)
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout { addr: target.addr, after: self.connect_timeout })?
-            .map_err(|e| UpstreamError::Tunnel { addr: target.addr, reason: e.to_string() })
+        // The pool bounds the dial and the CONNECT (`--upstream-connect-timeout`).
+        self.pool.connect(&key, &Authority::Addr(target.addr), headers).await.map_err(|e| match e {
+            PoolError::ConnectTimeout { addr, after } => UpstreamError::ConnectTimeout { addr, after },
+            e => UpstreamError::Tunnel { addr: target.addr, reason: e.to_string() },
+        })
     }
 
     /// Sends `req` to `target` over HTTP/2 or HTTP/1.1, reusing a connection when one is free.
@@ -482,7 +473,7 @@ services:
         );
         let pool = Pool::new(certs, Default::default(), Default::default());
         let id = Identity::new("cluster.local", "demo", "waypoint").expect("id");
-        (Upstream::new(pool, id, balance, std::time::Duration::from_secs(10)), state, handlers)
+        (Upstream::new(pool, id, balance), state, handlers)
     }
 
     fn addr(s: &str) -> SocketAddr {

@@ -36,6 +36,8 @@ use crate::tls;
 pub const DEFAULT_MAX_STREAMS: usize = 100;
 /// Idle connections are released after this long.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// Longest a new connection (TCP, mTLS, HTTP/2) or a stream's CONNECT may take.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -47,6 +49,8 @@ pub enum PoolError {
     Client(#[from] ClientError),
     #[error("HBONE pool: dial to {addr} failed: {reason}")]
     Dial { addr: SocketAddr, reason: String },
+    #[error("HBONE pool: {addr} not reached within {after:?}")]
+    ConnectTimeout { addr: SocketAddr, after: Duration },
     #[error("HBONE pool closed")]
     Closed,
 }
@@ -77,11 +81,17 @@ impl PoolKey {
 pub struct PoolConfig {
     pub max_streams: usize,
     pub idle_timeout: Duration,
+    /// Bounds each dial (TCP, mTLS, HTTP/2 handshake) and each stream's CONNECT.
+    pub connect_timeout: Duration,
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        Self { max_streams: DEFAULT_MAX_STREAMS, idle_timeout: DEFAULT_IDLE_TIMEOUT }
+        Self {
+            max_streams: DEFAULT_MAX_STREAMS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
     }
 }
 
@@ -175,7 +185,11 @@ impl Pool {
             match self.step(key, &cert)? {
                 Step::Use(conn, active, idle_since) => {
                     let guard = StreamGuard { active, idle_since, _conn: conn.clone() };
-                    match conn.open(authority, headers.clone()).await {
+                    let after = self.inner.config.connect_timeout;
+                    let opened = tokio::time::timeout(after, conn.open(authority, headers.clone()))
+                        .await
+                        .map_err(|_| PoolError::ConnectTimeout { addr: key.dst_addr, after })?;
+                    match opened {
                         Ok(stream) => return Ok(PooledStream { stream, _guard: guard }),
                         Err(e) => {
                             let going_away = e.retry_on_new_connection();
@@ -248,7 +262,11 @@ impl Pool {
     async fn dial(&self, key: &PoolKey, cert: &Arc<WorkloadCertificate>) -> Result<(), PoolError> {
         let config = tls::client_config(cert, key.dst.clone())
             .map_err(|e| PoolError::Tls { src: key.src.clone(), reason: e.to_string() })?;
-        let conn = Connection::connect_from(key.dst_addr, key.src_ip, Arc::new(config)).await?;
+        let after = self.inner.config.connect_timeout;
+        let conn =
+            tokio::time::timeout(after, Connection::connect_from(key.dst_addr, key.src_ip, Arc::new(config)))
+                .await
+                .map_err(|_| PoolError::ConnectTimeout { addr: key.dst_addr, after })??;
         info!(src = %key.src, dst = %key.dst_addr, "HBONE connection opened");
         self.inner.metrics.opened.inc();
         self.inner.metrics.connections.inc();
