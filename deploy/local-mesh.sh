@@ -155,11 +155,13 @@ talk intruder 10.96.0.80:80
 
 echo "==> live change over xDS: an ALLOW policy for the intruder's principal"
 cat >>"$work/mesh.yaml" <<'YAML'
-  - name: allow-intruder
-    namespace: demo
-    scope: NAMESPACE
-    action: ALLOW
-    rules: [{clauses: [{matches: [{principals: [{exact: cluster.local/ns/other/sa/intruder}]}]}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-intruder, namespace: demo}
+spec:
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/other/sa/intruder]}}]}]
 YAML
 for _ in $(seq 1 100); do
   a=$(in_ns node-a curl -fsS http://127.0.0.1:15000/config_dump || true)
@@ -176,8 +178,8 @@ spawn_in waypoint "$work/waypoint.log" "$bin/waypoint" --xds-address http://10.0
 wait_ready waypoint "waypoint demo/waypoint (routes synced, certificate issued)" "$work/waypoint.log"
 echo "==> HTTP: client -> web (10.96.0.90) -> ztunnel -> waypoint -> ztunnel -> echo pods"
 for _ in $(seq 1 10); do in_ns client curl -sS --max-time 5 http://10.96.0.90/hello; done |
-  awk '{print $1}' | sort | uniq -c | sed 's/^ */      /; s/$/ (route web-default: both pods)/'
-echo "    with x-canary: yes (route web-canary: echo-2 only, response header x-route: canary)"
+  awk '{print $1}' | sort | uniq -c | sed 's/^ */      /; s/$/ (HTTPRoute web, rule 2: both pods)/'
+echo "    with x-canary: yes (HTTPRoute web, rule 1: service web-canary, echo-2 only, response header x-route: canary)"
 for _ in $(seq 1 5); do in_ns client curl -sS --max-time 5 -H 'x-canary: yes' http://10.96.0.90/hello; done |
   awk '{print $1}' | sort | uniq -c | sed 's/^ */      /'
 in_ns client curl -sS --max-time 5 -o /dev/null -D - -H 'x-canary: yes' http://10.96.0.90/hello |

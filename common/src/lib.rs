@@ -16,4 +16,5 @@ pub mod readiness;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub mod translate;
 pub mod xds;

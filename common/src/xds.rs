@@ -17,7 +17,7 @@ pub mod validate;
 pub use args::{ControlPlaneArgs, SourceError};
 pub use client::{NodeInfo, XdsClient, XdsConfig};
 pub use handler::{Handler, Handlers, Rejection, XdsResource, XdsUpdate};
-pub use local::{LocalConfig, LocalSource};
+pub use local::{ConfigObjects, LocalConfig, LocalSource};
 pub use metrics::XdsMetrics;
 pub use store::ResourceStore;
 
@@ -37,9 +37,22 @@ impl Source {
         ready: &crate::readiness::Ready,
         metrics: XdsMetrics,
     ) -> tokio::task::JoinHandle<()> {
+        self.spawn_reporting(handlers, ready, metrics, ConfigObjects::default())
+    }
+
+    /// As [`Source::spawn`]; a file source also reports its objects' statuses into `objects`.
+    pub fn spawn_reporting(
+        self,
+        handlers: Handlers,
+        ready: &crate::readiness::Ready,
+        metrics: XdsMetrics,
+        objects: ConfigObjects,
+    ) -> tokio::task::JoinHandle<()> {
         match self {
             Source::Xds(config) => tokio::spawn(XdsClient::new(*config, handlers, ready, metrics).run()),
-            Source::File(path) => tokio::spawn(LocalSource::new(path, handlers, ready, metrics).run()),
+            Source::File(path) => {
+                tokio::spawn(LocalSource::new(path, handlers, ready, metrics).with_objects(objects).run())
+            }
         }
     }
 }

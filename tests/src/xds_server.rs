@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use common::translate::Translator;
 use common::xds::local::{EncodedResource, LocalConfig, version_of};
 use proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -116,12 +117,36 @@ impl XdsStore {
         self.bump();
     }
 
-    /// Loads a YAML local-config document, replacing the store's content.
-    pub fn load_yaml(&self, text: &str) -> anyhow::Result<usize> {
+    /// Loads a YAML local-config document, replacing the store's content: Kubernetes-style
+    /// objects (translated, see [`common::translate`]; the refused ones are returned as log
+    /// lines, their last accepted version kept by `translator`), or our internal schema.
+    pub fn load_yaml_with(
+        &self,
+        translator: &mut Translator,
+        text: &str,
+        source: &str,
+    ) -> anyhow::Result<(usize, Vec<String>)> {
+        let texts = [(source.to_string(), text.to_string())];
+        if common::xds::local::is_objects(&texts) {
+            let t = translator.translate_yaml([(source, text)]);
+            let refusals: Vec<String> = t.refusals().collect();
+            let n = t.resources.len();
+            self.replace_all(t.resources);
+            return Ok((n, refusals));
+        }
         let resources = LocalConfig::from_yaml(text)?.to_resources()?;
         let n = resources.len();
         self.replace_all(resources);
-        Ok(n)
+        Ok((n, vec![]))
+    }
+
+    /// As [`XdsStore::load_yaml_with`], with a fresh translator; a refused object is an error.
+    pub fn load_yaml(&self, text: &str) -> anyhow::Result<usize> {
+        let (n, refusals) = self.load_yaml_with(&mut Translator::default(), text, "config")?;
+        match refusals.is_empty() {
+            true => Ok(n),
+            false => anyhow::bail!("refused: {}", refusals.join("; ")),
+        }
     }
 
     pub fn len(&self, type_url: &str) -> usize {

@@ -77,7 +77,13 @@ impl App {
         let metrics_addr = metrics_listener.local_addr()?;
         let readiness_addr = readiness_listener.local_addr()?;
 
-        let mut tasks = vec![config.source.clone().spawn(handlers, &ready, xds_metrics)];
+        let config_objects = common::xds::ConfigObjects::default();
+        let mut tasks = vec![config.source.clone().spawn_reporting(
+            handlers,
+            &ready,
+            xds_metrics,
+            config_objects.clone(),
+        )];
         let pool_config =
             PoolConfig { connect_timeout: config.limits.upstream_connect_timeout, ..PoolConfig::default() };
         let pool = Pool::new(certs.clone(), pool_config, PoolMetrics::new(&mut registry));
@@ -150,6 +156,7 @@ impl App {
                     "upstream_entries": upstream_entries(&dump_upstream),
                     "route_table": serde_json::to_value(&*dump_routes.table()).unwrap_or_default(),
                     "state": serde_json::to_value(&*dump_state.snapshot()).unwrap_or_default(),
+                    "config_objects": config_objects.snapshot(),
                 }))
             })
             .route("/certs", {

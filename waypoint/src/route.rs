@@ -138,6 +138,10 @@ pub struct Route {
     pub backends: Vec<Backend>,
     pub request_timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
+    /// Gateway API order among routes that match equally well: creation time (empty first),
+    /// then the route object's `namespace/name`, then the rule index, then `key`.
+    #[serde(skip)]
+    pub order: (String, String, u32),
 }
 
 fn regex(r: &str) -> Result<Regex, String> {
@@ -203,9 +207,9 @@ fn filters(v: &[wp::Filter]) -> Result<Vec<Filter>, String> {
             Some(Kind::ResponseHeaderModifier(m)) => Ok(Filter::ResponseHeaders(header_modifier(m)?)),
             Some(Kind::RequestRedirect(r)) => {
                 let status = match r.status_code {
-                    0 | 302 => 302,
-                    301 => 301,
-                    s => return Err(format!("redirect status {s} (301 or 302)")),
+                    0 => 302,
+                    s @ (301 | 302 | 303 | 307 | 308) => s as u16,
+                    s => return Err(format!("redirect status {s} (301, 302, 303, 307 or 308)")),
                 };
                 let port = match r.port {
                     0 => None,
@@ -307,6 +311,10 @@ impl Route {
             backends,
             request_timeout: duration(&timeouts.request, "timeouts.request")?,
             backend_timeout: duration(&timeouts.backend_request, "timeouts.backendRequest")?,
+            order: match &r.origin {
+                Some(o) => (o.created.clone(), o.name.clone(), o.rule),
+                None => (String::new(), format!("{}/{}", r.namespace, r.name), 0),
+            },
         })
     }
 }

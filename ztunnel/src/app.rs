@@ -74,7 +74,9 @@ impl App {
         let metrics_addr = metrics_listener.local_addr()?;
         let readiness_addr = readiness_listener.local_addr()?;
 
-        let (mut tasks, synced) = spawn_source(&config, handlers, &ready, xds_metrics);
+        let config_objects = common::xds::ConfigObjects::default();
+        let (mut tasks, synced) =
+            spawn_source(&config, handlers, &ready, xds_metrics, config_objects.clone());
         let drain = Drain::new();
         let mut certs = None;
         let proxy_addrs = match &config.proxy {
@@ -126,7 +128,8 @@ impl App {
         let registry = Arc::new(registry);
         let metrics_router = admin::metrics_routes(Router::new(), registry);
         let readiness_router = admin::readiness_routes(Router::new(), ready.clone());
-        let admin_router = admin_routes(&config, &ready, &state, certs.clone(), enrollment.clone());
+        let admin_router =
+            admin_routes(&config, &ready, &state, certs.clone(), enrollment.clone(), config_objects);
         tasks.push(tokio::spawn(admin::serve(metrics_listener, metrics_router, "metrics")));
         tasks.push(tokio::spawn(admin::serve(readiness_listener, readiness_router, "readiness")));
         tasks.push(tokio::spawn(admin::serve(admin_listener, admin_router, "admin")));
@@ -164,9 +167,10 @@ fn spawn_source(
     handlers: common::xds::Handlers,
     ready: &Ready,
     metrics: XdsMetrics,
+    objects: common::xds::ConfigObjects,
 ) -> (Vec<JoinHandle<()>>, Ready) {
     let synced = Ready::new();
-    let source = config.source.clone().spawn(handlers, &synced, metrics);
+    let source = config.source.clone().spawn_reporting(handlers, &synced, metrics, objects);
     let mirrored: Vec<_> = synced.pending().into_iter().map(|name| ready.register(name)).collect();
     let waiter = synced.clone();
     let mirror = tokio::spawn(async move {
@@ -205,6 +209,7 @@ fn admin_routes(
     state: &State,
     certs: Option<CertificateManager>,
     enrollment: Option<Enrollment>,
+    objects: common::xds::ConfigObjects,
 ) -> Router {
     let config_json = serde_json::to_value(config).unwrap_or_default();
     let router = admin::readiness_routes(Router::new(), ready.clone());
@@ -220,6 +225,9 @@ fn admin_routes(
             },
             "state": serde_json::to_value(&*dump_state.snapshot()).unwrap_or_default(),
             "redirection": enrollment.as_ref().map(Enrollment::status),
+            // The local config's objects: accepted or refused (field and reason), and which
+            // version is in force.
+            "config_objects": objects.snapshot(),
         }))
     });
     router.route("/certs", move |_| {

@@ -1,5 +1,12 @@
-//! The local config source: the same typed resources as xDS, read from a YAML file and
-//! re-read when it changes. What a lone VM/ECS host or the local demo runs on.
+//! The local config source: the same typed resources as xDS, read from a YAML file (or a
+//! directory of them) and re-read when it changes. What a lone VM/ECS host or the local demo
+//! runs on.
+//!
+//! The files hold the resources users already write (Kubernetes, Gateway API and Istio kinds,
+//! multi-document YAML), translated by [`crate::translate`]; an object that cannot be applied is
+//! refused on its own (logged, counted, shown by [`ConfigObjects`]) and its last accepted
+//! version stays in force. (A file of our internal wire schema, [`LocalConfig`], is still read,
+//! for tests.)
 //!
 //! Each (re)load is diffed against what was applied: changed resources are handed to the
 //! handlers as updates, vanished ones as removals. A file that does not parse changes nothing;
@@ -13,7 +20,11 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::{Arc, PoisonError, RwLock};
+
 use tracing::{debug, info, warn};
+
+use crate::translate::{ObjectStatus, Translation, Translator, Unreadable};
 
 pub use schema::{EncodedResource, LocalConfig, SchemaError};
 
@@ -29,7 +40,7 @@ pub enum LocalError {
     #[error("cannot read config file {path:?}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path:?} is not valid: {source}")]
-    Parse { path: PathBuf, source: serde_yaml::Error },
+    Parse { path: PathBuf, source: serde_yaml_ng::Error },
     #[error("config file {path:?}: {source}")]
     Schema { path: PathBuf, source: SchemaError },
 }
@@ -41,6 +52,64 @@ pub fn version_of(body: &prost_types::Any) -> String {
     format!("{:016x}", h.finish())
 }
 
+/// The status of every object of the last load, for the config dump.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigObjects(Arc<RwLock<ObjectsSnapshot>>);
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ObjectsSnapshot {
+    pub objects: Vec<ObjectStatus>,
+    pub unreadable: Vec<Unreadable>,
+}
+
+impl ConfigObjects {
+    pub fn snapshot(&self) -> ObjectsSnapshot {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn set(&self, t: &Translation) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) =
+            ObjectsSnapshot { objects: t.statuses.clone(), unreadable: t.unreadable.clone() };
+    }
+}
+
+/// The YAML files a path names: the file itself, or a directory's `*.yaml`/`*.yml` files in
+/// name order (not recursive). Each comes with its name, for messages.
+fn read_texts(path: &std::path::Path) -> Result<Vec<(String, String)>, LocalError> {
+    let err = |source| LocalError::Read { path: path.to_path_buf(), source };
+    if !path.is_dir() {
+        let text = std::fs::read_to_string(path).map_err(err)?;
+        return Ok(vec![(path.display().to_string(), text)]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(err)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| {
+            let text =
+                std::fs::read_to_string(&f).map_err(|source| LocalError::Read { path: f.clone(), source })?;
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            Ok((name, text))
+        })
+        .collect()
+}
+
+/// Whether texts hold Kubernetes-style objects (a first document with `apiVersion`), rather
+/// than our internal schema.
+pub fn is_objects(texts: &[(String, String)]) -> bool {
+    texts.len() != 1
+        || texts.iter().any(|(_, t)| {
+            t.lines()
+                .map(str::trim_start)
+                .find(|l| !l.is_empty() && !l.starts_with('#') && *l != "---")
+                .is_some_and(|l| l.starts_with("apiVersion:") || l.starts_with("kind:"))
+        })
+}
+
 /// Feeds handlers from a YAML file.
 pub struct LocalSource {
     path: PathBuf,
@@ -49,9 +118,11 @@ pub struct LocalSource {
     poll: Duration,
     /// type URL -> name -> version applied.
     applied: HashMap<String, HashMap<String, String>>,
-    /// Last file content seen, to skip unchanged reloads cheaply.
-    last_text: Option<String>,
+    /// Last file contents seen, to skip unchanged reloads cheaply.
+    last_text: Option<Vec<(String, String)>>,
     initial: Option<BlockReady>,
+    translator: Translator,
+    objects: ConfigObjects,
 }
 
 impl LocalSource {
@@ -66,7 +137,15 @@ impl LocalSource {
             applied: HashMap::new(),
             last_text: None,
             initial,
+            translator: Translator::default(),
+            objects: ConfigObjects::default(),
         }
+    }
+
+    /// Reports each load's object statuses into `objects`.
+    pub fn with_objects(mut self, objects: ConfigObjects) -> Self {
+        self.objects = objects;
+        self
     }
 
     pub fn with_poll_interval(mut self, poll: Duration) -> Self {
@@ -77,21 +156,45 @@ impl LocalSource {
     /// Loads once (readiness is released after the first successful load).
     pub fn load(&mut self) -> Result<(), LocalError> {
         let path = self.path.clone();
-        let text = std::fs::read_to_string(&path)
-            .map_err(|source| LocalError::Read { path: path.clone(), source })?;
-        if self.last_text.as_deref() == Some(text.as_str()) {
+        let texts = read_texts(&path)?;
+        if self.last_text.as_ref() == Some(&texts) {
             return Ok(());
         }
-        let config = LocalConfig::from_yaml(&text)
-            .map_err(|source| LocalError::Parse { path: path.clone(), source })?;
-        let resources =
-            config.to_resources().map_err(|source| LocalError::Schema { path: path.clone(), source })?;
-        self.apply(resources);
-        self.last_text = Some(text);
+        if is_objects(&texts) {
+            let t = self.translator.translate_yaml(texts.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+            self.report(&t);
+            self.apply(t.resources);
+        } else {
+            let text = &texts[0].1;
+            let config = LocalConfig::from_yaml(text)
+                .map_err(|source| LocalError::Parse { path: path.clone(), source })?;
+            let resources =
+                config.to_resources().map_err(|source| LocalError::Schema { path: path.clone(), source })?;
+            self.apply(resources);
+        }
+        self.last_text = Some(texts);
         if let Some(block) = self.initial.take() {
             block.done();
         }
         Ok(())
+    }
+
+    /// Logs and counts every object a load refused, and publishes the statuses.
+    fn report(&self, t: &Translation) {
+        for s in t.statuses.iter().filter(|s| !s.accepted) {
+            let fault = s.fault.as_ref().map(ToString::to_string).unwrap_or_default();
+            warn!(object = %s.object, origin = %s.origin, in_force = ?s.in_force, %fault, "config object refused");
+            self.metrics.rejected_objects.get_or_create(&XdsMetrics::kind_label(&s.object.kind)).inc();
+        }
+        for u in &t.unreadable {
+            warn!(origin = %u.origin, fault = %u.fault, "config document unreadable");
+            self.metrics.rejected_objects.get_or_create(&XdsMetrics::kind_label("")).inc();
+        }
+        for s in t.statuses.iter().filter(|s| !s.notes.is_empty()) {
+            debug!(object = %s.object, notes = ?s.notes, "config object applied with notes");
+        }
+        info!(objects = t.statuses.len(), refused = t.refused_count(), path = %self.path.display(), "read local config objects");
+        self.objects.set(t);
     }
 
     /// Loads now, then re-loads whenever the file changes. Runs forever.

@@ -12,6 +12,11 @@ pub struct TypeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -31,6 +36,8 @@ pub struct XdsMetrics {
     pub nacks: Family<TypeLabels, Counter>,
     /// Individual resources rejected per type URL.
     pub rejected_resources: Family<TypeLabels, Counter>,
+    /// Config objects (local files) refused, by kind (empty: a document with no kind).
+    pub rejected_objects: Family<KindLabels, Counter>,
 }
 
 impl XdsMetrics {
@@ -56,10 +63,19 @@ impl XdsMetrics {
             "xDS resources rejected (not applied), by type URL",
             m.rejected_resources.clone(),
         );
+        r.register(
+            "rejected_config_objects",
+            "config objects refused (the last accepted version stays in force), by kind",
+            m.rejected_objects.clone(),
+        );
         m
     }
 
     pub(crate) fn type_label(url: &str) -> TypeLabels {
         TypeLabels { url: url.to_string() }
+    }
+
+    pub(crate) fn kind_label(kind: &str) -> KindLabels {
+        KindLabels { kind: kind.to_string() }
     }
 }

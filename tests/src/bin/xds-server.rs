@@ -33,8 +33,17 @@ async fn main() -> anyhow::Result<()> {
             None => Ok(DEMO_CONFIG.to_string()),
         }
     };
+    let mut translator = common::translate::Translator::default();
+    let source = args.config.as_ref().map_or("embedded demo config".to_string(), |p| p.display().to_string());
+    let mut load = |text: &str| -> anyhow::Result<usize> {
+        let (n, refusals) = store.load_yaml_with(&mut translator, text, &source)?;
+        for r in refusals {
+            tracing::warn!(refused = %r, "config object refused (its last accepted version stays in force)");
+        }
+        Ok(n)
+    };
     let text = read(&args.config)?;
-    let n = store.load_yaml(&text)?;
+    let n = load(&text)?;
     tracing::info!(resources = n, source = ?args.config, "loaded config");
     let mut last = text;
     let server = xds_server::start(args.listen, store.clone()).await?;
@@ -49,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
         }
         match read(&args.config) {
             Ok(text) if text != last => {
-                match store.load_yaml(&text) {
+                match load(&text) {
                     Ok(n) => tracing::info!(resources = n, "reloaded config"),
                     Err(e) => tracing::warn!(error = %e, "config not reloaded, serving the previous one"),
                 }

@@ -1,7 +1,8 @@
 //! The route table: routes by the service (or waypoint) they attach to, and the choice of one
 //! route for a request with Gateway API precedence: an exact path beats a prefix, a longer
 //! prefix beats a shorter one, then a method match, more header matches, more query matches;
-//! remaining ties go to the route whose `namespace/name` sorts first.
+//! remaining ties go to the oldest route object, then the first by `namespace/name`, then the
+//! first rule (see `Route::order`).
 //!
 //! Routes attached to the service win over routes attached to the waypoint. A service with
 //! routes and no match answers 404; a service with none goes to itself.
@@ -131,7 +132,7 @@ impl RouteTable {
             }
         }
         for v in t.by_service.values_mut().chain(t.by_waypoint.values_mut()) {
-            v.sort_by(|a, b| a.key.cmp(&b.key));
+            v.sort_by(|a, b| (&a.order, &a.key).cmp(&(&b.order, &b.key)));
         }
         t
     }
@@ -155,7 +156,7 @@ impl RouteTable {
             return Lookup::Default;
         }
         let mut best: Option<(Precedence, Selected)> = None;
-        // Candidates are sorted by name, so on equal precedence the first one stays.
+        // Candidates are in Gateway API order, so on equal precedence the first one stays.
         for route in candidates {
             let all = RouteMatch::default();
             let ms: Vec<&RouteMatch> =

@@ -372,6 +372,7 @@ impl RouteSpec {
             filters: filters(&self.filters)?,
             backends,
             timeouts,
+            origin: None,
         };
         Ok(wp::Resource { kind: Some(wp::resource::Kind::Route(route)) })
     }
@@ -822,7 +823,7 @@ backends:
   - {service: {namespace: demo, hostname: v1.demo.svc.cluster.local, port: 80}}
 timeouts: {request: 1500ms}
 "#;
-        let spec: RouteSpec = serde_yaml::from_str(yaml).expect("yaml");
+        let spec: RouteSpec = serde_yaml_ng::from_str(yaml).expect("yaml");
         let Some(wp::resource::Kind::Route(r)) = spec.to_proto().expect("converts").kind else {
             panic!("a route")
         };
@@ -832,7 +833,7 @@ timeouts: {request: 1500ms}
         let t = r.timeouts.and_then(|t| t.request).expect("timeout");
         assert_eq!((t.seconds, t.nanos), (1, 500_000_000));
         let two_kinds = "{requestHeaderModifier: {}, urlRewrite: {}}";
-        let f: FilterSpec = serde_yaml::from_str(two_kinds).expect("yaml");
+        let f: FilterSpec = serde_yaml_ng::from_str(two_kinds).expect("yaml");
         assert!(f.to_proto().is_err());
         assert!(duration("5 s").is_err());
     }
@@ -874,7 +875,7 @@ requestAuthentication:
     - issuer: https://other.test
       jwks: '{"keys": []}'
 "#;
-        let spec: WaypointPolicySpec = serde_yaml::from_str(yaml).expect("yaml");
+        let spec: WaypointPolicySpec = serde_yaml_ng::from_str(yaml).expect("yaml");
         let Some(wp::resource::Kind::Policy(p)) = spec.to_proto().expect("converts").kind else {
             panic!("a policy")
         };
@@ -886,6 +887,6 @@ requestAuthentication:
         assert_eq!(rules[0].from_cookies, ["session"]);
         assert!(rules[1].from_headers.is_empty() && rules[1].from_params.is_empty(), "defaults stay unset");
         let typo = yaml.replace("fromParams", "fromParam");
-        assert!(serde_yaml::from_str::<WaypointPolicySpec>(&typo).is_err(), "unknown fields are refused");
+        assert!(serde_yaml_ng::from_str::<WaypointPolicySpec>(&typo).is_err(), "unknown fields are refused");
     }
 }

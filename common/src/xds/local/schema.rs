@@ -286,7 +286,7 @@ struct StringMatchFields {
     exact: Option<String>,
     prefix: Option<String>,
     suffix: Option<String>,
-    presence: Option<serde_yaml::Value>,
+    presence: Option<serde_yaml_ng::Value>,
 }
 
 impl TryFrom<StringMatchFields> for StringMatchSpec {
@@ -650,8 +650,8 @@ impl EncodedResource {
 
 impl LocalConfig {
     /// Parses a YAML document.
-    pub fn from_yaml(text: &str) -> Result<Self, serde_yaml::Error> {
-        serde_yaml::from_str(text)
+    pub fn from_yaml(text: &str) -> Result<Self, serde_yaml_ng::Error> {
+        serde_yaml_ng::from_str(text)
     }
 
     /// Converts every entry into its wire resource. Fails on the first entry that cannot be
