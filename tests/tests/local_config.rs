@@ -144,7 +144,10 @@ async fn file_source_loads_reloads_and_keeps_last_good_state() {
 fn demo_config_is_valid() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/local-mesh.yaml"))
         .expect("demo config");
-    let resources = LocalConfig::from_yaml(&text).expect("parses").to_resources().expect("converts");
+    let translation = common::translate::Translator::default().translate_yaml([("local-mesh.yaml", text.as_str())]);
+    let refused: Vec<String> = translation.refusals().collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    let resources = translation.resources;
     assert!(resources.len() >= 6);
     for r in resources {
         let ok = match r.type_url {
@@ -176,4 +179,81 @@ fn unknown_fields_are_refused_with_their_name() {
     let err = LocalConfig::from_yaml("workloads: [{name: a, namespace: b, serviceAcount: typo}]")
         .expect_err("typo");
     assert!(err.to_string().contains("serviceAcount"), "{err}");
+}
+
+const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo, labels: {app: client}}
+spec: {serviceAccountName: client, nodeName: node-a}
+status: {podIP: 10.42.1.10}
+"#;
+
+const POLICY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-intruder, namespace: demo}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/other/sa/intruder]}}]}]
+"#;
+
+/// The user-facing form: a directory of multi-document YAML of standard kinds. A refused
+/// object is logged, counted and shown with its field, its previous version stays in force,
+/// and the rest of the directory applies.
+#[tokio::test]
+async fn directory_of_standard_objects_refuses_one_object_and_applies_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(&dir.path().join("10-workloads.yaml"), OBJECTS);
+    write(&dir.path().join("20-policy.yml"), POLICY);
+    std::fs::write(dir.path().join("notes.txt"), "not config").expect("write");
+
+    let mesh_tests::Stores { addresses, policies, handlers } = mesh_tests::Stores::new();
+    let ready = Ready::new();
+    let mut registry = common::metrics::new_registry();
+    let metrics = XdsMetrics::new(&mut registry);
+    let objects = common::xds::ConfigObjects::default();
+    let source = LocalSource::new(dir.path(), handlers, &ready, metrics)
+        .with_poll_interval(Duration::from_millis(20))
+        .with_objects(objects.clone());
+    let task = tokio::spawn(source.run());
+    tokio::time::timeout(WAIT, ready.wait()).await.expect("initial load makes the source ready");
+    assert_eq!(addresses.names(), vec!["Kubernetes//Pod/demo/client".to_string()]);
+    let deny = policies.get("demo/deny-intruder").expect("policy");
+    assert_eq!(deny.action(), proto::security::Action::Deny);
+
+    // The policy gains a typo and the pod moves: the pod moves, the policy stays as it was.
+    write(&dir.path().join("20-policy.yml"), &POLICY.replace("principals:", "principal:"));
+    write(&dir.path().join("10-workloads.yaml"), &OBJECTS.replace("10.42.1.10", "10.42.1.11"));
+    until(&*addresses, "client moved", |s| {
+        matches!(s.get("Kubernetes//Pod/demo/client").and_then(|a| a.r#type), Some(address::Type::Workload(w)) if w.addresses == vec![vec![10, 42, 1, 11]])
+    })
+    .await;
+    let refused = tokio::time::timeout(WAIT, async {
+        loop {
+            let snap = objects.snapshot();
+            if let Some(s) = snap.objects.iter().find(|s| s.object.name == "deny-intruder" && !s.accepted) {
+                return s.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the refusal is reported");
+    assert_eq!(refused.origin, "20-policy.yml#1");
+    assert_eq!(refused.in_force, common::translate::InForce::Previous);
+    assert_eq!(refused.fault.as_ref().map(|f| f.field.as_str()), Some("spec.rules[0].from[0].source.principal"));
+    assert_eq!(policies.get("demo/deny-intruder"), Some(deny), "the previous version stays in force");
+    let text = common::metrics::render(&registry);
+    assert!(
+        text.contains("istio_xds_rejected_config_objects_total{kind=\"AuthorizationPolicy\"} 1"),
+        "{text}"
+    );
+    let dump = serde_json::to_value(objects.snapshot()).expect("json");
+    assert_eq!(dump["objects"][0]["fault"]["field"], "spec.rules[0].from[0].source.principal", "{dump}");
+    task.abort();
 }

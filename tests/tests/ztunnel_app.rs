@@ -62,7 +62,12 @@ async fn ready_after_first_sync_with_dump_and_metrics() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // ztunnel does not subscribe to the waypoint's routes.
-    let routes = common::xds::LocalConfig::from_yaml(&demo).expect("demo config").routes.len();
+    let routes = common::translate::Translator::default()
+        .translate_yaml([("demo", demo.as_str())])
+        .resources
+        .iter()
+        .filter(|r| r.type_url == proto::WAYPOINT_RESOURCE_TYPE_URL)
+        .count();
     assert_eq!(app.addresses.len() + app.policies.len(), n - routes);
 
     let (status, dump) = get(app.admin_addr, "/config_dump").await.expect("config dump");
