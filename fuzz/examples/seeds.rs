@@ -15,8 +15,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         [("mesh", root.join("../deploy/local-mesh.yaml")), ("extra", root.join("examples/seeds/extra.yaml"))]
     {
         let text = std::fs::read_to_string(&path)?;
-        write(&seeds.join("local_yaml"), label, text.as_bytes())?;
-        let resources = LocalConfig::from_yaml(&text)?.to_resources()?;
+        let texts = [(label.to_string(), text.clone())];
+        let resources = if common::xds::local::is_objects(&texts) {
+            write(&seeds.join("translate"), label, text.as_bytes())?;
+            let t = common::translate::Translator::default().translate_yaml([(label, text.as_str())]);
+            if let Some(refused) = t.refusals().next() {
+                return Err(format!("{label}: {refused}").into());
+            }
+            t.resources
+        } else {
+            write(&seeds.join("local_yaml"), label, text.as_bytes())?;
+            LocalConfig::from_yaml(&text)?.to_resources()?
+        };
         // Seeds are worth most when they get past every check: the state must accept them all.
         let (_state, handlers) = ambient_fuzz::fresh_state();
         for r in &resources {

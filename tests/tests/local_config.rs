@@ -144,7 +144,8 @@ async fn file_source_loads_reloads_and_keeps_last_good_state() {
 fn demo_config_is_valid() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/local-mesh.yaml"))
         .expect("demo config");
-    let translation = common::translate::Translator::default().translate_yaml([("local-mesh.yaml", text.as_str())]);
+    let translation =
+        common::translate::Translator::default().translate_yaml([("local-mesh.yaml", text.as_str())]);
     let refused: Vec<String> = translation.refusals().collect();
     assert!(refused.is_empty(), "{refused:?}");
     let resources = translation.resources;
@@ -246,7 +247,10 @@ async fn directory_of_standard_objects_refuses_one_object_and_applies_the_rest()
     .expect("the refusal is reported");
     assert_eq!(refused.origin, "20-policy.yml#1");
     assert_eq!(refused.in_force, common::translate::InForce::Previous);
-    assert_eq!(refused.fault.as_ref().map(|f| f.field.as_str()), Some("spec.rules[0].from[0].source.principal"));
+    assert_eq!(
+        refused.fault.as_ref().map(|f| f.field.as_str()),
+        Some("spec.rules[0].from[0].source.principal")
+    );
     assert_eq!(policies.get("demo/deny-intruder"), Some(deny), "the previous version stays in force");
     let text = common::metrics::render(&registry);
     assert!(

@@ -15,6 +15,8 @@ pub struct Object {
     pub spec: Spec,
 }
 
+// Objects are few (one per document) and short-lived: variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Spec {
     Namespace,

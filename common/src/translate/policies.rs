@@ -603,7 +603,7 @@ pub fn destination_rule(
         );
     };
     if base.connection_pool.is_some() || base.outlier_detection.is_some() {
-        push(out, format!("DestinationRule:{name}"), 0, base.clone());
+        push(out, format!("DestinationRule:{name}"), 0, base);
     }
     for (i, pl) in tp.port_level_settings.iter().enumerate() {
         let field = format!("spec.trafficPolicy.portLevelSettings[{i}]");

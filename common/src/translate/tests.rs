@@ -671,3 +671,42 @@ fn waypoint_references_fail_closed_and_routes_respect_allowed_routes() {
     let t = once(&format!("{all}---\n{route}"));
     assert!(status(&t, "HTTPRoute", "r").accepted, "{:?}", status(&t, "HTTPRoute", "r"));
 }
+
+/// Our CRD's published schema and the translator read the same fields.
+#[test]
+fn the_waypoint_policy_crd_schema_matches_what_the_translator_reads() {
+    let crd: serde_json::Value =
+        serde_yaml_ng::from_str(include_str!("../../../deploy/crds/waypointpolicy.yaml")).expect("crd yaml");
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        v["properties"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    };
+    assert_eq!(keys(schema), vec!["localRateLimit".to_string(), "targetRefs".to_string()]);
+    assert_eq!(
+        keys(&schema["properties"]["localRateLimit"]),
+        vec!["fillInterval", "maxTokens", "tokensPerFill"]
+    );
+    assert_eq!(
+        keys(&schema["properties"]["targetRefs"]["items"]),
+        vec!["group", "kind", "name", "namespace"]
+    );
+    // A policy using every field of the schema is accepted; one more field is refused.
+    let doc = r#"apiVersion: v1
+kind: Service
+metadata: {name: s, namespace: n}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: waypoint.ambient.dev/v1alpha1
+kind: WaypointPolicy
+metadata: {name: p, namespace: n}
+spec:
+  targetRefs: [{group: "", kind: Service, name: s, namespace: n}]
+  localRateLimit: {maxTokens: 5, tokensPerFill: 1, fillInterval: 250ms}
+"#;
+    assert_all_accepted(&once(doc));
+    let extra = once(&doc.replace("fillInterval: 250ms}", "fillInterval: 250ms, burst: 3}"));
+    assert_eq!(
+        status(&extra, "WaypointPolicy", "p").fault.as_ref().map(|f| f.field.as_str()),
+        Some("spec.localRateLimit.burst")
+    );
+}

@@ -396,10 +396,8 @@ pub fn pod(
         return Ok(());
     }
     let mut addresses = Vec::new();
-    if status.pod_ips.is_empty() {
-        if let Some(a) = &status.pod_ip {
-            addresses.push(ip("status.podIP", a)?);
-        }
+    if let (true, Some(a)) = (status.pod_ips.is_empty(), &status.pod_ip) {
+        addresses.push(ip("status.podIP", a)?);
     }
     for (i, a) in status.pod_ips.iter().enumerate() {
         addresses.push(ip(&format!("status.podIPs[{i}].ip"), &a.ip)?);
