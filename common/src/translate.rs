@@ -1,7 +1,7 @@
 //! Translation of the resources users already write (Kubernetes `Service`/`Pod`/`Namespace`,
 //! Gateway API `Gateway`/`HTTPRoute`/`GRPCRoute`/`ReferenceGrant`, Istio
 //! `AuthorizationPolicy`/`RequestAuthentication`/`PeerAuthentication`/`DestinationRule`/
-//! `ServiceEntry`/`WorkloadEntry`, and our one CRD `WaypointPolicy`) into the xDS resources the
+//! `VirtualService`/`ServiceEntry`/`WorkloadEntry`, and our one CRD `WaypointPolicy`) into the xDS resources the
 //! proxies consume: `istio.workload.Address`, `istio.security.Authorization` and our
 //! `ambient.waypoint.v1alpha1.Resource`. Used by the local file source and the in-repo control
 //! plane (and, later, the Kubernetes controller).
@@ -17,6 +17,7 @@ pub mod object;
 pub mod policies;
 pub mod routes;
 pub mod values;
+pub mod virtual_service;
 pub mod workloads;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -303,6 +304,7 @@ impl Index<'_> {
             Spec::RequestAuthentication(spec) => policies::request_authentication(self, obj, spec, &mut out)?,
             Spec::PeerAuthentication(spec) => policies::peer_authentication(self, obj, spec, &mut out)?,
             Spec::DestinationRule(spec) => policies::destination_rule(self, obj, spec, &mut out)?,
+            Spec::VirtualService(spec) => virtual_service::virtual_service(self, obj, spec, &mut out)?,
             Spec::WaypointPolicy(spec) => policies::waypoint_policy(self, obj, spec, &mut out)?,
         }
         Ok(out)

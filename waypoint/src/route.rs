@@ -142,6 +142,9 @@ pub struct Route {
     /// then the route object's `namespace/name`, then the rule index, then `key`.
     #[serde(skip)]
     pub order: (String, String, u32),
+    /// Translated from a VirtualService: routes of its service are tried in order and the
+    /// first that matches wins (Istio's semantics), instead of Gateway API precedence.
+    pub first_match: bool,
 }
 
 fn regex(r: &str) -> Result<Regex, String> {
@@ -311,6 +314,7 @@ impl Route {
             backends,
             request_timeout: duration(&timeouts.request, "timeouts.request")?,
             backend_timeout: duration(&timeouts.backend_request, "timeouts.backendRequest")?,
+            first_match: r.origin.as_ref().is_some_and(|o| o.kind == "VirtualService"),
             order: match &r.origin {
                 Some(o) => (o.created.clone(), o.name.clone(), o.rule),
                 None => (String::new(), format!("{}/{}", r.namespace, r.name), 0),

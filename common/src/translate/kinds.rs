@@ -4,6 +4,7 @@
 pub mod core;
 pub mod gateway;
 pub mod istio;
+pub mod virtual_service;
 
 use super::object::{Fault, Metadata, ObjectKey, RawObject};
 
@@ -30,6 +31,7 @@ pub enum Spec {
     RequestAuthentication(istio::RequestAuthenticationSpec),
     PeerAuthentication(istio::PeerAuthenticationSpec),
     DestinationRule(istio::DestinationRuleSpec),
+    VirtualService(virtual_service::VirtualServiceSpec),
     ServiceEntry(istio::ServiceEntrySpec),
     WorkloadEntry(istio::WorkloadEntrySpec),
     WaypointPolicy(istio::WaypointPolicySpec),
@@ -103,6 +105,7 @@ pub fn decode(raw: &RawObject) -> Result<Object, Fault> {
         ("security.istio.io", "RequestAuthentication") => Spec::RequestAuthentication(raw.spec()?),
         ("security.istio.io", "PeerAuthentication") => Spec::PeerAuthentication(raw.spec()?),
         ("networking.istio.io", "DestinationRule") => Spec::DestinationRule(raw.spec()?),
+        ("networking.istio.io", "VirtualService") => Spec::VirtualService(raw.spec()?),
         ("networking.istio.io", "ServiceEntry") => Spec::ServiceEntry(raw.spec()?),
         ("networking.istio.io", "WorkloadEntry") => Spec::WorkloadEntry(raw.spec()?),
         (OUR_GROUP, "WaypointPolicy") => Spec::WaypointPolicy(raw.spec()?),

@@ -106,13 +106,14 @@ fn matches(m: &RouteMatch, req: &RequestView<'_>) -> bool {
 /// How specific a match is: path kind, prefix length, method, header and query counts.
 type Precedence = (u8, usize, bool, usize, usize);
 
-/// Higher is more specific.
+/// Higher is more specific. A match without a path is a prefix match on `/` (Gateway API's
+/// default), so its header and query matches count against other `/` prefixes.
 fn precedence(m: &RouteMatch) -> Precedence {
     let (kind, len) = match &m.path {
         Some(PathMatch::Exact(p)) => (3, p.len()),
         Some(PathMatch::Prefix(p)) => (2, p.len()),
+        None => (2, 0),
         Some(PathMatch::Regex(_)) => (1, 0),
-        None => (0, 0),
     };
     (kind, len, m.method.is_some(), m.headers.len(), m.query_params.len())
 }
@@ -155,6 +156,9 @@ impl RouteTable {
         if candidates.is_empty() {
             return Lookup::Default;
         }
+        if candidates.iter().all(|r| r.first_match) {
+            return first_match(&candidates, req);
+        }
         let mut best: Option<(Precedence, Selected)> = None;
         // Candidates are in Gateway API order, so on equal precedence the first one stays.
         for route in candidates {
@@ -180,6 +184,23 @@ impl RouteTable {
             None => Lookup::NoMatch,
         }
     }
+}
+
+/// Istio's VirtualService order: the first route (in order) with a matching match wins.
+fn first_match(candidates: &[&Arc<Route>], req: &RequestView<'_>) -> Lookup {
+    let all = RouteMatch::default();
+    for route in candidates {
+        let ms: Vec<&RouteMatch> =
+            if route.matches.is_empty() { vec![&all] } else { route.matches.iter().collect() };
+        if let Some(m) = ms.into_iter().find(|m| matches(m, req)) {
+            let matched_prefix = match &m.path {
+                Some(PathMatch::Prefix(pre)) => Some(pre.clone()),
+                _ => None,
+            };
+            return Lookup::Route(Selected { route: (*route).clone(), matched_prefix });
+        }
+    }
+    Lookup::NoMatch
 }
 
 /// Checks a waypoint resource on receipt: the name, and that a route compiles.

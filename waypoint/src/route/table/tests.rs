@@ -80,6 +80,31 @@ fn the_most_specific_match_wins() {
 }
 
 #[test]
+fn a_match_without_a_path_is_a_prefix_match_on_the_root() {
+    // Gateway API defaults a match's path to PathPrefix /: a header match without a path is more
+    // specific than PathPrefix / alone (conformance MeshHTTPRouteMatching).
+    let t = table(
+        r#"
+routes:
+  - name: a-root
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo}}
+    matches: [{path: {prefix: /}}, {headers: [{name: version, exact: one}]}]
+    backends: [{service: {namespace: demo, hostname: one}}]
+  - name: b-header
+    namespace: demo
+    parent: {service: {namespace: demo, hostname: echo}}
+    matches: [{path: {prefix: /v2}}, {headers: [{name: version, exact: two}]}]
+    backends: [{service: {namespace: demo, hostname: two}}]
+"#,
+    );
+    assert_eq!(pick(&t, "demo/echo", "GET", "/", &[("version", "two")]), "two");
+    assert_eq!(pick(&t, "demo/echo", "GET", "/", &[]), "one");
+    assert_eq!(pick(&t, "demo/echo", "GET", "/v2example", &[]), "one");
+    assert_eq!(pick(&t, "demo/echo", "GET", "/v2/x", &[("version", "one")]), "two", "a longer prefix wins");
+}
+
+#[test]
 fn service_routes_win_then_waypoint_routes_then_the_service_itself() {
     let t = table(ROUTES);
     assert_eq!(pick(&t, "demo/echo", "GET", "/other", &[]), "404", "service routes exist, none match");
@@ -122,4 +147,90 @@ fn out_of_range_route_timeouts_are_rejected_not_panicking() {
         let e = Route::from_proto(&route).expect_err("must be rejected");
         assert!(e.contains("timeouts.request"), "{seconds}s {nanos}ns: {e}");
     }
+}
+
+/// Routes translated from standard objects: `translate` output straight into the table.
+fn translated(yaml: &str) -> RouteTable {
+    let t = common::translate::Translator::default().translate_yaml([("t.yaml", yaml)]);
+    let refused: Vec<String> = t.refusals().collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    let routes = t.resources.iter().filter_map(|r| {
+        match prost::Message::decode(r.body.value.as_slice()).map(|res: wp::Resource| res.kind) {
+            Ok(Some(wp::resource::Kind::Route(route))) => Some(Route::from_proto(&route).expect("compiles")),
+            _ => None,
+        }
+    });
+    RouteTable::build(routes.collect::<Vec<_>>())
+}
+
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo}
+spec: {clusterIP: 10.96.0.1, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: demo}
+spec: {clusterIP: 10.96.0.2, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: demo}
+spec: {clusterIP: 10.96.0.3, ports: [{name: http, port: 80}]}
+"#;
+
+#[test]
+fn virtual_service_routes_keep_istio_first_match_order_and_string_prefixes() {
+    let t = translated(&format!(
+        "{SERVICES}---\n{}",
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs, namespace: demo}
+spec:
+  hosts: [echo]
+  http:
+    - match: [{uri: {prefix: /api}}]
+      route: [{destination: {host: a}}]
+    - match: [{uri: {exact: /api/v1}}]
+      route: [{destination: {host: b}}]
+"#
+    ));
+    // Gateway API precedence would pick the exact match; Istio takes the first route.
+    assert_eq!(
+        pick(&t, "demo/echo.demo.svc.cluster.local", "GET", "/api/v1", &[]),
+        "a.demo.svc.cluster.local"
+    );
+    // Istio's prefix is a string prefix.
+    assert_eq!(pick(&t, "demo/echo.demo.svc.cluster.local", "GET", "/apix", &[]), "a.demo.svc.cluster.local");
+    assert_eq!(pick(&t, "demo/echo.demo.svc.cluster.local", "GET", "/other", &[]), "404");
+}
+
+#[test]
+fn http_routes_from_standard_objects_keep_gateway_api_precedence_and_rule_order() {
+    let t = translated(&format!(
+        "{SERVICES}---\n{}",
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /api}}]
+      backendRefs: [{name: a, port: 80}]
+    - matches: [{path: {type: Exact, value: /api/v1}}]
+      backendRefs: [{name: b, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /api}}]
+      backendRefs: [{name: b, port: 80}]
+"#
+    ));
+    assert_eq!(
+        pick(&t, "demo/echo.demo.svc.cluster.local", "GET", "/api/v1", &[]),
+        "b.demo.svc.cluster.local"
+    );
+    // Equal matches: the earlier rule wins.
+    assert_eq!(
+        pick(&t, "demo/echo.demo.svc.cluster.local", "GET", "/api/x", &[]),
+        "a.demo.svc.cluster.local"
+    );
 }
