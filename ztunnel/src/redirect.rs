@@ -1,6 +1,8 @@
 //! Pod enrollment: keeps the eBPF redirector's enrolled set equal to the addresses (IPv4 and
-//! IPv6) of the workloads scheduled on this node (their `node` field is our node name) that do
-//! not speak HBONE natively (`native_tunnel`, e.g. waypoints), plus the pods
+//! IPv6) of the workloads scheduled on this node (their `node` field is our node name) that are
+//! in the mesh (`tunnel_protocol: HBONE`; a pod outside ambient mode, `NONE`, or with a sidecar
+//! is not captured, as in Istio) and do not speak HBONE natively (`native_tunnel`, e.g.
+//! waypoints), plus the pods
 //! configured explicitly (VM and ECS hosts without Kubernetes). A pod's interface is the one the
 //! host routes its address through, unless the explicit entry names it.
 //!
@@ -148,6 +150,12 @@ impl Wanted {
     }
 }
 
+/// Whether ztunnel on `node` captures workload `w`: one of its pods, in the mesh, that does not
+/// speak HBONE itself (a waypoint takes its traffic directly).
+fn captured(w: &proto::workload::Workload, node: &str) -> bool {
+    w.node == node && !w.native_tunnel && w.tunnel_protocol == proto::workload::TunnelProtocol::Hbone as i32
+}
+
 /// The pods that should be enrolled: ip -> explicit interface (if any).
 fn desired(wanted: &Wanted, workloads: &ResourceStore<Address>) -> BTreeMap<IpAddr, Option<String>> {
     let mut want: BTreeMap<IpAddr, Option<String>> = BTreeMap::new();
@@ -155,8 +163,7 @@ fn desired(wanted: &Wanted, workloads: &ResourceStore<Address>) -> BTreeMap<IpAd
         let Some(Address { r#type: Some(address::Type::Workload(w)) }) = workloads.get(&name) else {
             continue;
         };
-        // A workload that speaks HBONE itself (a waypoint) takes its traffic directly.
-        if w.node != wanted.node_name || w.native_tunnel {
+        if !captured(&w, &wanted.node_name) {
             continue;
         }
         for bytes in &w.addresses {
@@ -293,6 +300,22 @@ fn reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_this_nodes_mesh_pods_are_captured() {
+        use proto::workload::{TunnelProtocol, Workload};
+        let w = |node: &str, tunnel: TunnelProtocol, native_tunnel: bool| Workload {
+            node: node.into(),
+            tunnel_protocol: tunnel as i32,
+            native_tunnel,
+            ..Default::default()
+        };
+        assert!(captured(&w("a", TunnelProtocol::Hbone, false), "a"));
+        assert!(!captured(&w("b", TunnelProtocol::Hbone, false), "a"), "another node's");
+        assert!(!captured(&w("a", TunnelProtocol::Hbone, true), "a"), "a waypoint");
+        assert!(!captured(&w("a", TunnelProtocol::None, false), "a"), "not in ambient mode");
+        assert!(!captured(&w("a", TunnelProtocol::LegacyIstioMtls, false), "a"), "a sidecar");
+    }
 
     #[test]
     fn static_pods_parse() {
