@@ -149,6 +149,14 @@ impl XdsStore {
         }
     }
 
+    /// Name -> version of the resources of one type, as clients are sent them.
+    pub fn versions(&self, type_url: &str) -> BTreeMap<String, String> {
+        self.lock()
+            .get(type_url)
+            .map(|m| m.iter().map(|(name, s)| (name.clone(), s.version.clone())).collect())
+            .unwrap_or_default()
+    }
+
     pub fn len(&self, type_url: &str) -> usize {
         self.lock().get(type_url).map_or(0, BTreeMap::len)
     }

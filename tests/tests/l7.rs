@@ -356,7 +356,7 @@ impl Echo for EchoService {
         if text == "fail" {
             return Err(tonic::Status::not_found("asked to fail"));
         }
-        Ok(tonic::Response::new(EchoReply { text, server: self.0.into() }))
+        Ok(tonic::Response::new(EchoReply { text, server: self.0.into(), ..Default::default() }))
     }
 
     type StreamStream = tokio_stream::wrappers::ReceiverStream<Result<EchoReply, tonic::Status>>;
@@ -370,7 +370,11 @@ impl Echo for EchoService {
         let server = self.0.to_string();
         tokio::spawn(async move {
             for i in 0..r.count {
-                let reply = EchoReply { text: format!("{} {i}", r.text), server: server.clone() };
+                let reply = EchoReply {
+                    text: format!("{} {i}", r.text),
+                    server: server.clone(),
+                    ..Default::default()
+                };
                 if tx.send(Ok(reply)).await.is_err() {
                     return;
                 }

@@ -7,7 +7,8 @@
 //! producer routes) with or without a port, a ServiceEntry, or a waypoint Gateway whose
 //! listeners' `allowedRoutes` admit the route. Backends: Services (a port is required) or
 //! ServiceEntries, in another namespace only where a ReferenceGrant there allows it. A
-//! reference to nothing refuses the route (the last accepted version stays in force).
+//! reference to nothing refuses the route (the last accepted version stays in force); a
+//! zero-weight backend beside weighted ones is left out unresolved (it never gets a request).
 
 use proto::waypoint as wp;
 
@@ -432,8 +433,14 @@ fn backends(
     kind: Kind,
     refs: &[HttpBackendRef],
 ) -> Result<Vec<wp::Backend>, Fault> {
+    let total: u64 = refs.iter().map(|b| u64::from(b.weight.unwrap_or(1))).sum();
     let mut out = Vec::new();
     for (i, b) in refs.iter().enumerate() {
+        // A zero-weight backend beside weighted ones never gets a request: it is left out before
+        // it is resolved (as Istio does), so one that refers to nothing does not refuse the route.
+        if b.weight == Some(0) && total > 0 {
+            continue;
+        }
         let field = format!("backendRefs[{i}]");
         let service = service_ref(ix, obj, kind, &b.object(), &field)?;
         let (filters, mirrors) = filters(ix, obj, kind, &b.filters, false).map_err(|f| f.under(&field))?;

@@ -618,6 +618,28 @@ spec:
 }
 
 #[test]
+fn a_zero_weight_backend_is_left_out_before_it_is_resolved() {
+    // Conformance MeshGRPCRouteWeight: a zero-weight backend that does not exist, beside weighted
+    // ones, never gets a request and does not refuse the route (Istio leaves it out too).
+    let grpc_route = |refs: &str| {
+        format!(
+            "{WORKLOADS}---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: w, namespace: shop}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: cart}}]\n  rules: [{{backendRefs: {refs}}}]\n"
+        )
+    };
+    let t = once(&grpc_route("[{name: cart, port: 80, weight: 70}, {name: ghost, port: 80, weight: 0}]"));
+    assert_all_accepted(&t);
+    let r = route(&t, "shop/w#0");
+    let hosts: Vec<&str> =
+        r.backends.iter().filter_map(|b| b.service.as_ref()).map(|s| s.hostname.as_str()).collect();
+    assert_eq!(hosts, ["cart.shop.svc.cluster.local"]);
+    // Only zero weights: every backend stays (the waypoint answers 500), so a dangling one still
+    // refuses the route.
+    let t = once(&grpc_route("[{name: ghost, port: 80, weight: 0}]"));
+    let fault = status(&t, "GRPCRoute", "w").fault.clone().expect("refused");
+    assert!(fault.field.starts_with("spec.rules[0].backendRefs[0]"), "{fault:?}");
+}
+
+#[test]
 fn service_entries_and_workload_entries_become_services_and_workloads() {
     let t = once(
         r#"apiVersion: networking.istio.io/v1

@@ -12,7 +12,8 @@ pub const DEFAULT_ISTIOD_ADDRESS: &str = "https://istiod.istio-system.svc:15012"
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ControlPlaneArgs {
-    /// Local config YAML (workloads, services, policies, routes) instead of a control plane.
+    /// Local config instead of a control plane: a YAML file, or a directory of them, of the
+    /// standard kinds (Pod, Service, Gateway, HTTPRoute, AuthorizationPolicy, ...).
     #[arg(long, env = "LOCAL_XDS_PATH")]
     pub local_config: Option<PathBuf>,
     /// xDS server: `https://host:15012` (istiod) or `http://host:port` (local control plane).

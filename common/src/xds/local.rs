@@ -98,15 +98,17 @@ fn read_texts(path: &std::path::Path) -> Result<Vec<(String, String)>, LocalErro
         .collect()
 }
 
-/// Whether texts hold Kubernetes-style objects (a first document with `apiVersion`), rather
-/// than our internal schema.
+/// The top-level keys of our internal schema ([`LocalConfig`]).
+const INTERNAL_KEYS: &[&str] = &["workloads:", "services:", "policies:", "routes:", "waypointPolicies:"];
+
+/// Whether texts hold Kubernetes-style objects rather than our internal schema: a directory
+/// always does; a file does unless its first top-level key is one of the internal schema's.
 pub fn is_objects(texts: &[(String, String)]) -> bool {
     texts.len() != 1
         || texts.iter().any(|(_, t)| {
-            t.lines()
-                .map(str::trim_start)
-                .find(|l| !l.is_empty() && !l.starts_with('#') && *l != "---")
-                .is_some_and(|l| l.starts_with("apiVersion:") || l.starts_with("kind:"))
+            !t.lines()
+                .find(|l| !l.trim().is_empty() && !l.starts_with([' ', '\t', '#', '-']))
+                .is_some_and(|l| INTERNAL_KEYS.iter().any(|k| l.starts_with(k)))
         })
 }
 
@@ -273,5 +275,22 @@ impl LocalSource {
             }
             info!(%type_url, changed = count, rejected = rejections.len(), path = %self.path.display(), "applied local config");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_objects;
+
+    #[test]
+    fn objects_unless_the_first_key_is_the_internal_schemas() {
+        let one = |t: &str| is_objects(&[("f".to_string(), t.to_string())]);
+        assert!(one("apiVersion: v1\nkind: Pod\n"));
+        assert!(one("# comment\n---\nmetadata: {name: a}\napiVersion: v1\nkind: Pod\n"));
+        assert!(one("kind: Service\n"));
+        assert!(!one("# demo\nworkloads:\n  - name: a\n"));
+        assert!(!one("\nservices: []\npolicies: []\n"));
+        let two = [("a".to_string(), "workloads: []".to_string()), ("b".to_string(), String::new())];
+        assert!(is_objects(&two), "a directory always holds objects");
     }
 }

@@ -142,6 +142,18 @@ pub fn start_waypoint(
     waypoint_ip: &str,
     extra: &[&str],
 ) -> waypoint::app::App {
+    start_waypoint_in(rt, xds_url, ca, "demo", waypoint_ip, extra)
+}
+
+/// As [`start_waypoint`], for the waypoint `<namespace>/waypoint`.
+pub fn start_waypoint_in(
+    rt: &tokio::runtime::Runtime,
+    xds_url: &str,
+    ca: &str,
+    namespace: &str,
+    waypoint_ip: &str,
+    extra: &[&str],
+) -> waypoint::app::App {
     use clap::Parser;
     let base = [
         "waypoint",
@@ -152,7 +164,7 @@ pub fn start_waypoint(
         "--name",
         "waypoint",
         "--namespace",
-        "demo",
+        namespace,
         "--address",
         waypoint_ip,
         "--admin-addr",
