@@ -195,11 +195,7 @@ impl Translator {
                                 status.notes.push(note);
                                 effective.insert(
                                     key.clone(),
-                                    Object {
-                                        key: key.clone(),
-                                        meta: raw.metadata.clone(),
-                                        spec: Spec::AuthorizationPolicy(spec),
-                                    },
+                                    Object { key: key.clone(), meta: raw.metadata.clone(), spec },
                                 );
                                 InForce::None
                             }

@@ -20,6 +20,7 @@ pub mod labels {
     pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
     pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
     pub const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
+    pub const INGRESS_USE_WAYPOINT: &str = "istio.io/ingress-use-waypoint";
 }
 
 pub struct Index<'a> {

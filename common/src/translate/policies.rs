@@ -653,41 +653,60 @@ pub fn waypoint_policy(
     Ok(())
 }
 
-/// The fail-safe stand-in for an AuthorizationPolicy that cannot be read and was never
-/// accepted: in the scope its `selector`/`targetRefs` name (when those can be read; otherwise
-/// its namespace), an ALLOW becomes an ALLOW that matches nothing and anything else (DENY,
-/// CUSTOM, an unreadable action) a DENY of everything. AUDIT decides nothing and needs none.
-pub fn failsafe(raw: &super::RawObject) -> Option<(AuthorizationPolicySpec, String)> {
-    if raw.kind != "AuthorizationPolicy" || !raw.api_version.starts_with("security.istio.io/") {
+/// The fail-safe stand-in for a security policy that cannot be read and was never accepted,
+/// in the scope its `selector`/`targetRefs` name when those can be read (otherwise its
+/// namespace):
+/// - an AuthorizationPolicy: an ALLOW as an ALLOW that matches nothing, anything else (DENY,
+///   CUSTOM, an unreadable action) as a DENY of everything; AUDIT decides nothing and needs none;
+/// - a PeerAuthentication: STRICT on every port (plaintext refused).
+pub fn failsafe(raw: &super::RawObject) -> Option<(super::Spec, String)> {
+    if !raw.api_version.starts_with("security.istio.io/") {
         return None;
     }
     let spec = raw.body.get("spec");
     let field = |k: &str| spec.and_then(|s| s.get(k)).cloned();
-    let action = match field("action") {
-        None => Action::Allow,
-        Some(serde_json::Value::String(a)) if a == "ALLOW" => Action::Allow,
-        Some(serde_json::Value::String(a)) if a == "AUDIT" => return None,
-        _ => Action::Deny,
-    };
-    let selector = field("selector").and_then(|v| serde_json::from_value(v).ok());
-    let target_refs: Vec<TargetRef> =
-        field("targetRefs").and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default();
-    let target_ref = field("targetRef").and_then(|v| serde_json::from_value(v).ok());
-    let rules = if action == Action::Allow { vec![] } else { vec![Rule::default()] };
-    let note = if action == Action::Allow {
-        "held fail-safe: an ALLOW that matches nothing in its scope until it is fixed"
-    } else {
-        "held fail-safe: a DENY of everything in its scope until it is fixed"
-    };
-    Some((
-        AuthorizationPolicySpec {
-            selector,
-            target_ref,
-            target_refs,
-            rules: Some(rules),
-            action,
-            provider: None,
-        },
-        note.to_string(),
-    ))
+    let selector: Option<super::kinds::istio::WorkloadSelector> =
+        field("selector").and_then(|v| serde_json::from_value(v).ok());
+    match raw.kind.as_str() {
+        "AuthorizationPolicy" => {
+            let action = match field("action") {
+                None => Action::Allow,
+                Some(serde_json::Value::String(a)) if a == "ALLOW" => Action::Allow,
+                Some(serde_json::Value::String(a)) if a == "AUDIT" => return None,
+                _ => Action::Deny,
+            };
+            let target_refs: Vec<TargetRef> =
+                field("targetRefs").and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default();
+            let target_ref = field("targetRef").and_then(|v| serde_json::from_value(v).ok());
+            let rules = if action == Action::Allow { vec![] } else { vec![Rule::default()] };
+            let note = if action == Action::Allow {
+                "held fail-safe: an ALLOW that matches nothing in its scope until it is fixed"
+            } else {
+                "held fail-safe: a DENY of everything in its scope until it is fixed"
+            };
+            let spec = AuthorizationPolicySpec {
+                selector,
+                target_ref,
+                target_refs,
+                rules: Some(rules),
+                action,
+                provider: None,
+            };
+            Some((super::Spec::AuthorizationPolicy(spec), note.to_string()))
+        }
+        "PeerAuthentication" => {
+            use super::kinds::istio::{Mtls, MtlsMode};
+            let spec = PeerAuthenticationSpec {
+                selector,
+                mtls: Some(Mtls { mode: MtlsMode::Strict }),
+                port_level_mtls: Default::default(),
+            };
+            Some((
+                super::Spec::PeerAuthentication(spec),
+                "held fail-safe: STRICT on every port of its scope (plaintext refused) until it is fixed"
+                    .to_string(),
+            ))
+        }
+        _ => None,
+    }
 }

@@ -138,6 +138,12 @@ fn the_demo_mesh_translates_as_istiod_would() {
         }
         other => panic!("web's waypoint: {other:?}"),
     }
+    assert!(!web.ingress_use_waypoint);
+    let labelled = once(&DEMO.replace(
+        "istio.io/use-waypoint: waypoint",
+        "istio.io/use-waypoint: waypoint\n    istio.io/ingress-use-waypoint: \"true\"",
+    ));
+    assert!(service(&labelled, "demo/web.demo.svc.cluster.local").ingress_use_waypoint);
     let echo = service(&t, "demo/echo.demo.svc.cluster.local");
     assert_eq!(echo.ports[0].app_protocol, wl::AppProtocol::Tcp as i32);
     assert!(echo.waypoint.is_none());
@@ -527,14 +533,17 @@ spec:
     let m = &p.rules[0].clauses[0].matches[0];
     assert_eq!(m.not_principals[0].match_type, Some(sec::string_match::MatchType::Presence(())));
     assert_eq!(m.not_destination_ports, vec![9090]);
-    // A typo in the mode is refused, not read as PERMISSIVE.
-    let t = once(
-        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: d, namespace: shop}\nspec: {mtls: {mode: STIRCT}}\n",
-    );
-    assert_eq!(
-        status(&t, "PeerAuthentication", "d").fault.as_ref().map(|f| f.field.as_str()),
-        Some("spec.mtls.mode")
-    );
+    // A typo in the mode is refused, not read as PERMISSIVE: never accepted, it is held as
+    // STRICT in its scope.
+    let t = once(&format!(
+        "{WORKLOADS}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: d, namespace: shop}}\nspec: {{mtls: {{mode: STIRCT}}}}\n"
+    ));
+    let s = status(&t, "PeerAuthentication", "d");
+    assert_eq!(s.fault.as_ref().map(|f| f.field.as_str()), Some("spec.mtls.mode"));
+    assert!(s.notes.iter().any(|n| n.contains("fail-safe")), "{s:?}");
+    let p = &authorizations(&t)["shop/peer-authentication.cart"];
+    let m = &p.rules[0].clauses[0].matches[0];
+    assert!(m.not_destination_ports.is_empty() && m.destination_ports.is_empty(), "every port: {m:?}");
 }
 
 #[test]

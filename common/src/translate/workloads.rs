@@ -158,6 +158,13 @@ pub fn service(ix: &Index<'_>, obj: &Object, spec: &ServiceSpec, out: &mut Emitt
             health_policy: 0,
         }
     });
+    // Ingress gateway traffic also crosses the waypoint (own label, else the namespace's).
+    let ingress_use_waypoint = obj
+        .meta
+        .labels
+        .get(labels::INGRESS_USE_WAYPOINT)
+        .or_else(|| ix.namespace_labels(ns).and_then(|l| l.get(labels::INGRESS_USE_WAYPOINT)))
+        .is_some_and(|v| v == "true");
     let hostname = ix.hostname(ns, name);
     let service = wl::Service {
         name: name.clone(),
@@ -167,6 +174,7 @@ pub fn service(ix: &Index<'_>, obj: &Object, spec: &ServiceSpec, out: &mut Emitt
         ports,
         waypoint,
         load_balancing,
+        ingress_use_waypoint,
         ..Default::default()
     };
     push_address(out, format!("{ns}/{hostname}"), wl::address::Type::Service(service));
