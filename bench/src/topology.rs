@@ -20,22 +20,45 @@ const XDS_ADDR: &str = "10.0.0.1:15010";
 
 /// The mesh the control plane serves.
 pub const MESH: &str = r#"
-workloads:
-  - {name: client, namespace: bench, serviceAccount: client, addresses: [10.1.1.2], node: node-a, workloadName: client}
-  - {name: server, namespace: bench, serviceAccount: server, addresses: [10.2.1.2], node: node-b, workloadName: server,
-     services: {bench/web.bench.svc.cluster.local: [{servicePort: 80, targetPort: 8080}],
-                bench/web2.bench.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]}}
-  - {name: waypoint, namespace: bench, serviceAccount: waypoint, addresses: [10.2.5.2], node: node-b, nativeTunnel: true,
-     services: {bench/waypoint.bench.svc.cluster.local: [{servicePort: 15008}]}}
-services:
-  - {name: web, namespace: bench, hostname: web.bench.svc.cluster.local, addresses: [10.96.0.60],
-     ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP11}],
-     waypoint: {hostname: {namespace: bench, hostname: waypoint.bench.svc.cluster.local}}}
-  - {name: web2, namespace: bench, hostname: web2.bench.svc.cluster.local, addresses: [10.96.0.61],
-     ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP2}],
-     waypoint: {hostname: {namespace: bench, hostname: waypoint.bench.svc.cluster.local}}}
-  - {name: waypoint, namespace: bench, hostname: waypoint.bench.svc.cluster.local, addresses: [10.96.0.70],
-     ports: [{servicePort: 15008}]}
+apiVersion: v1
+kind: Namespace
+metadata: {name: bench, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: bench, labels: {app: client}}
+spec: {serviceAccountName: client, nodeName: node-a}
+status: {podIP: 10.1.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: bench, labels: {app: server}}
+spec: {serviceAccountName: server, nodeName: node-b}
+status: {podIP: 10.2.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint, namespace: bench, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {serviceAccountName: waypoint, nodeName: node-b}
+status: {podIP: 10.2.5.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: bench, labels: {istio.io/use-waypoint: waypoint}}
+spec: {selector: {app: server}, clusterIP: 10.96.0.60, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web2, namespace: bench, labels: {istio.io/use-waypoint: waypoint}}
+spec: {selector: {app: server}, clusterIP: 10.96.0.61, ports: [{name: http2, port: 80, targetPort: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: bench}
+spec:
+  gatewayClassName: ambient-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+  addresses: [{type: IPAddress, value: 10.96.0.70}]
 "#;
 
 /// Which CPU each party runs on (the same in direct and mesh runs).

@@ -51,7 +51,8 @@ pub enum InForce {
 pub struct ObjectStatus {
     #[serde(flatten)]
     pub object: ObjectKey,
-    /// Where it was read ("file.yaml#3").
+    /// Where it was read ("file.yaml#3"); empty when it was not in this read and was kept
+    /// because the read had unreadable documents.
     pub origin: String,
     pub accepted: bool,
     pub in_force: InForce,
@@ -76,7 +77,7 @@ pub struct Translation {
 impl Translation {
     /// The refused objects and unreadable documents, as log-ready lines.
     pub fn refusals(&self) -> impl Iterator<Item = String> + '_ {
-        let objects = self.statuses.iter().filter(|s| !s.accepted).map(|s| {
+        let objects = self.statuses.iter().filter(|s| !s.accepted && !s.origin.is_empty()).map(|s| {
             let fault = s.fault.as_ref().map(|f| f.to_string()).unwrap_or_default();
             format!("{} ({}): {fault}", s.object, s.origin)
         });
@@ -85,7 +86,7 @@ impl Translation {
     }
 
     pub fn refused_count(&self) -> usize {
-        self.statuses.iter().filter(|s| !s.accepted).count() + self.unreadable.len()
+        self.statuses.iter().filter(|s| !s.accepted && !s.origin.is_empty()).count() + self.unreadable.len()
     }
 }
 

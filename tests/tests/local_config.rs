@@ -13,40 +13,44 @@ use proto::workload::address;
 const WAIT: Duration = Duration::from_secs(20);
 
 const V1: &str = r#"
-workloads:
-  - name: client
-    namespace: demo
-    serviceAccount: client
-    addresses: [10.42.1.10]
-    node: node-a
-  - name: echo
-    namespace: demo
-    addresses: [10.42.2.20, "fd00::20"]
-    tunnelProtocol: NONE
-    services:
-      demo/echo.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]
-services:
-  - name: echo
-    namespace: demo
-    hostname: echo.demo.svc.cluster.local
-    addresses: [10.96.0.80]
-    ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP2}]
-    waypoint: {address: 10.42.9.9}
-    loadBalancing: {mode: FAILOVER, routingPreference: [NODE, ZONE]}
-policies:
-  - name: deny-intruder
-    namespace: demo
-    scope: NAMESPACE
-    action: DENY
-    rules:
-      - clauses:
-          - matches:
-              - principals: [{exact: cluster.local/ns/other/sa/intruder}]
-                notNamespaces: [{prefix: kube-}]
-                sourceIps: [10.0.0.0/8, 192.168.1.1]
-                destinationPorts: [8080]
-                serviceAccounts: [{namespace: other, serviceAccount: intruder}]
-                notPrincipals: [{presence: {}}]
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo, labels: {app: client}}
+spec: {serviceAccountName: client, nodeName: node-a}
+status: {podIP: 10.42.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo, namespace: demo, labels: {app: echo, istio.io/dataplane-mode: none}}
+spec: {nodeName: node-a, containers: [{name: echo, ports: [{name: grpc, containerPort: 8080}]}]}
+status: {podIPs: [{ip: 10.42.2.20}, {ip: "fd00::20"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  selector: {app: echo}
+  clusterIP: 10.96.0.80
+  trafficDistribution: PreferClose
+  ports: [{name: grpc, port: 80, targetPort: grpc, appProtocol: kubernetes.io/h2c}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-intruder, namespace: demo}
+spec:
+  action: DENY
+  rules:
+    - from:
+        - source:
+            principals: [cluster.local/ns/other/sa/intruder]
+            notNamespaces: [kube-*]
+            ipBlocks: [10.0.0.0/8, 192.168.1.1]
+            serviceAccounts: [other/intruder]
+      to: [{operation: {ports: ["8080"]}}]
 "#;
 
 fn write(path: &Path, text: &str) {
@@ -72,7 +76,7 @@ async fn file_source_loads_reloads_and_keeps_last_good_state() {
     let task = tokio::spawn(source.run());
     tokio::time::timeout(WAIT, ready.wait()).await.expect("initial load makes the source ready");
 
-    // Initial load: names defaulted, text mapped onto the wire types.
+    // Initial load: the objects translated onto the wire types.
     let client_uid = "Kubernetes//Pod/demo/client";
     let echo_uid = "Kubernetes//Pod/demo/echo";
     let svc = "demo/echo.demo.svc.cluster.local";
@@ -82,8 +86,8 @@ async fn file_source_loads_reloads_and_keeps_last_good_state() {
     };
     assert_eq!(echo.addresses[0], vec![10, 42, 2, 20]);
     assert_eq!(echo.addresses[1].len(), 16);
-    assert_eq!(echo.tunnel_protocol(), proto::workload::TunnelProtocol::None);
-    assert_eq!(echo.services[svc].ports[0].target_port, 8080);
+    assert_eq!(echo.tunnel_protocol(), proto::workload::TunnelProtocol::None, "opted out of the mesh");
+    assert_eq!(echo.services[svc].ports[0].target_port, 8080, "named target port");
     let Some(address::Type::Service(service)) = addresses.get(svc).and_then(|a| a.r#type) else {
         panic!("echo service")
     };
@@ -96,13 +100,13 @@ async fn file_source_loads_reloads_and_keeps_last_good_state() {
     let m = &policy.rules[0].clauses[0].matches[0];
     assert_eq!(m.source_ips[0].length, 8);
     assert_eq!(m.source_ips[1].length, 32);
-    assert_eq!(m.destination_ports, vec![8080]);
     assert_eq!(m.service_accounts[0].service_account, "intruder");
-    assert!(m.not_principals[0].match_type.is_some());
+    assert!(m.not_namespaces[0].match_type.is_some());
+    assert_eq!(policy.rules[0].clauses[1].matches[0].destination_ports, vec![8080]);
 
     // Reload: client moves, the policy goes away.
     let v2 = V1.replace("10.42.1.10", "10.42.1.11");
-    let v2 = &v2[..v2.find("policies:").expect("policies")];
+    let v2 = &v2[..v2.find("---\napiVersion: security.istio.io/v1").expect("policy")];
     write(&path, v2);
     until(&*policies, "policy removed", |s| s.is_empty()).await;
     until(&*addresses, "client moved", |s| {
@@ -111,32 +115,38 @@ async fn file_source_loads_reloads_and_keeps_last_good_state() {
     .await;
     let echo_version = addresses.version(echo_uid);
 
-    // Not YAML at all, then an unknown enum name: nothing changes.
-    write(&path, "workloads: [ {{{ not yaml");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    write(&path, &v2.replace("tunnelProtocol: NONE", "tunnelProtocol: CARRIER_PIGEON"));
+    // Not YAML at all: nothing changes (what could not be read is not taken as deleted). Then
+    // an unknown field in the Service: it keeps its previous version while the client moves.
+    write(&path, "apiVersion: v1\nkind: [ {{{ not yaml");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(addresses.len(), 3);
     assert_eq!(addresses.version(echo_uid), echo_version);
-
-    // A resource the handler rejects (service port 0) keeps its previous version, while a valid
-    // change in the same file applies.
-    let v3 = v2.replace(
-        "ports: [{servicePort: 80, targetPort: 8080, appProtocol: HTTP2}]",
-        "ports: [{servicePort: 0}]",
-    );
-    let v3 = v3.replace("10.42.1.11", "10.42.1.12");
     let svc_version = addresses.version(svc);
-    write(&path, &v3);
+    let v3 = v2.replace(
+        "trafficDistribution: PreferClose",
+        "trafficDistribution: PreferClose\n  sessionAfinity: None",
+    );
+    write(&path, &v3.replace("10.42.1.11", "10.42.1.12"));
     until(&*addresses, "client moved again", |s| {
         matches!(s.get(client_uid).and_then(|a| a.r#type), Some(address::Type::Workload(w)) if w.addresses == vec![vec![10, 42, 1, 12]])
     })
     .await;
-    assert_eq!(addresses.version(svc), svc_version, "rejected service keeps its previous state");
+    assert_eq!(addresses.version(svc), svc_version, "the refused service keeps its previous version");
+
+    // Our internal wire schema is not a config format: refused whole, nothing changes.
+    write(&path, "workloads: []\n");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(addresses.len(), 3);
 
     let text = common::metrics::render(&registry);
-    let nacks = format!("istio_xds_nack_total{{url=\"{ADDRESS_TYPE_URL}\"}} 3");
-    assert!(text.contains(&nacks), "two bad files and one rejected resource: {text}");
+    for expected in [
+        "istio_xds_rejected_config_objects_total{kind=\"Service\"} 1",
+        "istio_xds_rejected_config_objects_total{kind=\"\"} 1",
+    ] {
+        assert!(text.contains(expected), "{expected}: {text}");
+    }
+    let nacks = format!("istio_xds_nack_total{{url=\"{ADDRESS_TYPE_URL}\"}} 1");
+    assert!(text.contains(&nacks), "the internal-schema file: {text}");
     task.abort();
 }
 

@@ -462,17 +462,21 @@ fn capture_survives_a_killed_loader_and_is_adopted() {
 }
 
 const ZTUNNEL_MESH: &str = r#"
-workloads:
-  - name: a
-    namespace: demo
-    serviceAccount: a
-    addresses: [10.1.1.2, "fd00:1:1::2"]
-    node: node-a
-  - name: b
-    namespace: demo
-    serviceAccount: b
-    addresses: [10.1.2.2]
-    node: node-b
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: demo}
+spec: {serviceAccountName: a, nodeName: node-a}
+status: {podIPs: [{ip: 10.1.1.2}, {ip: "fd00:1:1::2"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: demo}
+spec: {serviceAccountName: b, nodeName: node-b}
+status: {podIP: 10.1.2.2}
 "#;
 
 /// ztunnel in `node` with `--redirect`, the config in `path` and `extra` flags.
@@ -509,7 +513,7 @@ fn ztunnel_enrolls_the_workloads_scheduled_on_its_node() {
     assert!(status.interfaces["veth-b"].uplink, "{status:?}");
 
     // The workload leaves: it is unenrolled and talks directly again.
-    std::fs::write(&path, ZTUNNEL_MESH.replace("node: node-a", "node: node-c")).expect("rewrite");
+    std::fs::write(&path, ZTUNNEL_MESH.replace("nodeName: node-a", "nodeName: node-c")).expect("rewrite");
     zt.converge("pod A unenrolled", &|s| s.pods.is_empty());
     assert_eq!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_A}")));
     zt.stop(&m.node);
@@ -688,7 +692,8 @@ fn explicit_enrollment_serves_hosts_without_kubernetes() {
     let _listeners = node_listeners(&m.node);
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("mesh.yaml");
-    std::fs::write(&path, "workloads: []\n").expect("config");
+    // No workloads at all: the host is enrolled explicitly.
+    std::fs::write(&path, "").expect("config");
     let zt = start_ztunnel(&m.node, &path, "vm-host", &["--enroll", "10.1.2.2@veth-b"]);
     zt.converge("explicit pod enrolled", &|s| s.pods.len() == 1);
     expect_landing(talk(&m.pod_b, "192.0.2.10:80"), 15001, "192.0.2.10:80", POD_B);

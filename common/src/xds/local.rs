@@ -5,8 +5,8 @@
 //! The files hold the resources users already write (Kubernetes, Gateway API and Istio kinds,
 //! multi-document YAML), translated by [`crate::translate`]; an object that cannot be applied is
 //! refused on its own (logged, counted, shown by [`ConfigObjects`]) and its last accepted
-//! version stays in force. (A file of our internal wire schema, [`LocalConfig`], is still read,
-//! for tests.)
+//! version stays in force. Our internal mirror of the wire types ([`LocalConfig`]) is for tests
+//! that build exact resources; a file in it is refused.
 //!
 //! Each (re)load is diffed against what was applied: changed resources are handed to the
 //! handlers as updates, vanished ones as removals. A file that does not parse changes nothing;
@@ -39,10 +39,10 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub enum LocalError {
     #[error("cannot read config file {path:?}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path:?} is not valid: {source}")]
-    Parse { path: PathBuf, source: serde_yaml_ng::Error },
-    #[error("config file {path:?}: {source}")]
-    Schema { path: PathBuf, source: SchemaError },
+    #[error(
+        "config file {path:?} is in our internal wire schema (workloads:, services:, ...), which is not a config format: write Kubernetes, Gateway API and Istio objects (see deploy/local-mesh.yaml)"
+    )]
+    Internal { path: PathBuf },
 }
 
 /// Version string of a resource body: a hash of its bytes, stable within a process.
@@ -162,18 +162,12 @@ impl LocalSource {
         if self.last_text.as_ref() == Some(&texts) {
             return Ok(());
         }
-        if is_objects(&texts) {
-            let t = self.translator.translate_yaml(texts.iter().map(|(n, t)| (n.as_str(), t.as_str())));
-            self.report(&t);
-            self.apply(t.resources);
-        } else {
-            let text = &texts[0].1;
-            let config = LocalConfig::from_yaml(text)
-                .map_err(|source| LocalError::Parse { path: path.clone(), source })?;
-            let resources =
-                config.to_resources().map_err(|source| LocalError::Schema { path: path.clone(), source })?;
-            self.apply(resources);
+        if !is_objects(&texts) {
+            return Err(LocalError::Internal { path });
         }
+        let t = self.translator.translate_yaml(texts.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+        self.report(&t);
+        self.apply(t.resources);
         self.last_text = Some(texts);
         if let Some(block) = self.initial.take() {
             block.done();
@@ -183,7 +177,9 @@ impl LocalSource {
 
     /// Logs and counts every object a load refused, and publishes the statuses.
     fn report(&self, t: &Translation) {
-        for s in t.statuses.iter().filter(|s| !s.accepted) {
+        // Objects kept because the read had unreadable documents (no origin) were not refused:
+        // the unreadable documents are reported below.
+        for s in t.statuses.iter().filter(|s| !s.accepted && !s.origin.is_empty()) {
             let fault = s.fault.as_ref().map(ToString::to_string).unwrap_or_default();
             warn!(object = %s.object, origin = %s.origin, in_force = ?s.in_force, %fault, "config object refused");
             self.metrics.rejected_objects.get_or_create(&XdsMetrics::kind_label(&s.object.kind)).inc();

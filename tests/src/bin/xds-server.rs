@@ -1,5 +1,5 @@
-//! A local control plane: serves delta ADS from a YAML local-config file (re-read when it
-//! changes), or from the embedded demo config when no file is given.
+//! A local control plane: serves delta ADS from a YAML file of Kubernetes, Gateway API and Istio
+//! objects (re-read when it changes), or from the embedded demo config when no file is given.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +36,11 @@ async fn main() -> anyhow::Result<()> {
     let mut translator = common::translate::Translator::default();
     let source = args.config.as_ref().map_or("embedded demo config".to_string(), |p| p.display().to_string());
     let mut load = |text: &str| -> anyhow::Result<usize> {
+        if !common::xds::local::is_objects(&[(source.clone(), text.to_string())]) {
+            anyhow::bail!(
+                "{source} is in our internal wire schema, not a config format: write Kubernetes, Gateway API and Istio objects (see deploy/local-mesh.yaml)"
+            );
+        }
         let (n, refusals) = store.load_yaml_with(&mut translator, text, &source)?;
         for r in refusals {
             tracing::warn!(refused = %r, "config object refused (its last accepted version stays in force)");
