@@ -261,12 +261,22 @@ impl Translator {
                 Err(fault) => {
                     let previous =
                         self.last_good.get(&obj.key).filter(|_| fresh).and_then(|p| index.emit(p).ok());
+                    // A security policy never applied must not leave its scope open.
+                    let failsafe = match previous {
+                        Some(_) => None,
+                        None => policies::failsafe_of(obj).and_then(|(o, note)| {
+                            index.emit(&o).ok().map(|mut e| {
+                                e.notes.push(note);
+                                e
+                            })
+                        }),
+                    };
                     if let Some(s) = status {
                         s.accepted = false;
                         s.fault.get_or_insert(fault);
                         s.in_force = if previous.is_some() { InForce::Previous } else { InForce::None };
                     }
-                    previous
+                    previous.or(failsafe)
                 }
             };
             if let Some(e) = emitted {

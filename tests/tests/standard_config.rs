@@ -250,7 +250,7 @@ fn standard_resources_govern_real_traffic() {
     // STRICT for the namespace: plaintext is refused, mTLS still passes.
     assert!(push(&store, &translator, &format!("{BASE}{STRICT}")).is_empty());
     converge_policy(&zt_b, "the STRICT policy", |s| {
-        policies_of(s, "10.2.2.2").contains("peer-authentication.api")
+        policies_of(s, "10.2.2.2").contains("peer-authentication:pod:api")
     });
     expect_refused(exchange(&legacy, "10.2.2.2:8080", "plain"), "plaintext -> api under STRICT");
     let reply = exchange(&client, "10.2.2.2:8080", "mtls").expect("client -> api over HBONE under STRICT");
@@ -268,7 +268,7 @@ fn standard_resources_govern_real_traffic() {
     assert!(refused.len() == 1 && refused[0].contains("spec.mtls.mode"), "{refused:?}");
     converge_policy(&zt_b, "the port exception removed", |s| {
         let p = policies_of(s, "10.2.2.2");
-        p.contains("peer-authentication.api") && !p.contains("8080")
+        p.contains("peer-authentication:pod:api") && !p.contains("8080")
     });
     expect_refused(
         exchange(&legacy, "10.2.2.2:8080", "plain"),

@@ -60,6 +60,9 @@ pub fn key_of(raw: &RawObject) -> ObjectKey {
 
 /// Decodes a document's body into the typed spec of its kind.
 pub fn decode(raw: &RawObject) -> Result<Object, Fault> {
+    if let Some(f) = &raw.envelope_fault {
+        return Err(f.clone());
+    }
     let key = key_of(raw);
     let (group, version) = match raw.api_version.split_once('/') {
         Some((g, v)) => (g, v),
@@ -103,7 +106,19 @@ pub fn decode(raw: &RawObject) -> Result<Object, Fault> {
         (gateway::GROUP, "ReferenceGrant") => Spec::ReferenceGrant(raw.spec()?),
         ("security.istio.io", "AuthorizationPolicy") => Spec::AuthorizationPolicy(raw.spec()?),
         ("security.istio.io", "RequestAuthentication") => Spec::RequestAuthentication(raw.spec()?),
-        ("security.istio.io", "PeerAuthentication") => Spec::PeerAuthentication(raw.spec()?),
+        ("security.istio.io", "PeerAuthentication") => {
+            let mut p: istio::PeerAuthenticationSpec = raw.spec()?;
+            // An empty selector selects the whole namespace (Istio's namespace-level policy).
+            if p.selector.as_ref().is_some_and(|s| s.match_labels.is_empty()) {
+                p.selector = None;
+            }
+            // Checked here, not when built: workloads read PeerAuthentications directly, and a
+            // refused one must reach them in its fail-safe (STRICT) form.
+            if !p.port_level_mtls.is_empty() && p.selector.is_none() {
+                return Err(Fault::new("spec.portLevelMtls", "needs a selector (as in Istio)"));
+            }
+            Spec::PeerAuthentication(p)
+        }
         ("networking.istio.io", "DestinationRule") => Spec::DestinationRule(raw.spec()?),
         ("networking.istio.io", "VirtualService") => Spec::VirtualService(raw.spec()?),
         ("networking.istio.io", "ServiceEntry") => Spec::ServiceEntry(raw.spec()?),

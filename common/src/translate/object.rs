@@ -83,6 +83,10 @@ pub struct RawObject {
     pub body: Value,
     /// Where it came from ("file.yaml#3"), for messages.
     pub origin: String,
+    /// Why the envelope is wrong (a metadata typo, an unknown top-level field) although the
+    /// object's kind and name could be read: the object is then refused as itself, so that its
+    /// previous version (or its fail-safe form) stays in force.
+    pub envelope_fault: Option<Fault>,
 }
 
 /// Why a document or object was not taken: the field at fault (a path such as
@@ -116,12 +120,56 @@ pub struct Unreadable {
     pub fault: Fault,
 }
 
+/// The largest file read.
+pub const MAX_TEXT_BYTES: usize = 4 << 20;
+/// The most YAML aliases (`*name`) one file may use.
+pub const MAX_ALIASES: usize = 64;
+
+/// Counts the YAML alias tokens (`*name` where a value starts, outside quotes) of a text: an
+/// upper bound on the alias expansions its parse does, cheap to take before parsing.
+fn count_aliases(text: &str) -> usize {
+    let mut n = 0;
+    for line in text.lines() {
+        let (mut single, mut double) = (false, false);
+        let mut prev = ' ';
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\'' if !double => single = !single,
+                '"' if !single => double = !double,
+                '#' if !single && !double && prev.is_whitespace() => break,
+                '*' if !single
+                    && !double
+                    && matches!(prev, ' ' | '\t' | '[' | '{' | ',' | ':' | '-')
+                    && chars.peek().is_some_and(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.')) =>
+                {
+                    n += 1;
+                }
+                _ => {}
+            }
+            prev = c;
+        }
+    }
+    n
+}
+
 /// Reads every document of a YAML text (`---` separated). Empty documents are skipped; a
 /// document that is not an object is reported and the others are still read. A YAML syntax
 /// error ends the stream there (what follows cannot be trusted to be split correctly).
 pub fn read_documents(text: &str, source: &str) -> (Vec<RawObject>, Vec<Unreadable>) {
     let mut objects = Vec::new();
     let mut unreadable = Vec::new();
+    // Bounds on what one file may cost: its size, and YAML aliases (each expands a copy of its
+    // anchor, so a small file could otherwise unfold into gigabytes).
+    if text.len() > MAX_TEXT_BYTES {
+        let fault = Fault::new("", format!("{} bytes is over the limit of {MAX_TEXT_BYTES}", text.len()));
+        return (objects, vec![Unreadable { origin: source.to_string(), fault }]);
+    }
+    let aliases = count_aliases(text);
+    if aliases > MAX_ALIASES {
+        let fault = Fault::new("", format!("{aliases} YAML aliases is over the limit of {MAX_ALIASES}"));
+        return (objects, vec![Unreadable { origin: source.to_string(), fault }]);
+    }
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let origin = format!("{source}#{}", i + 1);
         let value = match Value::deserialize(doc) {
@@ -153,22 +201,57 @@ fn envelope(value: Value, origin: String) -> Result<RawObject, Fault> {
     };
     let api_version = text(&mut map, "apiVersion")?;
     let kind = text(&mut map, "kind")?;
-    let metadata = match map.remove("metadata") {
-        Some(v) => decode::<Metadata>(v).map_err(|f| f.under("metadata"))?,
-        None => return Err(Fault::new("metadata", "is required")),
+    let raw_metadata = map.remove("metadata").ok_or_else(|| Fault::new("metadata", "is required"))?;
+    let mut envelope_fault = None;
+    let metadata = match decode::<Metadata>(raw_metadata.clone()) {
+        Ok(m) => m,
+        Err(fault) => {
+            // Keep what identifies the object; the object is refused for the fault.
+            let name = raw_metadata.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
+            let namespace =
+                raw_metadata.get("namespace").and_then(Value::as_str).unwrap_or_default().to_string();
+            envelope_fault = Some(fault.under("metadata"));
+            Metadata { name, namespace, ..Metadata::default() }
+        }
     };
     if metadata.name.is_empty() {
         return Err(Fault::new("metadata.name", "is required"));
     }
-    for key in map.keys() {
-        if !matches!(key.as_str(), "spec" | "status" | "data") {
-            return Err(Fault::new(
-                key.clone(),
-                "unknown field (expected apiVersion, kind, metadata, spec, status)",
-            ));
-        }
+    // Names become parts of resource names: only Kubernetes' syntax, so none can collide.
+    if !is_dns_subdomain(&metadata.name) {
+        return Err(Fault::new(
+            "metadata.name",
+            format!("{:?} is not a Kubernetes name (lower-case letters, digits, '-' and '.')", metadata.name),
+        ));
     }
-    Ok(RawObject { api_version, kind, metadata, body: Value::Object(map), origin })
+    if !metadata.namespace.is_empty() && !is_dns_label(&metadata.namespace) {
+        return Err(Fault::new(
+            "metadata.namespace",
+            format!("{:?} is not a Kubernetes namespace name", metadata.namespace),
+        ));
+    }
+    if let Some(key) = map.keys().find(|k| !matches!(k.as_str(), "spec" | "status" | "data")) {
+        envelope_fault.get_or_insert(Fault::new(
+            key.clone(),
+            "unknown field (expected apiVersion, kind, metadata, spec, status)",
+        ));
+    }
+    Ok(RawObject { api_version, kind, metadata, body: Value::Object(map), origin, envelope_fault })
+}
+
+/// RFC 1123 label: 1-63 of `[a-z0-9-]`, alphanumeric at both ends.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// RFC 1123 subdomain: up to 253 characters, labels joined by dots.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 impl Fault {

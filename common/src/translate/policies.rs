@@ -60,7 +60,18 @@ fn targets(
                 }
                 Target::Waypoint(format!("{ns}/{}", t.name))
             }
-            ("" | "core", "Service") | ("networking.istio.io", "ServiceEntry") => {
+            ("networking.istio.io", "ServiceEntry") => {
+                // Every host of the entry is a service of its own.
+                let Some((_, se)) = ix.service_entries.get(&(ns, t.name.as_str())) else {
+                    return Err(Fault::new(field, format!("ServiceEntry {ns}/{} does not exist", t.name)));
+                };
+                for h in &se.hosts {
+                    let r = wp::ServiceRef { namespace: ns.to_string(), hostname: h.clone(), port: 0 };
+                    out.push(wp::ParentRef { target: Some(Target::Service(r)) });
+                }
+                continue;
+            }
+            ("" | "core", "Service") => {
                 let (hostname, _) =
                     ix.service_host(group, &t.kind, ns, &t.name).map_err(|e| Fault::new(field.clone(), e))?;
                 Target::Service(wp::ServiceRef { namespace: ns.to_string(), hostname, port: 0 })
@@ -103,12 +114,83 @@ fn push_per_target(
     }
 }
 
+/// What Istio refuses in a rule (and what we cannot apply exactly), so that nothing is read as
+/// "match everything" by accident: an empty source or operation, a condition without values,
+/// path templates, `ipBlocks` together with `remoteIpBlocks`.
+fn check_rule(r: &Rule) -> Result<(), Fault> {
+    for (i, f) in r.from.iter().enumerate() {
+        let s = &f.source;
+        let lists = [
+            &s.principals,
+            &s.not_principals,
+            &s.request_principals,
+            &s.not_request_principals,
+            &s.namespaces,
+            &s.not_namespaces,
+            &s.service_accounts,
+            &s.not_service_accounts,
+            &s.ip_blocks,
+            &s.not_ip_blocks,
+            &s.remote_ip_blocks,
+            &s.not_remote_ip_blocks,
+        ];
+        if lists.iter().all(|l| l.is_empty()) {
+            return Err(Fault::new(
+                format!("from[{i}].source"),
+                "an empty source is not allowed (it would match everything)",
+            ));
+        }
+        let direct = !(s.ip_blocks.is_empty() && s.not_ip_blocks.is_empty());
+        let remote = !(s.remote_ip_blocks.is_empty() && s.not_remote_ip_blocks.is_empty());
+        if direct && remote {
+            return Err(Fault::new(
+                format!("from[{i}].source.remoteIpBlocks"),
+                "ipBlocks and remoteIpBlocks in one source are not supported (the waypoint sees one client address)",
+            ));
+        }
+    }
+    for (i, t) in r.to.iter().enumerate() {
+        let o = &t.operation;
+        let lists = [
+            &o.hosts,
+            &o.not_hosts,
+            &o.ports,
+            &o.not_ports,
+            &o.methods,
+            &o.not_methods,
+            &o.paths,
+            &o.not_paths,
+        ];
+        if lists.iter().all(|l| l.is_empty()) {
+            return Err(Fault::new(
+                format!("to[{i}].operation"),
+                "an empty operation is not allowed (it would match everything)",
+            ));
+        }
+        if let Some(p) = o.paths.iter().chain(&o.not_paths).find(|p| p.contains('{') || p.contains('}')) {
+            return Err(Fault::new(
+                format!("to[{i}].operation.paths"),
+                format!("path templates ({{*}}, {{**}}) are not supported: {p:?}"),
+            ));
+        }
+    }
+    for (i, c) in r.when.iter().enumerate() {
+        if c.values.is_empty() && c.not_values.is_empty() {
+            return Err(Fault::new(format!("when[{i}]"), "a condition needs values or notValues"));
+        }
+    }
+    Ok(())
+}
+
 pub fn authorization(
     ix: &Index<'_>,
     obj: &Object,
     spec: &AuthorizationPolicySpec,
     out: &mut Emitted,
 ) -> Result<(), Fault> {
+    for (i, r) in spec.rules.iter().flatten().enumerate() {
+        check_rule(r).map_err(|f| f.under(&format!("spec.rules[{i}]")))?;
+    }
     if spec.provider.is_some() && spec.action != Action::Custom {
         return Err(Fault::new("spec.provider", "is only for action CUSTOM"));
     }
@@ -126,7 +208,7 @@ pub fn authorization(
         let l7_rules = rules
             .iter()
             .enumerate()
-            .map(|(i, r)| l7_rule(r).map_err(|f| f.under(&format!("spec.rules[{i}]"))))
+            .map(|(i, r)| l7_rule(&obj.key.namespace, r).map_err(|f| f.under(&format!("spec.rules[{i}]"))))
             .collect::<Result<Vec<_>, _>>()?;
         let action = match spec.action {
             Action::Allow => wp::authorization_policy::Action::Allow,
@@ -142,7 +224,7 @@ pub fn authorization(
     let mut l4_rules = Vec::new();
     let mut dropped = 0;
     for (i, r) in rules.iter().enumerate() {
-        match l4_rule(r, deny).map_err(|f| f.under(&format!("spec.rules[{i}]")))? {
+        match l4_rule(&obj.key.namespace, r, deny).map_err(|f| f.under(&format!("spec.rules[{i}]")))? {
             Some(rule) => l4_rules.push(rule),
             None => dropped += 1,
         }
@@ -185,26 +267,30 @@ pub fn authorization(
 }
 
 /// `namespace/name` of a service account, as the `serviceAccounts` fields take it.
-fn service_account(field: &str, s: &str) -> Result<(String, String), Fault> {
+fn service_account(ns: &str, field: &str, s: &str) -> Result<(String, String), Fault> {
     match s.split_once('/') {
-        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => Ok((ns.into(), sa.into())),
-        _ => Err(Fault::new(field, format!("{s:?} is not <namespace>/<service account>"))),
+        // A bare name is in the policy's namespace, as in Istio.
+        None if !s.is_empty() => Ok((ns.into(), s.into())),
+        Some((n, sa)) if !n.is_empty() && !sa.is_empty() && !sa.contains('/') => Ok((n.into(), sa.into())),
+        _ => {
+            Err(Fault::new(field, format!("{s:?} is not <namespace>/<service account> or <service account>")))
+        }
     }
 }
 
-fn l7_rule(r: &Rule) -> Result<wp::AuthorizationRule, Fault> {
+fn l7_rule(pns: &str, r: &Rule) -> Result<wp::AuthorizationRule, Fault> {
     let mut from = Vec::new();
     for (i, f) in r.from.iter().enumerate() {
         let s = &f.source;
         let field = format!("from[{i}].source");
         let mut principals = s.principals.clone();
         for (j, a) in s.service_accounts.iter().enumerate() {
-            let (ns, sa) = service_account(&format!("{field}.serviceAccounts[{j}]"), a)?;
+            let (ns, sa) = service_account(pns, &format!("{field}.serviceAccounts[{j}]"), a)?;
             principals.push(format!("*/ns/{ns}/sa/{sa}"));
         }
         let mut not_principals = s.not_principals.clone();
         for (j, a) in s.not_service_accounts.iter().enumerate() {
-            let (ns, sa) = service_account(&format!("{field}.notServiceAccounts[{j}]"), a)?;
+            let (ns, sa) = service_account(pns, &format!("{field}.notServiceAccounts[{j}]"), a)?;
             not_principals.push(format!("*/ns/{ns}/sa/{sa}"));
         }
         for (j, b) in s
@@ -262,8 +348,13 @@ fn l7_rule(r: &Rule) -> Result<wp::AuthorizationRule, Fault> {
     Ok(wp::AuthorizationRule { from, to, when })
 }
 
+/// Request principals, and the original client address behind a proxy (`remoteIpBlocks`),
+/// which ztunnel cannot know.
 fn source_has_l7(s: &Source) -> bool {
-    !s.request_principals.is_empty() || !s.not_request_principals.is_empty()
+    !s.request_principals.is_empty()
+        || !s.not_request_principals.is_empty()
+        || !s.remote_ip_blocks.is_empty()
+        || !s.not_remote_ip_blocks.is_empty()
 }
 
 /// Whether a rule reads anything only a waypoint can.
@@ -302,10 +393,10 @@ fn l4_condition(key: &str) -> Option<L4Key> {
 }
 
 /// One rule for ztunnel, or `None` when it is an ALLOW rule that needs request attributes.
-fn l4_rule(r: &Rule, deny: bool) -> Result<Option<sec::Rule>, Fault> {
+fn l4_rule(pns: &str, r: &Rule, deny: bool) -> Result<Option<sec::Rule>, Fault> {
     if has_l7(r) && !deny {
         // Still check what can be checked, so a typo is reported either way.
-        l7_rule(r)?;
+        l7_rule(pns, r)?;
         return Ok(None);
     }
     let strings = |v: &[String]| v.iter().map(|s| string_match(s)).collect::<Vec<_>>();
@@ -322,7 +413,7 @@ fn l4_rule(r: &Rule, deny: bool) -> Result<Option<sec::Rule>, Fault> {
                 v.iter()
                     .enumerate()
                     .map(|(j, a)| {
-                        service_account(&format!("{field}.{what}[{j}]"), a).map(
+                        service_account(pns, &format!("{field}.{what}[{j}]"), a).map(
                             |(namespace, service_account)| sec::ServiceAccountMatch {
                                 namespace,
                                 service_account,
@@ -336,13 +427,10 @@ fn l4_rule(r: &Rule, deny: bool) -> Result<Option<sec::Rule>, Fault> {
                 not_principals: strings(&s.not_principals),
                 namespaces: strings(&s.namespaces),
                 not_namespaces: strings(&s.not_namespaces),
-                source_ips: nets(
-                    &format!("{field}.ipBlocks"),
-                    &s.ip_blocks.iter().chain(&s.remote_ip_blocks).collect::<Vec<_>>(),
-                )?,
+                source_ips: nets(&format!("{field}.ipBlocks"), &s.ip_blocks.iter().collect::<Vec<_>>())?,
                 not_source_ips: nets(
                     &format!("{field}.notIpBlocks"),
-                    &s.not_ip_blocks.iter().chain(&s.not_remote_ip_blocks).collect::<Vec<_>>(),
+                    &s.not_ip_blocks.iter().collect::<Vec<_>>(),
                 )?,
                 service_accounts: accounts(&s.service_accounts, "serviceAccounts")?,
                 not_service_accounts: accounts(&s.not_service_accounts, "notServiceAccounts")?,
@@ -482,12 +570,10 @@ pub fn request_authentication(
 pub fn peer_authentication(
     _ix: &Index<'_>,
     _obj: &Object,
-    spec: &PeerAuthenticationSpec,
+    _spec: &PeerAuthenticationSpec,
     _out: &mut Emitted,
 ) -> Result<(), Fault> {
-    if !spec.port_level_mtls.is_empty() && spec.selector.is_none() {
-        return Err(Fault::new("spec.portLevelMtls", "needs a selector (as in Istio)"));
-    }
+    // Checked when decoded; applied per workload (see `workloads`).
     Ok(())
 }
 
@@ -507,7 +593,8 @@ fn traffic(
         }
         wp::ConnectionPool {
             max_requests: h.http2_max_requests.unwrap_or(0),
-            max_pending_requests: h.http1_max_pending_requests.unwrap_or(0),
+            // Istio's defaults: a queue of 2^32-1 (in effect none).
+            max_pending_requests: h.http1_max_pending_requests.unwrap_or(u32::MAX),
             max_requests_per_connection: h.max_requests_per_connection.unwrap_or(0),
         }
     });
@@ -528,7 +615,8 @@ fn traffic(
                 ));
             }
             Some(wp::OutlierDetection {
-                consecutive_5xx_errors: o.consecutive_5xx_errors.unwrap_or(0),
+                // Istio's (Envoy's) default: 5.
+                consecutive_5xx_errors: o.consecutive_5xx_errors.unwrap_or(5),
                 consecutive_gateway_errors: o.consecutive_gateway_errors.unwrap_or(0),
                 base_ejection_time: o
                     .base_ejection_time
@@ -660,7 +748,7 @@ pub fn waypoint_policy(
 ///   CUSTOM, an unreadable action) as a DENY of everything; AUDIT decides nothing and needs none;
 /// - a PeerAuthentication: STRICT on every port (plaintext refused).
 pub fn failsafe(raw: &super::RawObject) -> Option<(super::Spec, String)> {
-    if !raw.api_version.starts_with("security.istio.io/") {
+    if !raw.api_version.starts_with("security.istio.io") {
         return None;
     }
     let spec = raw.body.get("spec");
@@ -709,4 +797,40 @@ pub fn failsafe(raw: &super::RawObject) -> Option<(super::Spec, String)> {
         }
         _ => None,
     }
+}
+
+/// As [`failsafe`], for a security policy that was read but could not be built (a reference
+/// to nothing, a value the proxies cannot apply) and was never accepted.
+pub fn failsafe_of(obj: &Object) -> Option<(Object, String)> {
+    use super::kinds::istio::{Mtls, MtlsMode};
+    let (spec, note) = match &obj.spec {
+        super::Spec::AuthorizationPolicy(p) => {
+            let (rules, note) = match p.action {
+                Action::Audit => return None,
+                Action::Allow => {
+                    (vec![], "held fail-safe: an ALLOW that matches nothing in its scope until it is fixed")
+                }
+                Action::Deny | Action::Custom => (
+                    vec![Rule::default()],
+                    "held fail-safe: a DENY of everything in its scope until it is fixed",
+                ),
+            };
+            let action = if p.action == Action::Allow { Action::Allow } else { Action::Deny };
+            let spec = AuthorizationPolicySpec { rules: Some(rules), action, provider: None, ..p.clone() };
+            (super::Spec::AuthorizationPolicy(spec), note)
+        }
+        super::Spec::PeerAuthentication(p) => {
+            let spec = PeerAuthenticationSpec {
+                selector: p.selector.clone(),
+                mtls: Some(Mtls { mode: MtlsMode::Strict }),
+                port_level_mtls: Default::default(),
+            };
+            (
+                super::Spec::PeerAuthentication(spec),
+                "held fail-safe: STRICT on every port of its scope (plaintext refused) until it is fixed",
+            )
+        }
+        _ => return None,
+    };
+    Some((Object { key: obj.key.clone(), meta: obj.meta.clone(), spec }, note.to_string()))
 }

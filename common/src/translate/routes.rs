@@ -57,7 +57,7 @@ pub fn http_route(
     out: &mut Emitted,
 ) -> Result<(), Fault> {
     let parents = parents(ix, obj, Kind::Http, &spec.parent_refs)?;
-    hostnames_note(&spec.hostnames, out);
+    hostnames(&spec.hostnames, &parents, out)?;
     let mut rules = Vec::new();
     let default_rule = [gw::HttpRouteRule::default()];
     let spec_rules = if spec.rules.is_empty() { &default_rule[..] } else { &spec.rules[..] };
@@ -160,7 +160,7 @@ pub fn grpc_route(
     out: &mut Emitted,
 ) -> Result<(), Fault> {
     let parents = parents(ix, obj, Kind::Grpc, &spec.parent_refs)?;
-    hostnames_note(&spec.hostnames, out);
+    hostnames(&spec.hostnames, &parents, out)?;
     let mut rules = Vec::new();
     let default_rule = [gw::GrpcRouteRule::default()];
     let spec_rules = if spec.rules.is_empty() { &default_rule[..] } else { &spec.rules[..] };
@@ -215,10 +215,21 @@ pub fn grpc_route(
     Ok(())
 }
 
-fn hostnames_note(hostnames: &[String], out: &mut Emitted) {
-    if !hostnames.is_empty() {
-        out.note("spec.hostnames is not used for routes attached to a Service (GAMMA): the Service decides");
+/// `hostnames` narrows nothing for a Service parent (the Service decides, as in GAMMA); on a
+/// route attached to the waypoint it would have to pick services by name, which is not
+/// supported: refused rather than applied to every service behind the waypoint.
+fn hostnames(hostnames: &[String], parents: &[wp::ParentRef], out: &mut Emitted) -> Result<(), Fault> {
+    if hostnames.is_empty() {
+        return Ok(());
     }
+    if parents.iter().any(|p| matches!(p.target, Some(wp::parent_ref::Target::Waypoint(_)))) {
+        return Err(Fault::new(
+            "spec.hostnames",
+            "hostnames on a route attached to the waypoint are not supported yet (it would apply to every service behind it): attach the route to the Service",
+        ));
+    }
+    out.note("spec.hostnames is not used for routes attached to a Service (GAMMA): the Service decides");
+    Ok(())
 }
 
 fn emit(obj: &Object, kind: Kind, parents: &[wp::ParentRef], rules: Vec<Rule>, out: &mut Emitted) {
@@ -355,12 +366,14 @@ fn parents(
                     let ns_ok = match a.namespaces.as_ref().and_then(|n| n.from.as_deref()).unwrap_or("Same")
                     {
                         "All" => true,
-                        "Selector" => {
-                            let sel =
-                                a.namespaces.as_ref().and_then(|n| n.selector.clone()).unwrap_or_default();
-                            let empty = Default::default();
-                            selector_matches(&sel, ix.namespace_labels(rns).unwrap_or(&empty))?
-                        }
+                        // A Selector without a selector admits nothing (as Istio reads it).
+                        "Selector" => match a.namespaces.as_ref().and_then(|n| n.selector.clone()) {
+                            None => false,
+                            Some(sel) => {
+                                let empty = Default::default();
+                                selector_matches(&sel, ix.namespace_labels(rns).unwrap_or(&empty))?
+                            }
+                        },
                         _ => rns == gobj.key.namespace,
                     };
                     allowed |= kind_ok && ns_ok;

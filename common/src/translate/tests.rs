@@ -527,8 +527,8 @@ spec:
     ));
     assert_all_accepted(&t);
     let w = workload(&t, "Kubernetes//Pod/shop/cart");
-    assert_eq!(w.authorization_policies, vec!["shop/peer-authentication.cart".to_string()]);
-    let p = &authorizations(&t)["shop/peer-authentication.cart"];
+    assert_eq!(w.authorization_policies, vec!["shop/peer-authentication:pod:cart".to_string()]);
+    let p = &authorizations(&t)["shop/peer-authentication:pod:cart"];
     assert_eq!(p.action, sec::Action::Deny as i32);
     let m = &p.rules[0].clauses[0].matches[0];
     assert_eq!(m.not_principals[0].match_type, Some(sec::string_match::MatchType::Presence(())));
@@ -541,7 +541,7 @@ spec:
     let s = status(&t, "PeerAuthentication", "d");
     assert_eq!(s.fault.as_ref().map(|f| f.field.as_str()), Some("spec.mtls.mode"));
     assert!(s.notes.iter().any(|n| n.contains("fail-safe")), "{s:?}");
-    let p = &authorizations(&t)["shop/peer-authentication.cart"];
+    let p = &authorizations(&t)["shop/peer-authentication:pod:cart"];
     let m = &p.rules[0].clauses[0].matches[0];
     assert!(m.not_destination_ports.is_empty() && m.destination_ports.is_empty(), "every port: {m:?}");
 }
@@ -740,4 +740,202 @@ spec:
         status(&extra, "WaypointPolicy", "p").fault.as_ref().map(|f| f.field.as_str()),
         Some("spec.localRateLimit.burst")
     );
+}
+
+const AP: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n";
+
+/// A policy refused for what it holds (not only for its shape), never accepted before, is held
+/// fail-safe too: a namespace DENY with a port name denies the namespace, an ALLOW matches
+/// nothing; so is one whose metadata has a typo or whose apiVersion lacks its version.
+#[test]
+fn every_refused_policy_is_held_fail_safe() {
+    let deny_all = |t: &Translation, name: &str| {
+        let p = authorizations(t).remove(name).unwrap_or_else(|| panic!("{name} missing: {:?}", t.statuses));
+        assert_eq!(
+            (p.action, p.rules.clone()),
+            (sec::Action::Deny as i32, vec![sec::Rule { clauses: vec![] }]),
+            "{name}"
+        );
+    };
+    let t = once(&format!(
+        "{AP}metadata: {{name: d, namespace: shop}}\nspec: {{action: DENY, rules: [{{to: [{{operation: {{ports: [http]}}}}]}}]}}\n"
+    ));
+    assert_eq!(
+        status(&t, "AuthorizationPolicy", "d").fault.as_ref().map(|f| f.field.as_str()),
+        Some("spec.rules[0].to[0].operation.ports[0]")
+    );
+    deny_all(&t, "shop/d");
+    let t = once(&format!(
+        "{AP}metadata: {{name: a, namespace: shop}}\nspec: {{rules: [{{to: [{{operation: {{ports: [http]}}}}]}}]}}\n"
+    ));
+    let a = &authorizations(&t)["shop/a"];
+    assert_eq!(
+        (a.action, a.rules.len(), a.scope),
+        (sec::Action::Allow as i32, 0, sec::Scope::Namespace as i32)
+    );
+    let t = once(&format!(
+        "{AP}metadata: {{name: m, namespace: shop, annotation: {{x: y}}}}\nspec: {{action: DENY, rules: [{{}}]}}\n"
+    ));
+    assert_eq!(
+        status(&t, "AuthorizationPolicy", "m").fault.as_ref().map(|f| f.field.as_str()),
+        Some("metadata.annotation")
+    );
+    deny_all(&t, "shop/m");
+    let t = once(
+        "apiVersion: security.istio.io\nkind: AuthorizationPolicy\nmetadata: {name: v, namespace: shop}\nspec: {action: DENY, rules: [{}]}\n",
+    );
+    deny_all(&t, "shop/v");
+    // Path templates and empty matchers are refused (and so held fail-safe).
+    for (name, rules) in [
+        ("tpl", "[{to: [{operation: {paths: [\"/admin/{**}\"]}}]}]"),
+        ("empty", "[{from: [{source: {principals: []}}]}]"),
+        ("novalues", "[{when: [{key: source.namespace}]}]"),
+    ] {
+        let t = once(&format!(
+            "{AP}metadata: {{name: {name}, namespace: shop}}\nspec: {{action: DENY, rules: {rules}}}\n"
+        ));
+        assert!(!status(&t, "AuthorizationPolicy", name).accepted, "{name}");
+        deny_all(&t, &format!("shop/{name}"));
+    }
+}
+
+#[test]
+fn workloads_stay_in_the_mesh_and_derived_names_cannot_collide() {
+    let t = once(&format!(
+        "{WORKLOADS}---\n{}",
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: worker, namespace: shop, labels: {app: worker, istio.io/use-waypoint: waypoint}}
+spec: {nodeName: n1}
+status: {podIP: 10.1.0.9}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: peer-authentication.cart, namespace: shop}
+spec: {action: DENY, rules: [{from: [{source: {namespaces: [evil]}}]}]}
+"#
+    ));
+    assert_all_accepted(&t);
+    // The waypoint takes service traffic only: the pod stays, without a waypoint.
+    assert!(workload(&t, "Kubernetes//Pod/shop/worker").waypoint.is_none());
+    assert!(status(&t, "Pod", "worker").notes.iter().any(|n| n.contains("not used")));
+    let ps = authorizations(&t);
+    assert!(
+        ps.contains_key("shop/peer-authentication.cart")
+            && ps.contains_key("shop/peer-authentication:pod:cart")
+    );
+    // Names outside Kubernetes' syntax are refused.
+    let t = once("apiVersion: v1\nkind: Service\nmetadata: {name: \"web#0\", namespace: shop}\nspec: {}\n");
+    assert_eq!(t.unreadable.len(), 1, "{:?}", t.unreadable);
+}
+
+#[test]
+fn service_entries_get_their_policies_and_every_host_is_a_target() {
+    let t = once(
+        r#"apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: ext}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: vms, namespace: ext, labels: {app: vm}}
+spec:
+  hosts: [a.ext, b.ext]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 10.9.0.1, labels: {istio.io/dataplane-mode: ambient}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-vm, namespace: ext}
+spec: {selector: {matchLabels: {app: vm}}, action: DENY, rules: [{from: [{source: {namespaces: [evil]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l7, namespace: ext}
+spec:
+  targetRefs: [{group: networking.istio.io, kind: ServiceEntry, name: vms}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+"#,
+    );
+    assert_all_accepted(&t);
+    let w = workload(&t, "Kubernetes/networking.istio.io/ServiceEntry/ext/vms/10.9.0.1");
+    assert_eq!(
+        w.authorization_policies,
+        vec!["ext/deny-vm".to_string(), "ext/peer-authentication:serviceentry:vms:10.9.0.1".to_string()]
+    );
+    let targets: Vec<_> = waypoint_resources(&t)
+        .into_values()
+        .filter_map(|k| match k {
+            wp::resource::Kind::Policy(p) => p.target.and_then(|t| t.target),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(targets.len(), 2, "one per host: {targets:?}");
+}
+
+#[test]
+fn remote_addresses_are_l7_and_peer_authentications_go_by_age() {
+    let t = once(&format!(
+        "{WORKLOADS}---\n{}",
+        r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: remote, namespace: shop}
+spec: {selector: {matchLabels: {app: cart}}, rules: [{from: [{source: {remoteIpBlocks: [10.0.0.0/8]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: zz-strict, namespace: shop, creationTimestamp: "2020-01-01T00:00:00Z"}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: aa-permissive, namespace: shop, creationTimestamp: "2024-01-01T00:00:00Z"}
+spec: {mtls: {mode: PERMISSIVE}}
+"#
+    ));
+    assert_all_accepted(&t);
+    // ztunnel cannot know the address behind a proxy: the ALLOW rule matches nothing.
+    assert!(authorizations(&t)["shop/remote"].rules.is_empty());
+    // The older namespace policy (STRICT) wins over the younger, whatever the names.
+    assert!(authorizations(&t).contains_key("shop/peer-authentication:pod:cart"));
+}
+
+#[test]
+fn yaml_aliases_are_bounded() {
+    let mut text = String::from(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: bomb, namespace: a}\ndata:\n  base: &x [1, 2, 3]\n",
+    );
+    for i in 0..100 {
+        text.push_str(&format!("  k{i}: *x\n"));
+    }
+    let t = once(&text);
+    assert!(t.unreadable.iter().any(|u| u.fault.reason.contains("aliases")), "{:?}", t.unreadable);
+    assert!(
+        once(&text.replace("k1: *x", "k1: \"*x\"")).unreadable.len() == 1,
+        "quoted ones do not count, 99 still do"
+    );
+}
+
+#[test]
+fn destination_rules_take_istios_defaults() {
+    let t = once(&format!(
+        "{WORKLOADS}---\n{}",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: cart, namespace: shop}\nspec: {host: cart, trafficPolicy: {connectionPool: {http: {http2MaxRequests: 100}}, outlierDetection: {baseEjectionTime: 30s}}}\n"
+    ));
+    let tp = policy(&t, "shop/DestinationRule:cart").traffic.expect("traffic");
+    assert_eq!(tp.connection_pool.map(|c| c.max_pending_requests), Some(u32::MAX));
+    assert_eq!(tp.outlier_detection.map(|o| o.consecutive_5xx_errors), Some(5));
 }

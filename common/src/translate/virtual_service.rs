@@ -302,6 +302,13 @@ pub fn virtual_service(
     if spec.hosts.is_empty() {
         return Err(Fault::new("spec.hosts", "at least one host is required"));
     }
+    // Bounds on what one object expands into (hosts x routes).
+    if spec.hosts.len() > 32 {
+        return Err(Fault::new("spec.hosts", format!("{} hosts; at most 32", spec.hosts.len())));
+    }
+    if spec.http.len() > 128 {
+        return Err(Fault::new("spec.http", format!("{} routes; at most 128", spec.http.len())));
+    }
     let mut hosts = Vec::new();
     for (i, h) in spec.hosts.iter().enumerate() {
         let (sns, fqdn, _) = resolve_host(ix, ns, h).ok_or_else(|| {

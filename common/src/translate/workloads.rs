@@ -19,7 +19,7 @@ use super::index::{Index, labels, labels_match};
 use super::kinds::Object;
 use super::kinds::core::{IntOrString, PodSpec, PodStatus, ServiceSpec};
 use super::kinds::gateway::{GatewaySpec, GatewayStatus};
-use super::kinds::istio::{Mtls, MtlsMode, ServiceEntrySpec, WorkloadEntrySpec};
+use super::kinds::istio::{Mtls, MtlsMode, PeerAuthenticationSpec, ServiceEntrySpec, WorkloadEntrySpec};
 use super::values::{app_protocol, ip, ip_bytes};
 use super::{Emitted, Fault};
 
@@ -61,11 +61,14 @@ fn waypoint(
                 Traffic::Workload => matches!(serves, "workload" | "all"),
             };
             if !ok {
-                let what = if traffic == Traffic::Service { "services" } else { "workloads" };
+                // As istiod: no waypoint for this traffic, said in the status; the object
+                // itself stays in the mesh.
                 if own_label {
-                    return Err(Fault::new(
-                        format!("metadata.labels[{}]", labels::USE_WAYPOINT),
-                        format!("waypoint {wns}/{name} does not take traffic for {what} ({}: {serves})", labels::WAYPOINT_FOR),
+                    let what = if traffic == Traffic::Service { "services" } else { "workloads" };
+                    out.note(format!(
+                        "metadata.labels[{}]: waypoint {wns}/{name} does not take traffic for {what} ({}: {serves}); not used",
+                        labels::USE_WAYPOINT,
+                        labels::WAYPOINT_FOR
                     ));
                 }
                 return Ok(None);
@@ -277,6 +280,14 @@ struct WorkloadInput<'a> {
     /// Is this a waypoint's own pod (gateway name)?
     waypoint_of: Option<&'a str>,
     locality: Option<wl::Locality>,
+    /// Names the workload's derived policies (`pod:<name>`, ...): unique, and never a
+    /// Kubernetes name (so no user object can take it).
+    policy_key: String,
+    /// Services it backs by declaration (a ServiceEntry's inline endpoints), beside those whose
+    /// selectors match it.
+    declared_services: BTreeMap<String, wl::PortList>,
+    /// Outside the mesh whatever its labels say (a MESH_EXTERNAL endpoint).
+    external: bool,
 }
 
 fn canonical(labels: &BTreeMap<String, String>, workload_name: &str) -> (String, String) {
@@ -291,7 +302,7 @@ fn canonical(labels: &BTreeMap<String, String>, workload_name: &str) -> (String,
 
 fn build_workload(ix: &Index<'_>, w: WorkloadInput<'_>, out: &mut Emitted) -> Result<(), Fault> {
     let ns = w.ns;
-    let mut services: BTreeMap<String, wl::PortList> = BTreeMap::new();
+    let mut services: BTreeMap<String, wl::PortList> = w.declared_services.clone();
     for ((sns, sname), (_, spec)) in &ix.services {
         if *sns != ns || spec.selector.is_empty() || !labels_match(&spec.selector, w.labels) {
             continue;
@@ -348,7 +359,7 @@ fn build_workload(ix: &Index<'_>, w: WorkloadInput<'_>, out: &mut Emitted) -> Re
         };
         services.insert(format!("{ns}/{}", ix.hostname(ns, gw)), wl::PortList { ports: vec![port] });
     }
-    let enrolled = is_waypoint || ambient(ix, w.labels, ns);
+    let enrolled = !w.external && (is_waypoint || ambient(ix, w.labels, ns));
     let waypoint = if is_waypoint { None } else { waypoint(ix, w.labels, ns, Traffic::Workload, out)? };
     let mut authorization_policies: Vec<String> = ix
         .selector_policies
@@ -358,7 +369,7 @@ fn build_workload(ix: &Index<'_>, w: WorkloadInput<'_>, out: &mut Emitted) -> Re
         })
         .map(|(_, _, name)| name.clone())
         .collect();
-    if let Some(policy) = peer_authentication(ix, ns, w.name, w.labels) {
+    if let Some(policy) = peer_authentication(ix, ns, &w.policy_key, w.labels) {
         let name = format!("{ns}/{}", policy.name);
         authorization_policies.push(name.clone());
         out.push(proto::AUTHORIZATION_TYPE_URL, name, &policy);
@@ -447,6 +458,9 @@ pub fn pod(
         host_network: spec.host_network,
         waypoint_of: obj.meta.labels.get(labels::GATEWAY_NAME).map(String::as_str),
         locality: None,
+        policy_key: format!("pod:{name}"),
+        declared_services: BTreeMap::new(),
+        external: false,
     };
     build_workload(ix, input, out)
 }
@@ -493,6 +507,9 @@ pub fn workload_entry(
         host_network: false,
         waypoint_of: None,
         locality: locality(&spec.locality),
+        policy_key: format!("workloadentry:{name}"),
+        declared_services: BTreeMap::new(),
+        external: false,
     };
     build_workload(ix, input, out)
 }
@@ -561,7 +578,6 @@ pub fn service_entry(
             .address
             .parse::<IpAddr>()
             .map_err(|_| Fault::new(field, format!("{:?} is not an IP address", ep.address)))?;
-        let mut services = BTreeMap::new();
         let ep_ports: Vec<wl::Port> = spec
             .ports
             .iter()
@@ -574,39 +590,34 @@ pub fn service_entry(
                 }
             })
             .collect();
-        for host in &spec.hosts {
-            services.insert(format!("{ns}/{host}"), wl::PortList { ports: ep_ports.clone() });
-        }
-        let enrolled = !external && ambient(ix, &ep.labels, ns);
-        let uid = format!("Kubernetes/networking.istio.io/ServiceEntry/{ns}/{name}/{address}");
-        let (canonical_name, canonical_revision) = canonical(&ep.labels, name);
-        let workload = wl::Workload {
-            uid: uid.clone(),
-            name: name.clone(),
-            namespace: ns.clone(),
-            addresses: vec![ip_bytes(address)],
-            network: ep.network.clone(),
-            tunnel_protocol: if enrolled { wl::TunnelProtocol::Hbone } else { wl::TunnelProtocol::None }
-                as i32,
-            service_account: if ep.service_account.is_empty() {
-                "default".into()
-            } else {
-                ep.service_account.clone()
-            },
-            canonical_name,
-            canonical_revision,
+        let declared_services = spec
+            .hosts
+            .iter()
+            .map(|h| (format!("{ns}/{h}"), wl::PortList { ports: ep_ports.clone() }))
+            .collect();
+        // Istio selects an endpoint by the ServiceEntry's labels and its own.
+        let mut labels = obj.meta.labels.clone();
+        labels.extend(ep.labels.clone());
+        let input = WorkloadInput {
+            uid: format!("Kubernetes/networking.istio.io/ServiceEntry/{ns}/{name}/{address}"),
+            name,
+            ns,
+            labels: &labels,
+            addresses: vec![address],
+            service_account: if ep.service_account.is_empty() { "default" } else { &ep.service_account },
+            node: "",
+            network: &ep.network,
             workload_name: name.clone(),
-            services,
-            status: if ep.weight == Some(0) {
-                wl::WorkloadStatus::Unhealthy
-            } else {
-                wl::WorkloadStatus::Healthy
-            } as i32,
-            cluster_id: "Kubernetes".into(),
+            named_ports: HashMap::new(),
+            healthy: ep.weight != Some(0),
+            host_network: false,
+            waypoint_of: None,
             locality: locality(&ep.locality),
-            ..Default::default()
+            policy_key: format!("serviceentry:{name}:{address}"),
+            declared_services,
+            external,
         };
-        push_address(out, uid, wl::address::Type::Workload(workload));
+        build_workload(ix, input, out)?;
     }
     Ok(())
 }
@@ -630,13 +641,19 @@ fn peer_authentication(
     let mut mesh = None;
     let mut namespace = None;
     let mut own = None;
-    // Sorted by key (namespace, name): the first of a level wins, as Istio takes the oldest.
-    for (obj, pa) in &ix.peer_authentications {
+    // The oldest of a level wins (then the first by name), as in Istio; a selector policy in
+    // the root namespace applies to nothing.
+    let mut candidates: Vec<&(&Object, &PeerAuthenticationSpec)> = ix.peer_authentications.iter().collect();
+    candidates
+        .sort_by_key(|(o, _)| (o.meta.creation_timestamp.clone().unwrap_or_default(), o.key.name.clone()));
+    for (obj, pa) in candidates {
         let pns = obj.key.namespace.as_str();
         match &pa.selector {
             None if pns == root && mesh.is_none() => mesh = Some(*pa),
             None if pns == ns && pns != root && namespace.is_none() => namespace = Some(*pa),
-            Some(sel) if pns == ns && own.is_none() && labels_match(&sel.match_labels, labels) => {
+            Some(sel)
+                if pns == ns && pns != root && own.is_none() && labels_match(&sel.match_labels, labels) =>
+            {
                 own = Some(*pa)
             }
             _ => {}
@@ -671,7 +688,7 @@ fn peer_authentication(
         sec::Match { not_principals: plaintext, destination_ports: strict_ports, ..Default::default() }
     };
     Some(sec::Authorization {
-        name: format!("peer-authentication.{workload}"),
+        name: format!("peer-authentication:{workload}"),
         namespace: ns.to_string(),
         scope: sec::Scope::WorkloadSelector as i32,
         action: sec::Action::Deny as i32,

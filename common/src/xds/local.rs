@@ -122,6 +122,8 @@ pub struct LocalSource {
     applied: HashMap<String, HashMap<String, String>>,
     /// Last file contents seen, to skip unchanged reloads cheaply.
     last_text: Option<Vec<(String, String)>>,
+    /// A changed read waiting for the next poll to confirm it.
+    settling: Option<Vec<(String, String)>>,
     initial: Option<BlockReady>,
     translator: Translator,
     objects: ConfigObjects,
@@ -138,6 +140,7 @@ impl LocalSource {
             poll: DEFAULT_POLL_INTERVAL,
             applied: HashMap::new(),
             last_text: None,
+            settling: None,
             initial,
             translator: Translator::default(),
             objects: ConfigObjects::default(),
@@ -160,11 +163,21 @@ impl LocalSource {
         let path = self.path.clone();
         let texts = read_texts(&path)?;
         if self.last_text.as_ref() == Some(&texts) {
+            self.settling = None;
+            return Ok(());
+        }
+        // A change applies once two reads a poll apart agree, so that a file caught half
+        // written (truncated: policies missing, a DENY without its rules) is never applied.
+        // The first load applies at once.
+        if self.initial.is_none() && self.settling.as_ref() != Some(&texts) {
+            self.settling = Some(texts);
             return Ok(());
         }
         if !is_objects(&texts) {
+            // Stays settled: the next poll reports the same error (logged once), not a new read.
             return Err(LocalError::Internal { path });
         }
+        self.settling = None;
         let t = self.translator.translate_yaml(texts.iter().map(|(n, t)| (n.as_str(), t.as_str())));
         self.report(&t);
         self.apply(t.resources);
