@@ -172,11 +172,23 @@ pub fn read_documents(text: &str, source: &str) -> (Vec<RawObject>, Vec<Unreadab
     }
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let origin = format!("{source}#{}", i + 1);
-        let value = match Value::deserialize(doc) {
+        // Through YAML's own value first: it refuses a key given twice (which a JSON map would
+        // silently take the last of, e.g. a second `action:`).
+        let yaml = match serde_yaml_ng::Value::deserialize(doc) {
             Ok(v) => v,
             Err(e) => {
                 unreadable.push(Unreadable { origin, fault: Fault::new("", format!("not valid YAML: {e}")) });
                 break;
+            }
+        };
+        let value = match serde_json::to_value(yaml) {
+            Ok(v) => v,
+            Err(e) => {
+                unreadable.push(Unreadable {
+                    origin,
+                    fault: Fault::new("", format!("not a Kubernetes object: {e}")),
+                });
+                continue;
             }
         };
         if value.is_null() {

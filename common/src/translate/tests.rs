@@ -939,3 +939,13 @@ fn destination_rules_take_istios_defaults() {
     assert_eq!(tp.connection_pool.map(|c| c.max_pending_requests), Some(u32::MAX));
     assert_eq!(tp.outlier_detection.map(|o| o.consecutive_5xx_errors), Some(5));
 }
+
+#[test]
+fn a_key_given_twice_is_refused_not_taken_last() {
+    // `action: DENY` then `action: ALLOW`: never a silent ALLOW.
+    let t = once(&format!(
+        "{AP}metadata: {{name: d, namespace: shop}}\nspec:\n  action: DENY\n  action: ALLOW\n  rules: [{{}}]\n"
+    ));
+    assert!(t.unreadable.iter().any(|u| u.fault.reason.contains("duplicate")), "{:?}", t.unreadable);
+    assert!(!authorizations(&t).values().any(|p| p.action == sec::Action::Allow as i32));
+}
