@@ -158,7 +158,7 @@ pub struct Args {
     pub readiness_addr: SocketAddr,
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
-    /// `least-request` (default) or `round-robin`.
+    /// `least-request` (default), `round-robin` or `random`; a DestinationRule may choose per service.
     #[arg(long, env = "LOAD_BALANCING", default_value = "least-request")]
     pub balance: Balance,
     /// Access log: `-` for stdout, or a file to append to.

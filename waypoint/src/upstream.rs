@@ -53,6 +53,8 @@ pub enum Balance {
     /// Power of two choices on outstanding requests (Istio's default).
     #[default]
     LeastRequest,
+    /// Uniformly at random.
+    Random,
 }
 
 impl std::str::FromStr for Balance {
@@ -61,7 +63,8 @@ impl std::str::FromStr for Balance {
         match s {
             "round-robin" | "ROUND_ROBIN" => Ok(Self::RoundRobin),
             "least-request" | "LEAST_REQUEST" => Ok(Self::LeastRequest),
-            other => Err(format!("unknown load balancing {other:?} (round-robin or least-request)")),
+            "random" | "RANDOM" => Ok(Self::Random),
+            other => Err(format!("unknown load balancing {other:?} (round-robin, least-request or random)")),
         }
     }
 }
@@ -254,6 +257,17 @@ impl Upstream {
     /// Chooses an endpoint of `service` for `port` among the healthy ones that outlier detection
     /// has not ejected (all of them if every one is ejected).
     pub fn choose(&self, snapshot: &Snapshot, service: &Service, port: u16) -> Option<Target> {
+        self.choose_with(snapshot, service, port, None)
+    }
+
+    /// As [`Upstream::choose`], by `balance` when the service's traffic policy names one.
+    pub fn choose_with(
+        &self,
+        snapshot: &Snapshot,
+        service: &Service,
+        port: u16,
+        balance: Option<Balance>,
+    ) -> Option<Target> {
         let all = Self::endpoints(snapshot, service, port);
         let key = service.key();
         let live: Vec<_> =
@@ -262,8 +276,9 @@ impl Upstream {
         if candidates.is_empty() {
             return None;
         }
-        let index = match self.balance {
+        let index = match balance.unwrap_or(self.balance) {
             Balance::RoundRobin => self.next_turn(key) % candidates.len(),
+            Balance::Random => rand::rng().random_range(0..candidates.len()),
             Balance::LeastRequest => {
                 let mut rng = rand::rng();
                 let a = rng.random_range(0..candidates.len());
@@ -623,6 +638,27 @@ services:
         let distinct: std::collections::BTreeSet<_> = picks.iter().collect();
         assert_eq!(distinct.len(), 3, "the unhealthy endpoint is skipped: {picks:?}");
         assert!(picks.iter().all(|a| a.port() == 8080), "target port mapped");
+    }
+
+    #[tokio::test]
+    async fn a_services_own_load_balancer_overrides_the_default() {
+        // The waypoint's default is least request; the service's DestinationRule says
+        // round robin, then random.
+        let (u, snapshot) = upstream(Balance::LeastRequest);
+        let svc = snapshot.service("demo", "s").expect("service").clone();
+        let busy: SocketAddr = "10.0.0.1:8080".parse().expect("addr");
+        u.outstanding(busy).store(100, Ordering::Relaxed);
+        let rr: Vec<SocketAddr> = (0..6)
+            .map(|_| u.choose_with(&snapshot, &svc, 80, Some(Balance::RoundRobin)).expect("endpoint").addr)
+            .collect();
+        assert_eq!(rr[0..3], rr[3..6], "a fixed rotation, the busy endpoint included: {rr:?}");
+        assert!(rr.contains(&busy));
+        let random = (0..300)
+            .filter(|_| {
+                u.choose_with(&snapshot, &svc, 80, Some(Balance::Random)).expect("endpoint").addr == busy
+            })
+            .count();
+        assert!((50..=150).contains(&random), "random ignores load: {random} of 300 on the busy one");
     }
 
     #[tokio::test]

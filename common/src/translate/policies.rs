@@ -627,7 +627,39 @@ fn traffic(
             })
         }
     };
-    Ok(wp::TrafficPolicy { connection_pool, outlier_detection })
+    Ok(wp::TrafficPolicy { connection_pool, outlier_detection, load_balancer: 0 })
+}
+
+/// DestinationRule `loadBalancer`: `simple` picks the waypoint's endpoint choice; consistent
+/// hashing and locality settings are not applied (noted).
+fn load_balancer(field: &str, lb: Option<&serde_json::Value>, out: &mut Emitted) -> Result<i32, Fault> {
+    use wp::traffic_policy::LoadBalancer;
+    let Some(lb) = lb else { return Ok(LoadBalancer::Default as i32) };
+    let Some(map) = lb.as_object() else {
+        return Err(Fault::new(format!("{field}.loadBalancer"), "must be an object"));
+    };
+    for key in map.keys().filter(|k| *k != "simple") {
+        out.note(format!("{field}.loadBalancer.{key} is not applied"));
+    }
+    Ok(match map.get("simple").map(|v| v.as_str()) {
+        None => LoadBalancer::Default,
+        Some(Some("ROUND_ROBIN")) => LoadBalancer::RoundRobin,
+        Some(Some("LEAST_REQUEST" | "LEAST_CONN")) => LoadBalancer::LeastRequest,
+        Some(Some("RANDOM")) => LoadBalancer::Random,
+        Some(Some("UNSPECIFIED")) => LoadBalancer::Default,
+        Some(Some("PASSTHROUGH")) => {
+            return Err(Fault::new(
+                format!("{field}.loadBalancer.simple"),
+                "PASSTHROUGH is not supported at waypoints",
+            ));
+        }
+        Some(other) => {
+            return Err(Fault::new(
+                format!("{field}.loadBalancer.simple"),
+                format!("unknown value {other:?}"),
+            ));
+        }
+    } as i32)
 }
 
 pub fn destination_rule(
@@ -663,11 +695,14 @@ pub fn destination_rule(
         out.note("spec.subsets are only used by VirtualService routes, which are not supported yet");
     }
     let Some(tp) = &spec.traffic_policy else { return Ok(()) };
-    if tp.load_balancer.is_some() || tp.tls.is_some() || tp.tunnel.is_some() || tp.proxy_protocol.is_some() {
-        out.note("spec.trafficPolicy: loadBalancer, tls, tunnel and proxyProtocol are not applied (the waypoint's --load-balancing decides; mesh traffic is always mTLS)");
+    if tp.tls.is_some() || tp.tunnel.is_some() || tp.proxy_protocol.is_some() {
+        out.note(
+            "spec.trafficPolicy: tls, tunnel and proxyProtocol are not applied (mesh traffic is always mTLS)",
+        );
     }
-    let base =
+    let mut base =
         traffic("spec.trafficPolicy", tp.connection_pool.as_ref(), tp.outlier_detection.as_ref(), out)?;
+    base.load_balancer = load_balancer("spec.trafficPolicy", tp.load_balancer.as_ref(), out)?;
     let name = &obj.key.name;
     let push = |out: &mut Emitted, pname: String, port: u32, traffic: wp::TrafficPolicy| {
         let target = wp::ParentRef {
@@ -690,19 +725,21 @@ pub fn destination_rule(
             &wp::Resource { kind: Some(wp::resource::Kind::Policy(p)) },
         );
     };
-    if base.connection_pool.is_some() || base.outlier_detection.is_some() {
+    if base.connection_pool.is_some() || base.outlier_detection.is_some() || base.load_balancer != 0 {
         push(out, format!("DestinationRule:{name}"), 0, base);
     }
     for (i, pl) in tp.port_level_settings.iter().enumerate() {
         let field = format!("spec.trafficPolicy.portLevelSettings[{i}]");
-        if pl.load_balancer.is_some() || pl.tls.is_some() {
-            out.note(format!("{field}: loadBalancer and tls are not applied"));
+        if pl.tls.is_some() {
+            out.note(format!("{field}: tls is not applied"));
         }
         let own = traffic(&field, pl.connection_pool.as_ref(), pl.outlier_detection.as_ref(), out)?;
+        let own_lb = load_balancer(&field, pl.load_balancer.as_ref(), out)?;
         // Port settings replace the base settings field by field, as in Istio.
         let merged = wp::TrafficPolicy {
             connection_pool: own.connection_pool.or(base.connection_pool),
             outlier_detection: own.outlier_detection.or(base.outlier_detection),
+            load_balancer: if own_lb != 0 { own_lb } else { base.load_balancer },
         };
         push(out, format!("DestinationRule:{name}:{}", pl.port.number), u32::from(pl.port.number), merged);
     }

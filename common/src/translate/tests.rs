@@ -949,3 +949,25 @@ fn a_key_given_twice_is_refused_not_taken_last() {
     assert!(t.unreadable.iter().any(|u| u.fault.reason.contains("duplicate")), "{:?}", t.unreadable);
     assert!(!authorizations(&t).values().any(|p| p.action == sec::Action::Allow as i32));
 }
+
+#[test]
+fn destination_rule_load_balancers_per_service_and_port() {
+    let t = once(&format!(
+        "{WORKLOADS}---\n{}",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: cart, namespace: shop}\nspec:\n  host: cart\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n    portLevelSettings: [{port: {number: 80}, loadBalancer: {simple: RANDOM}}]\n"
+    ));
+    assert_all_accepted(&t);
+    use wp::traffic_policy::LoadBalancer;
+    let base = policy(&t, "shop/DestinationRule:cart").traffic.expect("traffic");
+    assert_eq!(base.load_balancer, LoadBalancer::RoundRobin as i32);
+    let port = policy(&t, "shop/DestinationRule:cart:80").traffic.expect("traffic");
+    assert_eq!(port.load_balancer, LoadBalancer::Random as i32);
+    let bad = once(&format!(
+        "{WORKLOADS}---\n{}",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: cart, namespace: shop}\nspec: {host: cart, trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}}\n"
+    ));
+    assert_eq!(
+        status(&bad, "DestinationRule", "cart").fault.as_ref().map(|f| f.field.as_str()),
+        Some("spec.trafficPolicy.loadBalancer.simple")
+    );
+}

@@ -115,6 +115,8 @@ pub struct TrafficConfig {
     pub outlier: Option<Outlier>,
     /// Requests per upstream connection before a new one is opened.
     pub max_requests_per_connection: Option<u32>,
+    /// How endpoints are picked (`None`: the waypoint's default).
+    pub balance: Option<crate::upstream::Balance>,
 }
 
 impl TrafficConfig {
@@ -153,7 +155,16 @@ impl TrafficConfig {
         };
         let max_requests_per_connection =
             t.connection_pool.as_ref().map(|c| c.max_requests_per_connection).filter(|n| *n > 0);
-        Ok(Self { limit, outlier, max_requests_per_connection })
+        use crate::upstream::Balance;
+        use wp::traffic_policy::LoadBalancer;
+        let balance = match LoadBalancer::try_from(t.load_balancer) {
+            Ok(LoadBalancer::Default) => None,
+            Ok(LoadBalancer::RoundRobin) => Some(Balance::RoundRobin),
+            Ok(LoadBalancer::LeastRequest) => Some(Balance::LeastRequest),
+            Ok(LoadBalancer::Random) => Some(Balance::Random),
+            Err(_) => return Err(format!("unknown load balancer {}", t.load_balancer)),
+        };
+        Ok(Self { limit, outlier, max_requests_per_connection, balance })
     }
 }
 
@@ -164,6 +175,8 @@ pub struct TrafficPolicy {
     pub outlier: Option<Outlier>,
     /// Requests per upstream connection before a new one is opened.
     pub max_requests_per_connection: Option<u32>,
+    /// How endpoints are picked (`None`: the waypoint's default).
+    pub balance: Option<crate::upstream::Balance>,
 }
 
 impl TrafficPolicy {
@@ -185,6 +198,7 @@ impl TrafficPolicy {
             limit,
             outlier: config.outlier,
             max_requests_per_connection: config.max_requests_per_connection,
+            balance: config.balance,
         }
     }
 
@@ -194,6 +208,7 @@ impl TrafficPolicy {
             limit: self.limit.as_ref().map(|l| l.config()),
             outlier: self.outlier.clone(),
             max_requests_per_connection: self.max_requests_per_connection,
+            balance: self.balance,
         }
     }
 
@@ -435,6 +450,7 @@ mod tests {
                 base_ejection_time: Some(prost_types::Duration { seconds, nanos }),
                 max_ejection_percent: 0,
             }),
+            load_balancer: 0,
         };
         assert!(TrafficPolicy::from_proto(&policy(i64::MIN, 0)).is_err());
         assert!(TrafficPolicy::from_proto(&policy(-1, 0)).is_err());
@@ -478,6 +494,7 @@ mod tests {
                 base_ejection_time: None,
                 max_ejection_percent: 0,
             }),
+            load_balancer: 0,
         };
         let first = TrafficPolicy::update(None, &proto(1, 0)).expect("policy");
         let held = first.limit.as_ref().expect("limit").acquire().await.expect("slot");

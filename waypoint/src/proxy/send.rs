@@ -56,13 +56,13 @@ pub async fn endpoint(
         ex.target = Some(target.clone());
         return Ok(Endpoint { target, service, port: down.target_addr.port(), traffic: None });
     }
-    let traffic = table.policy.traffic.get(&service.key()).cloned();
+    let traffic = table.policy.traffic_for(&service.key(), u32::from(backend.service.port));
     if let Some(limit) = traffic.as_ref().and_then(|t| t.limit.as_ref()) {
         ex.slot = Some(limit.acquire().await.ok_or_else(|| ProxyError::Overflow(service.key()))?);
     }
     let target = ctx
         .upstream
-        .choose(&snapshot, &service, backend.service.port)
+        .choose_with(&snapshot, &service, backend.service.port, traffic.as_ref().and_then(|t| t.balance))
         .ok_or_else(|| ProxyError::NoHealthyUpstream(service.key()))?;
     ex.log.upstream_host = Some(target.addr.to_string());
     target.outstanding.fetch_add(1, Ordering::Relaxed);

@@ -33,6 +33,12 @@ pub struct PolicyIndex {
 }
 
 impl PolicyIndex {
+    /// The traffic policy for `service` (`namespace/hostname`) on `port`: the port's own, else
+    /// the service's.
+    pub fn traffic_for(&self, service: &str, port: u32) -> Option<Arc<TrafficPolicy>> {
+        self.traffic.get(&format!("{service}:{port}")).or_else(|| self.traffic.get(service)).cloned()
+    }
+
     pub fn build<'a>(compiled: impl IntoIterator<Item = &'a CompiledPolicy>) -> Self {
         let mut index = Self::default();
         for c in compiled {
@@ -56,7 +62,13 @@ impl PolicyIndex {
                 index.jwt.entry(t.clone()).or_default().extend(c.jwt.iter().map(|(_, r)| r.clone()));
             }
             if let (Target::Service(key), Some(tp)) = (t, &c.traffic) {
-                index.traffic.insert(key.clone(), tp.clone());
+                // A policy for one port of the service (`<key>:<port>`) beside the service's.
+                let port = match c.source.target.as_ref().and_then(|t| t.target.as_ref()) {
+                    Some(proto::waypoint::parent_ref::Target::Service(s)) => s.port,
+                    _ => 0,
+                };
+                let key = if port == 0 { key.clone() } else { format!("{key}:{port}") };
+                index.traffic.insert(key, tp.clone());
             }
         }
         index

@@ -799,6 +799,7 @@ impl WaypointPolicySpec {
                             max_ejection_percent: o.max_ejection_percent,
                         }),
                     },
+                    load_balancer: 0,
                 }),
             },
         };

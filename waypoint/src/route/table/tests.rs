@@ -234,3 +234,33 @@ spec:
         "a.demo.svc.cluster.local"
     );
 }
+
+#[test]
+fn destination_rule_settings_apply_per_port_then_per_service() {
+    let t = common::translate::Translator::default().translate_yaml([(
+        "t.yaml",
+        format!(
+            "{SERVICES}---\n{}",
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: demo}\nspec:\n  host: echo\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n    portLevelSettings: [{port: {number: 80}, loadBalancer: {simple: RANDOM}}]\n"
+        )
+        .as_str(),
+    )]);
+    let compiled: Vec<CompiledPolicy> = t
+        .resources
+        .iter()
+        .filter_map(|r| {
+            match prost::Message::decode(r.body.value.as_slice()).map(|res: wp::Resource| res.kind) {
+                Ok(Some(wp::resource::Kind::Policy(p))) => {
+                    Some(CompiledPolicy::compile(p, None, &Default::default()).expect("compiles"))
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    assert_eq!(compiled.len(), 2);
+    let index = PolicyIndex::build(&compiled);
+    let balance = |port| index.traffic_for("demo/echo.demo.svc.cluster.local", port).and_then(|t| t.balance);
+    use crate::upstream::Balance;
+    assert_eq!(balance(80), Some(Balance::Random), "the port's own");
+    assert_eq!(balance(81), Some(Balance::RoundRobin), "the service's");
+}
