@@ -114,6 +114,9 @@ pub fn decode(raw: &RawObject) -> Result<Object, Fault> {
             }
             // Checked here, not when built: workloads read PeerAuthentications directly, and a
             // refused one must reach them in its fail-safe (STRICT) form.
+            if p.port_level_mtls.contains_key(&0) {
+                return Err(Fault::new("spec.portLevelMtls", "port 0 is not a port (1..=65535)"));
+            }
             if !p.port_level_mtls.is_empty() && p.selector.is_none() {
                 return Err(Fault::new("spec.portLevelMtls", "needs a selector (as in Istio)"));
             }

@@ -971,3 +971,38 @@ fn destination_rule_load_balancers_per_service_and_port() {
         Some("spec.trafficPolicy.loadBalancer.simple")
     );
 }
+
+#[test]
+fn port_zero_is_refused_where_it_would_reach_a_resource() {
+    for (kind, doc, field) in [
+        (
+            "Service",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\nspec: {ports: [{port: 0}]}\n",
+            "spec.ports[0].port",
+        ),
+        (
+            "ServiceEntry",
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: e, namespace: a}\nspec: {hosts: [x.y], ports: [{number: 0, name: p}]}\n",
+            "spec.ports[0].number",
+        ),
+        (
+            "PeerAuthentication",
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: a}\nspec: {selector: {matchLabels: {a: b}}, portLevelMtls: {0: {mode: STRICT}}}\n",
+            "spec.portLevelMtls",
+        ),
+    ] {
+        let t = once(doc);
+        assert_eq!(
+            status(
+                &t,
+                kind,
+                doc.split("name: ").nth(1).and_then(|n| n.split(',').next()).unwrap_or_default()
+            )
+            .fault
+            .as_ref()
+            .map(|f| f.field.as_str()),
+            Some(field),
+            "{kind}"
+        );
+    }
+}

@@ -541,6 +541,9 @@ pub fn service_entry(
     if spec.hosts.is_empty() {
         return Err(Fault::new("spec.hosts", "at least one host is required"));
     }
+    if let Some(i) = spec.hosts.iter().position(|h| h.is_empty() || h.contains(['/', ' '])) {
+        return Err(Fault::new(format!("spec.hosts[{i}]"), "is not a host name"));
+    }
     let mut addresses = Vec::new();
     for (i, a) in spec.addresses.iter().enumerate() {
         let field = format!("spec.addresses[{i}]");

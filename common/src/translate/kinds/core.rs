@@ -63,6 +63,7 @@ pub struct ServiceSpec {
 pub struct ServicePort {
     #[serde(default)]
     pub name: String,
+    #[serde(deserialize_with = "port_number")]
     pub port: u16,
     /// A number or the name of a container port.
     #[serde(default)]
@@ -211,4 +212,12 @@ pub struct Condition {
 pub struct NamespaceSpec {
     #[serde(default)]
     finalizers: IgnoredAny,
+}
+
+/// A port number: 1..=65535 (0 is not a port, whatever the type allows).
+pub fn port_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    match u16::deserialize(d)? {
+        0 => Err(serde::de::Error::custom("port 0 is not a port (1..=65535)")),
+        p => Ok(p),
+    }
 }

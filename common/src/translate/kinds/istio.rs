@@ -281,6 +281,7 @@ pub struct PortTrafficPolicy {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortSelector {
+    #[serde(deserialize_with = "super::core::port_number")]
     pub number: u16,
 }
 
@@ -379,6 +380,7 @@ pub struct ServiceEntrySpec {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceEntryPort {
+    #[serde(deserialize_with = "super::core::port_number")]
     pub number: u16,
     #[serde(default)]
     pub protocol: Option<String>,

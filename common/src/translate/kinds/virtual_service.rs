@@ -127,6 +127,7 @@ pub struct DestinationRef {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortSelector {
+    #[serde(deserialize_with = "super::core::port_number")]
     pub number: u16,
 }
 
