@@ -202,7 +202,7 @@ impl LocalSource {
             self.metrics.rejected_objects.get_or_create(&XdsMetrics::kind_label("")).inc();
         }
         for s in t.statuses.iter().filter(|s| !s.notes.is_empty()) {
-            debug!(object = %s.object, notes = ?s.notes, "config object applied with notes");
+            info!(object = %s.object, notes = ?s.notes, "config object applied differently from what was written");
         }
         info!(objects = t.statuses.len(), refused = t.refused_count(), path = %self.path.display(), "read local config objects");
         self.objects.set(t);
