@@ -14,7 +14,8 @@
 //!   a workload's `portLevelMtls` PERMISSIVE opens one port again.
 //! - A refused object (a typo in the mode) leaves its previous version in force.
 //! - An `AuthorizationPolicy` with `targetRefs` to a Service (waypoint, L7) denies a path; an
-//!   `HTTPRoute` on that Service adds a response header.
+//!   `HTTPRoute` on that Service adds a response header, and a VirtualService for the same
+//!   Service is not applied (no mixing); a VirtualService's fault applies on another Service.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -83,6 +84,31 @@ apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
 spec: {selector: {app: web}, clusterIP: 10.96.0.30, ports: [{name: http, port: 80, targetPort: 8081}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web2, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
+spec: {selector: {app: web}, clusterIP: 10.96.0.31, ports: [{name: http, port: 80, targetPort: 8081}]}
+---
+# VirtualService at the waypoint: a fault on one path of web2. The one on web is not applied:
+# web has an HTTPRoute, and Istio does not mix them.
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web2, namespace: shop}
+spec:
+  hosts: [web2]
+  http:
+    - match: [{uri: {prefix: /teapot}}]
+      fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+      route: [{destination: {host: web2}}]
+    - route: [{destination: {host: web2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web]
+  http: [{fault: {abort: {httpStatus: 500, percentage: {value: 100}}}, route: [{destination: {host: web}}]}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -196,8 +222,12 @@ fn converge_policy(
 }
 
 fn http_get(rt: &tokio::runtime::Runtime, path: &str) -> (u16, String) {
-    let addr: SocketAddr = "10.96.0.30:80".parse().expect("addr");
-    let req = support::get(path, "web.shop.svc.cluster.local", &[]);
+    http_get_from(rt, "10.96.0.30:80", "web.shop.svc.cluster.local", path)
+}
+
+fn http_get_from(rt: &tokio::runtime::Runtime, vip: &str, host: &str, path: &str) -> (u16, String) {
+    let addr: SocketAddr = vip.parse().expect("addr");
+    let req = support::get(path, host, &[]);
     // Spawned, so that it runs on the runtime's threads inside the client pod.
     rt.block_on(rt.spawn(async move { support::raw_http(addr, &req).await })).expect("join")
 }
@@ -289,6 +319,13 @@ fn standard_resources_govern_real_traffic() {
     assert_eq!(status, 403, "{answer}");
     let (status, answer) = http_get(&client_rt, "/%61dmin");
     assert_eq!(status, 403, "normalized before the policy: {answer}");
+    // The VirtualService's fault applies to its route on web2 (and only there).
+    let (status, answer) =
+        http_get_from(&client_rt, "10.96.0.31:80", "web2.shop.svc.cluster.local", "/teapot/1");
+    assert_eq!(status, 418, "{answer}");
+    let (status, answer) = http_get_from(&client_rt, "10.96.0.31:80", "web2.shop.svc.cluster.local", "/x");
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("web GET /x"), "{answer}");
 
     drop(zt_a);
     drop(zt_b);
