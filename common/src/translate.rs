@@ -192,12 +192,9 @@ impl Translator {
                         }
                         None => match policies::failsafe(&raw) {
                             // A policy never applied must not leave its scope open.
-                            Some((spec, note)) => {
+                            Some((obj, note)) => {
                                 status.notes.push(note);
-                                effective.insert(
-                                    key.clone(),
-                                    Object { key: key.clone(), meta: raw.metadata.clone(), spec },
-                                );
+                                effective.insert(key.clone(), obj);
                                 InForce::None
                             }
                             None => InForce::None,

@@ -145,6 +145,30 @@ impl<'a> Index<'a> {
     }
 }
 
+impl Index<'_> {
+    /// The Service or ServiceEntry of `host` (a short name is in `ns`): its namespace, the
+    /// fully qualified host and its ports. Wildcard hosts resolve to nothing.
+    pub fn resolve_host(&self, ns: &str, host: &str) -> Option<(String, String, Vec<u16>)> {
+        if host.contains('*') {
+            return None;
+        }
+        let fqdn = if host.contains('.') { host.to_string() } else { self.hostname(ns, host) };
+        self.services
+            .iter()
+            .find(|((sns, sname), _)| self.hostname(sns, sname) == fqdn)
+            .map(|((sns, _), (_, s))| {
+                (sns.to_string(), fqdn.clone(), s.ports.iter().map(|p| p.port).collect())
+            })
+            .or_else(|| {
+                self.service_entries.iter().find(|(_, (_, se))| se.hosts.contains(&fqdn)).map(
+                    |((sns, _), (_, se))| {
+                        (sns.to_string(), fqdn.clone(), se.ports.iter().map(|p| p.number).collect())
+                    },
+                )
+            })
+    }
+}
+
 /// Whether `labels` satisfy a Kubernetes label selector.
 pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> Result<bool, Fault> {
     if !sel.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)) {

@@ -678,19 +678,9 @@ pub fn destination_rule(
     if spec.host.contains('*') {
         return Err(Fault::new("spec.host", "wildcard hosts are not supported"));
     }
-    let host = if spec.host.contains('.') { spec.host.clone() } else { ix.hostname(ns, &spec.host) };
-    let service_ns = ix
-        .services
-        .keys()
-        .find(|(sns, sname)| ix.hostname(sns, sname) == host)
-        .map(|(sns, _)| sns.to_string())
-        .or_else(|| {
-            ix.service_entries
-                .iter()
-                .find(|(_, (_, se))| se.hosts.contains(&host))
-                .map(|((sns, _), _)| sns.to_string())
-        })
-        .ok_or_else(|| Fault::new("spec.host", format!("no Service or ServiceEntry has host {host}")))?;
+    let (service_ns, host, _) = ix.resolve_host(ns, &spec.host).ok_or_else(|| {
+        Fault::new("spec.host", format!("no Service or ServiceEntry has host {}", spec.host))
+    })?;
     if !spec.subsets.is_empty() {
         out.note("spec.subsets are only used by VirtualService routes, which are not supported yet");
     }
@@ -780,64 +770,44 @@ pub fn waypoint_policy(
 
 /// The fail-safe stand-in for a security policy that cannot be read and was never accepted,
 /// in the scope its `selector`/`targetRefs` name when those can be read (otherwise its
-/// namespace):
-/// - an AuthorizationPolicy: an ALLOW as an ALLOW that matches nothing, anything else (DENY,
-///   CUSTOM, an unreadable action) as a DENY of everything; AUDIT decides nothing and needs none;
-/// - a PeerAuthentication: STRICT on every port (plaintext refused).
-pub fn failsafe(raw: &super::RawObject) -> Option<(super::Spec, String)> {
+/// namespace); see [`failsafe_of`]. An unreadable action is taken as DENY.
+pub fn failsafe(raw: &super::RawObject) -> Option<(Object, String)> {
     if !raw.api_version.starts_with("security.istio.io") {
         return None;
     }
-    let spec = raw.body.get("spec");
-    let field = |k: &str| spec.and_then(|s| s.get(k)).cloned();
-    let selector: Option<super::kinds::istio::WorkloadSelector> =
-        field("selector").and_then(|v| serde_json::from_value(v).ok());
-    match raw.kind.as_str() {
+    let field = |k: &str| raw.body.get("spec").and_then(|s| s.get(k)).cloned();
+    fn lenient<T: serde::de::DeserializeOwned>(v: Option<serde_json::Value>) -> Option<T> {
+        v.and_then(|v| serde_json::from_value(v).ok())
+    }
+    let spec = match raw.kind.as_str() {
         "AuthorizationPolicy" => {
             let action = match field("action") {
                 None => Action::Allow,
                 Some(serde_json::Value::String(a)) if a == "ALLOW" => Action::Allow,
-                Some(serde_json::Value::String(a)) if a == "AUDIT" => return None,
+                Some(serde_json::Value::String(a)) if a == "AUDIT" => Action::Audit,
                 _ => Action::Deny,
             };
-            let target_refs: Vec<TargetRef> =
-                field("targetRefs").and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default();
-            let target_ref = field("targetRef").and_then(|v| serde_json::from_value(v).ok());
-            let rules = if action == Action::Allow { vec![] } else { vec![Rule::default()] };
-            let note = if action == Action::Allow {
-                "held fail-safe: an ALLOW that matches nothing in its scope until it is fixed"
-            } else {
-                "held fail-safe: a DENY of everything in its scope until it is fixed"
-            };
-            let spec = AuthorizationPolicySpec {
-                selector,
-                target_ref,
-                target_refs,
-                rules: Some(rules),
+            super::Spec::AuthorizationPolicy(AuthorizationPolicySpec {
+                selector: lenient(field("selector")),
+                target_ref: lenient(field("targetRef")),
+                target_refs: lenient(field("targetRefs")).unwrap_or_default(),
                 action,
-                provider: None,
-            };
-            Some((super::Spec::AuthorizationPolicy(spec), note.to_string()))
+                ..Default::default()
+            })
         }
-        "PeerAuthentication" => {
-            use super::kinds::istio::{Mtls, MtlsMode};
-            let spec = PeerAuthenticationSpec {
-                selector,
-                mtls: Some(Mtls { mode: MtlsMode::Strict }),
-                port_level_mtls: Default::default(),
-            };
-            Some((
-                super::Spec::PeerAuthentication(spec),
-                "held fail-safe: STRICT on every port of its scope (plaintext refused) until it is fixed"
-                    .to_string(),
-            ))
-        }
-        _ => None,
-    }
+        "PeerAuthentication" => super::Spec::PeerAuthentication(PeerAuthenticationSpec {
+            selector: lenient(field("selector")),
+            ..Default::default()
+        }),
+        _ => return None,
+    };
+    failsafe_of(&Object { key: super::kinds::key_of(raw), meta: raw.metadata.clone(), spec })
 }
 
-/// As [`failsafe`], for a security policy that was read but could not be built (a reference
-/// to nothing, a value the proxies cannot apply) and was never accepted.
+/// The fail-safe form of a security policy that was refused and never accepted: an
+/// AuthorizationPolicy ALLOW as an ALLOW that matches nothing, anything else (DENY, CUSTOM) as
+/// a DENY of everything, in the same scope (AUDIT decides nothing and needs none); a
+/// PeerAuthentication as STRICT on every port (plaintext refused).
 pub fn failsafe_of(obj: &Object) -> Option<(Object, String)> {
     use super::kinds::istio::{Mtls, MtlsMode};
     let (spec, note) = match &obj.spec {

@@ -50,12 +50,33 @@ struct Rule {
     name: String,
 }
 
+/// Gateway API's own list bounds (its CRDs' `maxItems`), which also bound the resources one
+/// route expands into (parents x rules): parents, then (matches, filters, backendRefs) per rule.
+fn limits(parents: usize, rules: impl ExactSizeIterator<Item = (usize, usize, usize)>) -> Result<(), Fault> {
+    let limit = |field: String, len: usize, max: usize| match len > max {
+        true => Err(Fault::new(field, format!("{len} items; at most {max}"))),
+        false => Ok(()),
+    };
+    limit("spec.parentRefs".into(), parents, 32)?;
+    limit("spec.rules".into(), rules.len(), 16)?;
+    for (i, (matches, filters, backends)) in rules.enumerate() {
+        limit(format!("spec.rules[{i}].matches"), matches, 64)?;
+        limit(format!("spec.rules[{i}].filters"), filters, 16)?;
+        limit(format!("spec.rules[{i}].backendRefs"), backends, 16)?;
+    }
+    Ok(())
+}
+
 pub fn http_route(
     ix: &Index<'_>,
     obj: &Object,
     spec: &HttpRouteSpec,
     out: &mut Emitted,
 ) -> Result<(), Fault> {
+    limits(
+        spec.parent_refs.len(),
+        spec.rules.iter().map(|r| (r.matches.len(), r.filters.len(), r.backend_refs.len())),
+    )?;
     let parents = parents(ix, obj, Kind::Http, &spec.parent_refs)?;
     hostnames(&spec.hostnames, &parents, out)?;
     let mut rules = Vec::new();
@@ -159,6 +180,10 @@ pub fn grpc_route(
     spec: &GrpcRouteSpec,
     out: &mut Emitted,
 ) -> Result<(), Fault> {
+    limits(
+        spec.parent_refs.len(),
+        spec.rules.iter().map(|r| (r.matches.len(), r.filters.len(), r.backend_refs.len())),
+    )?;
     let parents = parents(ix, obj, Kind::Grpc, &spec.parent_refs)?;
     hostnames(&spec.hostnames, &parents, out)?;
     let mut rules = Vec::new();

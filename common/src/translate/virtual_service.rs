@@ -31,46 +31,16 @@ const RETRY_ON_GRPC: &[&str] = &[
     "retriable-headers",
 ];
 
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if "\\.+*?()|[]{}^$#&-~".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// An Istio string match as a waypoint value match (a prefix as an anchored regex).
 fn value(name: &str, m: &StringMatch, field: &str) -> Result<wp::ValueMatch, Fault> {
     use wp::value_match::Value;
     let v = match (&m.exact, &m.prefix, &m.regex) {
         (Some(e), None, None) => Value::Exact(e.clone()),
-        (None, Some(p), None) => Value::Regex(format!("{}.*", escape(p))),
+        (None, Some(p), None) => Value::Regex(format!("{}.*", regex::escape(p))),
         (None, None, Some(r)) => Value::Regex(r.clone()),
         _ => return Err(Fault::new(field, "exactly one of exact, prefix, regex")),
     };
     Ok(wp::ValueMatch { name: name.to_string(), value: Some(v) })
-}
-
-/// The `namespace/hostname` of a Service or ServiceEntry host (short names are in `ns`).
-fn resolve_host(ix: &Index<'_>, ns: &str, host: &str) -> Option<(String, String, Vec<u16>)> {
-    if host.contains('*') {
-        return None;
-    }
-    let fqdn = if host.contains('.') { host.to_string() } else { ix.hostname(ns, host) };
-    ix.services
-        .iter()
-        .find(|((sns, sname), _)| ix.hostname(sns, sname) == fqdn)
-        .map(|((sns, _), (_, s))| (sns.to_string(), fqdn.clone(), s.ports.iter().map(|p| p.port).collect()))
-        .or_else(|| {
-            ix.service_entries.iter().find(|(_, (_, se))| se.hosts.contains(&fqdn)).map(
-                |((sns, _), (_, se))| {
-                    (sns.to_string(), fqdn.clone(), se.ports.iter().map(|p| p.number).collect())
-                },
-            )
-        })
 }
 
 /// Whether an HTTPRoute or GRPCRoute attaches to the Service of `host`.
@@ -93,7 +63,7 @@ fn service_ref(ix: &Index<'_>, ns: &str, d: &DestinationRef, field: &str) -> Res
     if d.subset.is_some() {
         return Err(Fault::new(format!("{field}.subset"), "subsets are not supported at waypoints"));
     }
-    let (sns, hostname, ports) = resolve_host(ix, ns, &d.host).ok_or_else(|| {
+    let (sns, hostname, ports) = ix.resolve_host(ns, &d.host).ok_or_else(|| {
         Fault::new(format!("{field}.host"), format!("no Service or ServiceEntry has host {}", d.host))
     })?;
     let port = match (&d.port, ports.as_slice()) {
@@ -146,7 +116,7 @@ fn matches(r: &HttpRoute, field: &str) -> Result<(Vec<wp::RouteMatch>, Option<u1
                     }
                     // With a prefix rewrite the prefix must be a path-segment one.
                     (None, Some(p), None) if rewrites_prefix => P::Prefix(p.clone()),
-                    (None, Some(p), None) => P::Regex(format!("{}.*", escape(p))),
+                    (None, Some(p), None) => P::Regex(format!("{}.*", regex::escape(p))),
                     (None, None, Some(x)) => {
                         all_prefix = false;
                         P::Regex(x.clone())
@@ -311,7 +281,7 @@ pub fn virtual_service(
     }
     let mut hosts = Vec::new();
     for (i, h) in spec.hosts.iter().enumerate() {
-        let (sns, fqdn, _) = resolve_host(ix, ns, h).ok_or_else(|| {
+        let (sns, fqdn, _) = ix.resolve_host(ns, h).ok_or_else(|| {
             Fault::new(format!("spec.hosts[{i}]"), format!("no Service or ServiceEntry has host {h}"))
         })?;
         if has_gateway_api_route(ix, &sns, &fqdn) {

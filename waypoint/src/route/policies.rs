@@ -28,15 +28,17 @@ pub struct PolicyIndex {
     pub retries: BTreeMap<Target, RetryPolicy>,
     pub mirrors: BTreeMap<Target, Vec<Mirror>>,
     pub jwt: BTreeMap<Target, Vec<Arc<JwtRule>>>,
-    /// Request caps and outlier detection by backend service (`namespace/hostname`).
-    pub traffic: BTreeMap<String, Arc<TrafficPolicy>>,
+    /// Request caps, outlier detection and load balancing by backend service
+    /// (`namespace/hostname`), then port (0: every port without one of its own).
+    pub traffic: BTreeMap<String, BTreeMap<u32, Arc<TrafficPolicy>>>,
 }
 
 impl PolicyIndex {
     /// The traffic policy for `service` (`namespace/hostname`) on `port`: the port's own, else
     /// the service's.
     pub fn traffic_for(&self, service: &str, port: u32) -> Option<Arc<TrafficPolicy>> {
-        self.traffic.get(&format!("{service}:{port}")).or_else(|| self.traffic.get(service)).cloned()
+        let ports = self.traffic.get(service)?;
+        ports.get(&port).or_else(|| ports.get(&0)).cloned()
     }
 
     pub fn build<'a>(compiled: impl IntoIterator<Item = &'a CompiledPolicy>) -> Self {
@@ -62,13 +64,12 @@ impl PolicyIndex {
                 index.jwt.entry(t.clone()).or_default().extend(c.jwt.iter().map(|(_, r)| r.clone()));
             }
             if let (Target::Service(key), Some(tp)) = (t, &c.traffic) {
-                // A policy for one port of the service (`<key>:<port>`) beside the service's.
+                // A policy for one port of the service beside the service's (port 0).
                 let port = match c.source.target.as_ref().and_then(|t| t.target.as_ref()) {
                     Some(proto::waypoint::parent_ref::Target::Service(s)) => s.port,
                     _ => 0,
                 };
-                let key = if port == 0 { key.clone() } else { format!("{key}:{port}") };
-                index.traffic.insert(key, tp.clone());
+                index.traffic.entry(key.clone()).or_default().insert(port, tp.clone());
             }
         }
         index

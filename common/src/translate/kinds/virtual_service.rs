@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
+pub use super::istio::PortSelector;
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VirtualServiceSpec {
@@ -122,13 +124,6 @@ pub struct DestinationRef {
     pub subset: Option<String>,
     #[serde(default)]
     pub port: Option<PortSelector>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PortSelector {
-    #[serde(deserialize_with = "super::core::port_number")]
-    pub number: u16,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
