@@ -982,11 +982,25 @@ sys.stdout.write(repr(reply))
     assert_eq!(grpc_nf, 1.0);
     assert!(samples(&m, "istio_request_duration_milliseconds_count", &["reporter=\"waypoint\""]) >= 1000.0);
     assert!(m.contains("istio_response_bytes_bucket"), "{m}");
-    let tcp = samples(
-        &m,
-        "istio_tcp_connections_opened_total",
-        &["reporter=\"waypoint\"", "request_protocol=\"tcp\""],
-    );
+    // A passthrough connection is recorded when it ends, which for the admitted tunnel (closed
+    // at once by the client) may be a moment after the scrape above: read again until it is in.
+    let tcp_connections = |m: &str| {
+        samples(
+            m,
+            "istio_tcp_connections_opened_total",
+            &["reporter=\"waypoint\"", "request_protocol=\"tcp\""],
+        )
+    };
+    let mut tcp = tcp_connections(&m);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tcp < 2.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let (_, again) = wp_rt
+            .block_on(wp_rt.spawn(mesh_tests::http::get(metrics_addr, "/metrics")))
+            .expect("join")
+            .expect("metrics");
+        tcp = tcp_connections(&again);
+    }
     assert_eq!(tcp, 2.0, "the TCP passthrough, and demo/client's admitted tunnel to port 82");
     let denied = samples(
         &m,
