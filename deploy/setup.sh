@@ -13,14 +13,19 @@ set -euo pipefail
 # builds the network namespaces and the routing rule the redirector installs; procps (sysctl) turns
 # on forwarding in them; bpftool inspects pinned eBPF objects; curl is for the demo and the
 # waypoint test; iperf3 and taskset (util-linux) are for the benchmark runner. The proto crate
-# uses protox (pure Rust), so no system protoc is needed.
-packages=(curl clang llvm libbpf-dev iproute2 iperf3 util-linux bpftool procps)
+# uses protox (pure Rust), so no system protoc is needed. containernetworking-plugins (bridge,
+# ptp, host-local) drive the CNI plugin test; buildah, skopeo and umoci build and check the OCI
+# images without a container daemon (deploy/images/build.sh).
+packages=(curl clang llvm libbpf-dev iproute2 iperf3 util-linux bpftool procps
+  containernetworking-plugins buildah skopeo umoci)
 # The same needs as commands or files, for a machine without dpkg.
-needs=(curl clang llvm-objdump /usr/include/bpf/bpf_helpers.h ip iperf3 taskset bpftool sysctl)
+needs=(curl clang llvm-objdump /usr/include/bpf/bpf_helpers.h ip iperf3 taskset bpftool sysctl
+  /usr/lib/cni/host-local buildah skopeo umoci)
 
 # Python packages, as "import-name:pip-name": the waypoint test checks a gRPC client from an
 # independent implementation, Python's grpcio.
-python_packages=(grpc:grpcio)
+# kubernetes-validate checks the rendered Kubernetes manifests against the API's schemas.
+python_packages=(grpc:grpcio kubernetes_validate:kubernetes-validate)
 
 check_only=false
 case "${1:-}" in
@@ -62,7 +67,8 @@ if ! command -v dpkg-query >/dev/null || ! command -v apt-get >/dev/null; then
   fi
   fail "no apt-get here, so this script cannot install anything. Missing: ${absent[*]}.
 setup: needed: clang and llvm (eBPF compiler), libbpf headers (/usr/include/bpf), iproute2 (ip),
-setup: curl, iperf3, taskset (util-linux), bpftool, sysctl (procps), python3 with pip package(s):
+setup: curl, iperf3, taskset (util-linux), bpftool, sysctl (procps), the CNI reference plugins
+setup: (/usr/lib/cni), buildah, skopeo, umoci, python3 with pip package(s):
 setup: ${python_packages[*]#*:}. Install them with your package manager, then run this again."
 fi
 

@@ -1,8 +1,10 @@
-//! What ztunnel and waypoint share: the delta-ADS xDS client and its local-file twin, the
-//! indexed mesh state and L4 authorization, identity, mTLS and HBONE, byte copying, drain,
-//! readiness, metrics and admin plumbing, and logging setup.
+//! What ztunnel, waypoint and the controller share: the app skeleton, the delta-ADS xDS client
+//! and its local-file twin, the indexed mesh state and L4 authorization, the translation of
+//! Kubernetes objects, identity, mTLS and HBONE, byte copying, drain, readiness, metrics and
+//! admin plumbing, and logging setup.
 
 pub mod admin;
+pub mod app;
 pub mod backoff;
 pub mod copy;
 pub mod drain;

@@ -111,11 +111,24 @@ impl Emitted {
 pub struct Settings {
     pub domain: String,
     pub root_namespace: String,
+    /// Gateway classes whose Gateways are waypoints (Istio's and ours by default).
+    pub waypoint_classes: Vec<String>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { domain: DEFAULT_DOMAIN.into(), root_namespace: DEFAULT_ROOT_NAMESPACE.into() }
+        Self {
+            domain: DEFAULT_DOMAIN.into(),
+            root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
+            waypoint_classes: index::WAYPOINT_CLASSES.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+impl Settings {
+    /// Whether Gateways of `class` are waypoints.
+    pub fn is_waypoint_class(&self, class: &str) -> bool {
+        self.waypoint_classes.iter().any(|c| c == class)
     }
 }
 

@@ -40,6 +40,18 @@ impl Source {
         self.spawn_reporting(handlers, ready, metrics, ConfigObjects::default())
     }
 
+    /// Attaches our certificate source, for an xDS server reached over mesh mTLS (see
+    /// [`crate::grpc::MeshTls`]); a no-op for a file or a server verified otherwise.
+    pub fn with_mesh_tls(self, certs: crate::identity::CertificateManager, own: crate::identity::Identity) -> Self {
+        match self {
+            Source::Xds(mut config) => {
+                config.target = config.target.with_mesh_tls(certs, own);
+                Source::Xds(config)
+            }
+            file => file,
+        }
+    }
+
     /// As [`Source::spawn`]; a file source also reports its objects' statuses into `objects`.
     pub fn spawn_reporting(
         self,

@@ -4,7 +4,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use common::admin::{self, Reply, Router};
+use common::admin::{Reply, Router};
+use common::app::{ServerAddrs, Skeleton, Tasks};
 use common::drain::Drain;
 use common::hbone::pool::{Pool, PoolConfig, PoolMetrics};
 use common::hbone::server::{self, ManagedTls};
@@ -13,7 +14,6 @@ use common::identity::{CertificateManager, Identity};
 use common::readiness::Ready;
 use common::state::State;
 use common::xds::XdsMetrics;
-use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::config::Config;
@@ -46,47 +46,36 @@ pub struct App {
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
     drain: Option<Drain>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
+    /// Ends every background task when the app is dropped.
+    _tasks: Tasks,
 }
 
 impl App {
     pub async fn start(config: Config) -> anyhow::Result<Self> {
-        let ready = Ready::new();
-        let mut registry = common::metrics::new_registry();
-        common::metrics::register_build_info(&mut registry, "waypoint");
-        let xds_metrics = XdsMetrics::new(&mut registry);
+        let addrs = ServerAddrs {
+            admin: config.admin_addr,
+            metrics: config.metrics_addr,
+            readiness: config.readiness_addr,
+        };
+        let mut skeleton = Skeleton::bind("waypoint", addrs).await?;
+        let ready = skeleton.ready.clone();
+        let registry = &mut skeleton.registry;
+        let xds_metrics = XdsMetrics::new(registry);
         let identity = Identity::new(&config.trust_domain, &config.namespace, &config.service_account)?;
-        let certs = CertificateManager::new(ca_source(&config)?, CertMetrics::new(&mut registry));
+        let certs = CertificateManager::new(ca_source(&config)?, CertMetrics::new(registry));
         let (state, mut handlers) = State::new(&config.network);
         let routes = Routes::new(&mut handlers);
 
         let listener = crate::listener::bind(config.listen_addr).await?;
         let listen_addr = listener.local_addr()?;
-        let admin_listener = admin::bind(config.admin_addr).await?;
-        let metrics_listener = admin::bind(config.metrics_addr).await?;
-        let readiness_listener = admin::bind(config.readiness_addr).await?;
-        let admin_addr = admin_listener.local_addr()?;
-        let metrics_addr = metrics_listener.local_addr()?;
-        let readiness_addr = readiness_listener.local_addr()?;
 
         let config_objects = common::xds::ConfigObjects::default();
-        let mut tasks = vec![config.source.clone().spawn_reporting(
-            handlers,
-            &ready,
-            xds_metrics,
-            config_objects.clone(),
-        )];
+        let source = config.source.clone().with_mesh_tls(certs.clone(), identity.clone());
+        let mut tasks = std::mem::take(&mut skeleton.tasks);
+        tasks.push(source.spawn_reporting(handlers, &ready, xds_metrics, config_objects.clone()));
         let pool_config =
             PoolConfig { connect_timeout: config.limits.upstream_connect_timeout, ..PoolConfig::default() };
-        let pool = Pool::new(certs.clone(), pool_config, PoolMetrics::new(&mut registry));
+        let pool = Pool::new(certs.clone(), pool_config, PoolMetrics::new(registry));
         let tracer = match &config.otlp_endpoint {
             Some(e) => Tracer::otlp(
                 e.clone(),
@@ -99,11 +88,11 @@ impl App {
         let drain = Drain::new();
         let ctx = Arc::new(Context {
             tracer,
-            retries: crate::filter::retry::Retries::new(&mut registry),
+            retries: crate::filter::retry::Retries::new(registry),
             state: state.clone(),
             routes: routes.clone(),
             upstream: Upstream::new(pool, identity.clone(), config.balance),
-            metrics: Metrics::new(&mut registry, config.log_format, AccessSink::open(&config.access_log)?),
+            metrics: Metrics::new(registry, config.log_format, AccessSink::open(&config.access_log)?),
             waypoint: config.name.clone(),
             limits: config.limits.clone(),
             drain: drain.watch(),
@@ -142,10 +131,9 @@ impl App {
             block.done();
         }));
 
-        let registry = Arc::new(registry);
         let config_json = serde_json::to_value(&config).unwrap_or_default();
         let (dump_ready, dump_state, dump_routes) = (ready.clone(), state.clone(), routes.clone());
-        let admin_router = admin::readiness_routes(Router::new(), ready.clone())
+        let admin_router = Router::new()
             .route("/config_dump", move |_| {
                 Reply::json(&serde_json::json!({
                     "config": config_json,
@@ -163,17 +151,10 @@ impl App {
                 let certs = certs.clone();
                 move |_| Reply::json(&serde_json::to_value(certs.summary()).unwrap_or_default())
             });
-        tasks.push(tokio::spawn(admin::serve(
-            metrics_listener,
-            admin::metrics_routes(Router::new(), registry),
-            "metrics",
-        )));
-        tasks.push(tokio::spawn(admin::serve(
-            readiness_listener,
-            admin::readiness_routes(Router::new(), ready.clone()),
-            "readiness",
-        )));
-        tasks.push(tokio::spawn(admin::serve(admin_listener, admin_router, "admin")));
+        skeleton.serve(admin_router);
+        let ServerAddrs { admin: admin_addr, metrics: metrics_addr, readiness: readiness_addr } =
+            skeleton.addrs;
+        tasks.append(&mut skeleton.tasks);
         Ok(Self {
             ready,
             state,
@@ -184,7 +165,7 @@ impl App {
             metrics_addr,
             readiness_addr,
             drain: Some(drain),
-            tasks,
+            _tasks: tasks,
         })
     }
 

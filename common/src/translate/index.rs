@@ -11,6 +11,7 @@ use super::kinds::{Object, Spec, core::ServiceSpec};
 use super::object::{Fault, ObjectKey};
 
 /// Gateway classes whose Gateways are waypoints (Istio's, and ours).
+/// The default waypoint classes (see [`super::Settings::waypoint_classes`]).
 pub const WAYPOINT_CLASSES: &[&str] = &["istio-waypoint", "ambient-waypoint"];
 
 /// Label keys users already write (Istio's).
@@ -63,7 +64,7 @@ impl<'a> Index<'a> {
                 Spec::ServiceEntry(s) => {
                     ix.service_entries.insert((ns, name), (obj, s));
                 }
-                Spec::Gateway(g, st) if WAYPOINT_CLASSES.contains(&g.gateway_class_name.as_str()) => {
+                Spec::Gateway(g, st) if settings.is_waypoint_class(&g.gateway_class_name) => {
                     ix.waypoints.insert((ns, name), (obj, g, st));
                 }
                 Spec::ReferenceGrant(g) => ix.grants.push((ns, g)),

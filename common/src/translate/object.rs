@@ -202,6 +202,13 @@ pub fn read_documents(text: &str, source: &str) -> (Vec<RawObject>, Vec<Unreadab
     (objects, unreadable)
 }
 
+impl RawObject {
+    /// An object as the Kubernetes API returns it (JSON), checked as a document is.
+    pub fn from_value(value: Value, origin: String) -> Result<Self, Fault> {
+        envelope(value, origin)
+    }
+}
+
 fn envelope(value: Value, origin: String) -> Result<RawObject, Fault> {
     let Value::Object(mut map) = value else {
         return Err(Fault::new("", "a document must be an object with apiVersion, kind and metadata"));

@@ -192,11 +192,10 @@ pub fn gateway(
     out: &mut Emitted,
 ) -> Result<(), Fault> {
     let (ns, name) = (&obj.key.namespace, &obj.key.name);
-    if !super::index::WAYPOINT_CLASSES.contains(&spec.gateway_class_name.as_str()) {
+    if !ix.settings.is_waypoint_class(&spec.gateway_class_name) {
         out.note(format!(
             "class {:?} is not a waypoint class ({:?}): not ours to run",
-            spec.gateway_class_name,
-            super::index::WAYPOINT_CLASSES
+            spec.gateway_class_name, ix.settings.waypoint_classes
         ));
         return Ok(());
     }

@@ -25,6 +25,12 @@ pub struct ControlPlaneArgs {
     /// TLS name of the xDS server (defaults to the address host).
     #[arg(long, env = "XDS_SERVER_NAME")]
     pub xds_server_name: Option<String>,
+    /// SPIFFE identity of the xDS server (e.g. our waypoint controller,
+    /// `spiffe://cluster.local/ns/ambient-system/sa/ambient-controller`): the connection is then
+    /// mutual TLS with this proxy's own workload certificate, and the server must prove exactly
+    /// this identity.
+    #[arg(long, env = "XDS_SERVER_IDENTITY")]
+    pub xds_server_identity: Option<String>,
     /// Bearer token file sent to the xDS server and the CA (a service-account JWT).
     #[arg(long, env = "XDS_TOKEN_PATH")]
     pub xds_token_path: Option<PathBuf>,
@@ -41,6 +47,10 @@ pub struct ControlPlaneArgs {
 pub enum SourceError {
     #[error("give either --local-config or --xds-address, not both")]
     TwoSources,
+    #[error("--xds-server-identity {0:?}: {1}")]
+    ServerIdentity(String, String),
+    #[error("--xds-server-identity needs an https xDS address, not {0:?}")]
+    ServerIdentityPlaintext(String),
 }
 
 impl ControlPlaneArgs {
@@ -55,6 +65,15 @@ impl ControlPlaneArgs {
                 xds.target.root_cert = address.starts_with("https://").then(|| self.xds_root_cert.clone());
                 xds.target.server_name = self.xds_server_name.clone();
                 xds.target.token_path = self.xds_token_path.clone();
+                if let Some(id) = &self.xds_server_identity {
+                    if !address.starts_with("https://") {
+                        return Err(SourceError::ServerIdentityPlaintext(address));
+                    }
+                    let parsed = id
+                        .parse::<crate::identity::Identity>()
+                        .map_err(|e| SourceError::ServerIdentity(id.clone(), e.to_string()))?;
+                    xds.target.server_identity = Some(parsed);
+                }
                 Ok((Source::Xds(Box::new(xds)), format!("xds {address}")))
             }
         }

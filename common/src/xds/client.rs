@@ -106,8 +106,6 @@ impl NodeInfo {
 pub enum XdsError {
     #[error("xDS: {0}")]
     Target(#[from] GrpcError),
-    #[error("cannot connect to {address}: {source}")]
-    Connect { address: String, source: tonic::transport::Error },
     #[error("xDS stream to {address} failed: {status}")]
     Stream { address: String, status: tonic::Status },
     #[error("xDS stream to {0} closed its request side")]
@@ -155,7 +153,7 @@ impl XdsClient {
             self.metrics.connection_state.set(0);
             let reason = match &result {
                 Ok(()) => "closed",
-                Err(XdsError::Connect { .. }) => "connect_error",
+                Err(XdsError::Target(_)) => "connect_error",
                 Err(_) => "stream_error",
             };
             self.metrics
@@ -178,12 +176,8 @@ impl XdsClient {
 
     async fn stream_once(&mut self, got_response: &mut bool) -> Result<(), XdsError> {
         let address = self.config.target.address.clone();
-        let endpoint = self.config.target.endpoint()?;
         let token = self.config.target.bearer()?;
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| XdsError::Connect { address: address.clone(), source })?;
+        let channel = self.config.target.connect().await?;
         let mut client =
             AggregatedDiscoveryServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
                 if let Some(token) = &token {
