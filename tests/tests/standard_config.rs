@@ -17,7 +17,6 @@
 //!   `HTTPRoute` on that Service adds a response header, and a VirtualService for the same
 //!   Service is not applied (no mixing); a VirtualService's fault applies on another Service.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use mesh_tests::echo::{exchange, expect_refused};
@@ -162,33 +161,6 @@ spec:
   portLevelMtls: {8080: {mode: PERMISSIVE}}
 "#;
 
-/// An HTTP server on `ns`:8081 answering `<name> <method> <path>`.
-fn http_backend(ns: &Netns, name: &'static str) -> tokio::runtime::Runtime {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let rt = ns.runtime();
-    let listener = rt
-        .block_on(rt.spawn(async { tokio::net::TcpListener::bind("0.0.0.0:8081").await }))
-        .expect("join")
-        .unwrap_or_else(|e| panic!("bind 8081 in {}: {e}", ns.name));
-    rt.spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let body = format!("{name} {} {}", req.method(), req.uri().path());
-                        Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from(body),
-                        )))
-                    },
-                );
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-            });
-        }
-    });
-    rt
-}
-
 /// Pushes `yaml` with the control plane's translator, which keeps refused objects' previous
 /// versions; returns the refusals.
 fn push(
@@ -249,7 +221,7 @@ fn standard_resources_govern_real_traffic() {
     wire(&node_b, &wp, "v-wp", "10.2.5");
     mesh_tests::echo::serve_pod(&db, "0.0.0.0", "db");
     mesh_tests::echo::serve_pod(&api, "0.0.0.0", "api");
-    let _web_rt = http_backend(&web, "web");
+    let _web_rt = support::http_backend(&web, "web");
 
     let store = XdsStore::new();
     let translator = std::sync::Mutex::new(common::translate::Translator::default());

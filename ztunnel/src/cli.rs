@@ -2,6 +2,7 @@
 //! until SIGTERM or Ctrl-C, then drains. The `ztunnel` binary is this plus argument parsing;
 //! tests run it as a real process too.
 
+use common::app::Shutdown;
 use tracing::info;
 
 use crate::app::App;
@@ -36,35 +37,4 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     info!(cut, "shutting down");
     drop(app);
     Ok(())
-}
-
-/// SIGTERM or Ctrl-C, registered when created.
-struct Shutdown {
-    term: Option<tokio::signal::unix::Signal>,
-}
-
-impl Shutdown {
-    fn watch() -> Self {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => Self { term: Some(term) },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops ztunnel");
-                Self { term: None }
-            }
-        }
-    }
-
-    async fn wait(&mut self) {
-        match &mut self.term {
-            Some(term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            None => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
 }

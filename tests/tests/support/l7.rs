@@ -192,3 +192,30 @@ pub fn wait_resources(rt: &tokio::runtime::Runtime, wp: &waypoint::app::App, n: 
     })
     .unwrap_or_else(|_| panic!("the waypoint never held {n} resources (holds {})", wp.routes.len()));
 }
+
+/// An HTTP server on `ns`:8081 answering `<name> <method> <path>`.
+pub fn http_backend(ns: &mesh_tests::netns::Netns, name: &'static str) -> tokio::runtime::Runtime {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let rt = ns.runtime();
+    let listener = rt
+        .block_on(rt.spawn(async { tokio::net::TcpListener::bind("0.0.0.0:8081").await }))
+        .expect("join")
+        .unwrap_or_else(|e| panic!("bind 8081 in {}: {e}", ns.name));
+    rt.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = format!("{name} {} {}", req.method(), req.uri().path());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(body),
+                        )))
+                    },
+                );
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    rt
+}
