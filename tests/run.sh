@@ -7,4 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 deploy/setup.sh
+# The CNI test runs the plugin binary as a container runtime would; `cargo test` builds only the
+# binaries of packages with integration tests, so build it first.
+cargo build --locked --quiet -p ambient-cni --bin ambient-cni
 exec cargo test --workspace --locked "$@"

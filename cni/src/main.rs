@@ -1,4 +1,5 @@
-//! Placeholder until the plugin lands: refuses every command.
+//! ambient-cni binary: the CNI plugin, or its `install`/`uninstall` commands (see `ambient_cni::cli`).
+
 fn main() {
-    std::process::exit(1);
+    std::process::exit(ambient_cni::cli::main(std::env::args_os().collect()));
 }

@@ -29,6 +29,7 @@ fn config(source: Source) -> Config {
         cert_lifetime: ztunnel::config::DEFAULT_CERT_LIFETIME,
         proxy: None,
         drain_period: ztunnel::config::DEFAULT_DRAIN_PERIOD,
+        enrollment: None,
     }
 }
 

@@ -1,5 +1,6 @@
-//! Wiring: the control-plane feed into the state, certificates, the proxies, eBPF enrollment,
-//! and the metrics, readiness and admin servers. Returns once everything is bound and spawned.
+//! Wiring: the control-plane feed into the state, certificates, the proxies, eBPF enrollment
+//! (and enrollment at pod creation through the CNI plugin), and the metrics, readiness and
+//! admin servers. Returns once everything is bound and spawned.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use proto::security::Authorization;
 use proto::workload::Address;
 use tokio::task::JoinHandle;
 
+use crate::cni::Cni;
 use crate::config::Config;
 use crate::proxy::{self, Bound, Proxy};
 use crate::redirect::Enrollment;
@@ -42,6 +44,8 @@ pub struct App {
     pub proxy_addrs: Option<Bound>,
     /// eBPF enrollment, when redirection is on.
     pub enrollment: Option<Enrollment>,
+    /// Enrollment at pod creation (the CNI plugin's socket and the Kubernetes watch), when on.
+    pub cni: Option<Cni>,
     drain: Option<Drain>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -125,11 +129,33 @@ impl App {
         } else {
             None
         };
+        let cni = match (&config.enrollment, &enrollment) {
+            (Some(cni_config), Some(enrollment)) => {
+                let (cni, cni_tasks) = Cni::start(
+                    cni_config.clone(),
+                    &config.node_name,
+                    enrollment.clone(),
+                    &ready,
+                    &mut registry,
+                )
+                .await?;
+                tasks.extend(cni_tasks);
+                Some(cni)
+            }
+            (Some(_), None) => anyhow::bail!("the enrollment socket needs redirection (--redirect)"),
+            (None, _) => None,
+        };
         let registry = Arc::new(registry);
         let metrics_router = admin::metrics_routes(Router::new(), registry);
         let readiness_router = admin::readiness_routes(Router::new(), ready.clone());
-        let admin_router =
-            admin_routes(&config, &ready, &state, certs.clone(), enrollment.clone(), config_objects);
+        let admin_router = admin_routes(
+            &config,
+            &ready,
+            &state,
+            certs.clone(),
+            Dumped { enrollment: enrollment.clone(), cni: cni.clone() },
+            config_objects,
+        );
         tasks.push(tokio::spawn(admin::serve(metrics_listener, metrics_router, "metrics")));
         tasks.push(tokio::spawn(admin::serve(readiness_listener, readiness_router, "readiness")));
         tasks.push(tokio::spawn(admin::serve(admin_listener, admin_router, "admin")));
@@ -144,6 +170,7 @@ impl App {
             readiness_addr,
             proxy_addrs,
             enrollment,
+            cni,
             drain: Some(drain),
             tasks,
         })
@@ -203,12 +230,18 @@ async fn prefetch_certificates(
     certs.follow(state.subscribe(), wanted, block).await;
 }
 
+/// The enrollment handles the config dump reports on.
+struct Dumped {
+    enrollment: Option<Enrollment>,
+    cni: Option<Cni>,
+}
+
 fn admin_routes(
     config: &Config,
     ready: &Ready,
     state: &State,
     certs: Option<CertificateManager>,
-    enrollment: Option<Enrollment>,
+    dumped: Dumped,
     objects: common::xds::ConfigObjects,
 ) -> Router {
     let config_json = serde_json::to_value(config).unwrap_or_default();
@@ -224,7 +257,9 @@ fn admin_routes(
                 proto::AUTHORIZATION_TYPE_URL: dump_state.policies().versions(),
             },
             "state": serde_json::to_value(&*dump_state.snapshot()).unwrap_or_default(),
-            "redirection": enrollment.as_ref().map(Enrollment::status),
+            "redirection": dumped.enrollment.as_ref().map(Enrollment::status),
+            // Pods enrolled at creation through the CNI plugin, and the watch behind it.
+            "cni": dumped.cni.as_ref().map(Cni::dump),
             // The local config's objects: accepted or refused (field and reason), and which
             // version is in force.
             "config_objects": objects.snapshot(),

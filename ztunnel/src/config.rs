@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use common::telemetry::LogFormat;
 use common::xds::{ControlPlaneArgs, NodeInfo, Source, SourceError};
 
+use crate::cni::{CniConfig, DEFAULT_POD_WAIT};
 use crate::proxy::{OutboundPolicy, ProxyConfig};
 use crate::redirect::StaticPod;
 
@@ -75,6 +76,9 @@ pub struct Config {
     pub proxy: Option<ProxyConfig>,
     /// After SIGTERM, how long open connections may run before they are closed.
     pub drain_period: Duration,
+    /// Enrollment at pod creation through the CNI plugin (socket + Kubernetes watch); `None`
+    /// when off.
+    pub enrollment: Option<CniConfig>,
 }
 
 /// Command line and environment.
@@ -134,6 +138,18 @@ pub struct Args {
     /// Only sync configuration; do not bind the proxies (15001/15006/15008).
     #[arg(long)]
     pub no_proxy: bool,
+    /// Unix socket on which the CNI plugin hands new pods over for enrollment before they
+    /// start (off when unset; the plugin's default is /var/run/ambient/ztunnel-cni.sock).
+    /// Needs --kube-watch and --redirect.
+    #[arg(long, env = "ENROLLMENT_SOCKET")]
+    pub enrollment_socket: Option<PathBuf>,
+    /// Watch this node's pods and the namespaces on Kubernetes, for the enrollment socket's
+    /// decisions (client from the in-cluster environment, --kubeconfig or KUBECONFIG).
+    #[arg(long, env = "KUBE_WATCH")]
+    pub kube_watch: bool,
+    /// Kubeconfig file for --kube-watch, instead of the in-cluster environment or KUBECONFIG.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// What to do instead of running the proxy.
@@ -151,6 +167,12 @@ pub enum ConfigError {
     AdminNotLoopback(#[from] common::admin::NotLoopback),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error("--enrollment-socket needs --kube-watch: enrollment is decided with pod and namespace labels")]
+    EnrollmentNeedsWatch,
+    #[error("--enrollment-socket needs --redirect: enrolling a pod is capturing it with eBPF")]
+    EnrollmentNeedsRedirect,
+    #[error("--kube-watch only serves --enrollment-socket; set both or neither")]
+    WatchWithoutEnrollment,
 }
 
 impl Config {
@@ -177,6 +199,15 @@ impl Config {
             outbound_policy: args.outbound_policy,
         });
         let (source, source_description) = args.control_plane.source(&node)?;
+        let enrollment = match (args.enrollment_socket, args.kube_watch) {
+            (Some(_), false) => return Err(ConfigError::EnrollmentNeedsWatch),
+            (Some(_), true) if !args.redirect => return Err(ConfigError::EnrollmentNeedsRedirect),
+            (Some(socket), true) => {
+                Some(CniConfig { socket, kubeconfig: args.kubeconfig, pod_wait: DEFAULT_POD_WAIT })
+            }
+            (None, true) => return Err(ConfigError::WatchWithoutEnrollment),
+            (None, false) => None,
+        };
         Ok(Self {
             source,
             source_description,
@@ -195,6 +226,7 @@ impl Config {
             cert_lifetime: DEFAULT_CERT_LIFETIME,
             proxy,
             drain_period: Duration::from_secs(args.drain_period_seconds),
+            enrollment,
         })
     }
 }
@@ -228,5 +260,23 @@ mod tests {
         let plain = parse(&["--xds-address", "http://127.0.0.1:15010"]).expect("plain");
         let Source::Xds(x) = plain.source else { panic!("xds") };
         assert!(x.target.root_cert.is_none());
+    }
+
+    #[test]
+    fn enrollment_socket_needs_the_watch_and_capture() {
+        assert!(parse(&[]).expect("default").enrollment.is_none(), "off by default");
+        let sock = ["--enrollment-socket", "/run/z.sock"];
+        assert!(matches!(parse(&sock), Err(ConfigError::EnrollmentNeedsWatch)));
+        assert!(matches!(
+            parse(&[&sock[..], &["--kube-watch"]].concat()),
+            Err(ConfigError::EnrollmentNeedsRedirect)
+        ));
+        assert!(matches!(parse(&["--kube-watch"]), Err(ConfigError::WatchWithoutEnrollment)));
+        let on =
+            parse(&[&sock[..], &["--kube-watch", "--redirect", "--kubeconfig", "/k"]].concat()).expect("on");
+        let cni = on.enrollment.expect("enrollment");
+        assert_eq!(cni.socket, PathBuf::from("/run/z.sock"));
+        assert_eq!(cni.kubeconfig, Some(PathBuf::from("/k")));
+        assert_eq!(cni.pod_wait, DEFAULT_POD_WAIT);
     }
 }

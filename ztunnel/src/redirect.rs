@@ -17,14 +17,20 @@
 //! Capture adopted from a previous ztunnel (pinned in the kernel) is only ever narrowed once
 //! the first control-plane sync is through: until then a restarted ztunnel knows no workloads,
 //! and unenrolling on that basis would open every pod of the node.
+//!
+//! Pods the CNI plugin announced at creation ([`Enrollment::announce`], see `crate::cni`) are
+//! enrolled at once, before xDS may know their workload, and stay wanted until withdrawn. The
+//! announcements live under the redirector's lock, so a reconcile pass never sees a pod
+//! enrolled without its announcement and unenrolls it.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use common::readiness::Ready;
 use common::xds::ResourceStore;
+use ebpf::redirector::RedirectError;
 use ebpf::{Redirector, Status};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -32,6 +38,9 @@ use prometheus_client::registry::Registry;
 use proto::workload::{Address, address};
 use tokio::sync::watch;
 use tracing::{info, warn};
+
+use crate::cni::announced::{Announced, AnnouncedPod, Full, Which};
+use crate::cni::pods::PodKey;
 
 /// How often enrollment is re-checked without an update (retries of failed enrollments).
 const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
@@ -64,12 +73,87 @@ struct RedirectMetrics {
     errors: Counter,
 }
 
-/// The running enrollment: the redirector and its last reported status.
+/// The redirector and the pods the CNI plugin announced, under one lock.
+struct Guarded {
+    /// Taken out on shutdown.
+    redirector: Option<Redirector>,
+    announced: Announced,
+}
+
+/// What the reconcile loop and the handles share.
+struct Shared {
+    guarded: Mutex<Guarded>,
+    wanted: Wanted,
+    workloads: Arc<ResourceStore<Address>>,
+    metrics: RedirectMetrics,
+    status: watch::Sender<Status>,
+    /// The announced pods as of the last change, readable without the lock (which a reconcile
+    /// pass holds while it runs `ip`).
+    announced: watch::Sender<Vec<AnnouncedPod>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Guarded> {
+        self.guarded.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every address to enroll now: xDS workloads, announced pods, explicit pods (in rising
+    /// precedence for the interface).
+    fn want(&self, announced: &Announced) -> BTreeMap<IpAddr, Option<String>> {
+        let mut want = desired(&self.wanted, &self.workloads);
+        for (ip, iface) in announced.addresses() {
+            want.insert(ip, Some(iface.to_string()));
+        }
+        for p in &self.wanted.static_pods {
+            want.insert(p.ip, p.iface.clone());
+        }
+        want
+    }
+
+    /// Publishes the status and the announced pods.
+    fn publish(&self, r: Option<&Redirector>, announced: &Announced) {
+        if let Some(r) = r {
+            let now = r.status();
+            self.metrics.enrolled.set(now.pods.len() as i64);
+            self.status.send_replace(now);
+        }
+        self.announced.send_if_modified(|seen| {
+            let now = announced.list();
+            let changed = *seen != now;
+            *seen = now;
+            changed
+        });
+    }
+
+    /// Unenrolls those of `ips` that nothing wants any more.
+    fn release_unwanted(&self, r: &mut Redirector, announced: &Announced, ips: &[IpAddr]) {
+        let want = self.want(announced);
+        for ip in ips.iter().filter(|ip| !want.contains_key(ip)) {
+            if let Err(e) = r.unenroll(*ip) {
+                self.metrics.errors.inc();
+                warn!(%ip, error = %e, "unenroll failed; the reconcile loop retries");
+            }
+        }
+    }
+}
+
+/// Why an announced pod could not be enrolled.
+#[derive(Debug, thiserror::Error)]
+pub enum AnnounceError {
+    #[error(transparent)]
+    Full(#[from] Full),
+    #[error("ztunnel is shutting down")]
+    ShuttingDown,
+    #[error("enrolling {ip} on {iface}: {source}")]
+    Enroll { ip: IpAddr, iface: String, source: Box<RedirectError> },
+    #[error("enrollment task failed: {0}")]
+    Task(String),
+}
+
+/// The running enrollment: the redirector, the announced pods and the last reported status.
 #[derive(Clone)]
 pub struct Enrollment {
-    /// Taken out on shutdown.
-    redirector: Arc<Mutex<Option<Redirector>>>,
-    status: watch::Receiver<Status>,
+    shared: Arc<Shared>,
 }
 
 impl Enrollment {
@@ -88,31 +172,103 @@ impl Enrollment {
         let r = registry.sub_registry_with_prefix("redirect");
         r.register("enrolled_pods", "Pods whose traffic is redirected to ztunnel", metrics.enrolled.clone());
         r.register("enroll_errors", "Failed pod enrollments (retried)", metrics.errors.clone());
-        let (tx, status) = watch::channel(redirector.status());
-        let redirector = Arc::new(Mutex::new(Some(redirector)));
-        let wanted = Wanted { node_name, uplinks, static_pods, synced };
-        let task = tokio::spawn(reconcile_loop(redirector.clone(), wanted, workloads, metrics, tx));
-        (Self { redirector, status }, task)
+        let (status, _) = watch::channel(redirector.status());
+        let shared = Arc::new(Shared {
+            guarded: Mutex::new(Guarded { redirector: Some(redirector), announced: Announced::default() }),
+            wanted: Wanted { node_name, uplinks, static_pods, synced },
+            workloads,
+            metrics,
+            status,
+            announced: watch::channel(Vec::new()).0,
+        });
+        let task = tokio::spawn(reconcile_loop(shared.clone()));
+        (Self { shared }, task)
     }
 
     /// What is attached and enrolled now.
     pub fn status(&self) -> Status {
-        self.status.borrow().clone()
+        self.shared.status.borrow().clone()
     }
 
-    /// Waits until `pred` holds for the status (checked after every reconcile).
+    /// Waits until `pred` holds for the status (checked after every change).
     pub async fn wait_for(&self, pred: impl Fn(&Status) -> bool) {
-        let mut rx = self.status.clone();
+        let mut rx = self.shared.status.subscribe();
         let _ = rx.wait_for(|s| pred(s)).await;
     }
 
     /// Stops reconciling and lets go of the redirector on shutdown, leaving capture pinned in
     /// the kernel (enrolled pods fail closed until a ztunnel adopts it). Idempotent.
     pub fn release(&self) {
-        let taken = self.redirector.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let taken = self.shared.lock().redirector.take();
         if let Some(r) = taken {
             r.release();
         }
+    }
+
+    /// Enrolls the addresses of a pod the CNI plugin announced on its interface, now, and
+    /// keeps them enrolled (whatever xDS says) until [`Self::withdraw`]. On failure nothing of
+    /// the announcement stays.
+    pub async fn announce(&self, pod: AnnouncedPod) -> Result<(), AnnounceError> {
+        let shared = self.shared.clone();
+        // Enrolling runs netlink and `ip`: off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let mut guard = shared.lock();
+            let Guarded { redirector, announced } = &mut *guard;
+            let r = redirector.as_mut().ok_or(AnnounceError::ShuttingDown)?;
+            let replaced = announced.insert(pod.clone())?;
+            for ip in &pod.ips {
+                if let Err(source) = r.enroll(*ip, &pod.interface) {
+                    shared.metrics.errors.inc();
+                    announced.remove(&pod.pod, &Which::Sandbox(pod.container_id.clone()));
+                    shared.release_unwanted(r, announced, &pod.ips);
+                    shared.publish(Some(r), announced);
+                    return Err(AnnounceError::Enroll {
+                        ip: *ip,
+                        iface: pod.interface.clone(),
+                        source: Box::new(source),
+                    });
+                }
+            }
+            // A new sandbox of the same pod: what only the old one had goes.
+            if let Some(old) = replaced {
+                shared.release_unwanted(r, announced, &old.ips);
+            }
+            shared.publish(Some(r), announced);
+            Ok(())
+        })
+        .await
+        .map_err(|e| AnnounceError::Task(e.to_string()))?
+    }
+
+    /// Forgets the pod's announcement if it is `which`, and unenrolls its addresses unless
+    /// something else still wants them. Returns the announcement removed.
+    pub async fn withdraw(&self, key: PodKey, which: Which) -> Option<AnnouncedPod> {
+        let shared = self.shared.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut guard = shared.lock();
+            let Guarded { redirector, announced } = &mut *guard;
+            let removed = announced.remove(&key, &which)?;
+            if let Some(r) = redirector.as_mut() {
+                shared.release_unwanted(r, announced, &removed.ips);
+            }
+            shared.publish(redirector.as_ref(), announced);
+            Some(removed)
+        })
+        .await;
+        done.unwrap_or_else(|e| {
+            warn!(error = %e, "withdrawal task failed");
+            None
+        })
+    }
+
+    /// The pods announced now.
+    pub fn announced(&self) -> Vec<AnnouncedPod> {
+        self.shared.announced.borrow().clone()
+    }
+
+    /// How many pods are announced now.
+    pub fn announced_count(&self) -> usize {
+        self.shared.announced.borrow().len()
     }
 }
 
@@ -156,7 +312,7 @@ fn captured(w: &proto::workload::Workload, node: &str) -> bool {
     w.node == node && !w.native_tunnel && w.tunnel_protocol == proto::workload::TunnelProtocol::Hbone as i32
 }
 
-/// The pods that should be enrolled: ip -> explicit interface (if any).
+/// The workloads xDS wants enrolled: ip -> explicit interface (none: the route decides).
 fn desired(wanted: &Wanted, workloads: &ResourceStore<Address>) -> BTreeMap<IpAddr, Option<String>> {
     let mut want: BTreeMap<IpAddr, Option<String>> = BTreeMap::new();
     for name in workloads.names() {
@@ -174,60 +330,51 @@ fn desired(wanted: &Wanted, workloads: &ResourceStore<Address>) -> BTreeMap<IpAd
             }
         }
     }
-    for p in &wanted.static_pods {
-        want.insert(p.ip, p.iface.clone());
-    }
     want
 }
 
-async fn reconcile_loop(
-    redirector: Arc<Mutex<Option<Redirector>>>,
-    wanted: Wanted,
-    workloads: Arc<ResourceStore<Address>>,
-    metrics: RedirectMetrics,
-    status: watch::Sender<Status>,
-) {
-    let mut changes = workloads.subscribe();
+async fn reconcile_loop(shared: Arc<Shared>) {
+    let mut changes = shared.workloads.subscribe();
     let mut pruned_adopted = false;
     loop {
-        let want = desired(&wanted, &workloads);
-        let uplinks = wanted.uplinks();
+        let uplinks = shared.wanted.uplinks();
         // Before the first sync only add; after it, drop what adoption brought and is not wanted.
-        let synced = wanted.synced();
+        let synced = shared.wanted.synced();
         let prune_adopted = synced && !pruned_adopted;
         pruned_adopted |= synced;
-        let redirector = redirector.clone();
-        let metrics_ = metrics.clone();
+        let pass = shared.clone();
         // Enrolling runs netlink and `ip`: keep it off the async workers.
         let result = tokio::task::spawn_blocking(move || {
-            let mut guard = redirector.lock().unwrap_or_else(PoisonError::into_inner);
-            let r = guard.as_mut()?;
-            reconcile(r, &want, &uplinks, synced, &metrics_);
+            let shared = pass;
+            let mut guard = shared.lock();
+            let Guarded { redirector, announced } = &mut *guard;
+            let r = redirector.as_mut()?;
+            // Computed under the lock: an announcement cannot slip in between.
+            let want = shared.want(announced);
+            reconcile(r, &want, &uplinks, synced, &shared.metrics);
             if prune_adopted {
                 match r.detach_unused(&uplinks) {
                     Ok(0) => {}
                     Ok(n) => info!(n, "detached from interfaces adopted but no longer needed"),
                     Err(e) => {
-                        metrics_.errors.inc();
+                        shared.metrics.errors.inc();
                         warn!(error = %e, "cannot detach unused interfaces");
                     }
                 }
             }
-            Some(r.status())
+            shared.publish(Some(r), announced);
+            Some(())
         })
         .await;
         match result {
             Ok(None) => return,
-            Ok(Some(now)) => {
-                metrics.enrolled.set(now.pods.len() as i64);
-                status.send_replace(now);
-            }
+            Ok(Some(())) => {}
             Err(e) => warn!(error = %e, "enrollment task failed"),
         }
         // The first sync may complete without a workload change: it wakes the loop too.
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
-            _ = wanted.synced.wait(), if !synced => {}
+            _ = shared.wanted.synced.wait(), if !synced => {}
             _ = tokio::time::sleep(RESYNC_INTERVAL) => {}
         }
     }
