@@ -106,11 +106,18 @@ impl Extend<JoinHandle<()>> for Tasks {
     }
 }
 
-impl Drop for Tasks {
-    fn drop(&mut self) {
+impl Tasks {
+    /// Aborts every task now (also done when dropped).
+    pub fn abort(&self) {
         for t in &self.0 {
             t.abort();
         }
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.abort();
     }
 }
 

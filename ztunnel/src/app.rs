@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::admin::{self, Reply, Router};
+use common::admin::{Reply, Router};
+use common::app::{ServerAddrs, Skeleton, Tasks};
 use common::drain::Drain;
 use common::hbone::pool::{Pool, PoolConfig, PoolMetrics};
 use common::identity::manager::{CaSource, CertMetrics};
@@ -47,14 +48,13 @@ pub struct App {
     /// Enrollment at pod creation (the CNI plugin's socket and the Kubernetes watch), when on.
     pub cni: Option<Cni>,
     drain: Option<Drain>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl Drop for App {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        // Tasks first: nothing may enroll again once the enrollment is released.
+        self.tasks.abort();
         if let Some(e) = &self.enrollment {
             e.release();
         }
@@ -64,32 +64,30 @@ impl Drop for App {
 impl App {
     /// Binds the servers and starts the control-plane feed.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
-        let ready = Ready::new();
-        let mut registry = common::metrics::new_registry();
-        common::metrics::register_build_info(&mut registry, "ztunnel");
-        let xds_metrics = XdsMetrics::new(&mut registry);
+        let addrs =
+            ServerAddrs { admin: config.admin_addr, metrics: config.metrics_addr, readiness: config.readiness_addr };
+        let mut skeleton = Skeleton::bind("ztunnel", addrs).await?;
+        let ready = skeleton.ready.clone();
+        let registry = &mut skeleton.registry;
+        let xds_metrics = XdsMetrics::new(registry);
 
         let (state, handlers) = State::new(&config.network);
-        state.register_metrics(&mut registry);
-        let admin_listener = admin::bind(config.admin_addr).await?;
-        let metrics_listener = admin::bind(config.metrics_addr).await?;
-        let readiness_listener = admin::bind(config.readiness_addr).await?;
-        let admin_addr = admin_listener.local_addr()?;
-        let metrics_addr = metrics_listener.local_addr()?;
-        let readiness_addr = readiness_listener.local_addr()?;
+        state.register_metrics(registry);
 
         let config_objects = common::xds::ConfigObjects::default();
-        let (mut tasks, synced) =
+        let (source_tasks, synced) =
             spawn_source(&config, handlers, &ready, xds_metrics, config_objects.clone());
+        let mut tasks = std::mem::take(&mut skeleton.tasks);
+        tasks.extend(source_tasks);
         let drain = Drain::new();
         let mut certs = None;
         let proxy_addrs = match &config.proxy {
             Some(proxy_config) => {
-                let manager = CertificateManager::new(ca_source(&config)?, CertMetrics::new(&mut registry));
+                let manager = CertificateManager::new(ca_source(&config)?, CertMetrics::new(registry));
                 certs = Some(manager.clone());
                 let certs = manager;
-                let pool = Pool::new(certs.clone(), PoolConfig::default(), PoolMetrics::new(&mut registry));
-                let metrics = proxy::metrics::Metrics::new(&mut registry);
+                let pool = Pool::new(certs.clone(), PoolConfig::default(), PoolMetrics::new(registry));
+                let metrics = proxy::metrics::Metrics::new(registry);
                 let proxy = Proxy::new(
                     proxy_config.clone(),
                     state.clone(),
@@ -122,7 +120,7 @@ impl App {
                 config.static_pods.clone(),
                 state.addresses().clone(),
                 synced.clone(),
-                &mut registry,
+                registry,
             );
             tasks.push(task);
             Some(enrollment)
@@ -136,7 +134,7 @@ impl App {
                     &config.node_name,
                     enrollment.clone(),
                     &ready,
-                    &mut registry,
+                    registry,
                 )
                 .await?;
                 tasks.extend(cni_tasks);
@@ -145,9 +143,6 @@ impl App {
             (Some(_), None) => anyhow::bail!("the enrollment socket needs redirection (--redirect)"),
             (None, _) => None,
         };
-        let registry = Arc::new(registry);
-        let metrics_router = admin::metrics_routes(Router::new(), registry);
-        let readiness_router = admin::readiness_routes(Router::new(), ready.clone());
         let admin_router = admin_routes(
             &config,
             &ready,
@@ -156,9 +151,10 @@ impl App {
             Dumped { enrollment: enrollment.clone(), cni: cni.clone() },
             config_objects,
         );
-        tasks.push(tokio::spawn(admin::serve(metrics_listener, metrics_router, "metrics")));
-        tasks.push(tokio::spawn(admin::serve(readiness_listener, readiness_router, "readiness")));
-        tasks.push(tokio::spawn(admin::serve(admin_listener, admin_router, "admin")));
+        skeleton.serve(admin_router);
+        tasks.append(&mut skeleton.tasks);
+        let ServerAddrs { admin: admin_addr, metrics: metrics_addr, readiness: readiness_addr } =
+            skeleton.addrs;
         Ok(Self {
             ready,
             addresses: state.addresses().clone(),
@@ -245,9 +241,8 @@ fn admin_routes(
     objects: common::xds::ConfigObjects,
 ) -> Router {
     let config_json = serde_json::to_value(config).unwrap_or_default();
-    let router = admin::readiness_routes(Router::new(), ready.clone());
     let (ready, dump_state) = (ready.clone(), state.clone());
-    let router = router.route("/config_dump", move |_| {
+    let router = Router::new().route("/config_dump", move |_| {
         Reply::json(&serde_json::json!({
             "config": config_json,
             "ready": ready.is_ready(),
