@@ -134,6 +134,7 @@ impl App {
                     &config.node_name,
                     enrollment.clone(),
                     &ready,
+                    &synced,
                     registry,
                 )
                 .await?;

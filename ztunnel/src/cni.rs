@@ -24,17 +24,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::readiness::Ready;
+use common::readiness::{BlockReady, Ready};
 use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::redirect::Enrollment;
-use announced::Which;
+use announced::{AnnouncedPod, Which};
 use decide::Decision;
 use metrics::CniMetrics;
-use pods::{Known, PodCache};
+use pods::{Known, PodCache, PodKey};
 
 /// Where the plugin finds ztunnel unless configured otherwise (`ambient_cni`'s default too).
 pub const DEFAULT_SOCKET: &str = ambient_cni::conf::DEFAULT_SOCKET;
@@ -43,6 +43,12 @@ pub const DEFAULT_POD_WAIT: Duration = Duration::from_secs(2);
 /// Readiness tasks: the first full list of each watched kind.
 const PODS_LISTED: &str = "kubernetes watch: pods";
 const NAMESPACES_LISTED: &str = "kubernetes watch: namespaces";
+/// Blocks the first sync (and so any narrowing of capture adopted from a previous ztunnel)
+/// until the pods this node captured and the watch says are in the mesh are held again.
+const RECOVERED: &str = "cni: captured pods re-announced from the watch";
+/// The sandbox id recorded for a pod re-announced from the watch (its DEL cannot name it; the
+/// pod's deletion in the watch withdraws it).
+const FROM_WATCH: &str = "(from the watch)";
 
 /// Enrollment-at-creation settings (part of ztunnel's config).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -74,12 +80,15 @@ pub struct Cni {
 
 impl Cni {
     /// Connects to Kubernetes, binds the socket and starts the watch, the server and the task
-    /// that re-judges announced pods on every change. The watch blocks `ready` until listed.
+    /// that re-judges announced pods on every change. The watch blocks `ready` until listed;
+    /// `synced` (the first control-plane sync, which narrows adopted capture) also waits until
+    /// the pods still captured from a previous ztunnel are held again (see [`recover`]).
     pub async fn start(
         config: CniConfig,
         node: &str,
         enrollment: Enrollment,
         ready: &Ready,
+        synced: &Ready,
         registry: &mut Registry,
     ) -> Result<(Self, Vec<JoinHandle<()>>), StartError> {
         let client = watch::client(config.kubeconfig.as_deref()).await?;
@@ -106,7 +115,8 @@ impl Cni {
         let tasks = vec![
             tokio::spawn(pods),
             tokio::spawn(namespaces),
-            tokio::spawn(rejudge(cache.clone(), enrollment.clone(), changed, metrics)),
+            tokio::spawn(rejudge(cache.clone(), enrollment.clone(), changed, metrics.clone())),
+            tokio::spawn(recover(cache.clone(), enrollment.clone(), synced.register(RECOVERED), metrics)),
             tokio::spawn(server::serve(listener, handler)),
         ];
         Ok((Self { config, cache, enrollment }, tasks))
@@ -120,6 +130,55 @@ impl Cni {
             "announced": self.enrollment.announced(),
         })
     }
+}
+
+/// After a restart the announcements of the previous ztunnel are gone, while its capture is
+/// still pinned in the kernel. A pod it enrolled at creation whose workload xDS has not
+/// delivered yet would be unenrolled by the first sync and talk uncaptured until xDS caught
+/// up. So, once the watch has listed, every pod of this node that is captured now and in the
+/// mesh by its labels is announced again (kept until its deletion in the watch or its labels
+/// say otherwise), before the first sync may narrow anything.
+async fn recover(cache: Arc<PodCache>, enrollment: Enrollment, block: BlockReady, metrics: CniMetrics) {
+    cache.wait_listed().await;
+    let captured = enrollment.status().pods;
+    let held: Vec<PodKey> = enrollment.announced().into_iter().map(|p| p.pod).collect();
+    let mut kept = 0;
+    for (pod, uid, ips) in cache.members() {
+        if held.contains(&pod) || !ips.iter().any(|ip| captured.contains_key(ip)) {
+            continue;
+        }
+        let first = ips[0];
+        let interface = match tokio::task::spawn_blocking(move || ebpf::interface_for(first)).await {
+            Ok(Ok(i)) => i,
+            Ok(Err(e)) => {
+                warn!(%pod, error = %e, "cannot re-announce a captured pod: no interface");
+                continue;
+            }
+            Err(e) => {
+                warn!(%pod, error = %e, "cannot re-announce a captured pod");
+                continue;
+            }
+        };
+        let since_unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let announced = AnnouncedPod {
+            pod: pod.clone(),
+            uid: Some(uid),
+            container_id: FROM_WATCH.into(),
+            ips,
+            interface,
+            since_unix_s,
+        };
+        match enrollment.announce(announced).await {
+            Ok(()) => kept += 1,
+            Err(e) => warn!(%pod, error = %e, "cannot re-announce a captured pod"),
+        }
+    }
+    metrics.announced(enrollment.announced_count());
+    info!(kept, "captured pods in the mesh re-announced from the watch");
+    block.done();
 }
 
 /// On every watch change, withdraws announced pods that were deleted or whose labels now keep

@@ -24,6 +24,9 @@ pub struct PodFacts {
     /// It carries `sidecar.istio.io/status`.
     pub sidecar: bool,
     pub host_network: bool,
+    /// Its addresses (`status.podIPs`), once it has them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// The facts of a namespace enrollment depends on.

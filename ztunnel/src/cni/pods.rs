@@ -232,6 +232,35 @@ impl PodCache {
         }
     }
 
+    /// This node's pods that are in the mesh and have addresses, with their uid.
+    pub fn members(&self) -> Vec<(PodKey, String, Vec<std::net::IpAddr>)> {
+        let inner = self.lock();
+        inner
+            .pods
+            .objects
+            .iter()
+            .filter(|(_, p)| !p.ips.is_empty())
+            .filter(|(k, p)| {
+                matches!(decide(p, inner.namespaces.objects.get(&k.namespace)), Some(Decision::Enroll(_)))
+            })
+            .map(|(k, p)| (k.clone(), p.uid.clone(), p.ips.clone()))
+            .collect()
+    }
+
+    /// Waits until both kinds have been listed in full once.
+    pub async fn wait_listed(&self) {
+        let mut changes = self.changed.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if self.listed() {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// The decision for `key`, waiting up to `wait` for the watch to deliver what it needs.
     pub async fn decide(&self, key: &PodKey, uid: Option<&str>, wait: Duration) -> Result<Decision, Missing> {
         let deadline = tokio::time::Instant::now() + wait;

@@ -131,9 +131,32 @@ fn pod_facts(pod: &Pod) -> Option<(PodKey, PodFacts)> {
         dataplane_mode: meta.labels.as_ref().and_then(|l| l.get(DATAPLANE_MODE)).cloned(),
         sidecar: meta.annotations.as_ref().is_some_and(|a| a.contains_key(SIDECAR_STATUS)),
         host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
+        ips: pod_ips(pod),
     };
     Some((key, facts))
 }
+
+/// The pod's addresses from its status (`podIPs`, else `podIP`), at most [`MAX_POD_IPS`].
+fn pod_ips(pod: &Pod) -> Vec<std::net::IpAddr> {
+    let Some(status) = pod.status.as_ref() else { return Vec::new() };
+    let mut ips: Vec<std::net::IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .chain(status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()))
+        .collect();
+    let mut seen = Vec::with_capacity(ips.len());
+    ips.retain(|ip| !seen.contains(ip) && {
+        seen.push(*ip);
+        true
+    });
+    ips.truncate(MAX_POD_IPS);
+    ips
+}
+
+/// Most addresses kept per pod (as many as the plugin may announce).
+const MAX_POD_IPS: usize = super::server::MAX_IPS;
 
 fn namespace_facts(ns: &Namespace) -> Option<(String, NamespaceFacts)> {
     let meta = &ns.metadata;
@@ -152,7 +175,8 @@ mod tests {
             "metadata": {"name": "a", "namespace": "demo", "uid": "u1",
                          "labels": {"istio.io/dataplane-mode": "none", "app": "a"},
                          "annotations": {"sidecar.istio.io/status": "{}"}},
-            "spec": {"nodeName": "n1", "hostNetwork": true, "containers": []}
+            "spec": {"nodeName": "n1", "hostNetwork": true, "containers": []},
+            "status": {"podIP": "10.1.1.2", "podIPs": [{"ip": "10.1.1.2"}, {"ip": "fd00::2"}]}
         }))
         .expect("pod");
         let (key, facts) = pod_facts(&pod).expect("facts");
@@ -163,7 +187,8 @@ mod tests {
                 uid: "u1".into(),
                 dataplane_mode: Some("none".into()),
                 sidecar: true,
-                host_network: true
+                host_network: true,
+                ips: vec!["10.1.1.2".parse().expect("ip"), "fd00::2".parse().expect("ip")],
             }
         );
         let ns: Namespace = serde_json::from_value(serde_json::json!({
