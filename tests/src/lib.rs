@@ -4,6 +4,7 @@
 pub mod ca_server;
 pub mod echo;
 pub mod http;
+pub mod kube_api;
 pub mod netns;
 pub mod node;
 pub mod xds_server;
