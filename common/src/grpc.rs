@@ -141,7 +141,8 @@ impl GrpcTarget {
         let connect = tower::service_fn(move |uri: Uri| {
             let connector = connector.clone();
             async move {
-                let authority = uri.authority().ok_or_else(|| std::io::Error::other("address without host"))?;
+                let authority =
+                    uri.authority().ok_or_else(|| std::io::Error::other("address without host"))?;
                 let port = authority.port_u16().unwrap_or(443);
                 let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
                 let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port)))
@@ -151,9 +152,10 @@ impl GrpcTarget {
                 // SNI is off in the mesh config; the name only satisfies the API.
                 let name = rustls_pki_types::ServerName::try_from("xds.mesh.invalid")
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
-                let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
-                    .await
-                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+                let stream =
+                    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp)).await.map_err(
+                        |_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"),
+                    )??;
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }
         });
@@ -189,8 +191,13 @@ impl GrpcTarget {
         Ok(endpoint)
     }
 
-    /// `Bearer <token>` for the `authorization` metadata, if a token file is configured.
+    /// `Bearer <token>` for the `authorization` metadata, if a token file is configured. Never
+    /// toward a server reached over mesh mTLS: our certificate authenticates us there, and the
+    /// token (audience `istio-ca`) would let that server ask istiod for our certificates.
     pub fn bearer(&self) -> Result<Option<MetadataValue<Ascii>>, GrpcError> {
+        if self.server_identity.is_some() {
+            return Ok(None);
+        }
         let Some(path) = &self.token_path else { return Ok(None) };
         let token = std::fs::read_to_string(path).map_err(|source| GrpcError::ReadFile {
             what: "bearer token",
@@ -199,5 +206,24 @@ impl GrpcTarget {
         })?;
         let value = format!("Bearer {}", token.trim());
         value.parse().map(Some).map_err(|_| GrpcError::BadToken(path.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_goes_to_istiod_but_never_to_a_server_reached_over_mesh_mtls() {
+        let path = std::env::temp_dir().join(format!("grpc-token-{}", std::process::id()));
+        std::fs::write(&path, "secret-jwt\n").expect("token file");
+        let mut target = GrpcTarget::new("https://istiod.istio-system.svc:15012");
+        target.token_path = Some(path.clone());
+        let bearer = target.bearer().expect("readable").expect("a token");
+        assert_eq!(bearer.to_str().ok(), Some("Bearer secret-jwt"));
+        target.server_identity =
+            Some("spiffe://cluster.local/ns/ambient-system/sa/ambient-controller".parse().expect("id"));
+        assert!(target.bearer().expect("no read").is_none());
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -40,8 +40,11 @@ pub struct App {
 
 impl App {
     pub async fn start(config: Config, client: kube::Client) -> anyhow::Result<Self> {
-        let addrs =
-            ServerAddrs { admin: config.admin_addr, metrics: config.metrics_addr, readiness: config.readiness_addr };
+        let addrs = ServerAddrs {
+            admin: config.admin_addr,
+            metrics: config.metrics_addr,
+            readiness: config.readiness_addr,
+        };
         let mut skeleton = Skeleton::bind("controller", addrs).await?;
         let ready = skeleton.ready.clone();
         let mut tasks = std::mem::take(&mut skeleton.tasks);
@@ -52,7 +55,8 @@ impl App {
             .map_err(|e| anyhow::anyhow!("cannot bind the xDS server on {}: {e}", config.xds_addr))?;
         let xds_addr = xds_listener.local_addr()?;
 
-        let source = config.ca.source(&config.trust_domain, CERT_LIFETIME, false).map_err(anyhow::Error::msg)?;
+        let source =
+            config.ca.source(&config.trust_domain, CERT_LIFETIME, false).map_err(anyhow::Error::msg)?;
         let certs = CertificateManager::new(source, CertMetrics::new(registry));
         certs.prefetch(&config.identity);
         let cert_block = ready.register("controller certificate");
@@ -66,7 +70,12 @@ impl App {
         let objects = Objects::new();
         let watch_metrics = WatchMetrics::new(registry);
         for kind in kinds::WATCHED {
-            tasks.push(tokio::spawn(objects::watch_kind(client.clone(), *kind, objects.clone(), watch_metrics.clone())));
+            tasks.push(tokio::spawn(objects::watch_kind(
+                client.clone(),
+                *kind,
+                objects.clone(),
+                watch_metrics.clone(),
+            )));
         }
 
         let (leader_tx, leader_rx) = watch::channel(false);
@@ -74,7 +83,7 @@ impl App {
 
         let (served_tx, served_rx) = watch::channel(Arc::new(Served::default()));
         let last = Arc::new(Mutex::new(LastPass::default()));
-        let reconciler = Reconciler::new(
+        let (reconciler, writer) = Reconciler::new(
             config.clone(),
             objects.clone(),
             client,
@@ -83,11 +92,17 @@ impl App {
             ReconcileMetrics::new(registry),
             last.clone(),
         );
-        tasks.push(tokio::spawn(reconciler.run(ready.register("first translation of the cluster's objects"))));
+        tasks
+            .push(tokio::spawn(reconciler.run(ready.register("first translation of the cluster's objects"))));
+        tasks.push(tokio::spawn(writer.run()));
 
         // Nothing is served before the first translation and our certificate: until then
         // waypoints wait in the backlog rather than be told they are unknown.
-        let tls = ServerTls { certs: certs.clone(), identity: config.identity.clone(), trust_domain: config.trust_domain.clone() };
+        let tls = ServerTls {
+            certs: certs.clone(),
+            identity: config.identity.clone(),
+            trust_domain: config.trust_domain.clone(),
+        };
         let serve_metrics = ServeMetrics::new(registry);
         let (gate, served) = (ready.clone(), served_rx.clone());
         tasks.push(tokio::spawn(async move {
@@ -101,7 +116,8 @@ impl App {
         let router = Router::new()
             .route("/debug", move |_| {
                 let last = last.lock().unwrap_or_else(PoisonError::into_inner);
-                let refused: Vec<_> = last.statuses.iter().filter(|s| !s.accepted || !s.notes.is_empty()).collect();
+                let refused: Vec<_> =
+                    last.statuses.iter().filter(|s| !s.accepted || !s.notes.is_empty()).collect();
                 Reply::json(&serde_json::json!({
                     "config": config_json,
                     "ready": d_ready.is_ready(),
@@ -114,7 +130,9 @@ impl App {
                     "objects_refused_or_noted": serde_json::to_value(refused).unwrap_or_default(),
                 }))
             })
-            .route("/certs", move |_| Reply::json(&serde_json::to_value(certs.summary()).unwrap_or_default()));
+            .route("/certs", move |_| {
+                Reply::json(&serde_json::to_value(certs.summary()).unwrap_or_default())
+            });
         skeleton.serve(router);
         tasks.append(&mut skeleton.tasks);
         Ok(Self {

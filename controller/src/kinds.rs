@@ -16,8 +16,11 @@ pub struct Kind {
 
 impl Kind {
     pub fn api_resource(&self) -> ApiResource {
-        let api_version =
-            if self.group.is_empty() { self.version.to_string() } else { format!("{}/{}", self.group, self.version) };
+        let api_version = if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        };
         ApiResource {
             group: self.group.to_string(),
             version: self.version.to_string(),
@@ -39,8 +42,13 @@ pub const POD: Kind = kind("", "v1", "Pod", "pods");
 pub const GATEWAY: Kind = kind(GATEWAY_GROUP, "v1", "Gateway", "gateways");
 pub const HTTP_ROUTE: Kind = kind(GATEWAY_GROUP, "v1", "HTTPRoute", "httproutes");
 pub const GRPC_ROUTE: Kind = kind(GATEWAY_GROUP, "v1", "GRPCRoute", "grpcroutes");
-pub const GATEWAY_CLASS: Kind =
-    Kind { group: GATEWAY_GROUP, version: "v1", kind: "GatewayClass", plural: "gatewayclasses", translated: false };
+pub const GATEWAY_CLASS: Kind = Kind {
+    group: GATEWAY_GROUP,
+    version: "v1",
+    kind: "GatewayClass",
+    plural: "gatewayclasses",
+    translated: false,
+};
 
 /// Everything watched. A kind whose CRD is not installed (404) counts as empty and is
 /// retried in the background.

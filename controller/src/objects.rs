@@ -223,7 +223,10 @@ pub async fn watch_kind(client: kube::Client, kind: Kind, objects: Arc<Objects>,
             }
             Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 404 => {
                 if !objects.absent().contains(&kind.kind) {
-                    info!(kind = kind.kind, "not served by the API server (CRD not installed): taken as empty, retried");
+                    info!(
+                        kind = kind.kind,
+                        "not served by the API server (CRD not installed): taken as empty, retried"
+                    );
                 }
                 objects.mark_absent(&kind);
             }

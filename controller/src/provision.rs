@@ -8,7 +8,10 @@
 //! Customization, as Istio's own deployment controller does it: `spec.infrastructure.labels`
 //! and `annotations` go on every object; `spec.infrastructure.parametersRef` names a ConfigMap
 //! in the Gateway's namespace whose keys `deployment`, `service` and `podDisruptionBudget` hold
-//! YAML merged over the generated objects (maps merged, lists and values replaced).
+//! YAML merged over the generated objects (maps merged, lists and values replaced), and
+//! `resources` the waypoint container's resources. Only the fields of [`ALLOWED`] may be set
+//! that way: whoever may write a Gateway and a ConfigMap must not get to choose the waypoint's
+//! image, service account, security context, volumes or selector through us.
 
 use std::collections::BTreeMap;
 
@@ -42,6 +45,70 @@ pub enum ProvisionError {
     Parameters(String),
 }
 
+/// What a `parametersRef` ConfigMap may set, per key: JSON pointers a value may sit at or under.
+pub const ALLOWED: &[(&str, &[&str])] = &[
+    (
+        "deployment",
+        &[
+            "/metadata/labels",
+            "/metadata/annotations",
+            "/spec/replicas",
+            "/spec/strategy",
+            "/spec/minReadySeconds",
+            "/spec/template/metadata/labels",
+            "/spec/template/metadata/annotations",
+            "/spec/template/spec/nodeSelector",
+            "/spec/template/spec/tolerations",
+            "/spec/template/spec/affinity",
+            "/spec/template/spec/topologySpreadConstraints",
+            "/spec/template/spec/priorityClassName",
+            "/spec/template/spec/terminationGracePeriodSeconds",
+        ],
+    ),
+    (
+        "service",
+        &[
+            "/metadata/labels",
+            "/metadata/annotations",
+            "/spec/type",
+            "/spec/externalTrafficPolicy",
+            "/spec/internalTrafficPolicy",
+            "/spec/loadBalancerClass",
+            "/spec/loadBalancerSourceRanges",
+            "/spec/ipFamilyPolicy",
+            "/spec/ipFamilies",
+        ],
+    ),
+    (
+        "podDisruptionBudget",
+        &[
+            "/metadata/labels",
+            "/metadata/annotations",
+            "/spec/minAvailable",
+            "/spec/maxUnavailable",
+            "/spec/unhealthyPodEvictionPolicy",
+        ],
+    ),
+    ("resources", &[""]),
+];
+
+/// The first field of `v` (a `key` override) outside what [`ALLOWED`] lets it set.
+fn disallowed(key: &str, v: &Value) -> Option<String> {
+    let allowed = ALLOWED.iter().find(|(k, _)| *k == key)?.1;
+    fn walk(v: &Value, path: &str, allowed: &[&str]) -> Option<String> {
+        if allowed.contains(&path) {
+            return None;
+        }
+        match v.as_object() {
+            Some(o) if allowed.iter().any(|a| a.starts_with(&format!("{path}/"))) || path.is_empty() => {
+                o.iter().find_map(|(k, child)| walk(child, &format!("{path}/{k}"), allowed))
+            }
+            _ => Some(if path.is_empty() { "/".into() } else { path.to_string() }),
+        }
+    }
+    walk(v, "", allowed)
+}
+
 /// The parameters a Gateway's `parametersRef` points at, when it does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Parameters<'a> {
@@ -67,7 +134,11 @@ pub fn parameters_ref(gateway: &Value) -> Result<Option<String>, ProvisionError>
 }
 
 /// The objects that deploy `gateway` (a Gateway of our class).
-pub fn desired(gateway: &Value, config: &Config, params: Parameters<'_>) -> Result<Vec<Desired>, ProvisionError> {
+pub fn desired(
+    gateway: &Value,
+    config: &Config,
+    params: Parameters<'_>,
+) -> Result<Vec<Desired>, ProvisionError> {
     let meta = gateway.get("metadata").ok_or(ProvisionError::Incomplete)?;
     let text = |k: &str| meta.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
     let (Some(name), Some(ns), Some(uid)) = (text("name"), text("namespace"), text("uid")) else {
@@ -81,15 +152,20 @@ pub fn desired(gateway: &Value, config: &Config, params: Parameters<'_>) -> Resu
         Parameters::ConfigMap(data) => {
             let mut out = BTreeMap::new();
             for (key, text) in data {
-                if !matches!(key.as_str(), "deployment" | "service" | "podDisruptionBudget") {
+                if !ALLOWED.iter().any(|(k, _)| k == key) {
                     return Err(ProvisionError::Parameters(format!(
-                        "unknown key {key:?} (deployment, service, podDisruptionBudget)"
+                        "unknown key {key:?} (deployment, service, podDisruptionBudget, resources)"
                     )));
                 }
                 let v: Value = serde_yaml_ng::from_str(text)
                     .map_err(|e| ProvisionError::Parameters(format!("{key}: not YAML: {e}")))?;
                 if !v.is_object() {
                     return Err(ProvisionError::Parameters(format!("{key}: must be an object")));
+                }
+                if let Some(field) = disallowed(key, &v) {
+                    return Err(ProvisionError::Parameters(format!(
+                        "{key}: {field} may not be set through parametersRef"
+                    )));
                 }
                 out.insert(key.clone(), v);
             }
@@ -119,8 +195,12 @@ pub fn desired(gateway: &Value, config: &Config, params: Parameters<'_>) -> Resu
     };
     let selector = json!({ GATEWAY_NAME_LABEL: name });
     let mut pod_labels = labels.clone();
-    // The waypoint speaks HBONE itself: its pods are never captured by a ztunnel.
+    // The waypoint speaks HBONE itself: its pods are never captured by a ztunnel, and never
+    // get a sidecar (a namespace migrating from sidecars may still have injection on).
     pod_labels.insert("istio.io/dataplane-mode".into(), json!("none"));
+    pod_labels.insert("sidecar.istio.io/inject".into(), json!("false"));
+    let mut pod_annotations = infra_annotations.as_object().cloned().unwrap_or_default();
+    pod_annotations.insert("sidecar.istio.io/inject".into(), json!("false"));
     let field = |path: &str| json!({"valueFrom": {"fieldRef": {"fieldPath": path}}});
     let env = json!([
         {"name": "WAYPOINT_NAME", "value": name},
@@ -142,7 +222,7 @@ pub fn desired(gateway: &Value, config: &Config, params: Parameters<'_>) -> Resu
         "spec": {
             "selector": {"matchLabels": selector},
             "template": {
-                "metadata": {"labels": pod_labels, "annotations": infra_annotations},
+                "metadata": {"labels": pod_labels, "annotations": pod_annotations},
                 "spec": {
                     "serviceAccountName": name,
                     // The waypoint never talks to the API server.
@@ -212,10 +292,25 @@ pub fn desired(gateway: &Value, config: &Config, params: Parameters<'_>) -> Resu
         }
         body
     };
-    let one = |kind: &'static str, body: Value| Desired { kind, name: name.to_string(), namespace: ns.to_string(), body };
+    let mut deployment = with("deployment", deployment);
+    if let Some(r) = overrides.get("resources") {
+        deployment["spec"]["template"]["spec"]["containers"][0]["resources"] = r.clone();
+    }
+    // What ties the pods to their Deployment, Service and identity stays ours.
+    if let Some(l) = deployment.pointer_mut("/spec/template/metadata/labels").and_then(Value::as_object_mut) {
+        l.insert(GATEWAY_NAME_LABEL.into(), json!(name));
+        l.insert("istio.io/dataplane-mode".into(), json!("none"));
+        l.insert("sidecar.istio.io/inject".into(), json!("false"));
+    }
+    let one = |kind: &'static str, body: Value| Desired {
+        kind,
+        name: name.to_string(),
+        namespace: ns.to_string(),
+        body,
+    };
     Ok(vec![
         one("ServiceAccount", sa),
-        one("Deployment", with("deployment", deployment)),
+        one("Deployment", deployment),
         one("Service", with("service", service)),
         one("PodDisruptionBudget", with("podDisruptionBudget", pdb)),
     ])
@@ -238,7 +333,11 @@ fn merge(base: &mut Value, over: &Value) {
                     let here = format!("{path}/{k}");
                     if matches!(
                         here.as_str(),
-                        "/apiVersion" | "/kind" | "/metadata/name" | "/metadata/namespace" | "/metadata/ownerReferences"
+                        "/apiVersion"
+                            | "/kind"
+                            | "/metadata/name"
+                            | "/metadata/namespace"
+                            | "/metadata/ownerReferences"
                     ) {
                         continue;
                     }

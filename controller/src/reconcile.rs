@@ -1,11 +1,15 @@
 //! The reconcile loop: whenever the objects read change (debounced), translate them with the
-//! shared library, publish what each waypoint is served, and, on the elected replica only,
-//! deploy our Gateways and write the Gateway API status.
+//! shared library and publish what each waypoint is served; a separate writer, active on the
+//! elected replica only, deploys our Gateways and writes the Gateway API status from the latest
+//! translation (so a slow API server never delays new configuration reaching waypoints).
 //!
 //! Every replica translates and serves (a waypoint may be connected to any); only the leader
-//! writes to the API server. Writes are skipped when nothing changed: a provisioned object is
-//! re-applied when its desired form changes or at the periodic resync, and a status is written
-//! only when it differs from the one the object carries.
+//! writes to the API server. An identity is served only for a Gateway that is accepted and
+//! programmed (its objects are ours and its Service has an address), as its status says.
+//! Writes are skipped when nothing changed: a provisioned object is re-applied when its desired
+//! form changes or at the periodic resync, and a status is written only when it differs from
+//! the one the object carries. An object of the name we would provision that is not owned by
+//! the Gateway is never taken over: the Gateway is then not programmed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -58,6 +62,7 @@ pub struct ReconcileMetrics {
     refused: Family<KindLabels, Gauge>,
     waypoints: Gauge,
     leader: Gauge,
+    conflicts: Counter,
 }
 
 impl ReconcileMetrics {
@@ -65,10 +70,19 @@ impl ReconcileMetrics {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("ambient_controller");
         r.register("reconciles", "Translations of the objects read", m.passes.clone());
-        r.register("api_writes", "Writes to the API server, by kind and result (ok, error)", m.writes.clone());
+        r.register(
+            "api_writes",
+            "Writes to the API server, by kind and result (ok, error)",
+            m.writes.clone(),
+        );
         r.register("refused_objects", "Objects refused by the last translation, by kind", m.refused.clone());
         r.register("waypoints", "Waypoint Gateways of our class", m.waypoints.clone());
         r.register("leader", "1 while this replica holds the Lease and writes to the API", m.leader.clone());
+        r.register(
+            "provisioning_conflicts",
+            "Gateways not deployed because an object of the name we would use is not theirs",
+            m.conflicts.clone(),
+        );
         m
     }
 
@@ -87,23 +101,57 @@ pub struct LastPass {
 /// Shared with the admin server.
 pub type LastPassHandle = Arc<Mutex<LastPass>>;
 
+/// What the writer writes from: one translation and what it was split into.
+#[derive(Debug)]
+pub struct WriteJob {
+    translation: Translation,
+    ours: Vec<Value>,
+    served: Arc<Served>,
+}
+
 pub struct Reconciler {
     config: Config,
     objects: Arc<Objects>,
-    client: kube::Client,
     served: watch::Sender<Arc<Served>>,
-    leader: watch::Receiver<bool>,
     metrics: ReconcileMetrics,
     translator: Translator,
     generation: u64,
-    /// Hash of the last applied form of each provisioned object.
-    applied: HashMap<(&'static str, String, String), u64>,
     /// The refusals logged already (logged again only when they change).
     logged: BTreeMap<String, String>,
     last: LastPassHandle,
+    jobs: watch::Sender<Option<Arc<WriteJob>>>,
+}
+
+/// Writes to the API server from the latest translation, while this replica leads.
+pub struct Writer {
+    config: Config,
+    objects: Arc<Objects>,
+    client: kube::Client,
+    leader: watch::Receiver<bool>,
+    metrics: ReconcileMetrics,
+    jobs: watch::Receiver<Option<Arc<WriteJob>>>,
+    /// Hash of the last applied form of each provisioned object.
+    applied: HashMap<(&'static str, String, String), u64>,
+    /// Gateways ("namespace/name") whose status we wrote, to let go of when they stop being ours.
+    written: BTreeSet<String>,
+}
+
+/// Why a Gateway could not be deployed.
+#[derive(Debug, thiserror::Error)]
+enum NotDeployed {
+    /// Its `parametersRef` is wrong: `Accepted: False, InvalidParameters`.
+    #[error("parametersRef: {0}")]
+    Parameters(String),
+    /// An object of a name we would use exists and is not the Gateway's: not programmed.
+    #[error("{0}")]
+    Conflict(String),
+    /// The API server failed; retried, status left as it is.
+    #[error("API server: {0}")]
+    Api(String),
 }
 
 impl Reconciler {
+    /// The translating loop and the writer it feeds.
     pub fn new(
         config: Config,
         objects: Arc<Objects>,
@@ -112,44 +160,43 @@ impl Reconciler {
         leader: watch::Receiver<bool>,
         metrics: ReconcileMetrics,
         last: LastPassHandle,
-    ) -> Self {
+    ) -> (Self, Writer) {
         let settings = Settings {
             waypoint_classes: vec![config.gateway_class.clone(), "istio-waypoint".into()],
             ..Settings::default()
         };
-        Self {
+        let (jobs_tx, jobs_rx) = watch::channel(None);
+        let writer = Writer {
+            config: config.clone(),
+            objects: objects.clone(),
+            client,
+            leader,
+            metrics: metrics.clone(),
+            jobs: jobs_rx,
+            applied: HashMap::new(),
+            written: BTreeSet::new(),
+        };
+        let reconciler = Self {
             config,
             objects,
-            client,
             served,
-            leader,
             metrics,
             translator: Translator::new(settings),
             generation: 0,
-            applied: HashMap::new(),
             logged: BTreeMap::new(),
             last,
-        }
+            jobs: jobs_tx,
+        };
+        (reconciler, writer)
     }
 
     /// Runs until the task is dropped. `synced` is told once the first pass is published.
     pub async fn run(mut self, synced: common::readiness::BlockReady) {
         let mut changed = self.objects.subscribe();
-        let mut leader = self.leader.clone();
-        let mut resync = tokio::time::interval(RESYNC);
-        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut synced = Some(synced);
         loop {
-            tokio::select! {
-                res = changed.changed() => if res.is_err() { return },
-                res = leader.changed() => {
-                    if res.is_err() { return }
-                    let now = *leader.borrow_and_update();
-                    self.metrics.leader.set(i64::from(now));
-                    info!(leader = now, "leadership changed");
-                    self.applied.clear();
-                }
-                _ = resync.tick() => self.applied.clear(),
+            if changed.changed().await.is_err() {
+                return;
             }
             tokio::time::sleep(DEBOUNCE).await;
             changed.borrow_and_update();
@@ -166,14 +213,20 @@ impl Reconciler {
         }
     }
 
-    /// One translation, publication and (when leading) write-back.
+    /// One translation and its publication; the writer gets it too.
     pub async fn pass(&mut self) {
         self.metrics.passes.inc();
         let t = self.translate();
-        let ours = self.our_gateways();
+        let ours = our_gateways(&self.config, &self.objects);
         let accepted = |gw: &Value| {
             let key = object_key(&kinds::GATEWAY, gw);
             t.statuses.iter().any(|s| s.object == key && s.in_force != InForce::None)
+        };
+        // Served only once the leader found its objects ours and its address assigned.
+        let programmed = |gw: &Value| {
+            gw.pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "Programmed" && c["status"] == "True"))
         };
         let waypoints: Vec<WaypointRef> = ours
             .iter()
@@ -181,7 +234,8 @@ impl Reconciler {
             .filter_map(|gw| {
                 let (ns, name) = ns_name(gw)?;
                 let identity = Identity::new(&self.config.trust_domain, ns, name).ok()?;
-                Some(WaypointRef { namespace: ns.to_string(), name: name.to_string(), identity })
+                let serve = programmed(gw);
+                Some(WaypointRef { namespace: ns.to_string(), name: name.to_string(), identity, serve })
             })
             .collect();
         self.metrics.waypoints.set(i64::try_from(ours.len()).unwrap_or(i64::MAX));
@@ -191,15 +245,15 @@ impl Reconciler {
         {
             let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
             last.statuses = t.statuses.clone();
-            last.waypoints = waypoints.iter().map(WaypointRef::key).collect();
+            last.waypoints = waypoints.iter().filter(|w| w.serve).map(WaypointRef::key).collect();
         }
-        if *self.leader.borrow() {
-            self.write(&t, &ours, &served).await;
-        }
+        self.jobs.send_replace(Some(Arc::new(WriteJob { translation: t, ours, served })));
     }
 
     fn translate(&mut self) -> Translation {
         let mut raws = Vec::new();
+        let mut refused: BTreeMap<String, i64> = BTreeMap::new();
+        let mut now_refused = BTreeMap::new();
         for kind in kinds::WATCHED.iter().filter(|k| k.translated) {
             for obj in self.objects.list(kind) {
                 let origin = match ns_name(&obj) {
@@ -209,13 +263,14 @@ impl Reconciler {
                 };
                 match RawObject::from_value(obj, origin.clone()) {
                     Ok(raw) => raws.push(raw),
-                    Err(fault) => self.log_refusal(&origin, &fault.to_string()),
+                    Err(fault) => {
+                        *refused.entry(kind.kind.to_string()).or_default() += 1;
+                        now_refused.insert(origin, fault.to_string());
+                    }
                 }
             }
         }
         let t = self.translator.translate(raws);
-        let mut refused: BTreeMap<String, i64> = BTreeMap::new();
-        let mut now_refused = BTreeMap::new();
         for s in &t.statuses {
             if let (false, Some(f)) = (s.accepted, &s.fault) {
                 *refused.entry(s.object.kind.clone()).or_default() += 1;
@@ -234,65 +289,109 @@ impl Reconciler {
         }
         t
     }
+}
 
-    fn log_refusal(&mut self, origin: &str, fault: &str) {
-        if self.logged.get(origin).map(String::as_str) != Some(fault) {
-            warn!(object = %origin, %fault, "object refused");
-            self.logged.insert(origin.to_string(), fault.to_string());
+/// Our GatewayClass, when it exists and names our controller.
+fn our_class(config: &Config, objects: &Objects) -> Option<Value> {
+    let class = objects.get(&kinds::GATEWAY_CLASS, "", &config.gateway_class)?;
+    (class.pointer("/spec/controllerName").and_then(Value::as_str) == Some(config.controller_name.as_str()))
+        .then_some(class)
+}
+
+/// The Gateways of our class (none when the class is not ours).
+fn our_gateways(config: &Config, objects: &Objects) -> Vec<Value> {
+    if our_class(config, objects).is_none() {
+        return Vec::new();
+    }
+    objects
+        .list(&kinds::GATEWAY)
+        .into_iter()
+        .filter(|g| {
+            g.pointer("/spec/gatewayClassName").and_then(Value::as_str) == Some(config.gateway_class.as_str())
+        })
+        .collect()
+}
+
+impl Writer {
+    /// Writes from every new translation while leading; until the task is dropped.
+    pub async fn run(mut self) {
+        let mut resync = tokio::time::interval(RESYNC);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                res = self.jobs.changed() => if res.is_err() { return },
+                res = self.leader.changed() => {
+                    if res.is_err() { return }
+                    let now = *self.leader.borrow_and_update();
+                    self.metrics.leader.set(i64::from(now));
+                    info!(leader = now, "leadership changed");
+                    self.applied.clear();
+                }
+                _ = resync.tick() => self.applied.clear(),
+            }
+            if !*self.leader.borrow() {
+                continue;
+            }
+            let job = self.jobs.borrow_and_update().clone();
+            if let Some(job) = job {
+                self.write(&job).await;
+            }
         }
     }
 
-    /// Our GatewayClass, when it exists and names our controller.
-    fn our_class(&self) -> Option<Value> {
-        let class = self.objects.get(&kinds::GATEWAY_CLASS, "", &self.config.gateway_class)?;
-        (class.pointer("/spec/controllerName").and_then(Value::as_str) == Some(self.config.controller_name.as_str()))
-            .then_some(class)
-    }
-
-    /// The Gateways of our class (none when the class is not ours).
-    fn our_gateways(&self) -> Vec<Value> {
-        if self.our_class().is_none() {
-            return Vec::new();
-        }
-        self.objects
-            .list(&kinds::GATEWAY)
-            .into_iter()
-            .filter(|g| {
-                g.pointer("/spec/gatewayClassName").and_then(Value::as_str) == Some(self.config.gateway_class.as_str())
-            })
-            .collect()
-    }
-
-    async fn write(&mut self, t: &Translation, ours: &[Value], served: &Served) {
+    async fn write(&mut self, job: &WriteJob) {
+        let (t, ours, served) = (&job.translation, &job.ours, &*job.served);
         let now = now();
-        if let Some(class) = self.our_class() {
+        if let Some(class) = our_class(&self.config, &self.objects) {
             let st = status::gateway_class_status(&class, &now);
             if class.get("status") != Some(&st) {
-                self.apply_status(&kinds::GATEWAY_CLASS, &class, st).await;
+                self.apply_status(&kinds::GATEWAY_CLASS, &class, st, true).await;
             }
         }
         let mut our_keys = BTreeSet::new();
         for gw in ours {
             let Some((ns, name)) = ns_name(gw) else { continue };
             our_keys.insert(format!("{ns}/{name}"));
-            let not_provisioned = self.provision(gw, ns).await.err();
             let key = object_key(&kinds::GATEWAY, gw);
             let refused = t
                 .statuses
                 .iter()
                 .find(|s| s.object == key && !s.accepted)
                 .map(|s| s.fault.as_ref().map_or_else(|| "refused".to_string(), ToString::to_string));
+            let (mut invalid_parameters, mut not_provisioned) = (None, None);
+            if refused.is_none() {
+                match self.provision(gw, ns).await {
+                    Ok(()) => {}
+                    Err(NotDeployed::Parameters(why)) => invalid_parameters = Some(why),
+                    Err(NotDeployed::Conflict(why)) => not_provisioned = Some(why),
+                    // Transient: the status stays as it is (a waypoint is not cut off for it).
+                    Err(NotDeployed::Api(_)) => continue,
+                }
+            }
+            let uid = gw.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or_default();
             let facts = GatewayFacts {
                 refused,
+                invalid_parameters,
                 not_provisioned,
-                addresses: self.service_addresses(ns, name),
+                addresses: self.service_addresses(ns, name, uid),
                 attached_routes: attached_routes(&self.objects, t, served, ns, name),
             };
             let st = status::gateway_status(gw, &facts, &now);
             if gw.get("status") != Some(&st) {
-                self.apply_status(&kinds::GATEWAY, gw, st).await;
+                self.apply_status(&kinds::GATEWAY, gw, st, true).await;
             }
         }
+        // Gateways that stopped being ours (their class changed or no longer names us): our
+        // status fields go, so istiod no longer sends traffic to a waypoint we stopped feeding.
+        let gone: Vec<String> = self.written.difference(&our_keys).cloned().collect();
+        for key in gone {
+            let (ns, name) = key.split_once('/').unwrap_or_default();
+            if let Some(gw) = self.objects.get(&kinds::GATEWAY, ns, name) {
+                info!(gateway = %key, "no longer ours: releasing its status");
+                self.apply_status(&kinds::GATEWAY, &gw, json!({}), false).await;
+            }
+        }
+        self.written = our_keys.clone();
         for kind in [kinds::HTTP_ROUTE, kinds::GRPC_ROUTE] {
             for route in self.objects.list(&kind) {
                 let Some((ns, _)) = ns_name(&route) else { continue };
@@ -311,8 +410,8 @@ impl Reconciler {
     }
 
     /// Applies the objects deploying `gw`; the reason when it cannot be deployed.
-    async fn provision(&mut self, gw: &Value, ns: &str) -> Result<(), String> {
-        let params = provision::parameters_ref(gw).map_err(|e| e.to_string())?;
+    async fn provision(&mut self, gw: &Value, ns: &str) -> Result<(), NotDeployed> {
+        let params = provision::parameters_ref(gw).map_err(|e| NotDeployed::Parameters(e.to_string()))?;
         let data;
         let parameters = match params {
             None => Parameters::None,
@@ -324,44 +423,81 @@ impl Reconciler {
                         Parameters::ConfigMap(&data)
                     }
                     Ok(Ok(None)) => Parameters::Missing,
-                    Ok(Err(e)) => return Err(format!("reading ConfigMap {ns}/{name}: {e}")),
-                    Err(_) => return Err(format!("reading ConfigMap {ns}/{name}: timed out")),
+                    Ok(Err(e)) => {
+                        return Err(NotDeployed::Api(format!("reading ConfigMap {ns}/{name}: {e}")));
+                    }
+                    Err(_) => {
+                        return Err(NotDeployed::Api(format!("reading ConfigMap {ns}/{name}: timed out")));
+                    }
                 }
             }
         };
-        let desired = provision::desired(gw, &self.config, parameters).map_err(|e| e.to_string())?;
-        let mut failed = None;
+        let desired = provision::desired(gw, &self.config, parameters).map_err(|e| match e {
+            provision::ProvisionError::Parameters(why) => NotDeployed::Parameters(why),
+            other => NotDeployed::Conflict(other.to_string()),
+        })?;
+        let uid = gw.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or_default().to_string();
         for d in desired {
             let key = (d.kind, d.namespace.clone(), d.name.clone());
             let hash = hash_of(&d.body);
             if self.applied.get(&key) == Some(&hash) {
                 continue;
             }
-            match self.apply(&d).await {
+            let result = match self.owned_or_absent(&d, &uid).await {
+                Ok(()) => self.apply(&d).await.map_err(NotDeployed::Api),
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(()) => {
                     info!(kind = d.kind, namespace = %d.namespace, name = %d.name, "applied");
                     self.applied.insert(key, hash);
                 }
                 Err(e) => {
-                    warn!(kind = d.kind, namespace = %d.namespace, name = %d.name, error = %e, "apply failed; retried on the next pass");
-                    failed.get_or_insert(format!("applying {} {}/{}: {e}", d.kind, d.namespace, d.name));
+                    match &e {
+                        NotDeployed::Conflict(why) => {
+                            self.metrics.conflicts.inc();
+                            warn!(kind = d.kind, namespace = %d.namespace, name = %d.name, reason = %why,
+                                "not deploying the Gateway: an object of its name is not ours");
+                        }
+                        other => {
+                            warn!(kind = d.kind, namespace = %d.namespace, name = %d.name, error = %other,
+                            "apply failed; retried on the next pass")
+                        }
+                    }
+                    return Err(e);
                 }
             }
         }
-        failed.map_or(Ok(()), Err)
+        Ok(())
+    }
+
+    /// Ok when the object `d` would write is absent or owned by the Gateway `uid`.
+    async fn owned_or_absent(&self, d: &Desired, uid: &str) -> Result<(), NotDeployed> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &d.namespace, &provisioned(d.kind)?);
+        match tokio::time::timeout(WRITE_TIMEOUT, api.get_opt(&d.name)).await {
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some(obj))) if owned_by(&obj.metadata.owner_references, uid) => Ok(()),
+            Ok(Ok(Some(_))) => Err(NotDeployed::Conflict(format!(
+                "{} {}/{} exists and is not owned by this Gateway: rename the Gateway or remove it",
+                d.kind, d.namespace, d.name
+            ))),
+            Ok(Err(e)) => {
+                Err(NotDeployed::Api(format!("reading {} {}/{}: {e}", d.kind, d.namespace, d.name)))
+            }
+            Err(_) => {
+                Err(NotDeployed::Api(format!("reading {} {}/{}: timed out", d.kind, d.namespace, d.name)))
+            }
+        }
     }
 
     async fn apply(&self, d: &Desired) -> Result<(), String> {
-        let ar = match d.kind {
-            "ServiceAccount" => Kind { group: "", version: "v1", kind: "ServiceAccount", plural: "serviceaccounts", translated: false },
-            "Deployment" => Kind { group: "apps", version: "v1", kind: "Deployment", plural: "deployments", translated: false },
-            "Service" => kinds::SERVICE,
-            _ => Kind { group: "policy", version: "v1", kind: "PodDisruptionBudget", plural: "poddisruptionbudgets", translated: false },
-        }
-        .api_resource();
+        let ar = provisioned(d.kind).map_err(|e| e.to_string())?;
         let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &d.namespace, &ar);
+        // Forced: the fields are ours (the object was checked to be the Gateway's).
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        let res = tokio::time::timeout(WRITE_TIMEOUT, api.patch(&d.name, &params, &Patch::Apply(&d.body))).await;
+        let res =
+            tokio::time::timeout(WRITE_TIMEOUT, api.patch(&d.name, &params, &Patch::Apply(&d.body))).await;
         let ok = matches!(res, Ok(Ok(_)));
         self.metrics.wrote(d.kind, ok);
         match res {
@@ -371,9 +507,16 @@ impl Reconciler {
         }
     }
 
-    /// The waypoint Service's cluster IPs, as read.
-    fn service_addresses(&self, ns: &str, name: &str) -> Vec<String> {
+    /// The waypoint Service's cluster IPs, when that Service is the Gateway's (`uid`).
+    fn service_addresses(&self, ns: &str, name: &str, uid: &str) -> Vec<String> {
         let Some(svc) = self.objects.get(&kinds::SERVICE, ns, name) else { return vec![] };
+        let owners: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> = svc
+            .pointer("/metadata/ownerReferences")
+            .and_then(|o| serde_json::from_value(o.clone()).ok())
+            .unwrap_or_default();
+        if !owned_by(&Some(owners), uid) {
+            return vec![];
+        }
         let mut ips: Vec<String> = svc
             .pointer("/spec/clusterIPs")
             .and_then(Value::as_array)
@@ -388,7 +531,9 @@ impl Reconciler {
         ips
     }
 
-    async fn apply_status(&self, kind: &Kind, obj: &Value, status: Value) {
+    /// Server-side applies `status` under our field manager; `force` takes fields over, and
+    /// without it an empty status releases the fields we set.
+    async fn apply_status(&self, kind: &Kind, obj: &Value, status: Value, force: bool) {
         let Some((ns, name)) = ns_name(obj) else { return };
         let ar = kind.api_resource();
         let api: Api<DynamicObject> = if ns.is_empty() {
@@ -397,8 +542,10 @@ impl Reconciler {
             Api::namespaced_with(self.client.clone(), ns, &ar)
         };
         let body = json!({"apiVersion": ar.api_version, "kind": ar.kind, "status": status});
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        let res = tokio::time::timeout(WRITE_TIMEOUT, api.patch_status(name, &params, &Patch::Apply(&body))).await;
+        let mut params = PatchParams::apply(FIELD_MANAGER);
+        params.force = force;
+        let res =
+            tokio::time::timeout(WRITE_TIMEOUT, api.patch_status(name, &params, &Patch::Apply(&body))).await;
         self.log_status_write(kind.kind, ns, name, res);
     }
 
@@ -416,20 +563,50 @@ impl Reconciler {
         }
         let Ok(obj) = serde_json::from_value::<DynamicObject>(route) else { return };
         let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &ns, &kind.api_resource());
-        let res = tokio::time::timeout(WRITE_TIMEOUT, api.replace_status(&name, &PostParams::default(), &obj)).await;
+        let res =
+            tokio::time::timeout(WRITE_TIMEOUT, api.replace_status(&name, &PostParams::default(), &obj))
+                .await;
         self.log_status_write(kind.kind, &ns, &name, res);
     }
 
-    fn log_status_write<T>(&self, kind: &'static str, ns: &str, name: &str, res: Result<kube::Result<T>, tokio::time::error::Elapsed>) {
+    fn log_status_write<T>(
+        &self,
+        kind: &'static str,
+        ns: &str,
+        name: &str,
+        res: Result<kube::Result<T>, tokio::time::error::Elapsed>,
+    ) {
         let ok = matches!(res, Ok(Ok(_)));
         self.metrics.wrote(kind, ok);
         match res {
             Ok(Ok(_)) => debug!(kind, namespace = ns, name, "status written"),
             // A conflict means the object moved on: its new version brings a new pass.
-            Ok(Err(e)) => warn!(kind, namespace = ns, name, error = %e, "status write failed; retried on the next pass"),
+            Ok(Err(e)) => {
+                warn!(kind, namespace = ns, name, error = %e, "status write failed; retried on the next pass")
+            }
             Err(_) => warn!(kind, namespace = ns, name, "status write timed out; retried on the next pass"),
         }
     }
+}
+
+/// The API resource of a kind we provision.
+fn provisioned(kind: &str) -> Result<kube::api::ApiResource, NotDeployed> {
+    let k = |group, kind, plural| Kind { group, version: "v1", kind, plural, translated: false };
+    Ok(match kind {
+        "ServiceAccount" => k("", "ServiceAccount", "serviceaccounts"),
+        "Deployment" => k("apps", "Deployment", "deployments"),
+        "Service" => kinds::SERVICE,
+        "PodDisruptionBudget" => k("policy", "PodDisruptionBudget", "poddisruptionbudgets"),
+        other => return Err(NotDeployed::Conflict(format!("{other} is not a kind we provision"))),
+    }
+    .api_resource())
+}
+
+fn owned_by(
+    owners: &Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>,
+    uid: &str,
+) -> bool {
+    !uid.is_empty() && owners.iter().flatten().any(|o| o.uid == uid && o.kind == "Gateway")
 }
 
 /// The waypoint ("namespace/name") a route's parentRef reaches: a Gateway directly, or the
@@ -466,8 +643,11 @@ fn attached_routes(objects: &Objects, t: &Translation, served: &Served, ns: &str
             if !t.statuses.iter().any(|s| s.object == okey && s.accepted) {
                 continue;
             }
-            let refs = route.pointer("/spec/parentRefs").and_then(Value::as_array).cloned().unwrap_or_default();
-            n += usize::from(refs.iter().any(|r| parent_waypoint(r, rns, served).as_deref() == Some(key.as_str())));
+            let refs =
+                route.pointer("/spec/parentRefs").and_then(Value::as_array).cloned().unwrap_or_default();
+            n += usize::from(
+                refs.iter().any(|r| parent_waypoint(r, rns, served).as_deref() == Some(key.as_str())),
+            );
         }
     }
     n

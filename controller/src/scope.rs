@@ -38,6 +38,9 @@ pub struct WaypointRef {
     pub namespace: String,
     pub name: String,
     pub identity: Identity,
+    /// Its identity is served (the Gateway is programmed); otherwise it only takes part in
+    /// attributing services and routes (for status).
+    pub serve: bool,
 }
 
 impl WaypointRef {
@@ -136,9 +139,11 @@ pub fn split(translation: &Translation, waypoints: &[WaypointRef], domain: &str,
     }
     let parent_waypoints = |parent: Option<&wp::ParentRef>| -> BTreeSet<String> {
         match parent.and_then(|p| p.target.as_ref()) {
-            Some(wp::parent_ref::Target::Service(s)) => {
-                service_waypoint.get(&format!("{}/{}", s.namespace, s.hostname)).cloned().into_iter().collect()
-            }
+            Some(wp::parent_ref::Target::Service(s)) => service_waypoint
+                .get(&format!("{}/{}", s.namespace, s.hostname))
+                .cloned()
+                .into_iter()
+                .collect(),
             Some(wp::parent_ref::Target::Waypoint(w)) if by_host.values().any(|k| k == w) => {
                 BTreeSet::from([w.clone()])
             }
@@ -162,10 +167,7 @@ pub fn split(translation: &Translation, waypoints: &[WaypointRef], domain: &str,
             for w in &ws {
                 put(w, &r.name, &r.body);
             }
-            route_waypoints
-                .entry(format!("{}/{}", route.namespace, route.name))
-                .or_default()
-                .extend(ws);
+            route_waypoints.entry(format!("{}/{}", route.namespace, route.name)).or_default().extend(ws);
         }
     }
     for (r, res) in &waypoint_resources {
@@ -178,7 +180,9 @@ pub fn split(translation: &Translation, waypoints: &[WaypointRef], domain: &str,
             continue;
         }
         let ws = match policy.target.as_ref().and_then(|t| t.target.as_ref()) {
-            Some(wp::parent_ref::Target::Route(route)) => route_waypoints.get(route).cloned().unwrap_or_default(),
+            Some(wp::parent_ref::Target::Route(route)) => {
+                route_waypoints.get(route).cloned().unwrap_or_default()
+            }
             _ => parent_waypoints(policy.target.as_ref()),
         };
         for w in &ws {
@@ -186,7 +190,7 @@ pub fn split(translation: &Translation, waypoints: &[WaypointRef], domain: &str,
         }
     }
     let mut identities: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for w in waypoints {
+    for w in waypoints.iter().filter(|w| w.serve) {
         identities.entry(w.identity.to_string()).or_default().push(w.key());
     }
     Served {

@@ -43,8 +43,11 @@ use crate::scope::{Resources, Served};
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once; more wait in the kernel's backlog.
+/// Connections open at once (held for each connection's life); more wait in the kernel's
+/// backlog.
 const MAX_CONNECTIONS: usize = 4096;
+/// Streams one connection may open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 8;
 /// Types one stream may subscribe to (waypoints use three).
 const MAX_TYPES_PER_STREAM: usize = 16;
 
@@ -61,7 +64,8 @@ struct TypeLabels {
 impl TypeLabels {
     /// Known types by name, anything a client made up as `other` (labels stay bounded).
     fn of(type_url: &str) -> Self {
-        let known = [proto::ADDRESS_TYPE_URL, proto::AUTHORIZATION_TYPE_URL, proto::WAYPOINT_RESOURCE_TYPE_URL];
+        let known =
+            [proto::ADDRESS_TYPE_URL, proto::AUTHORIZATION_TYPE_URL, proto::WAYPOINT_RESOURCE_TYPE_URL];
         Self { type_url: known.into_iter().find(|k| *k == type_url).unwrap_or("other") }
     }
 }
@@ -86,7 +90,7 @@ impl ServeMetrics {
         let r = registry.sub_registry_with_prefix("ambient_controller_xds");
         r.register(
             "refusals",
-            "Connections and streams refused (reason: handshake, no_certificate, peer_identity, unknown_identity, identity_removed, too_many_types)",
+            "Connections and streams refused (reason: handshake, no_certificate, peer_identity, unknown_identity, identity_removed, too_many_types, sotw)",
             m.refusals.clone(),
         );
         r.register("streams", "Open waypoint xDS streams", m.streams.clone());
@@ -111,6 +115,8 @@ pub struct PeerInfo {
 pub struct MtlsStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// One of [`MAX_CONNECTIONS`], released when the connection closes.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connected for MtlsStream {
@@ -122,13 +128,21 @@ impl Connected for MtlsStream {
 }
 
 impl AsyncRead for MtlsStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for MtlsStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -150,7 +164,12 @@ pub struct ServerTls {
 }
 
 /// Serves delta ADS on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, tls: ServerTls, served: watch::Receiver<Arc<Served>>, metrics: ServeMetrics) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: ServerTls,
+    served: watch::Receiver<Arc<Served>>,
+    metrics: ServeMetrics,
+) {
     let (tx, rx) = mpsc::channel::<Result<MtlsStream, std::io::Error>>(64);
     let accept = accept_loop(listener, tls, tx, metrics.clone());
     let service = AggregatedDiscoveryServiceServer::new(Ads { served, metrics })
@@ -158,6 +177,8 @@ pub async fn serve(listener: TcpListener, tls: ServerTls, served: watch::Receive
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // One ADS stream per waypoint connection; a few more for reconnect overlap.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(service)
         .serve_with_incoming(ReceiverStream::new(rx));
     tokio::select! {
@@ -188,17 +209,21 @@ async fn accept_loop(
         };
         let (tls, tx, metrics) = (tls.clone(), tx.clone(), metrics.clone());
         tokio::spawn(async move {
-            let Some(stream) = handshake(tcp, addr, &tls, &metrics).await else { return };
+            let Some(stream) = handshake(tcp, addr, &tls, &metrics, permit).await else { return };
             let _ = tx.send(Ok(stream)).await;
-            // The permit is held for the handshake only: tonic bounds streams itself.
-            drop(permit);
         });
     }
 }
 
-async fn handshake(tcp: TcpStream, addr: SocketAddr, tls: &ServerTls, metrics: &ServeMetrics) -> Option<MtlsStream> {
+async fn handshake(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    tls: &ServerTls,
+    metrics: &ServeMetrics,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Option<MtlsStream> {
     let Some(cert) = tls.certs.current(&tls.identity) else {
-        debug!(%addr, "connection refused: our own certificate is not there yet");
+        warn!(%addr, "connection refused: our own certificate is not there yet");
         metrics.refuse("no_certificate");
         tls.certs.prefetch(&tls.identity);
         return None;
@@ -225,7 +250,8 @@ async fn handshake(tcp: TcpStream, addr: SocketAddr, tls: &ServerTls, metrics: &
             return None;
         }
     };
-    let identity = match common::tls::peer_identity(inner.get_ref().1.peer_certificates(), &tls.trust_domain) {
+    let identity = match common::tls::peer_identity(inner.get_ref().1.peer_certificates(), &tls.trust_domain)
+    {
         Ok(id) => id,
         Err(e) => {
             warn!(%addr, error = %e, "connection refused: peer identity");
@@ -233,7 +259,7 @@ async fn handshake(tcp: TcpStream, addr: SocketAddr, tls: &ServerTls, metrics: &
             return None;
         }
     };
-    Some(MtlsStream { inner, peer: PeerInfo { identity, addr } })
+    Some(MtlsStream { inner, peer: PeerInfo { identity, addr }, _permit: permit })
 }
 
 /// The gRPC service over the served views.
@@ -253,8 +279,11 @@ impl AggregatedDiscoveryService for Ads {
 
     async fn stream_aggregated_resources(
         &self,
-        _request: Request<Streaming<DiscoveryRequest>>,
+        request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SotwStream>, Status> {
+        let who = request.extensions().get::<PeerInfo>().map(|p| p.identity.to_string()).unwrap_or_default();
+        warn!(identity = %who, "state-of-the-world xDS stream refused: only delta ADS is served");
+        self.metrics.refuse("sotw");
         Err(Status::unimplemented("only delta ADS is served"))
     }
 

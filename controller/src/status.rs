@@ -64,7 +64,9 @@ pub fn generation(obj: &Value) -> i64 {
 pub struct GatewayFacts {
     /// The translation's fault, when the Gateway was refused.
     pub refused: Option<String>,
-    /// Why it could not be deployed (parameters), if so.
+    /// Why its `parametersRef` cannot be used, if so.
+    pub invalid_parameters: Option<String>,
+    /// Why it could not be deployed (an object of its name is not its), if so.
     pub not_provisioned: Option<String>,
     /// The waypoint Service's cluster IPs (empty until assigned).
     pub addresses: Vec<String>,
@@ -76,25 +78,38 @@ pub struct GatewayFacts {
 pub fn gateway_status(gateway: &Value, facts: &GatewayFacts, now: &str) -> Value {
     let generation = generation(gateway);
     let previous = gateway.get("status");
-    let accepted = match &facts.refused {
-        None => Cond::new("Accepted", true, "Accepted", "accepted by the ambient waypoint controller"),
-        Some(fault) if fault.contains("listener") => Cond::new("Accepted", false, "ListenersNotValid", fault.clone()),
-        Some(fault) => Cond::new("Accepted", false, "Invalid", fault.clone()),
+    let accepted = match (&facts.refused, &facts.invalid_parameters) {
+        (Some(fault), _) if fault.contains("listener") => {
+            Cond::new("Accepted", false, "ListenersNotValid", fault.clone())
+        }
+        (Some(fault), _) => Cond::new("Accepted", false, "Invalid", fault.clone()),
+        (None, Some(why)) => Cond::new("Accepted", false, "InvalidParameters", why.clone()),
+        (None, None) => {
+            Cond::new("Accepted", true, "Accepted", "accepted by the ambient waypoint controller")
+        }
     };
     let programmed = match (&facts.refused, &facts.not_provisioned, facts.addresses.is_empty()) {
         (Some(_), _, _) => Cond::new("Programmed", false, "Invalid", "the Gateway is not accepted"),
-        (None, Some(why), _) => Cond::new("Programmed", false, "Invalid", why.clone()),
-        (None, None, true) => {
-            Cond::new("Programmed", false, "AddressNotAssigned", "waiting for the waypoint Service's cluster IP")
+        (None, _, _) if !accepted.ok => {
+            Cond::new("Programmed", false, "Invalid", "the Gateway is not accepted")
         }
-        (None, None, false) => Cond::new("Programmed", true, "Programmed", "the waypoint is deployed and configured"),
+        (None, Some(why), _) => Cond::new("Programmed", false, "Invalid", why.clone()),
+        (None, None, true) => Cond::new(
+            "Programmed",
+            false,
+            "AddressNotAssigned",
+            "waiting for the waypoint Service's cluster IP",
+        ),
+        (None, None, false) => {
+            Cond::new("Programmed", true, "Programmed", "the waypoint is deployed and configured")
+        }
     };
     let listener_prev = previous
         .and_then(|s| s.get("listeners"))
         .and_then(Value::as_array)
         .and_then(|l| l.iter().find(|l| l.get("name").and_then(Value::as_str) == Some("mesh")))
         .and_then(|l| l.get("conditions"));
-    let ok = facts.refused.is_none();
+    let ok = accepted.ok;
     let listener = json!({
         "name": "mesh",
         "supportedKinds": [
@@ -151,17 +166,24 @@ pub fn route_conditions(status: Option<&ObjectStatus>) -> [Cond; 2] {
         Some(f) if f.field.contains("backendRefs") && f.reason.contains("ReferenceGrant") => {
             Cond::new("ResolvedRefs", false, "RefNotPermitted", f.to_string())
         }
-        Some(f) if f.field.contains("backendRefs") && (f.field.ends_with(".kind") || f.field.ends_with(".group")) => {
+        Some(f)
+            if f.field.contains("backendRefs")
+                && (f.field.ends_with(".kind") || f.field.ends_with(".group")) =>
+        {
             Cond::new("ResolvedRefs", false, "InvalidKind", f.to_string())
         }
-        Some(f) if f.field.contains("backendRefs") => Cond::new("ResolvedRefs", false, "BackendNotFound", f.to_string()),
+        Some(f) if f.field.contains("backendRefs") => {
+            Cond::new("ResolvedRefs", false, "BackendNotFound", f.to_string())
+        }
         _ => Cond::new("ResolvedRefs", true, "ResolvedRefs", ""),
     };
     [accepted, resolved]
 }
 
-/// The route's new `status.parents`: ours (one per parentRef `ours` picks, with `conds`)
-/// replacing our previous entries, other controllers' entries kept. `None` when unchanged.
+/// The route's new `status.parents`: one entry of ours per parentRef `ours` picks, with
+/// `conds`. Entries keep their places (other controllers' untouched, ours updated where they
+/// are, ours that no longer apply removed, new ones appended), so two controllers that both
+/// keep foreign entries never reorder each other's writes. `None` when unchanged.
 pub fn route_parents(
     route: &Value,
     controller_name: &str,
@@ -170,17 +192,33 @@ pub fn route_parents(
     now: &str,
 ) -> Option<Value> {
     let generation = generation(route);
-    let existing: Vec<Value> = route.pointer("/status/parents").and_then(Value::as_array).cloned().unwrap_or_default();
+    let existing: Vec<Value> =
+        route.pointer("/status/parents").and_then(Value::as_array).cloned().unwrap_or_default();
     let mine = |p: &Value| p.get("controllerName").and_then(Value::as_str) == Some(controller_name);
-    let mut parents: Vec<Value> = existing.iter().filter(|p| !mine(p)).cloned().collect();
     let refs = route.pointer("/spec/parentRefs").and_then(Value::as_array).cloned().unwrap_or_default();
-    for r in refs.iter().filter(|r| ours(r)) {
-        let previous = existing.iter().find(|p| mine(p) && p.get("parentRef") == Some(r)).and_then(|p| p.get("conditions"));
-        parents.push(json!({
+    let wanted: Vec<&Value> = refs.iter().filter(|r| ours(r)).collect();
+    let entry = |r: &Value, previous: Option<&Value>| {
+        json!({
             "parentRef": r,
             "controllerName": controller_name,
             "conditions": conditions(conds, previous, generation, now),
-        }));
+        })
+    };
+    let mut parents = Vec::with_capacity(existing.len() + wanted.len());
+    let mut placed: Vec<&Value> = Vec::new();
+    for p in &existing {
+        if !mine(p) {
+            parents.push(p.clone());
+            continue;
+        }
+        let Some(r) = wanted.iter().find(|r| p.get("parentRef") == Some(**r) && !placed.contains(*r)) else {
+            continue; // ours, no longer applies
+        };
+        parents.push(entry(r, p.get("conditions")));
+        placed.push(r);
+    }
+    for r in wanted.iter().filter(|r| !placed.contains(*r)) {
+        parents.push(entry(r, None));
     }
     (parents != existing).then_some(Value::Array(parents))
 }

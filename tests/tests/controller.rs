@@ -94,9 +94,10 @@ fn load(api: &KubeApi, yaml: &str) {
 
 async fn kube_client(api: &KubeApi) -> kube::Client {
     let kubeconfig = kube::config::Kubeconfig::from_yaml(&api.kubeconfig()).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-        .await
-        .expect("client config");
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+            .await
+            .expect("client config");
     kube::Client::try_from(config).expect("client")
 }
 
@@ -123,7 +124,9 @@ fn controller_config(ca: &str, pod: &str) -> controller::config::Config {
 }
 
 async fn start_controller(api: &KubeApi, ca: &str, pod: &str) -> controller::app::App {
-    let app = controller::app::App::start(controller_config(ca, pod), kube_client(api).await).await.expect("controller");
+    let app = controller::app::App::start(controller_config(ca, pod), kube_client(api).await)
+        .await
+        .expect("controller");
     let ready = app.ready.clone();
     tokio::time::timeout(WAIT, ready.wait())
         .await
@@ -204,9 +207,12 @@ async fn the_controller_deploys_programs_and_serves_each_waypoint_only_its_own_c
     // Deployed, owned by the Gateway.
     let gw = api.get(GW, "Gateway", Some("demo"), "wp").expect("gateway");
     let uid = gw["metadata"]["uid"].clone();
-    for (v, kind) in
-        [("v1", "ServiceAccount"), ("apps/v1", "Deployment"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget")]
-    {
+    for (v, kind) in [
+        ("v1", "ServiceAccount"),
+        ("apps/v1", "Deployment"),
+        ("v1", "Service"),
+        ("policy/v1", "PodDisruptionBudget"),
+    ] {
         let obj = api
             .wait_for_object(WAIT, v, kind, Some("demo"), "wp", |_| true)
             .await
@@ -216,7 +222,8 @@ async fn the_controller_deploys_programs_and_serves_each_waypoint_only_its_own_c
     let deployment = api.get("apps/v1", "Deployment", Some("demo"), "wp").expect("deployment");
     let env = deployment.pointer("/spec/template/spec/containers/0/env").expect("env").to_string();
     assert!(env.contains(CONTROLLER_ID), "{env}");
-    let service_ip = api.get("v1", "Service", Some("demo"), "wp").expect("service")["spec"]["clusterIP"].clone();
+    let service_ip =
+        api.get("v1", "Service", Some("demo"), "wp").expect("service")["spec"]["clusterIP"].clone();
     assert!(service_ip.as_str().is_some_and(|ip| ip.starts_with("10.96.")), "{service_ip}");
 
     // Gateway status: accepted, programmed, addressed by the Service's cluster IP.
@@ -225,7 +232,9 @@ async fn the_controller_deploys_programs_and_serves_each_waypoint_only_its_own_c
             is_true(g, "/status/conditions", "Programmed")
         })
         .await
-        .unwrap_or_else(|_| panic!("Gateway never programmed: {:?}", api.get(GW, "Gateway", Some("demo"), "wp")));
+        .unwrap_or_else(|_| {
+            panic!("Gateway never programmed: {:?}", api.get(GW, "Gateway", Some("demo"), "wp"))
+        });
     assert!(is_true(&gw, "/status/conditions", "Accepted"), "{gw}");
     assert_eq!(gw["status"]["addresses"], json!([{"type": "IPAddress", "value": service_ip}]));
     assert_eq!(gw["status"]["listeners"][0]["attachedRoutes"], 1, "{gw}");
@@ -242,13 +251,20 @@ async fn the_controller_deploys_programs_and_serves_each_waypoint_only_its_own_c
         .await
         .expect("route status");
     let parent = our_parent(&route).expect("parent");
-    assert!(is_true(parent, "/conditions", "Accepted") && is_true(parent, "/conditions", "ResolvedRefs"), "{parent}");
+    assert!(
+        is_true(parent, "/conditions", "Accepted") && is_true(parent, "/conditions", "ResolvedRefs"),
+        "{parent}"
+    );
     let broken = api
         .wait_for_object(WAIT, GW, "HTTPRoute", Some("demo"), "broken", |r| our_parent(r).is_some())
         .await
         .expect("broken route status");
-    let resolved = condition(our_parent(&broken).expect("parent"), "/conditions", "ResolvedRefs").expect("cond");
-    assert_eq!((resolved["status"].as_str(), resolved["reason"].as_str()), (Some("False"), Some("BackendNotFound")));
+    let resolved =
+        condition(our_parent(&broken).expect("parent"), "/conditions", "ResolvedRefs").expect("cond");
+    assert_eq!(
+        (resolved["status"].as_str(), resolved["reason"].as_str()),
+        (Some("False"), Some("BackendNotFound"))
+    );
 
     // The waypoints, over mTLS: each gets its own route only.
     let wp = start_waypoint(ctl.xds_addr, ca, "demo", "wp").await;
@@ -296,9 +312,75 @@ spec:
 "#,
     );
     let routes = wp.routes.clone();
-    let got = tokio::time::timeout(WAIT, routes.wait_for(|_| routes.versions().contains_key("demo/r3#0"))).await;
+    let got =
+        tokio::time::timeout(WAIT, routes.wait_for(|_| routes.versions().contains_key("demo/r3#0"))).await;
     assert!(got.is_ok(), "the new route never arrived: {:?}", names(&wp));
     assert_eq!(names(&wp2), ["other/r2#0"], "and not at the other waypoint");
+
+    // A Gateway named like an object it does not own is not deployed over it: the app's Service
+    // stays as it was, the Gateway is not programmed, and its identity is not served.
+    load(
+        &api,
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: taken, namespace: demo}
+spec: {selector: {app: other}, ports: [{name: http, port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: taken, namespace: demo}
+spec: {gatewayClassName: ambient-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+"#,
+    );
+    let taken = api
+        .wait_for_object(WAIT, GW, "Gateway", Some("demo"), "taken", |g| {
+            condition(g, "/status/conditions", "Programmed").is_some()
+        })
+        .await
+        .expect("status on the Gateway named like an existing Service");
+    let programmed = condition(&taken, "/status/conditions", "Programmed").expect("condition");
+    assert_eq!(programmed["status"], "False", "{taken}");
+    assert!(programmed["message"].as_str().is_some_and(|m| m.contains("not owned")), "{programmed}");
+    assert_eq!(taken["status"]["addresses"], json!([]));
+    let svc = api.get("v1", "Service", Some("demo"), "taken").expect("service");
+    assert_eq!(svc["spec"]["selector"], json!({"app": "other"}), "the app's Service was not taken over");
+    assert!(svc["metadata"].get("ownerReferences").is_none(), "{svc}");
+    let impostor = start_waypoint(ctl.xds_addr, ca, "demo", "taken").await;
+    let ready = impostor.ready.clone();
+    assert!(tokio::time::timeout(Duration::from_secs(2), ready.wait()).await.is_err(), "served anyway");
+    drop(impostor);
+
+    // A waypoint refuses a server that is not the identity it was told (here: a controller
+    // running as another service account).
+    let mut other = controller_config(ca, "c-x");
+    other.identity = common::identity::Identity::new("cluster.local", "ambient-system", "not-the-controller")
+        .expect("identity");
+    let fake = controller::app::App::start(other, kube_client(&api).await).await.expect("second controller");
+    let ready = fake.ready.clone();
+    tokio::time::timeout(WAIT, ready.wait()).await.expect("second controller ready");
+    let fooled = start_waypoint(fake.xds_addr, ca, "demo", "wp").await;
+    let ready = fooled.ready.clone();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), ready.wait()).await.is_err(),
+        "trusted the wrong server"
+    );
+    assert!(fooled.routes.versions().is_empty());
+    drop((fooled, fake));
+
+    // Converged: nothing more is written (no status ping-pong, no re-applies).
+    let writes = |m: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with("istio_ambient_controller_api_writes_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = writes(&metrics(ctl.addrs.metrics).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = writes(&metrics(ctl.addrs.metrics).await);
+    assert_eq!(before, after, "the controller keeps writing to the API server");
+    assert!(before > 0.0);
 
     // Deleting the Gateway removes what was deployed for it and cuts its waypoint off.
     api.delete(GW, "Gateway", Some("demo"), "wp").expect("deleted");
@@ -392,14 +474,6 @@ kind: Service
 metadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
 spec: {selector: {app: web}, clusterIP: 10.96.0.30, ports: [{name: http, port: 80, targetPort: 8081}]}
 ---
-apiVersion: v1
-kind: Service
-metadata: {name: waypoint, namespace: shop}
-spec:
-  selector: {gateway.networking.k8s.io/gateway-name: waypoint}
-  clusterIP: 10.96.0.100
-  ports: [{name: mesh, port: 15008}]
----
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: waypoint, namespace: shop}
@@ -421,6 +495,18 @@ spec:
   rules:
     - filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-route, value: v1}]}}]
       backendRefs: [{name: web, port: 80}]
+"#;
+
+/// The waypoint's Service as istiod sees it (in the API server the controller creates it).
+const WAYPOINT_SERVICE: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: waypoint, namespace: shop}
+spec:
+  selector: {gateway.networking.k8s.io/gateway-name: waypoint}
+  clusterIP: 10.96.0.100
+  ports: [{name: mesh, port: 15008}]
 "#;
 
 #[path = "support/l7.rs"]
@@ -449,7 +535,7 @@ fn a_waypoint_configured_by_the_controller_carries_traffic_under_its_routes_and_
 
     // istiod's part (the ztunnels' workloads and services) from the in-repo control plane.
     let store = mesh_tests::xds_server::XdsStore::new();
-    store.load_yaml(MESH).expect("mesh config");
+    store.load_yaml(&format!("{MESH}{WAYPOINT_SERVICE}")).expect("mesh config");
     let (_cp_rt, _cp) = mesh_tests::node::control_plane(&node_a, "10.0.0.1:15010", store);
     let zt_a = NodeZtunnel::start_node(&node_a, "http://10.0.0.1:15010", &ca, "node-a", &[]);
     let _zt_b = NodeZtunnel::start_node(&node_b, "http://10.0.0.1:15010", &ca, "node-b", &[]);
@@ -492,7 +578,10 @@ fn a_waypoint_configured_by_the_controller_carries_traffic_under_its_routes_and_
     };
     let (status, answer) = get("/hello");
     assert_eq!(status, 200, "{answer}");
-    assert!(answer.contains("web GET /hello") && answer.to_ascii_lowercase().contains("x-route: v1"), "{answer}");
+    assert!(
+        answer.contains("web GET /hello") && answer.to_ascii_lowercase().contains("x-route: v1"),
+        "{answer}"
+    );
     let (status, answer) = get("/admin/x");
     assert_eq!(status, 403, "the AuthorizationPolicy from the API server applies: {answer}");
 

@@ -82,8 +82,8 @@ spec: {host: plain.b.svc.cluster.local, trafficPolicy: {loadBalancer: {simple: R
 fn refs() -> Vec<WaypointRef> {
     let id = |ns: &str, sa: &str| Identity::new("cluster.local", ns, sa).expect("identity");
     vec![
-        WaypointRef { namespace: "a".into(), name: "wa".into(), identity: id("a", "wa") },
-        WaypointRef { namespace: "b".into(), name: "wb".into(), identity: id("b", "wb") },
+        WaypointRef { namespace: "a".into(), name: "wa".into(), identity: id("a", "wa"), serve: true },
+        WaypointRef { namespace: "b".into(), name: "wb".into(), identity: id("b", "wb"), serve: true },
     ]
 }
 
@@ -127,4 +127,10 @@ fn an_identity_that_is_no_waypoint_of_ours_gets_nothing() {
     // A Gateway that is gone takes its identity's access with it.
     let served = split(&t, &refs()[1..], "cluster.local", 2);
     assert!(!served.knows(&refs()[0].identity));
+    // One not programmed yet is not served, though its services are attributed to it.
+    let mut waiting = refs();
+    waiting[0].serve = false;
+    let served = split(&t, &waiting, "cluster.local", 3);
+    assert!(!served.knows(&waiting[0].identity) && served.knows(&waiting[1].identity));
+    assert_eq!(served.waypoint_of_service("a", "sa.a.svc.cluster.local"), Some("a/wa"));
 }
