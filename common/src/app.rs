@@ -85,32 +85,84 @@ impl Skeleton {
     }
 }
 
-/// Background tasks that live as long as their app: aborted when dropped.
-#[derive(Debug, Default)]
-pub struct Tasks(Vec<JoinHandle<()>>);
+/// Background tasks that live as long as their app: aborted when dropped. A task pushed as
+/// critical is one the app cannot do without: when it ends (or panics), [`Tasks::failed`]
+/// says which, so that the process can stop (and be restarted) instead of staying ready on
+/// stale state.
+#[derive(Debug)]
+pub struct Tasks {
+    handles: Vec<tokio::task::AbortHandle>,
+    failed: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl Default for Tasks {
+    fn default() -> Self {
+        Self { handles: Vec::new(), failed: tokio::sync::watch::channel(None).0 }
+    }
+}
 
 impl Tasks {
     pub fn push(&mut self, task: JoinHandle<()>) {
-        self.0.push(task);
+        self.handles.push(task.abort_handle());
     }
 
-    /// Moves `other`'s tasks into these.
+    /// A task whose end is a failure of the app (see [`Tasks::failed`]).
+    pub fn push_critical(&mut self, name: &'static str, task: JoinHandle<()>) {
+        self.handles.push(task.abort_handle());
+        let failed = self.failed.clone();
+        let watcher = tokio::spawn(async move {
+            let why = match task.await {
+                Ok(()) => "ended".to_string(),
+                Err(e) if e.is_panic() => "panicked".to_string(),
+                Err(_) => return, // aborted: the app is stopping
+            };
+            tracing::error!(task = name, %why, "a critical task stopped");
+            failed.send_replace(Some(format!("{name} {why}")));
+        });
+        self.handles.push(watcher.abort_handle());
+    }
+
+    /// Resolves when a critical task has ended or panicked, with which and how.
+    pub fn failed(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut rx = self.failed.subscribe();
+        async move {
+            loop {
+                if let Some(why) = rx.borrow_and_update().clone() {
+                    return why;
+                }
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+
+    /// Moves `other`'s tasks into these (its critical tasks report here from now on).
     pub fn append(&mut self, other: &mut Tasks) {
-        self.0.append(&mut other.0);
+        self.handles.append(&mut other.handles);
+        let (mut from, to) = (other.failed.subscribe(), self.failed.clone());
+        let relay = tokio::spawn(async move {
+            while from.changed().await.is_ok() {
+                if let Some(why) = from.borrow_and_update().clone() {
+                    to.send_replace(Some(why));
+                }
+            }
+        });
+        self.handles.push(relay.abort_handle());
+    }
+
+    /// Aborts every task now (also done when dropped).
+    pub fn abort(&self) {
+        for t in &self.handles {
+            t.abort();
+        }
     }
 }
 
 impl Extend<JoinHandle<()>> for Tasks {
     fn extend<I: IntoIterator<Item = JoinHandle<()>>>(&mut self, iter: I) {
-        self.0.extend(iter);
-    }
-}
-
-impl Tasks {
-    /// Aborts every task now (also done when dropped).
-    pub fn abort(&self) {
-        for t in &self.0 {
-            t.abort();
+        for t in iter {
+            self.push(t);
         }
     }
 }
@@ -150,5 +202,28 @@ impl Shutdown {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_critical_task_that_panics_or_ends_is_reported_and_dropping_aborts_the_rest() {
+        let mut tasks = Tasks::default();
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        tasks.push(tokio::spawn(async move {
+            let _keep = tx;
+            std::future::pending::<()>().await;
+        }));
+        tasks.push_critical("reconcile", tokio::spawn(async { panic!("boom") }));
+        let why =
+            tokio::time::timeout(std::time::Duration::from_secs(5), tasks.failed()).await.expect("reported");
+        assert_eq!(why, "reconcile panicked");
+        drop(tasks);
+        // The plain task was aborted: its sender is gone.
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), &mut rx).await.expect("aborted");
+        assert!(closed.is_err());
     }
 }

@@ -35,10 +35,16 @@ pub struct App {
     /// Whether this replica leads.
     pub leader: watch::Receiver<bool>,
     pub objects: Arc<Objects>,
-    _tasks: Tasks,
+    tasks: Tasks,
 }
 
 impl App {
+    /// Resolves when a task the controller cannot do without ended or panicked (which one);
+    /// the binary then exits, to be restarted, rather than serve stale configuration.
+    pub fn failed(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        self.tasks.failed()
+    }
+
     pub async fn start(config: Config, client: kube::Client) -> anyhow::Result<Self> {
         let addrs = ServerAddrs {
             admin: config.admin_addr,
@@ -70,16 +76,13 @@ impl App {
         let objects = Objects::new();
         let watch_metrics = WatchMetrics::new(registry);
         for kind in kinds::WATCHED {
-            tasks.push(tokio::spawn(objects::watch_kind(
-                client.clone(),
-                *kind,
-                objects.clone(),
-                watch_metrics.clone(),
-            )));
+            let watch = objects::watch_kind(client.clone(), *kind, objects.clone(), watch_metrics.clone());
+            tasks.push_critical("kubernetes watch", tokio::spawn(watch));
         }
 
         let (leader_tx, leader_rx) = watch::channel(false);
-        tasks.push(tokio::spawn(leader::run(client.clone(), config.clone(), leader_tx)));
+        let election = leader::run(client.clone(), config.clone(), leader_tx);
+        tasks.push_critical("leader election", tokio::spawn(election));
 
         let (served_tx, served_rx) = watch::channel(Arc::new(Served::default()));
         let last = Arc::new(Mutex::new(LastPass::default()));
@@ -92,9 +95,9 @@ impl App {
             ReconcileMetrics::new(registry),
             last.clone(),
         );
-        tasks
-            .push(tokio::spawn(reconciler.run(ready.register("first translation of the cluster's objects"))));
-        tasks.push(tokio::spawn(writer.run()));
+        let first = ready.register("first translation of the cluster's objects");
+        tasks.push_critical("reconcile", tokio::spawn(reconciler.run(first)));
+        tasks.push_critical("API writer", tokio::spawn(writer.run()));
 
         // Nothing is served before the first translation and our certificate: until then
         // waypoints wait in the backlog rather than be told they are unknown.
@@ -105,10 +108,11 @@ impl App {
         };
         let serve_metrics = ServeMetrics::new(registry);
         let (gate, served) = (ready.clone(), served_rx.clone());
-        tasks.push(tokio::spawn(async move {
+        let server = async move {
             gate.wait().await;
             serve::serve(xds_listener, tls, served, serve_metrics).await;
-        }));
+        };
+        tasks.push_critical("xDS server", tokio::spawn(server));
 
         let config_json = serde_json::to_value(&config).unwrap_or_default();
         let (d_ready, d_served, d_leader, d_objects) =
@@ -142,7 +146,7 @@ impl App {
             served: served_rx,
             leader: leader_rx,
             objects,
-            _tasks: tasks,
+            tasks,
         })
     }
 }

@@ -17,8 +17,13 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let app = App::start(config, client).await?;
     info!(xds = %app.xds_addr, "ambient-controller started");
-    stop.wait().await;
-    info!("shutting down");
+    tokio::select! {
+        _ = stop.wait() => info!("shutting down"),
+        why = app.failed() => {
+            drop(app);
+            anyhow::bail!("stopping: {why}");
+        }
+    }
     drop(app);
     Ok(())
 }
