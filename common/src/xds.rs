@@ -42,7 +42,11 @@ impl Source {
 
     /// Attaches our certificate source, for an xDS server reached over mesh mTLS (see
     /// [`crate::grpc::MeshTls`]); a no-op for a file or a server verified otherwise.
-    pub fn with_mesh_tls(self, certs: crate::identity::CertificateManager, own: crate::identity::Identity) -> Self {
+    pub fn with_mesh_tls(
+        self,
+        certs: crate::identity::CertificateManager,
+        own: crate::identity::Identity,
+    ) -> Self {
         match self {
             Source::Xds(mut config) => {
                 config.target = config.target.with_mesh_tls(certs, own);
