@@ -51,6 +51,8 @@ pub enum SourceError {
     ServerIdentity(String, String),
     #[error("--xds-server-identity needs an https xDS address, not {0:?}")]
     ServerIdentityPlaintext(String),
+    #[error("--xds-server-identity is for an xDS server, not --local-config")]
+    ServerIdentityWithFile,
 }
 
 impl ControlPlaneArgs {
@@ -58,6 +60,7 @@ impl ControlPlaneArgs {
     pub fn source(&self, node: &NodeInfo) -> Result<(Source, String), SourceError> {
         match (&self.local_config, &self.xds_address) {
             (Some(_), Some(_)) => Err(SourceError::TwoSources),
+            (Some(_), None) if self.xds_server_identity.is_some() => Err(SourceError::ServerIdentityWithFile),
             (Some(path), None) => Ok((Source::File(path.clone()), format!("file {}", path.display()))),
             (None, address) => {
                 let address = address.clone().unwrap_or_else(|| DEFAULT_ISTIOD_ADDRESS.to_string());
@@ -80,14 +83,75 @@ impl ControlPlaneArgs {
     }
 
     /// Where certificates come from.
+    /// An xDS server reached over mesh mTLS (`--xds-server-identity`, our controller) is no CA:
+    /// the CA then defaults to istiod's, not to the xDS address.
     pub fn ca(&self) -> CaConfig {
+        let xds_is_istiod = self.xds_server_identity.is_none();
         CaConfig::from_flags(
             self.local_ca.as_deref(),
             self.ca_address.as_deref(),
-            self.xds_address.as_deref(),
+            self.xds_address.as_deref().filter(|_| xds_is_istiod),
             DEFAULT_ISTIOD_ADDRESS,
             &self.xds_root_cert,
             self.xds_token_path.as_deref(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Flags {
+        #[command(flatten)]
+        cp: ControlPlaneArgs,
+    }
+
+    fn ca_address(args: &[&str]) -> String {
+        let flags = Flags::try_parse_from(std::iter::once("x").chain(args.iter().copied())).expect("flags");
+        match flags.cp.ca() {
+            CaConfig::Istio { address, .. } => address,
+            CaConfig::Local { .. } => "local".into(),
+        }
+    }
+
+    #[test]
+    fn the_ca_follows_istiod_but_never_our_controller() {
+        let istiod = "https://istiod.example:15012";
+        assert_eq!(ca_address(&["--xds-address", istiod]), istiod);
+        let controller = "https://ambient-controller.ambient-system.svc:15012";
+        let id = "spiffe://cluster.local/ns/ambient-system/sa/ambient-controller";
+        assert_eq!(
+            ca_address(&["--xds-address", controller, "--xds-server-identity", id]),
+            DEFAULT_ISTIOD_ADDRESS
+        );
+        assert_eq!(
+            ca_address(&["--xds-address", controller, "--xds-server-identity", id, "--ca-address", istiod]),
+            istiod
+        );
+    }
+
+    #[test]
+    fn a_server_identity_needs_https_and_a_spiffe_id() {
+        let node = NodeInfo::default();
+        let parse = |args: &[&str]| {
+            Flags::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .expect("flags")
+                .cp
+                .source(&node)
+        };
+        let id = "spiffe://cluster.local/ns/ambient-system/sa/ambient-controller";
+        assert!(matches!(
+            parse(&["--xds-address", "http://10.0.0.1:15012", "--xds-server-identity", id]),
+            Err(SourceError::ServerIdentityPlaintext(_))
+        ));
+        assert!(matches!(
+            parse(&["--xds-address", "https://10.0.0.1:15012", "--xds-server-identity", "controller"]),
+            Err(SourceError::ServerIdentity(..))
+        ));
+        assert!(parse(&["--xds-address", "https://10.0.0.1:15012", "--xds-server-identity", id]).is_ok());
     }
 }
