@@ -14,16 +14,20 @@
 //!
 //! The plugin binary is the one `cargo build -p ambient-cni` left next to this test's profile
 //! directory (tests/run.sh builds it first).
+//!
+//! The restart tests read the kernel's capture itself (the pinned `enrolled` map, with
+//! `bpftool`, which deploy/setup.sh installs) every few ms while one ztunnel stops and the next
+//! starts, so that a pod uncaptured for a moment does not go unseen.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mesh_tests::kube_api::{KubeApi, KubeApiServer};
+use mesh_tests::kube_api::{KubeApi, KubeApiServer, ResourceType};
 use mesh_tests::netns::{Netns, enable_forwarding, require_root, wire};
 use mesh_tests::node::NodeZtunnel;
 use serde_json::{Value, json};
@@ -718,8 +722,13 @@ fn a_restarted_ztunnel_keeps_a_pod_enrolled_at_creation_captured() {
 
     // ztunnel restarts; the capture stays pinned meanwhile. The new one's first sync (which
     // still knows nothing of the pod) must not unenroll it: it holds the pod again from the
-    // watch first.
+    // watch first. (Without the announced pods' file, as after an upgrade from a ztunnel that
+    // wrote none: the watch alone recovers.)
     drop(zt);
+    match std::fs::remove_file(announced_file(&n)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("remove the announced pods' file: {e}"),
+        _ => {}
+    }
     let zt = NodeZtunnel::start(&n.node, &flags);
     zt.wait_ready("the restarted ztunnel");
     std::thread::sleep(Duration::from_secs(1));
@@ -734,9 +743,348 @@ fn a_restarted_ztunnel_keeps_a_pod_enrolled_at_creation_captured() {
         "{dump}"
     );
 
-    // Its deletion in the API lets it go.
-    api.delete("v1", "Pod", Some("demo"), "a").expect("pod deleted");
-    zt.converge("pod a unenrolled after its deletion", &|s| !s.pods.contains_key(&ip));
+    // Its DEL lets it go, though the watch could not tell the sandbox: the pod's uid and
+    // address name it.
     n.del(&a, Some(&result));
+    assert_eq!(captured(&zt, ip), None, "DEL after the restart unenrolled the pod");
+    assert_eq!(config_dump(&zt)["cni"]["announced"], json!([]));
+    zt.stop(&n.node);
+}
+
+/// Where ztunnel keeps the announced pods across restarts: next to the enrollment socket.
+fn announced_file(n: &Node) -> PathBuf {
+    n.socket.parent().expect("socket dir").join("announced.json")
+}
+
+/// ztunnel's flags for a node with the enrollment socket and the watch, xDS from `mesh`.
+fn enrollment_flags(n: &Node, mesh: &Path, kubeconfig: &Path) -> Vec<String> {
+    let ca = n.dir.path().join("ca");
+    let path = |p: &Path| p.to_str().expect("path").to_string();
+    [
+        "--local-config",
+        &path(mesh),
+        "--local-ca",
+        &path(&ca),
+        "--node-name",
+        NODE_NAME,
+        "--redirect",
+        "--uplink",
+        "uplink",
+        "--enrollment-socket",
+        &path(&n.socket),
+        "--kube-watch",
+        "--kubeconfig",
+        &path(kubeconfig),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn start_ztunnel(n: &Node, flags: &[String]) -> NodeZtunnel {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    NodeZtunnel::start(&n.node, &flags)
+}
+
+/// The addresses captured in the kernel now: the keys of the pinned `enrolled` map, whichever
+/// ztunnel runs (or none).
+fn pinned_enrolled(pin_dir: &Path) -> Result<Vec<IpAddr>, String> {
+    let map = pin_dir.join("enrolled");
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&map)
+        .output()
+        .map_err(|e| format!("bpftool: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("bpftool map dump {}: {}", map.display(), String::from_utf8_lossy(&out.stderr)));
+    }
+    let entries: Vec<Value> =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("bpftool output: {e}"))?;
+    entries
+        .iter()
+        .map(|e| {
+            // Raw bytes ("0x0a", ...), or with BTF the struct's four host-order words.
+            let bytes: Vec<u8> = match &e["key"] {
+                Value::Array(hex) => hex
+                    .iter()
+                    .filter_map(|b| {
+                        b.as_str().and_then(|b| u8::from_str_radix(b.trim_start_matches("0x"), 16).ok())
+                    })
+                    .collect(),
+                key => key["w"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_u64)
+                    .flat_map(|w| u32::try_from(w).unwrap_or_default().to_ne_bytes())
+                    .collect(),
+            };
+            let octets: [u8; 16] =
+                bytes.try_into().map_err(|b| format!("a key of {} bytes: {e}", Vec::len(&b)))?;
+            Ok(std::net::Ipv6Addr::from(octets).to_canonical())
+        })
+        .collect()
+}
+
+/// What a [`CaptureWatch`] saw.
+#[derive(Debug, Default)]
+struct Sampled {
+    /// Samples of the kernel's capture taken.
+    samples: usize,
+    /// Each address seen uncaptured, with when (since the watch started).
+    uncaptured: Vec<(IpAddr, Duration)>,
+    /// Connections the pods attempted to the outside server.
+    attempts: usize,
+}
+
+/// Samples, every few ms on threads of their own, the kernel's capture of `pods`' addresses
+/// (from the pinned map) and has each pod try to reach the outside server, until `stop`: for a
+/// restart that must not leave a pod uncaptured for a moment (the server's count then says
+/// whether a connection got out).
+fn watch_capture<R>(pin_dir: &Path, pods: &[(&Sandbox, IpAddr)], during: impl FnOnce() -> R) -> (R, Sampled) {
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut seen = Sampled::default();
+            while !stop.load(Ordering::SeqCst) {
+                let enrolled =
+                    pinned_enrolled(pin_dir).unwrap_or_else(|e| panic!("reading the capture: {e}"));
+                seen.samples += 1;
+                for (_, ip) in pods {
+                    if !enrolled.contains(ip) {
+                        seen.uncaptured.push((*ip, started.elapsed()));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            seen
+        });
+        let talkers: Vec<_> = pods
+            .iter()
+            .map(|(sb, _)| {
+                let stop = &stop;
+                scope.spawn(move || {
+                    sb.netns.enter(|| {
+                        let addr: SocketAddr = format!("{OUTSIDE}:{SERVER_PORT}").parse().expect("addr");
+                        let mut attempts = 0;
+                        while !stop.load(Ordering::SeqCst) {
+                            attempts += 1;
+                            let _ = TcpStream::connect_timeout(&addr, Duration::from_millis(20));
+                            std::thread::sleep(Duration::from_millis(3));
+                        }
+                        attempts
+                    })
+                })
+            })
+            .collect();
+        // Stops the threads however `during` ends (a failed assertion too), so the scope ends.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let stopping = Stop(&stop);
+        let result = during();
+        drop(stopping);
+        let mut sampled = sampler.join().expect("sampler");
+        sampled.attempts = talkers.into_iter().map(|t| t.join().expect("talker")).sum();
+        (result, sampled)
+    })
+}
+
+#[test]
+fn a_restart_keeps_every_announced_pod_captured_throughout() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = Node::new("keep");
+    let (_api_rt, api) = kube_api(&n.node);
+    api.apply(namespace("demo", Some("ambient"))).expect("namespace");
+    let uid_a = create_pod(&api, "demo", "a", json!({}));
+    let uid_b = create_pod(&api, "demo", "b", json!({}));
+    let kubeconfig = api.write_kubeconfig(n.dir.path()).expect("kubeconfig");
+    let mesh = n.dir.path().join("mesh.yaml");
+    // xDS knows no pod, before and after the restart.
+    std::fs::write(&mesh, "").expect("local config");
+    let flags = enrollment_flags(&n, &mesh, &kubeconfig);
+    let pin_dir = mesh_tests::node::bpf_pin_dir(&n.node);
+    let _pins = PinGuard(pin_dir.clone());
+    let zt = start_ztunnel(&n, &flags);
+    zt.wait_ready("ztunnel with the Kubernetes watch");
+
+    // Pod a's address reaches the API; pod b was announced moments before the restart: the
+    // kubelet has not reported its address yet, so only what ztunnel kept can save it.
+    let a = n.sandbox("keep", "demo", "a", &uid_a);
+    let result_a = n.add(&a);
+    let (ip_a, veth_a) = pod_of(&result_a);
+    let status = json!({"phase": "Running", "podIP": ip_a.to_string(), "podIPs": [{"ip": ip_a.to_string()}]});
+    api.set_status("v1", "Pod", Some("demo"), "a", status).expect("pod status");
+    let b = n.sandbox("keep", "demo", "b", &uid_b);
+    let result_b = n.add(&b);
+    let (ip_b, veth_b) = pod_of(&result_b);
+    assert_eq!(captured(&zt, ip_b).as_deref(), Some(veth_b.as_str()));
+
+    // From before the old ztunnel stops until well after the new one is ready (and has narrowed
+    // the capture it adopted), neither pod is uncaptured for a moment, nor gets out.
+    let (zt, sampled) = watch_capture(&pin_dir, &[(&a, ip_a), (&b, ip_b)], || {
+        std::thread::sleep(Duration::from_millis(200));
+        drop(zt);
+        std::thread::sleep(Duration::from_millis(200));
+        let zt = start_ztunnel(&n, &flags);
+        zt.wait_ready("the restarted ztunnel");
+        std::thread::sleep(Duration::from_secs(2));
+        zt
+    });
+    assert!(sampled.samples > 50 && sampled.attempts > 50, "too few samples: {sampled:?}");
+    assert!(sampled.uncaptured.is_empty(), "the restart left pods uncaptured: {:?}", sampled.uncaptured);
+    assert_eq!(n.outside_connections(), 0, "a pod got out in plaintext during the restart");
+    assert_eq!(captured(&zt, ip_a).as_deref(), Some(veth_a.as_str()));
+    assert_eq!(captured(&zt, ip_b).as_deref(), Some(veth_b.as_str()));
+
+    // Both were held again from the file, with their sandboxes; narrowing ran (nothing pending).
+    let dump = config_dump(&zt);
+    assert_eq!(dump["narrowing_pending"], json!([]), "{dump}");
+    let announced = dump["cni"]["announced"].as_array().expect("announced pods in the dump");
+    let sandbox_of =
+        |name: &str| announced.iter().find(|p| p["pod"]["name"] == name).map(|p| p["container_id"].clone());
+    assert_eq!(sandbox_of("a"), Some(json!(a.container_id)), "{dump}");
+    assert_eq!(sandbox_of("b"), Some(json!(b.container_id)), "{dump}");
+    let text = zt.metrics();
+    assert_eq!(
+        metric(&text, "istio_cni_recovered_pods_total", &["source=\"file\"", "result=\"announced\""]),
+        2.0
+    );
+    assert_eq!(metric(&text, "istio_cni_announced_file_rejected_total", &[]), 0.0);
+    let file = announced_file(&n);
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).expect("file").permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Their DELs let them go (and the file follows).
+    n.del(&b, Some(&result_b));
+    assert_eq!(captured(&zt, ip_b), None, "DEL of b after the restart");
+    n.del(&a, Some(&result_a));
+    assert_eq!(captured(&zt, ip_a), None, "DEL of a after the restart");
+    let kept: Value = serde_json::from_slice(&std::fs::read(&file).expect("file")).expect("json");
+    assert_eq!(kept["pods"], json!([]), "{kept}");
+    zt.stop(&n.node);
+}
+
+#[test]
+fn an_unreachable_api_server_postpones_narrowing_not_serving() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = Node::new("wait");
+    let (_api_rt, api) = kube_api(&n.node);
+    api.apply(namespace("demo", Some("ambient"))).expect("namespace");
+    let uids: Vec<String> = ["a", "b", "c"].iter().map(|p| create_pod(&api, "demo", p, json!({}))).collect();
+    let kubeconfig = api.write_kubeconfig(n.dir.path()).expect("kubeconfig");
+    let mesh = n.dir.path().join("mesh.yaml");
+    std::fs::write(&mesh, "").expect("local config");
+    let flags = enrollment_flags(&n, &mesh, &kubeconfig);
+    let pin_dir = mesh_tests::node::bpf_pin_dir(&n.node);
+    let _pins = PinGuard(pin_dir.clone());
+    let zt = start_ztunnel(&n, &flags);
+    zt.wait_ready("ztunnel with the Kubernetes watch");
+    let pods: Vec<Sandbox> =
+        ["a", "b", "c"].iter().zip(&uids).map(|(p, uid)| n.sandbox("wait", "demo", p, uid)).collect();
+    let results: Vec<Value> = pods.iter().map(|sb| n.add(sb)).collect();
+    let ips: Vec<IpAddr> = results.iter().map(address_of).collect();
+    let (ip_a, ip_b, ip_c) = (ips[0], ips[1], ips[2]);
+    for (name, ip) in [("a", ip_a), ("c", ip_c)] {
+        let status = json!({"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]});
+        api.set_status("v1", "Pod", Some("demo"), name, status).expect("pod status");
+    }
+    // xDS learns pod b: its connections are proxied (passed through to the outside server).
+    std::fs::write(&mesh, mesh_with_pod("b", ip_b)).expect("local config");
+    let knows_b = |zt: &NodeZtunnel| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while zt.app.state.snapshot().workload_by_ip(ip_b).is_none() {
+            assert!(Instant::now() < deadline, "the local config never delivered pod b");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    knows_b(&zt);
+    assert_eq!(talk(&pods[1].netns, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {ip_b}")));
+
+    // While ztunnel is down: pod c is deleted (its capture stays adopted, nobody wants it any
+    // more), the announced pods' file is damaged, and the API server stops serving pods.
+    let (zt, sampled) = watch_capture(&pin_dir, &[(&pods[0], ip_a)], || {
+        drop(zt);
+        api.delete("v1", "Pod", Some("demo"), "c").expect("pod c deleted");
+        let file = announced_file(&n);
+        std::fs::write(&file, "{\"version\": 1, \"pods\": [").expect("damage the file");
+        assert!(api.unregister("v1", "Pod"), "pods served");
+        let zt = start_ztunnel(&n, &flags);
+
+        // The first sync is in: the proxies serve (pod b gets out, proxied) though the watch
+        // cannot list, and nothing adopted is narrowed meanwhile.
+        knows_b(&zt);
+        assert_eq!(talk(&pods[1].netns, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {ip_b}")));
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(captured(&zt, ip_c).is_some(), "narrowed before the pods were recovered");
+        let dump = config_dump(&zt);
+        let pending = dump["narrowing_pending"].as_array().cloned().unwrap_or_default();
+        assert!(
+            pending.len() == 1
+                && pending[0].as_str().is_some_and(|p| p.contains("waiting for the Kubernetes watch")),
+            "{dump}"
+        );
+        let text = zt.metrics();
+        assert_eq!(metric(&text, "istio_cni_announced_file_rejected_total", &[]), 1.0, "the damaged file");
+
+        // The API server is back: the watch lists, pod a is held again from it, and only then
+        // is the adopted capture narrowed (pod c goes).
+        api.register(ResourceType::namespaced("v1", "Pod", "pods"));
+        zt.wait_ready("the restarted ztunnel");
+        zt.converge("pod c unenrolled once narrowing was allowed", &|s| !s.pods.contains_key(&ip_c));
+        zt
+    });
+    assert!(sampled.samples > 50 && sampled.attempts > 50, "too few samples: {sampled:?}");
+    assert!(sampled.uncaptured.is_empty(), "pod a went uncaptured: {:?}", sampled.uncaptured);
+    assert_eq!(n.outside_connections(), 2, "only pod b's two connections got out");
+    assert!(captured(&zt, ip_a).is_some());
+    assert!(captured(&zt, ip_b).is_some(), "xDS wants pod b");
+    let dump = config_dump(&zt);
+    assert_eq!(dump["narrowing_pending"], json!([]), "{dump}");
+    let announced = dump["cni"]["announced"].as_array().expect("announced pods in the dump");
+    assert!(
+        announced.iter().any(|p| p["pod"]["name"] == "a" && p["container_id"] == "(from the watch)"),
+        "{dump}"
+    );
+
+    for (sb, result) in pods.iter().zip(&results) {
+        n.del(sb, Some(result));
+    }
+    assert_eq!(captured(&zt, ip_a), None, "DEL of pod a");
+    zt.stop(&n.node);
+}
+
+#[test]
+fn a_completed_pod_is_withdrawn() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = Node::new("done");
+    let (_api_rt, api) = kube_api(&n.node);
+    api.apply(namespace("demo", Some("ambient"))).expect("namespace");
+    let uid = create_pod(&api, "demo", "job", json!({}));
+    let kubeconfig = api.write_kubeconfig(n.dir.path()).expect("kubeconfig");
+    let mesh = n.dir.path().join("mesh.yaml");
+    std::fs::write(&mesh, "").expect("local config");
+    let flags = enrollment_flags(&n, &mesh, &kubeconfig);
+    let _pins = PinGuard(mesh_tests::node::bpf_pin_dir(&n.node));
+    let zt = start_ztunnel(&n, &flags);
+    zt.wait_ready("ztunnel with the Kubernetes watch");
+    let job = n.sandbox("done", "demo", "job", &uid);
+    let result = n.add(&job);
+    let ip = address_of(&result);
+    let running = json!({"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]});
+    api.set_status("v1", "Pod", Some("demo"), "job", running).expect("pod status");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(captured(&zt, ip).is_some(), "a running pod stays");
+
+    // The job's containers are done: the pod is withdrawn (its address is free for another pod).
+    let done = json!({"phase": "Succeeded", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]});
+    api.set_status("v1", "Pod", Some("demo"), "job", done).expect("pod status");
+    zt.converge("the completed pod unenrolled", &|s| !s.pods.contains_key(&ip));
+    assert_eq!(config_dump(&zt)["cni"]["announced"], json!([]));
+    n.del(&job, Some(&result));
     zt.stop(&n.node);
 }

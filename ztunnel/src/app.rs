@@ -21,16 +21,22 @@ use tokio::task::JoinHandle;
 use crate::cni::Cni;
 use crate::config::Config;
 use crate::proxy::{self, Bound, Proxy};
-use crate::redirect::Enrollment;
+use crate::redirect::{Enrollment, NarrowingBlock};
 use common::state::State;
 use ebpf::Redirector;
 
 /// Readiness task released once the certificates of this node's workloads are in.
 const CERTS_TASK: &str = "workload certificates";
+/// The condition of narrowing adopted capture that the control plane adds.
+const NARROW_AFTER_SYNC: &str = "xds: first sync";
 
 /// A running ztunnel.
 pub struct App {
     pub ready: Ready,
+    /// Whether capture adopted from a previous ztunnel may be narrowed (see `crate::redirect`):
+    /// once the first xDS sync is through and, with enrollment at creation, the announced pods
+    /// are held again. Without redirection nothing is adopted, and it has no conditions.
+    pub narrowing: Ready,
     /// The indexed mesh state the proxies route on.
     pub state: State,
     pub addresses: Arc<ResourceStore<Address>>,
@@ -64,8 +70,11 @@ impl Drop for App {
 impl App {
     /// Binds the servers and starts the control-plane feed.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
-        let addrs =
-            ServerAddrs { admin: config.admin_addr, metrics: config.metrics_addr, readiness: config.readiness_addr };
+        let addrs = ServerAddrs {
+            admin: config.admin_addr,
+            metrics: config.metrics_addr,
+            readiness: config.readiness_addr,
+        };
         let mut skeleton = Skeleton::bind("ztunnel", addrs).await?;
         let ready = skeleton.ready.clone();
         let registry = &mut skeleton.registry;
@@ -74,11 +83,30 @@ impl App {
         let (state, handlers) = State::new(&config.network);
         state.register_metrics(registry);
 
+        // Its conditions exist before anything that could fulfil one (the first sync of a
+        // local file is quick) or narrow is spawned.
+        let narrowing = Ready::new();
+        let mut after_sync = None;
+        let mut recovered = None;
+        if config.redirect {
+            after_sync = Some(NarrowingBlock::register(&narrowing, NARROW_AFTER_SYNC));
+            if config.enrollment.is_some() {
+                recovered = Some(NarrowingBlock::register(&narrowing, crate::cni::RECOVERED));
+            }
+        }
+
         let config_objects = common::xds::ConfigObjects::default();
         let (source_tasks, synced) =
             spawn_source(&config, handlers, &ready, xds_metrics, config_objects.clone());
         let mut tasks = std::mem::take(&mut skeleton.tasks);
         tasks.extend(source_tasks);
+        if let Some(block) = after_sync {
+            let synced = synced.clone();
+            tasks.push(tokio::spawn(async move {
+                synced.wait().await;
+                block.done();
+            }));
+        }
         let drain = Drain::new();
         let mut certs = None;
         let proxy_addrs = match &config.proxy {
@@ -119,37 +147,39 @@ impl App {
                 config.uplinks.clone(),
                 config.static_pods.clone(),
                 state.addresses().clone(),
-                synced.clone(),
+                narrowing.clone(),
                 registry,
             );
-            tasks.push(task);
+            tasks.extend(task);
             Some(enrollment)
         } else {
             None
         };
-        let cni = match (&config.enrollment, &enrollment) {
-            (Some(cni_config), Some(enrollment)) => {
+        let cni = match (&config.enrollment, &enrollment, recovered) {
+            (Some(cni_config), Some(enrollment), Some(recovered)) => {
+                // An error fails the start: the app and its tasks go (a dropped `recovered`
+                // would keep narrowing postponed anyway).
                 let (cni, cni_tasks) = Cni::start(
                     cni_config.clone(),
                     &config.node_name,
                     enrollment.clone(),
                     &ready,
-                    &synced,
+                    recovered,
                     registry,
                 )
                 .await?;
                 tasks.extend(cni_tasks);
                 Some(cni)
             }
-            (Some(_), None) => anyhow::bail!("the enrollment socket needs redirection (--redirect)"),
-            (None, _) => None,
+            (Some(_), _, _) => anyhow::bail!("the enrollment socket needs redirection (--redirect)"),
+            (None, _, _) => None,
         };
         let admin_router = admin_routes(
             &config,
             &ready,
             &state,
             certs.clone(),
-            Dumped { enrollment: enrollment.clone(), cni: cni.clone() },
+            Dumped { enrollment: enrollment.clone(), cni: cni.clone(), narrowing: narrowing.clone() },
             config_objects,
         );
         skeleton.serve(admin_router);
@@ -158,6 +188,7 @@ impl App {
             skeleton.addrs;
         Ok(Self {
             ready,
+            narrowing,
             addresses: state.addresses().clone(),
             policies: state.policies().clone(),
             state,
@@ -184,8 +215,10 @@ impl App {
 }
 
 /// Starts the control-plane source. It reports its first sync (every subscribed type, Address
-/// and Authorization, processed once) on a readiness of its own, returned for the proxies to
-/// wait on; the same pending tasks, by the same names, block the app's readiness until then.
+/// and Authorization, processed once) on a readiness of its own, returned for the proxies (and
+/// the narrowing of adopted capture) to wait on; the same pending tasks, by the same names, block
+/// the app's readiness until then. Only the source registers on it, before this returns: nothing
+/// may register later (the mirror would not name it; other start-up conditions go elsewhere).
 fn spawn_source(
     config: &Config,
     handlers: common::xds::Handlers,
@@ -231,6 +264,7 @@ async fn prefetch_certificates(
 struct Dumped {
     enrollment: Option<Enrollment>,
     cni: Option<Cni>,
+    narrowing: Ready,
 }
 
 fn admin_routes(
@@ -254,6 +288,8 @@ fn admin_routes(
             },
             "state": serde_json::to_value(&*dump_state.snapshot()).unwrap_or_default(),
             "redirection": dumped.enrollment.as_ref().map(Enrollment::status),
+            // What narrowing of the capture adopted from a previous ztunnel still waits for.
+            "narrowing_pending": dumped.enrollment.as_ref().map(|_| dumped.narrowing.pending()),
             // Pods enrolled at creation through the CNI plugin, and the watch behind it.
             "cni": dumped.cni.as_ref().map(Cni::dump),
             // The local config's objects: accepted or refused (field and reason), and which

@@ -173,12 +173,19 @@ pub enum ConfigError {
     EnrollmentNeedsRedirect,
     #[error("--kube-watch only serves --enrollment-socket; set both or neither")]
     WatchWithoutEnrollment,
+    #[error("--xds-server-identity is for waypoints fed by our controller; ztunnel's xDS server is istiod")]
+    ServerIdentity,
 }
 
 impl Config {
     /// Builds the config from parsed arguments. Binds nothing, spawns nothing.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         common::admin::require_loopback(args.admin_addr)?;
+        if args.control_plane.xds_server_identity.is_some() {
+            // ztunnel authenticates to istiod with its token; it would never present a
+            // certificate to such a server and so never connect.
+            return Err(ConfigError::ServerIdentity);
+        }
         let node = NodeInfo {
             proxy_type: "ztunnel".into(),
             ip: args.instance_ip,
@@ -203,7 +210,13 @@ impl Config {
             (Some(_), false) => return Err(ConfigError::EnrollmentNeedsWatch),
             (Some(_), true) if !args.redirect => return Err(ConfigError::EnrollmentNeedsRedirect),
             (Some(socket), true) => {
-                Some(CniConfig { socket, kubeconfig: args.kubeconfig, pod_wait: DEFAULT_POD_WAIT })
+                let announced_file = crate::cni::persisted::next_to(&socket);
+                Some(CniConfig {
+                    socket,
+                    kubeconfig: args.kubeconfig,
+                    pod_wait: DEFAULT_POD_WAIT,
+                    announced_file,
+                })
             }
             (None, true) => return Err(ConfigError::WatchWithoutEnrollment),
             (None, false) => None,
@@ -276,6 +289,7 @@ mod tests {
             parse(&[&sock[..], &["--kube-watch", "--redirect", "--kubeconfig", "/k"]].concat()).expect("on");
         let cni = on.enrollment.expect("enrollment");
         assert_eq!(cni.socket, PathBuf::from("/run/z.sock"));
+        assert_eq!(cni.announced_file, PathBuf::from("/run/announced.json"), "kept next to the socket");
         assert_eq!(cni.kubeconfig, Some(PathBuf::from("/k")));
         assert_eq!(cni.pod_wait, DEFAULT_POD_WAIT);
     }

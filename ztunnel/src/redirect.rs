@@ -15,20 +15,26 @@
 //! was not up yet is retried. Failures are logged and counted; the pod is retried.
 //!
 //! Capture adopted from a previous ztunnel (pinned in the kernel) is only ever narrowed once
-//! the first control-plane sync is through: until then a restarted ztunnel knows no workloads,
-//! and unenrolling on that basis would open every pod of the node.
+//! narrowing is allowed (the `narrowing` readiness): after the first control-plane sync (until
+//! then a restarted ztunnel knows no workloads, and unenrolling on that basis would open every
+//! pod of the node) and, with enrollment at creation, once the pods announced before the restart
+//! are held again (`crate::cni`). Its blocks are [`NarrowingBlock`]s, which postpone narrowing
+//! for good when dropped undone; a postponement is warned about and counted every
+//! [`NARROWING_OVERDUE`].
 //!
 //! Pods the CNI plugin announced at creation ([`Enrollment::announce`], see `crate::cni`) are
 //! enrolled at once, before xDS may know their workload, and stay wanted until withdrawn. The
 //! announcements live under the redirector's lock, so a reconcile pass never sees a pod
-//! enrolled without its announcement and unenrolls it.
+//! enrolled without its announcement and unenrolls it; every change is written to the
+//! announced pods' file there too ([`Enrollment::persist_to`]), before the ADD is answered.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use common::readiness::Ready;
+use common::readiness::{BlockReady, Ready};
 use common::xds::ResourceStore;
 use ebpf::redirector::RedirectError;
 use ebpf::{Redirector, Status};
@@ -40,10 +46,14 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::cni::announced::{Announced, AnnouncedPod, Full, Which};
+use crate::cni::persisted;
 use crate::cni::pods::PodKey;
 
 /// How often enrollment is re-checked without an update (retries of failed enrollments).
 const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// How long narrowing of adopted capture may stay postponed before that is warned about and
+/// counted (and again after each further period); it goes on waiting.
+pub const NARROWING_OVERDUE: Duration = Duration::from_secs(30);
 
 /// A pod to enroll whatever the control plane says: `ip` or `ip@interface`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -71,6 +81,8 @@ impl std::str::FromStr for StaticPod {
 struct RedirectMetrics {
     enrolled: Gauge,
     errors: Counter,
+    narrowing_overdue: Counter,
+    file_errors: Counter,
 }
 
 /// The redirector and the pods the CNI plugin announced, under one lock.
@@ -78,6 +90,54 @@ struct Guarded {
     /// Taken out on shutdown.
     redirector: Option<Redirector>,
     announced: Announced,
+    /// Where the announced pods are kept across restarts, once enabled.
+    file: Option<AnnouncedFile>,
+}
+
+/// The announced pods' file and whether its last write failed (retried on every pass).
+struct AnnouncedFile {
+    path: PathBuf,
+    stale: bool,
+}
+
+/// A condition of narrowing (see the module doc): done when [`Self::done`] is called. Unlike a
+/// plain [`BlockReady`], dropping it undone (its task aborted or failed) never allows narrowing:
+/// that stays postponed (fail closed), as the drop logs and the overdue warnings repeat.
+#[derive(Debug)]
+pub struct NarrowingBlock {
+    block: Option<BlockReady>,
+}
+
+impl NarrowingBlock {
+    /// Registers `name` as a condition of `narrowing`.
+    pub fn register(narrowing: &Ready, name: &str) -> Self {
+        Self { block: Some(narrowing.register(name)) }
+    }
+
+    /// Says what the condition still waits for (shown with the pending conditions).
+    pub fn set_detail(&self, detail: Option<String>) {
+        if let Some(b) = &self.block {
+            b.set_detail(detail);
+        }
+    }
+
+    pub fn done(mut self) {
+        if let Some(b) = self.block.take() {
+            b.done();
+        }
+    }
+}
+
+impl Drop for NarrowingBlock {
+    fn drop(&mut self) {
+        if let Some(b) = self.block.take() {
+            warn!("a condition of narrowing adopted capture was abandoned: narrowing stays postponed");
+            b.set_detail(Some("abandoned: narrowing stays postponed".into()));
+            // Dropping the guard would release it (and allow narrowing): keep it pending. This
+            // leaks the guard (a name and a handle), at most once per condition.
+            std::mem::forget(b);
+        }
+    }
 }
 
 /// What the reconcile loop and the handles share.
@@ -110,19 +170,91 @@ impl Shared {
         want
     }
 
-    /// Publishes the status and the announced pods.
-    fn publish(&self, r: Option<&Redirector>, announced: &Announced) {
+    /// Publishes the announced pods (writing them to the file when they changed or its last
+    /// write failed), then the status: whoever sees the status change sees the announcements
+    /// behind it.
+    fn publish(&self, r: Option<&Redirector>, announced: &Announced, file: &mut Option<AnnouncedFile>) {
+        let now = announced.list();
+        let changed = self.announced.send_if_modified(|seen| {
+            let changed = *seen != now;
+            if changed {
+                seen.clone_from(&now);
+            }
+            changed
+        });
+        if let Some(file) = file.as_mut().filter(|f| changed || f.stale) {
+            match persisted::save(&file.path, &now) {
+                Ok(()) => file.stale = false,
+                Err(e) => {
+                    file.stale = true;
+                    self.metrics.file_errors.inc();
+                    let path = file.path.display();
+                    warn!(%path, error = %e, "cannot write the announced pods' file (retried)");
+                }
+            }
+        }
         if let Some(r) = r {
             let now = r.status();
             self.metrics.enrolled.set(now.pods.len() as i64);
             self.status.send_replace(now);
         }
-        self.announced.send_if_modified(|seen| {
-            let now = announced.list();
-            let changed = *seen != now;
-            *seen = now;
-            changed
-        });
+    }
+
+    /// Enrolls an announced pod and commits its announcement (see [`Enrollment::announce`]);
+    /// with `only_if_absent`, does nothing (false) when the pod or one of its addresses is
+    /// announced already.
+    fn announce(
+        &self,
+        guarded: &mut Guarded,
+        pod: AnnouncedPod,
+        only_if_absent: bool,
+    ) -> Result<bool, AnnounceError> {
+        let Guarded { redirector, announced, file } = guarded;
+        let r = redirector.as_mut().ok_or(AnnounceError::ShuttingDown)?;
+        if only_if_absent && !announced.is_absent(&pod) {
+            return Ok(false);
+        }
+        // Computed on a copy and committed once enrolled: a failure leaves every announcement
+        // (this pod's previous one too) as it was.
+        let mut next = announced.clone();
+        let replaced = next.insert(pod.clone())?;
+        let before: Vec<(IpAddr, Option<String>)> =
+            pod.ips.iter().map(|ip| (*ip, r.interface_of(*ip).map(String::from))).collect();
+        for ip in &pod.ips {
+            if let Err(source) = r.enroll(*ip, &pod.interface) {
+                self.metrics.errors.inc();
+                self.roll_back(r, &before);
+                self.publish(Some(r), announced, file);
+                return Err(AnnounceError::Enroll {
+                    ip: *ip,
+                    iface: pod.interface.clone(),
+                    source: Box::new(source),
+                });
+            }
+        }
+        *announced = next;
+        // A new sandbox of the same pod: what only the old one had goes.
+        if let Some(old) = replaced {
+            self.release_unwanted(r, announced, &old.ips);
+        }
+        self.publish(Some(r), announced, file);
+        Ok(true)
+    }
+
+    /// Puts the capture of these addresses back as it was before an enrollment that failed
+    /// half way (an address captured before stays captured, on its interface).
+    fn roll_back(&self, r: &mut Redirector, before: &[(IpAddr, Option<String>)]) {
+        for (ip, iface) in before {
+            let undone = match iface {
+                None => r.unenroll(*ip).map(|_| ()),
+                Some(iface) if r.interface_of(*ip) != Some(iface.as_str()) => r.enroll(*ip, iface),
+                Some(_) => Ok(()),
+            };
+            if let Err(e) = undone {
+                self.metrics.errors.inc();
+                warn!(%ip, error = %e, "cannot undo a failed enrollment; the reconcile loop retries");
+            }
+        }
     }
 
     /// Unenrolls those of `ips` that nothing wants any more.
@@ -157,32 +289,54 @@ pub struct Enrollment {
 }
 
 impl Enrollment {
-    /// Starts reconciling `workloads` into `redirector` for `node_name`; returns the handle
-    /// and the reconcile task.
+    /// Starts reconciling `workloads` into `redirector` for `node_name`, narrowing adopted
+    /// capture only once `narrowing` is ready (see the module doc); returns the handle and the
+    /// tasks (the reconcile loop, and the one warning while narrowing is overdue).
     pub fn start(
         redirector: Redirector,
         node_name: String,
         uplinks: Vec<String>,
         static_pods: Vec<StaticPod>,
         workloads: Arc<ResourceStore<Address>>,
-        synced: Ready,
+        narrowing: Ready,
         registry: &mut Registry,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+    ) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
         let metrics = RedirectMetrics::default();
         let r = registry.sub_registry_with_prefix("redirect");
         r.register("enrolled_pods", "Pods whose traffic is redirected to ztunnel", metrics.enrolled.clone());
         r.register("enroll_errors", "Failed pod enrollments (retried)", metrics.errors.clone());
+        r.register(
+            "narrowing_overdue",
+            "Times the narrowing of capture adopted from a previous ztunnel was still postponed after \
+             another 30 s (its pods stay captured meanwhile)",
+            metrics.narrowing_overdue.clone(),
+        );
+        r.register(
+            "announced_file_errors",
+            "Failed writes of the announced pods' file (retried; a restart meanwhile may forget the last \
+             changes)",
+            metrics.file_errors.clone(),
+        );
         let (status, _) = watch::channel(redirector.status());
+        let overdue = tokio::spawn(warn_while_postponed(
+            narrowing.clone(),
+            metrics.narrowing_overdue.clone(),
+            NARROWING_OVERDUE,
+        ));
         let shared = Arc::new(Shared {
-            guarded: Mutex::new(Guarded { redirector: Some(redirector), announced: Announced::default() }),
-            wanted: Wanted { node_name, uplinks, static_pods, synced },
+            guarded: Mutex::new(Guarded {
+                redirector: Some(redirector),
+                announced: Announced::default(),
+                file: None,
+            }),
+            wanted: Wanted { node_name, uplinks, static_pods, narrowing },
             workloads,
             metrics,
             status,
             announced: watch::channel(Vec::new()).0,
         });
         let task = tokio::spawn(reconcile_loop(shared.clone()));
-        (Self { shared }, task)
+        (Self { shared }, vec![task, overdue])
     }
 
     /// What is attached and enrolled now.
@@ -206,38 +360,42 @@ impl Enrollment {
     }
 
     /// Enrolls the addresses of a pod the CNI plugin announced on its interface, now, and
-    /// keeps them enrolled (whatever xDS says) until [`Self::withdraw`]. On failure nothing of
-    /// the announcement stays.
+    /// keeps them enrolled (whatever xDS says) until [`Self::withdraw`]; replaces the pod's
+    /// previous announcement. On failure the announcements and the capture of the pod's
+    /// addresses stay as they were.
     pub async fn announce(&self, pod: AnnouncedPod) -> Result<(), AnnounceError> {
+        self.announce_with(pod, false).await.map(|_| ())
+    }
+
+    /// As [`Self::announce`] (after a restart), but only when neither the pod nor any of its
+    /// addresses is announced: checked and committed under the lock, so it never replaces an
+    /// announcement made meanwhile (a new sandbox's ADD). Returns whether it announced.
+    pub async fn announce_if_absent(&self, pod: AnnouncedPod) -> Result<bool, AnnounceError> {
+        self.announce_with(pod, true).await
+    }
+
+    async fn announce_with(&self, pod: AnnouncedPod, only_if_absent: bool) -> Result<bool, AnnounceError> {
         let shared = self.shared.clone();
         // Enrolling runs netlink and `ip`: off the async workers.
-        tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || shared.announce(&mut shared.lock(), pod, only_if_absent))
+            .await
+            .map_err(|e| AnnounceError::Task(e.to_string()))?
+    }
+
+    /// Keeps the announced pods in the file at `path` from now on (written now, then on every
+    /// change, before the change is reported done).
+    pub async fn persist_to(&self, path: PathBuf) {
+        let shared = self.shared.clone();
+        let done = tokio::task::spawn_blocking(move || {
             let mut guard = shared.lock();
-            let Guarded { redirector, announced } = &mut *guard;
-            let r = redirector.as_mut().ok_or(AnnounceError::ShuttingDown)?;
-            let replaced = announced.insert(pod.clone())?;
-            for ip in &pod.ips {
-                if let Err(source) = r.enroll(*ip, &pod.interface) {
-                    shared.metrics.errors.inc();
-                    announced.remove(&pod.pod, &Which::Sandbox(pod.container_id.clone()));
-                    shared.release_unwanted(r, announced, &pod.ips);
-                    shared.publish(Some(r), announced);
-                    return Err(AnnounceError::Enroll {
-                        ip: *ip,
-                        iface: pod.interface.clone(),
-                        source: Box::new(source),
-                    });
-                }
-            }
-            // A new sandbox of the same pod: what only the old one had goes.
-            if let Some(old) = replaced {
-                shared.release_unwanted(r, announced, &old.ips);
-            }
-            shared.publish(Some(r), announced);
-            Ok(())
+            let Guarded { redirector, announced, file } = &mut *guard;
+            *file = Some(AnnouncedFile { path, stale: true });
+            shared.publish(redirector.as_ref(), announced, file);
         })
-        .await
-        .map_err(|e| AnnounceError::Task(e.to_string()))?
+        .await;
+        if let Err(e) = done {
+            warn!(error = %e, "enabling the announced pods' file failed");
+        }
     }
 
     /// Forgets the pod's announcement if it is `which`, and unenrolls its addresses unless
@@ -246,12 +404,12 @@ impl Enrollment {
         let shared = self.shared.clone();
         let done = tokio::task::spawn_blocking(move || {
             let mut guard = shared.lock();
-            let Guarded { redirector, announced } = &mut *guard;
+            let Guarded { redirector, announced, file } = &mut *guard;
             let removed = announced.remove(&key, &which)?;
             if let Some(r) = redirector.as_mut() {
                 shared.release_unwanted(r, announced, &removed.ips);
             }
-            shared.publish(redirector.as_ref(), announced);
+            shared.publish(redirector.as_ref(), announced, file);
             Some(removed)
         })
         .await;
@@ -277,14 +435,14 @@ struct Wanted {
     node_name: String,
     uplinks: Vec<String>,
     static_pods: Vec<StaticPod>,
-    /// The control-plane source's own readiness: done once its first sync is through.
-    synced: Ready,
+    /// Done once adopted capture may be narrowed (see the module doc).
+    narrowing: Ready,
 }
 
 impl Wanted {
-    /// True once the control-plane source's first sync is done.
-    fn synced(&self) -> bool {
-        self.synced.is_ready()
+    /// True once adopted capture may be narrowed.
+    fn may_narrow(&self) -> bool {
+        self.narrowing.is_ready()
     }
 
     /// Uplink interfaces, with `*` expanded to every current interface.
@@ -338,20 +496,20 @@ async fn reconcile_loop(shared: Arc<Shared>) {
     let mut pruned_adopted = false;
     loop {
         let uplinks = shared.wanted.uplinks();
-        // Before the first sync only add; after it, drop what adoption brought and is not wanted.
-        let synced = shared.wanted.synced();
-        let prune_adopted = synced && !pruned_adopted;
-        pruned_adopted |= synced;
+        // Before narrowing is allowed only add; then drop what adoption brought and is not wanted.
+        let may_narrow = shared.wanted.may_narrow();
+        let prune_adopted = may_narrow && !pruned_adopted;
+        pruned_adopted |= may_narrow;
         let pass = shared.clone();
         // Enrolling runs netlink and `ip`: keep it off the async workers.
         let result = tokio::task::spawn_blocking(move || {
             let shared = pass;
             let mut guard = shared.lock();
-            let Guarded { redirector, announced } = &mut *guard;
+            let Guarded { redirector, announced, file } = &mut *guard;
             let r = redirector.as_mut()?;
             // Computed under the lock: an announcement cannot slip in between.
             let want = shared.want(announced);
-            reconcile(r, &want, &uplinks, synced, &shared.metrics);
+            reconcile(r, &want, &uplinks, may_narrow, &shared.metrics);
             if prune_adopted {
                 match r.detach_unused(&uplinks) {
                     Ok(0) => {}
@@ -362,7 +520,7 @@ async fn reconcile_loop(shared: Arc<Shared>) {
                     }
                 }
             }
-            shared.publish(Some(r), announced);
+            shared.publish(Some(r), announced, file);
             Some(())
         })
         .await;
@@ -371,22 +529,36 @@ async fn reconcile_loop(shared: Arc<Shared>) {
             Ok(Some(())) => {}
             Err(e) => warn!(error = %e, "enrollment task failed"),
         }
-        // The first sync may complete without a workload change: it wakes the loop too.
+        // Narrowing may be allowed without a workload change: that wakes the loop too.
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
-            _ = shared.wanted.synced.wait(), if !synced => {}
+            _ = shared.wanted.narrowing.wait(), if !may_narrow => {}
             _ = tokio::time::sleep(RESYNC_INTERVAL) => {}
         }
     }
 }
 
-/// One pass: unenroll what is no longer wanted (only once `synced`), enroll what is missing,
-/// attach new uplinks.
+/// Warns (and counts) every `every` while narrowing is postponed, until it is allowed.
+async fn warn_while_postponed(narrowing: Ready, overdue: Counter, every: Duration) {
+    let mut waited = Duration::ZERO;
+    while tokio::time::timeout(every, narrowing.wait()).await.is_err() {
+        waited += every;
+        overdue.inc();
+        warn!(
+            waited_s = waited.as_secs(),
+            pending = ?narrowing.pending(),
+            "adopted capture not narrowed yet: its pods stay captured until these are done"
+        );
+    }
+}
+
+/// One pass: unenroll what is no longer wanted (only once narrowing is allowed), enroll what
+/// is missing, attach new uplinks.
 fn reconcile(
     r: &mut Redirector,
     want: &BTreeMap<IpAddr, Option<String>>,
     uplinks: &[String],
-    synced: bool,
+    may_narrow: bool,
     metrics: &RedirectMetrics,
 ) {
     // One listing per pass (each `ip` call is a process): uplink pruning and the check that an
@@ -410,7 +582,7 @@ fn reconcile(
             warn!(%iface, error = %e, "cannot attach to uplink; will retry");
         }
     }
-    let have: Vec<IpAddr> = if synced { r.enrolled().collect() } else { Vec::new() };
+    let have: Vec<IpAddr> = if may_narrow { r.enrolled().collect() } else { Vec::new() };
     for ip in have.iter().filter(|ip| !want.contains_key(ip)) {
         if let Err(e) = r.unenroll(*ip) {
             metrics.errors.inc();
@@ -462,6 +634,31 @@ mod tests {
         assert!(!captured(&w("a", TunnelProtocol::Hbone, true), "a"), "a waypoint");
         assert!(!captured(&w("a", TunnelProtocol::None, false), "a"), "not in ambient mode");
         assert!(!captured(&w("a", TunnelProtocol::LegacyIstioMtls, false), "a"), "a sidecar");
+    }
+
+    #[tokio::test]
+    async fn a_postponed_narrowing_is_warned_about_until_allowed() {
+        let narrowing = Ready::new();
+        let block = NarrowingBlock::register(&narrowing, "recovery");
+        let overdue = Counter::default();
+        let every = Duration::from_millis(100);
+        let task = tokio::spawn(warn_while_postponed(narrowing.clone(), overdue.clone(), every));
+        tokio::time::sleep(every * 2 + every / 2).await;
+        assert!(overdue.get() >= 2, "counted once per period: {}", overdue.get());
+        block.done();
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("ends once allowed").expect("join");
+        assert!(narrowing.is_ready());
+    }
+
+    #[test]
+    fn an_abandoned_narrowing_block_keeps_narrowing_postponed() {
+        let narrowing = Ready::new();
+        let sync = NarrowingBlock::register(&narrowing, "xds");
+        let recovery = NarrowingBlock::register(&narrowing, "recovery");
+        drop(recovery);
+        sync.done();
+        assert!(!narrowing.is_ready(), "a dropped condition must not allow narrowing");
+        assert_eq!(narrowing.pending(), vec!["recovery: abandoned: narrowing stays postponed".to_string()]);
     }
 
     #[test]

@@ -1,25 +1,29 @@
 //! The pods the CNI plugin announced at creation and ztunnel enrolled: kept enrolled whether or
 //! not xDS knows their workload yet, until DEL, their deletion in the watch, or labels that
-//! take them out of the mesh. Bounded; an address belongs to the pod announced last with it
-//! (an address reused before an older pod's DEL arrived moves to the new pod).
+//! take them out of the mesh (or completion). Bounded; an address belongs to the pod announced
+//! last with it (an address reused before an older pod's DEL arrived moves to the new pod).
+//! Kept across ztunnel restarts in a file (`super::persisted`).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::pods::PodKey;
 
 /// Most pods announced at once (far above what a node runs).
 pub const MAX_ANNOUNCED: usize = 1024;
+/// The sandbox id recorded for a pod re-announced from the watch after a restart (the watch
+/// does not tell the sandbox): its DEL is matched by the pod's uid and addresses instead.
+pub const FROM_WATCH: &str = "(from the watch)";
 
 /// One announced pod.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AnnouncedPod {
     pub pod: PodKey,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
-    /// The sandbox the plugin was called for.
+    /// The sandbox the plugin was called for ([`FROM_WATCH`] when re-announced from the watch).
     pub container_id: String,
     pub ips: Vec<IpAddr>,
     /// The host side of its veth, where capture is attached.
@@ -37,6 +41,30 @@ pub enum Which {
     Sandbox(String),
     /// Only the announcement of the pod with this uid (a deletion seen in the watch).
     Uid(String),
+    /// What a DEL names: the announcement of its sandbox, or one re-announced from the watch
+    /// ([`FROM_WATCH`], no sandbox known) that has one of the DEL's addresses and, when both
+    /// are known, its uid. The address is required even with a uid: a late DEL of an older
+    /// sandbox of the same pod carries the same uid, but not the current sandbox's addresses.
+    Del { sandbox: String, uid: Option<String>, ips: Vec<IpAddr> },
+}
+
+impl Which {
+    fn matches(&self, current: &AnnouncedPod) -> bool {
+        match self {
+            Which::Any => true,
+            Which::Sandbox(id) => current.container_id == *id,
+            Which::Uid(uid) => current.uid.as_deref().is_none_or(|u| u == uid),
+            Which::Del { sandbox, uid, ips } => {
+                current.container_id == *sandbox
+                    || (current.container_id == FROM_WATCH
+                        && current.ips.iter().any(|ip| ips.contains(ip))
+                        && match (uid, &current.uid) {
+                            (Some(asked), Some(known)) => asked == known,
+                            _ => true,
+                        })
+            }
+        }
+    }
 }
 
 /// The registry was full.
@@ -44,7 +72,7 @@ pub enum Which {
 #[error("{0} pods are already announced on this node")]
 pub struct Full(pub usize);
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Announced {
     pods: BTreeMap<PodKey, AnnouncedPod>,
 }
@@ -63,15 +91,18 @@ impl Announced {
         Ok(self.pods.insert(pod.pod.clone(), pod))
     }
 
+    /// Whether nothing is announced for the pod nor for any of its addresses: what
+    /// re-announcing after a restart requires, so that it never replaces (or takes addresses
+    /// from) an announcement made meanwhile.
+    pub fn is_absent(&self, pod: &AnnouncedPod) -> bool {
+        !self.pods.contains_key(&pod.pod)
+            && !self.pods.values().any(|o| o.ips.iter().any(|ip| pod.ips.contains(ip)))
+    }
+
     /// Removes the pod's announcement if it is `which`.
     pub fn remove(&mut self, key: &PodKey, which: &Which) -> Option<AnnouncedPod> {
         let current = self.pods.get(key)?;
-        let matches = match which {
-            Which::Any => true,
-            Which::Sandbox(id) => current.container_id == *id,
-            Which::Uid(uid) => current.uid.as_deref().is_none_or(|u| u == uid),
-        };
-        if matches { self.pods.remove(key) } else { None }
+        if which.matches(current) { self.pods.remove(key) } else { None }
     }
 
     pub fn get(&self, key: &PodKey) -> Option<&AnnouncedPod> {
@@ -138,5 +169,38 @@ mod tests {
         // Re-announcing a known pod is always possible.
         let replaced = a.insert(pod("p0", "c9", &["10.0.0.1"])).expect("replace");
         assert_eq!(replaced.map(|p| p.container_id), Some("c".to_string()));
+    }
+
+    #[test]
+    fn absent_means_neither_the_pod_nor_its_addresses() {
+        let mut a = Announced::default();
+        a.insert(pod("a", "c1", &["10.0.0.2"])).expect("room");
+        assert!(!a.is_absent(&pod("a", FROM_WATCH, &["10.0.0.9"])), "the pod is announced");
+        assert!(!a.is_absent(&pod("b", FROM_WATCH, &["10.0.0.2"])), "its address is");
+        assert!(a.is_absent(&pod("b", FROM_WATCH, &["10.0.0.3"])));
+    }
+
+    #[test]
+    fn a_del_withdraws_what_the_watch_re_announced_by_uid_and_address() {
+        let del = |sandbox: &str, uid: Option<&str>, ips: &[&str]| Which::Del {
+            sandbox: sandbox.into(),
+            uid: uid.map(String::from),
+            ips: ips.iter().map(|ip| ip.parse().expect("ip")).collect(),
+        };
+        let key = PodKey::new("demo", "a");
+        let mut a = Announced::default();
+        a.insert(pod("a", FROM_WATCH, &["10.0.0.2"])).expect("room");
+        // Another pod's uid, another sandbox's addresses, or no address: left.
+        assert!(a.remove(&key, &del("s1", Some("uid-b"), &["10.0.0.2"])).is_none());
+        assert!(a.remove(&key, &del("s1", Some("uid-a"), &["10.0.0.7"])).is_none());
+        assert!(a.remove(&key, &del("s1", Some("uid-a"), &[])).is_none());
+        assert!(a.remove(&key, &del("s1", Some("uid-a"), &["10.0.0.2"])).is_some());
+        // Without a uid, the address decides.
+        a.insert(pod("a", FROM_WATCH, &["10.0.0.2"])).expect("room");
+        assert!(a.remove(&key, &del("s1", None, &["10.0.0.2"])).is_some());
+        // A known sandbox is matched by its id only.
+        a.insert(pod("a", "s2", &["10.0.0.2"])).expect("room");
+        assert!(a.remove(&key, &del("s1", Some("uid-a"), &["10.0.0.2"])).is_none());
+        assert!(a.remove(&key, &del("s2", None, &[])).is_some());
     }
 }

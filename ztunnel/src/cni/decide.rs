@@ -1,7 +1,8 @@
 //! Whether a pod is in the mesh, as Istio decides it: enrolled when the pod is labelled
 //! `istio.io/dataplane-mode=ambient`, or its namespace is and the pod does not opt out with
-//! `istio.io/dataplane-mode=none`; never a pod with a sidecar (`sidecar.istio.io/status`) or
-//! one on the host network.
+//! `istio.io/dataplane-mode=none`; never a pod with a sidecar (`sidecar.istio.io/status`), one
+//! on the host network, or one that has completed (phase `Succeeded` or `Failed`: its
+//! containers are done and its address is free for the next pod).
 
 use serde::Serialize;
 
@@ -13,6 +14,8 @@ pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
 pub const AMBIENT: &str = "ambient";
 /// The label value that opts a pod out.
 pub const NONE: &str = "none";
+/// The pod phases after which nothing of the pod runs again.
+pub const COMPLETED_PHASES: [&str; 2] = ["Succeeded", "Failed"];
 
 /// The facts of a pod enrollment depends on (all the watch keeps of it).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -27,6 +30,9 @@ pub struct PodFacts {
     /// Its addresses (`status.podIPs`), once it has them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ips: Vec<std::net::IpAddr>,
+    /// Its `status.phase`, once reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
 }
 
 /// The facts of a namespace enrollment depends on.
@@ -47,6 +53,9 @@ pub enum Decision {
 /// Decides for `pod` in a namespace with `namespace`'s facts; `None` when that depends on the
 /// namespace and it is not known.
 pub fn decide(pod: &PodFacts, namespace: Option<&NamespaceFacts>) -> Option<Decision> {
+    if pod.phase.as_deref().is_some_and(|p| COMPLETED_PHASES.contains(&p)) {
+        return Some(Decision::Skip("pod has completed (phase Succeeded or Failed)"));
+    }
     if pod.host_network {
         return Some(Decision::Skip("pod uses the host network"));
     }
@@ -105,5 +114,12 @@ mod tests {
         assert_eq!(enrolled(&sidecar, Some(&ambient_ns)), Some(false));
         let host = PodFacts { host_network: true, ..pod(None) };
         assert_eq!(enrolled(&host, Some(&ambient_ns)), Some(false));
+        // Nor a pod that has completed; a running (or pending) one is judged by its labels.
+        for (phase, in_mesh) in
+            [("Succeeded", false), ("Failed", false), ("Running", true), ("Pending", true)]
+        {
+            let p = PodFacts { phase: Some(phase.into()), ..pod(Some("ambient")) };
+            assert_eq!(enrolled(&p, None), Some(in_mesh), "{phase}");
+        }
     }
 }

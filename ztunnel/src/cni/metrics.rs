@@ -1,5 +1,6 @@
 //! The enrollment server's metrics (`istio_cni_*`): every answer by command and result, every
-//! refusal by reason, the pods announced now, and the watch's errors and dropped objects.
+//! refusal by reason, the pods announced now, the watch's errors and dropped objects, and what
+//! a restart held again (and an announced pods' file it did not trust).
 //! Labels are small fixed sets (no pod names or addresses).
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -30,6 +31,14 @@ struct KindLabels {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RecoveryLabels {
+    /// `file` (the announced pods' file) or `watch` (captured pods the watch shows in the mesh).
+    source: &'static str,
+    /// `announced`, `already_held`, `interface_gone` or `failed`.
+    result: &'static str,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct CniMetrics {
     results: Family<ResultLabels, Counter>,
@@ -37,6 +46,8 @@ pub struct CniMetrics {
     announced: Gauge,
     watch_errors: Family<KindLabels, Counter>,
     dropped: Family<KindLabels, Counter>,
+    recovered: Family<RecoveryLabels, Counter>,
+    file_rejected: Counter,
 }
 
 impl CniMetrics {
@@ -68,6 +79,17 @@ impl CniMetrics {
             "Watched objects not kept because the cache was at its bound, by kind",
             m.dropped.clone(),
         );
+        r.register(
+            "recovered_pods",
+            "Pods considered for holding again after a restart, by source and result",
+            m.recovered.clone(),
+        );
+        r.register(
+            "announced_file_rejected",
+            "Announced pods' files of a previous ztunnel not trusted (malformed, too large, writable by \
+             others) and ignored",
+            m.file_rejected.clone(),
+        );
         m
     }
 
@@ -90,5 +112,13 @@ impl CniMetrics {
 
     pub fn dropped(&self, kind: &'static str) {
         self.dropped.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub fn recovered(&self, source: &'static str, result: &'static str) {
+        self.recovered.get_or_create(&RecoveryLabels { source, result }).inc();
+    }
+
+    pub fn file_rejected(&self) {
+        self.file_rejected.inc();
     }
 }

@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::decide::{Decision, NamespaceFacts, PodFacts, decide};
@@ -18,7 +18,7 @@ pub const MAX_PODS: usize = 4096;
 pub const MAX_NAMESPACES: usize = 65_536;
 
 /// A pod's namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PodKey {
     pub namespace: String,
     pub name: String,
@@ -232,7 +232,8 @@ impl PodCache {
         }
     }
 
-    /// This node's pods that are in the mesh and have addresses, with their uid.
+    /// This node's pods that are in the mesh (so not completed) and have addresses, with their
+    /// uid.
     pub fn members(&self) -> Vec<(PodKey, String, Vec<std::net::IpAddr>)> {
         let inner = self.lock();
         inner
@@ -356,6 +357,24 @@ mod tests {
         assert!(matches!(cache.known(&a, None), Known::Decided(_)), "kept until the re-list completes");
         cache.pods(Change::InitDone);
         assert_eq!(cache.known(&a, None), Known::Gone);
+    }
+
+    #[test]
+    fn members_are_mesh_pods_with_addresses_that_have_not_completed() {
+        let cache = PodCache::default();
+        let ip = |s: &str| vec![s.parse::<std::net::IpAddr>().expect("ip")];
+        let with = |uid: &str, ips, phase: Option<&str>| PodFacts {
+            ips,
+            phase: phase.map(String::from),
+            ..pod(uid, Some("ambient"))
+        };
+        cache.pods(Change::Apply(PodKey::new("n", "running"), with("1", ip("10.0.0.1"), Some("Running"))));
+        cache.pods(Change::Apply(PodKey::new("n", "done"), with("2", ip("10.0.0.2"), Some("Succeeded"))));
+        cache.pods(Change::Apply(PodKey::new("n", "failed"), with("3", ip("10.0.0.3"), Some("Failed"))));
+        cache.pods(Change::Apply(PodKey::new("n", "no-ip"), with("4", vec![], None)));
+        let members: Vec<String> = cache.members().into_iter().map(|(k, ..)| k.name).collect();
+        assert_eq!(members, ["running"]);
+        assert!(matches!(cache.known(&PodKey::new("n", "done"), None), Known::Decided(Decision::Skip(_))));
     }
 
     #[test]

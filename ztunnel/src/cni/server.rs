@@ -3,7 +3,8 @@
 //! time. ADD decides with the watch's pod and namespace labels (waiting briefly for a pod it
 //! has not seen), enrolls the pod's addresses at once when it is in the mesh, and refuses when
 //! it cannot tell or cannot enroll, so that the pod does not start uncaptured. DEL withdraws
-//! the sandbox's announcement. CHECK compares the capture with the labels. Every refusal is
+//! the sandbox's announcement (or the pod's, re-made from the watch after a restart, by its uid
+//! and addresses). CHECK compares the capture with the labels. Every refusal is
 //! logged and counted.
 
 use std::net::IpAddr;
@@ -208,7 +209,10 @@ impl Handler {
     }
 
     async fn del(&self, key: PodKey, req: Request) -> Reply {
-        match self.enrollment.withdraw(key, Which::Sandbox(req.container_id)).await {
+        // The sandbox's announcement, or the pod's re-made from the watch after a restart
+        // (which knows no sandbox id): see `Which::Del`.
+        let which = Which::Del { sandbox: req.container_id, uid: req.uid, ips: req.ips };
+        match self.enrollment.withdraw(key, which).await {
             Some(removed) => {
                 self.announced_gauge();
                 info!(ips = ?removed.ips, "pod unenrolled (sandbox deleted)");
@@ -275,33 +279,57 @@ fn short(id: &str) -> &str {
 
 /// Checks what the plugin sent before anything is done with it.
 fn validate(req: &Request) -> Result<(), String> {
-    dns_name("namespace", &req.namespace, 63)?;
-    dns_name("pod name", &req.name, 253)?;
-    let token = |what: &str, s: &str, max: usize| {
-        if s.is_empty() || s.len() > max || !s.chars().all(|c| c.is_ascii_graphic()) {
-            Err(format!("{what} {s:?} is empty, longer than {max} or not printable ASCII"))
-        } else {
-            Ok(())
-        }
-    };
-    token("container id", &req.container_id, 256)?;
+    pod_key(&req.namespace, &req.name)?;
+    token("container id", &req.container_id, MAX_CONTAINER_ID)?;
     if let Some(uid) = &req.uid {
-        token("uid", uid, 128)?;
+        token("uid", uid, MAX_UID)?;
     }
-    if req.ips.len() > MAX_IPS {
-        return Err(format!("{} addresses (at most {MAX_IPS})", req.ips.len()));
-    }
+    pod_ips(&req.ips)?;
     if req.command == Command::Add && req.ips.is_empty() {
         return Err("ADD without the pod's addresses".into());
     }
-    if let Some(ip) = req.ips.iter().find(|ip| ip.is_unspecified() || ip.is_loopback() || ip.is_multicast()) {
+    if let Some(iface) = &req.host_interface {
+        host_interface(iface)?;
+    }
+    Ok(())
+}
+
+/// Longest container id accepted.
+pub(super) const MAX_CONTAINER_ID: usize = 256;
+/// Longest pod uid accepted.
+pub(super) const MAX_UID: usize = 128;
+
+/// A pod's namespace and name, as Kubernetes allows them.
+pub(super) fn pod_key(namespace: &str, name: &str) -> Result<(), String> {
+    dns_name("namespace", namespace, 63)?;
+    dns_name("pod name", name, 253)
+}
+
+/// Non-empty printable ASCII of at most `max` characters.
+pub(super) fn token(what: &str, s: &str, max: usize) -> Result<(), String> {
+    if s.is_empty() || s.len() > max || !s.chars().all(|c| c.is_ascii_graphic()) {
+        Err(format!("{what} {s:?} is empty, longer than {max} or not printable ASCII"))
+    } else {
+        Ok(())
+    }
+}
+
+/// At most [`MAX_IPS`] addresses, each one a pod can have.
+pub(super) fn pod_ips(ips: &[IpAddr]) -> Result<(), String> {
+    if ips.len() > MAX_IPS {
+        return Err(format!("{} addresses (at most {MAX_IPS})", ips.len()));
+    }
+    if let Some(ip) = ips.iter().find(|ip| ip.is_unspecified() || ip.is_loopback() || ip.is_multicast()) {
         return Err(format!("{ip} cannot be a pod's address"));
     }
-    if let Some(iface) = &req.host_interface {
-        token("host interface", iface, 15)?;
-        if iface.contains('/') || iface == "lo" {
-            return Err(format!("{iface:?} cannot be a pod's host interface"));
-        }
+    Ok(())
+}
+
+/// A name the host side of a pod's interface can have.
+pub(super) fn host_interface(iface: &str) -> Result<(), String> {
+    token("host interface", iface, 15)?;
+    if iface.contains('/') || iface == "lo" {
+        return Err(format!("{iface:?} cannot be a pod's host interface"));
     }
     Ok(())
 }

@@ -132,6 +132,7 @@ fn pod_facts(pod: &Pod) -> Option<(PodKey, PodFacts)> {
         sidecar: meta.annotations.as_ref().is_some_and(|a| a.contains_key(SIDECAR_STATUS)),
         host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
         ips: pod_ips(pod),
+        phase: pod.status.as_ref().and_then(|s| s.phase.clone()),
     };
     Some((key, facts))
 }
@@ -147,9 +148,11 @@ fn pod_ips(pod: &Pod) -> Vec<std::net::IpAddr> {
         .chain(status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()))
         .collect();
     let mut seen = Vec::with_capacity(ips.len());
-    ips.retain(|ip| !seen.contains(ip) && {
-        seen.push(*ip);
-        true
+    ips.retain(|ip| {
+        !seen.contains(ip) && {
+            seen.push(*ip);
+            true
+        }
     });
     ips.truncate(MAX_POD_IPS);
     ips
@@ -176,7 +179,8 @@ mod tests {
                          "labels": {"istio.io/dataplane-mode": "none", "app": "a"},
                          "annotations": {"sidecar.istio.io/status": "{}"}},
             "spec": {"nodeName": "n1", "hostNetwork": true, "containers": []},
-            "status": {"podIP": "10.1.1.2", "podIPs": [{"ip": "10.1.1.2"}, {"ip": "fd00::2"}]}
+            "status": {"phase": "Running", "podIP": "10.1.1.2",
+                       "podIPs": [{"ip": "10.1.1.2"}, {"ip": "fd00::2"}]}
         }))
         .expect("pod");
         let (key, facts) = pod_facts(&pod).expect("facts");
@@ -189,6 +193,7 @@ mod tests {
                 sidecar: true,
                 host_network: true,
                 ips: vec!["10.1.1.2".parse().expect("ip"), "fd00::2".parse().expect("ip")],
+                phase: Some("Running".into()),
             }
         );
         let ns: Namespace = serde_json::from_value(serde_json::json!({
