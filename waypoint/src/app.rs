@@ -47,7 +47,7 @@ pub struct App {
     pub readiness_addr: SocketAddr,
     drain: Option<Drain>,
     /// Ends every background task when the app is dropped.
-    _tasks: Tasks,
+    tasks: Tasks,
 }
 
 impl App {
@@ -72,7 +72,10 @@ impl App {
         let config_objects = common::xds::ConfigObjects::default();
         let source = config.source.clone().with_mesh_tls(certs.clone(), identity.clone());
         let mut tasks = std::mem::take(&mut skeleton.tasks);
-        tasks.push(source.spawn_reporting(handlers, &ready, xds_metrics, config_objects.clone()));
+        tasks.push_critical(
+            "control-plane source",
+            source.spawn_reporting(handlers, &ready, xds_metrics, config_objects.clone()),
+        );
         let pool_config =
             PoolConfig { connect_timeout: config.limits.upstream_connect_timeout, ..PoolConfig::default() };
         let pool = Pool::new(certs.clone(), pool_config, PoolMetrics::new(registry));
@@ -97,7 +100,10 @@ impl App {
             limits: config.limits.clone(),
             drain: drain.watch(),
         });
-        tasks.push(ctx.upstream.spawn_pruner(state.clone(), UPSTREAM_PRUNE_INTERVAL));
+        tasks.push_critical(
+            "upstream pruner",
+            ctx.upstream.spawn_pruner(state.clone(), UPSTREAM_PRUNE_INTERVAL),
+        );
         let (ns, host) = config.service_hostname.split_once('/').unwrap_or(("", &config.service_hostname));
         let me = SelfRef { service: (ns.to_string(), host.to_string()), addresses: config.addresses.clone() };
         let tls = Arc::new(ManagedTls::new(certs.clone(), identity.clone()));
@@ -165,8 +171,15 @@ impl App {
             metrics_addr,
             readiness_addr,
             drain: Some(drain),
-            _tasks: tasks,
+            tasks,
         })
+    }
+
+    /// Resolves when a task the waypoint cannot do without (its control-plane source, the
+    /// upstream pruner) ended or panicked: the binary then exits, to be restarted, rather than
+    /// stay ready on configuration that no longer changes.
+    pub fn failed(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        self.tasks.failed()
     }
 
     /// Stops accepting tunnels, lets requests in flight finish for up to `period`, then closes

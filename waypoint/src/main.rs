@@ -17,7 +17,13 @@ async fn main() -> anyhow::Result<()> {
     let drain_period = config.drain_period;
     let mut app = App::start(config).await?;
     info!(addr = %app.listen_addr, identity = %app.identity, "waypoint listening");
-    stop.wait().await;
+    tokio::select! {
+        _ = stop.wait() => {}
+        why = app.failed() => {
+            drop(app);
+            anyhow::bail!("stopping: {why}");
+        }
+    }
     info!(period_s = drain_period.as_secs(), "shutting down: draining");
     let cut = app.drain(drain_period).await;
     info!(cut, "shutting down");

@@ -96,10 +96,11 @@ impl App {
         }
 
         let config_objects = common::xds::ConfigObjects::default();
-        let (source_tasks, synced) =
+        let (source, mirror, synced) =
             spawn_source(&config, handlers, &ready, xds_metrics, config_objects.clone());
         let mut tasks = std::mem::take(&mut skeleton.tasks);
-        tasks.extend(source_tasks);
+        tasks.push_critical("control-plane source", source);
+        tasks.push(mirror);
         if let Some(block) = after_sync {
             let synced = synced.clone();
             tasks.push(tokio::spawn(async move {
@@ -126,7 +127,9 @@ impl App {
                     synced.clone(),
                 );
                 let (bound, proxy_tasks) = proxy.start()?;
-                tasks.extend(proxy_tasks);
+                for t in proxy_tasks {
+                    tasks.push_critical("proxy listener", t);
+                }
                 let block = ready.register(CERTS_TASK);
                 tasks.push(tokio::spawn(prefetch_certificates(
                     state.clone(),
@@ -204,6 +207,13 @@ impl App {
         })
     }
 
+    /// Resolves when a task ztunnel cannot do without (its control-plane source, a proxy
+    /// listener) ended or panicked before a drain: the binary then exits, to be restarted (the
+    /// capture stays pinned and fails closed meanwhile), rather than stay ready on a dead part.
+    pub fn failed(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        self.tasks.failed()
+    }
+
     /// Stops accepting, lets open connections run for up to `period`, then closes them.
     /// Returns how many were cut at the end of the period.
     pub async fn drain(&mut self, period: Duration) -> usize {
@@ -225,7 +235,7 @@ fn spawn_source(
     ready: &Ready,
     metrics: XdsMetrics,
     objects: common::xds::ConfigObjects,
-) -> (Vec<JoinHandle<()>>, Ready) {
+) -> (JoinHandle<()>, JoinHandle<()>, Ready) {
     let synced = Ready::new();
     let source = config.source.clone().spawn_reporting(handlers, &synced, metrics, objects);
     let mirrored: Vec<_> = synced.pending().into_iter().map(|name| ready.register(name)).collect();
@@ -234,7 +244,7 @@ fn spawn_source(
         waiter.wait().await;
         drop(mirrored);
     });
-    (vec![source, mirror], synced)
+    (source, mirror, synced)
 }
 
 fn ca_source(config: &Config) -> anyhow::Result<CaSource> {

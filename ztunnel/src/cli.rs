@@ -24,14 +24,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let drain_period = config.drain_period;
     let mut app = App::start(config).await?;
     let ready = app.ready.clone();
+    let failed = app.failed();
+    tokio::pin!(failed);
     tokio::select! {
         _ = ready.wait() => info!("ztunnel ready"),
         _ = stop.wait() => {
             app.drain(drain_period).await;
             return Ok(());
         }
+        why = &mut failed => anyhow::bail!("stopping: {why}"),
     }
-    stop.wait().await;
+    tokio::select! {
+        _ = stop.wait() => {}
+        why = &mut failed => anyhow::bail!("stopping: {why}"),
+    }
     info!(period_s = drain_period.as_secs(), "shutting down: draining connections");
     let cut = app.drain(drain_period).await;
     info!(cut, "shutting down");
