@@ -8,6 +8,7 @@
 
 pub mod args;
 pub mod client;
+pub mod delta;
 pub mod handler;
 pub mod local;
 pub mod metrics;

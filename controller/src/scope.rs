@@ -17,20 +17,13 @@ use std::sync::Arc;
 
 use common::identity::Identity;
 use common::translate::Translation;
-use common::xds::local::version_of;
+use common::xds::delta::Versioned;
 use prost::Message;
 use proto::waypoint as wp;
 use proto::workload as wl;
 
-/// One served resource.
-#[derive(Clone, Debug)]
-pub struct Stored {
-    pub version: String,
-    pub body: prost_types::Any,
-}
-
 /// Resources of one type, by name.
-pub type Resources = BTreeMap<String, Stored>;
+pub type Resources = BTreeMap<String, Versioned>;
 
 /// A waypoint of ours: its Gateway and the identity its pods prove.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -205,8 +198,8 @@ pub fn split(translation: &Translation, waypoints: &[WaypointRef], domain: &str,
     }
 }
 
-fn stored(body: &prost_types::Any) -> Stored {
-    Stored { version: version_of(body), body: body.clone() }
+fn stored(body: &prost_types::Any) -> Versioned {
+    Versioned::new(body.clone())
 }
 
 #[cfg(test)]

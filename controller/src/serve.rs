@@ -27,9 +27,7 @@ use prometheus_client::registry::Registry;
 use proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
-use proto::discovery::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
-};
+use proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -392,22 +390,7 @@ async fn send_diff(
     always: bool,
     metrics: &ServeMetrics,
 ) -> Result<(), Status> {
-    let mut resources = Vec::new();
-    for (name, stored) in view {
-        if held.get(name) != Some(&stored.version) {
-            resources.push(Resource {
-                name: name.clone(),
-                version: stored.version.clone(),
-                resource: Some(stored.body.clone()),
-                ..Default::default()
-            });
-            held.insert(name.clone(), stored.version.clone());
-        }
-    }
-    let removed_resources: Vec<String> = held.keys().filter(|n| !view.contains_key(*n)).cloned().collect();
-    for name in &removed_resources {
-        held.remove(name);
-    }
+    let (resources, removed_resources) = common::xds::delta::delta(view, held);
     if resources.is_empty() && removed_resources.is_empty() && !always {
         return Ok(());
     }

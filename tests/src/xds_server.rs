@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use common::translate::Translator;
-use common::xds::local::{EncodedResource, LocalConfig, version_of};
+use common::xds::delta::{Versioned, delta};
+use common::xds::local::{EncodedResource, LocalConfig};
 use proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -26,12 +27,6 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
-
-#[derive(Clone, Debug)]
-struct Stored {
-    version: String,
-    body: prost_types::Any,
-}
 
 /// What a client said about one of our responses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +40,7 @@ pub struct ClientReply {
 /// The resources served, by type URL then name. Every mutation wakes all streams.
 #[derive(Debug)]
 pub struct XdsStore {
-    resources: Mutex<BTreeMap<String, BTreeMap<String, Stored>>>,
+    resources: Mutex<BTreeMap<String, BTreeMap<String, Versioned>>>,
     changed: watch::Sender<u64>,
     replies: Mutex<Vec<ClientReply>>,
     nodes: Mutex<Vec<proto::discovery::Node>>,
@@ -71,7 +66,7 @@ impl XdsStore {
         Arc::new(Self::default())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<String, Stored>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<String, Versioned>>> {
         self.resources.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -81,11 +76,7 @@ impl XdsStore {
 
     /// Adds or replaces a resource with a raw body (which may be garbage, to force a NACK).
     pub fn insert_raw(&self, type_url: &str, name: &str, body: prost_types::Any) {
-        let version = version_of(&body);
-        self.lock()
-            .entry(type_url.to_string())
-            .or_default()
-            .insert(name.to_string(), Stored { version, body });
+        self.lock().entry(type_url.to_string()).or_default().insert(name.to_string(), Versioned::new(body));
         self.bump();
     }
 
@@ -220,34 +211,16 @@ impl XdsStore {
     fn diff(&self, type_url: &str, held: &mut HashMap<String, String>) -> (Vec<Resource>, Vec<String>) {
         let all = self.lock();
         let empty = BTreeMap::new();
-        let current = all.get(type_url).unwrap_or(&empty);
-        let mut resources = Vec::new();
-        for (name, stored) in current {
-            if held.get(name) != Some(&stored.version) {
-                resources.push(Resource {
-                    name: name.clone(),
-                    version: stored.version.clone(),
-                    resource: Some(stored.body.clone()),
-                    ..Default::default()
-                });
-                held.insert(name.clone(), stored.version.clone());
-            }
-        }
-        let removed: Vec<String> = held.keys().filter(|n| !current.contains_key(*n)).cloned().collect();
-        for name in &removed {
-            held.remove(name);
-        }
-        (resources, removed)
+        delta(all.get(type_url).unwrap_or(&empty), held)
     }
 }
 
 fn put_all(
-    all: &mut BTreeMap<String, BTreeMap<String, Stored>>,
+    all: &mut BTreeMap<String, BTreeMap<String, Versioned>>,
     resources: impl IntoIterator<Item = EncodedResource>,
 ) {
     for r in resources {
-        let version = version_of(&r.body);
-        all.entry(r.type_url.to_string()).or_default().insert(r.name, Stored { version, body: r.body });
+        all.entry(r.type_url.to_string()).or_default().insert(r.name, Versioned::new(r.body));
     }
 }
 
