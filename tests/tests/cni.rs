@@ -479,25 +479,9 @@ fn pods_are_captured_from_their_creation() {
     let mesh = n.dir.path().join("mesh.yaml");
     // xDS knows no pod at all.
     std::fs::write(&mesh, "").expect("local config");
-    let ca = n.dir.path().join("ca");
-    let flags = [
-        "--local-config",
-        mesh.to_str().expect("path"),
-        "--local-ca",
-        ca.to_str().expect("path"),
-        "--node-name",
-        NODE_NAME,
-        "--redirect",
-        "--uplink",
-        "uplink",
-        "--enrollment-socket",
-        n.socket.to_str().expect("path"),
-        "--kube-watch",
-        "--kubeconfig",
-        kubeconfig.to_str().expect("path"),
-    ];
+    let flags = enrollment_flags(&n, &mesh, &kubeconfig);
     let _pins = PinGuard(mesh_tests::node::bpf_pin_dir(&n.node));
-    let zt = NodeZtunnel::start(&n.node, &flags);
+    let zt = start_ztunnel(&n, &flags);
     zt.wait_ready("ztunnel with the Kubernetes watch");
 
     // A pod of the ambient namespace: enrolled before ADD returns, though xDS has never heard of
@@ -692,25 +676,9 @@ fn a_restarted_ztunnel_keeps_a_pod_enrolled_at_creation_captured() {
     let mesh = n.dir.path().join("mesh.yaml");
     // xDS knows no pod, before and after the restart.
     std::fs::write(&mesh, "").expect("local config");
-    let ca = n.dir.path().join("ca");
-    let flags = [
-        "--local-config",
-        mesh.to_str().expect("path"),
-        "--local-ca",
-        ca.to_str().expect("path"),
-        "--node-name",
-        NODE_NAME,
-        "--redirect",
-        "--uplink",
-        "uplink",
-        "--enrollment-socket",
-        n.socket.to_str().expect("path"),
-        "--kube-watch",
-        "--kubeconfig",
-        kubeconfig.to_str().expect("path"),
-    ];
+    let flags = enrollment_flags(&n, &mesh, &kubeconfig);
     let _pins = PinGuard(mesh_tests::node::bpf_pin_dir(&n.node));
-    let zt = NodeZtunnel::start(&n.node, &flags);
+    let zt = start_ztunnel(&n, &flags);
     zt.wait_ready("ztunnel with the Kubernetes watch");
     let a = n.sandbox("restart", "demo", "a", &uid);
     let result = n.add(&a);
@@ -729,7 +697,7 @@ fn a_restarted_ztunnel_keeps_a_pod_enrolled_at_creation_captured() {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("remove the announced pods' file: {e}"),
         _ => {}
     }
-    let zt = NodeZtunnel::start(&n.node, &flags);
+    let zt = start_ztunnel(&n, &flags);
     zt.wait_ready("the restarted ztunnel");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(captured(&zt, ip).as_deref(), Some(veth.as_str()), "the restart let the pod go uncaptured");
