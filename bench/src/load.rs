@@ -1,5 +1,6 @@
 //! The workers the runner starts inside pods: servers (echo, HTTP) and load generators
-//! (fixed-rate open-loop request/response, connection churn, idle connection holder, HTTP).
+//! where fixed-rate open-loop load is needed (request/response, HTTP) and the idle connection
+//! holder; closed-loop load and connection churn use wrk and h2load (tools.rs).
 //! Each generator prints one JSON result on stdout.
 //!
 //! Open loop: every request has a scheduled send time (`start + k * interval` per connection).
@@ -12,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -87,23 +88,6 @@ pub async fn echo_server(port: u16) -> std::io::Result<()> {
     }
 }
 
-/// HTTP/1.1 + h2c server answering every request with a small body.
-pub async fn http_server(port: u16) -> std::io::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
-    loop {
-        let (s, _) = listener.accept().await?;
-        let _ = s.set_nodelay(true);
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(|_req| async {
-                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(s), svc)
-                .await;
-        });
-    }
-}
-
 /// Fixed-rate request/response of `size` bytes over `conns` connections.
 pub async fn request_response(
     addr: SocketAddr,
@@ -155,46 +139,6 @@ pub async fn request_response(
     Latency::from_samples(all, errors, duration)
 }
 
-#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
-pub struct Churn {
-    pub connections: u64,
-    pub errors: u64,
-    pub per_second: f64,
-}
-
-/// New connections as fast as `concurrency` workers can: connect, 1 byte each way, close.
-pub async fn churn(addr: SocketAddr, concurrency: usize, duration: Duration) -> Churn {
-    let deadline = Instant::now() + duration;
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        tasks.push(tokio::spawn(async move {
-            let (mut ok, mut errors) = (0u64, 0u64);
-            while Instant::now() < deadline {
-                let once = async {
-                    let mut s = TcpStream::connect(addr).await?;
-                    s.write_all(b"x").await?;
-                    let mut b = [0u8; 1];
-                    s.read_exact(&mut b).await?;
-                    Ok::<_, std::io::Error>(())
-                };
-                match tokio::time::timeout(Duration::from_secs(5), once).await {
-                    Ok(Ok(())) => ok += 1,
-                    _ => errors += 1,
-                }
-            }
-            (ok, errors)
-        }));
-    }
-    let (mut connections, mut errors) = (0, 0);
-    for t in tasks {
-        if let Ok((o, e)) = t.await {
-            connections += o;
-            errors += e;
-        }
-    }
-    Churn { connections, errors, per_second: connections as f64 / duration.as_secs_f64() }
-}
-
 /// Opens `count` connections (each proven end to end with one echo), prints `READY <n>`, and
 /// holds them until stdin closes.
 pub async fn hold(addr: SocketAddr, count: usize) -> usize {
@@ -225,14 +169,6 @@ pub async fn hold(addr: SocketAddr, count: usize) -> usize {
     .ok();
     drop(held);
     n
-}
-
-#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
-pub struct HttpLoad {
-    /// Fixed-rate run.
-    pub latency: Latency,
-    /// Closed-loop run: as many requests as the connections can carry.
-    pub max_rps: f64,
 }
 
 enum Sender {
@@ -280,7 +216,8 @@ impl Sender {
     }
 }
 
-/// HTTP GETs at a fixed rate over `conns` connections, then closed-loop for the maximum rate.
+/// HTTP GETs at a fixed rate over `conns` connections (closed-loop maxima come from wrk and
+/// h2load, see tools.rs).
 pub async fn http_load(
     addr: SocketAddr,
     authority: String,
@@ -288,7 +225,7 @@ pub async fn http_load(
     rate: u64,
     conns: usize,
     duration: Duration,
-) -> HttpLoad {
+) -> Latency {
     let interval = Duration::from_secs_f64(conns as f64 / rate as f64);
     let start = Instant::now() + Duration::from_millis(100);
     let mut tasks = Vec::new();
@@ -296,7 +233,7 @@ pub async fn http_load(
         let authority = authority.clone();
         tasks.push(tokio::spawn(async move {
             let (mut samples, mut errors) = (Vec::new(), 0usize);
-            let Some(mut s) = Sender::connect(addr, h2).await else { return (samples, 1, 0u64) };
+            let Some(mut s) = Sender::connect(addr, h2).await else { return (samples, 1) };
             let offset = interval.mul_f64(c as f64 / conns as f64);
             let mut k = 0u32;
             loop {
@@ -312,29 +249,17 @@ pub async fn http_load(
                 }
                 k += 1;
             }
-            // Closed loop on the same connection.
-            let until = Instant::now() + duration;
-            let mut done = 0u64;
-            while Instant::now() < until {
-                if s.get(&authority).await {
-                    done += 1;
-                }
-            }
-            (samples, errors, done)
+            (samples, errors)
         }));
     }
-    let (mut all, mut errors, mut closed) = (Vec::new(), 0, 0);
+    let (mut all, mut errors) = (Vec::new(), 0);
     for t in tasks {
-        if let Ok((s, e, d)) = t.await {
+        if let Ok((s, e)) = t.await {
             all.extend(s);
             errors += e;
-            closed += d;
         }
     }
-    HttpLoad {
-        latency: Latency::from_samples(all, errors, duration),
-        max_rps: closed as f64 / duration.as_secs_f64(),
-    }
+    Latency::from_samples(all, errors, duration)
 }
 
 #[cfg(test)]
@@ -357,7 +282,5 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let l = request_response(addr, 200, 2, 64, Duration::from_millis(500)).await;
         assert!(l.count >= 90 && l.errors == 0, "{l:?}");
-        let c = churn(addr, 2, Duration::from_millis(300)).await;
-        assert!(c.connections > 10 && c.errors == 0, "{c:?}");
     }
 }

@@ -6,6 +6,7 @@
 mod load;
 mod report;
 mod scenarios;
+mod tools;
 mod topology;
 
 use std::net::SocketAddr;
@@ -38,14 +39,17 @@ enum Command {
         /// A few seconds of everything (CI's check that the runner works).
         #[arg(long)]
         smoke: bool,
+        /// Only the scenarios whose name contains this (repeatable); memory figures are
+        /// measured only when none is given or one matches "memory".
+        #[arg(long)]
+        only: Vec<String>,
+        /// After the mesh has started and warmed up, create this file and wait until it is
+        /// removed (time to profile the running mesh by hand: the log names the namespaces).
+        #[arg(long)]
+        pause_file: Option<PathBuf>,
     },
     /// Echo server (request/response and churn).
     EchoServer {
-        #[arg(long)]
-        port: u16,
-    },
-    /// HTTP/1.1 + h2c server.
-    HttpServer {
         #[arg(long)]
         port: u16,
     },
@@ -62,15 +66,6 @@ enum Command {
         #[arg(long)]
         seconds: u64,
     },
-    /// New connections per second.
-    Churn {
-        #[arg(long)]
-        addr: SocketAddr,
-        #[arg(long)]
-        concurrency: usize,
-        #[arg(long)]
-        seconds: u64,
-    },
     /// Hold idle connections until stdin closes.
     Hold {
         #[arg(long)]
@@ -78,7 +73,7 @@ enum Command {
         #[arg(long)]
         count: usize,
     },
-    /// Fixed-rate then closed-loop HTTP GETs.
+    /// Fixed-rate HTTP GETs.
     Http {
         #[arg(long)]
         addr: SocketAddr,
@@ -114,12 +109,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, NOFILE, NOFILE);
     match args.command {
-        Command::Run { bin_dir, out, smoke } => {
+        Command::Run { bin_dir, out, smoke, only, pause_file } => {
             common::telemetry::init(common::telemetry::LogFormat::Text);
-            run(bin_dir, out, smoke)?;
+            run(bin_dir, out, smoke, only, pause_file)?;
         }
         Command::EchoServer { port } => runtime().block_on(load::echo_server(port))?,
-        Command::HttpServer { port } => runtime().block_on(load::http_server(port))?,
         Command::Rr { addr, rate, conns, size, seconds } => {
             let l = runtime().block_on(load::request_response(
                 addr,
@@ -129,9 +123,6 @@ fn main() -> anyhow::Result<()> {
                 Duration::from_secs(seconds),
             ));
             print_json(&l);
-        }
-        Command::Churn { addr, concurrency, seconds } => {
-            print_json(&runtime().block_on(load::churn(addr, concurrency, Duration::from_secs(seconds))));
         }
         Command::Hold { addr, count } => {
             runtime().block_on(load::hold(addr, count));
@@ -159,9 +150,15 @@ fn commit() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn run(bin_dir: PathBuf, out: PathBuf, smoke: bool) -> anyhow::Result<()> {
+fn run(
+    bin_dir: PathBuf,
+    out: PathBuf,
+    smoke: bool,
+    only: Vec<String>,
+    pause_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
     mesh_tests::netns::require_root("the benchmark runner");
-    for tool in ["iperf3", "taskset", "curl"] {
+    for tool in ["iperf3", "taskset", "curl", "wrk", "h2load", "nginx"] {
         let found = std::process::Command::new("sh").args(["-c", &format!("command -v {tool}")]).output();
         anyhow::ensure!(
             found.is_ok_and(|o| o.status.success()),
@@ -176,7 +173,7 @@ fn run(bin_dir: PathBuf, out: PathBuf, smoke: bool) -> anyhow::Result<()> {
         );
     }
     let started = Instant::now();
-    let settings = if smoke { Settings::smoke() } else { Settings::full() };
+    let settings = Settings { only, ..if smoke { Settings::smoke() } else { Settings::full() } };
     let work = tempfile::tempdir()?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let placement = Placement::for_cpus(cpus);
@@ -193,12 +190,33 @@ fn run(bin_dir: PathBuf, out: PathBuf, smoke: bool) -> anyhow::Result<()> {
     // Warm up: certificates, pooled HBONE connections, waypoint upstreams.
     let warm = Settings { seconds: 1, repeats: 1, ..settings.clone() };
     scenarios::run_once(&cluster, &warm, &Proxies { mesh: Some(&mesh_procs) }, &mut Phase::default());
+    if let Some(pause) = &pause_file {
+        std::fs::write(pause, "remove this file to go on\n")?;
+        info!(
+            file = %pause.display(),
+            client = %cluster.client.name,
+            server = %cluster.server.name,
+            node_a = %cluster.node_a.name,
+            node_b = %cluster.node_b.name,
+            ztunnel_a = mesh_procs.ztunnel_a.pid(),
+            ztunnel_b = mesh_procs.ztunnel_b.pid(),
+            waypoint = mesh_procs.waypoint.pid(),
+            "paused: the mesh is up; remove the file to go on"
+        );
+        while pause.exists() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     let mut mesh = Phase::default();
     for r in 0..settings.repeats {
         info!(repeat = r + 1, of = settings.repeats, "mesh");
         scenarios::run_once(&cluster, &settings, &Proxies { mesh: Some(&mesh_procs) }, &mut mesh);
     }
-    let memory = scenarios::memory(&cluster, &settings, &mesh_procs);
+    let memory = if settings.wants("memory") {
+        scenarios::memory(&cluster, &settings, &mesh_procs)
+    } else {
+        Vec::new()
+    };
     mesh_procs.stop(&cluster);
 
     let date = common_date();

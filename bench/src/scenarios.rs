@@ -7,8 +7,9 @@ use serde::Serialize;
 use serde_json::Value;
 use tracing::info;
 
-use crate::load::{Churn, HttpLoad, Latency};
-use crate::topology::{Cluster, Mesh, SERVER_IP, WEB_H1_VIP, WEB_H2_VIP};
+use crate::load::Latency;
+use crate::tools::{H2load, Wrk, parse_h2load, parse_wrk};
+use crate::topology::{Cluster, Mesh, NGINX_H1_PORT, NGINX_H2_PORT, SERVER_IP, WEB_H1_VIP, WEB_H2_VIP};
 
 /// How long and how often.
 #[derive(Clone, Debug, Serialize)]
@@ -20,15 +21,31 @@ pub struct Settings {
     /// Wait after load before the last memory reading.
     pub settle_seconds: u64,
     pub l7_rate: u64,
+    /// `--only`: run just the scenarios whose name contains one of these.
+    pub only: Vec<String>,
 }
 
 impl Settings {
     pub fn full() -> Self {
-        Self { seconds: 5, repeats: 3, hold_counts: vec![1000, 10_000], settle_seconds: 60, l7_rate: 500 }
+        Self {
+            seconds: 5,
+            repeats: 3,
+            hold_counts: vec![1000, 10_000],
+            settle_seconds: 60,
+            l7_rate: 500,
+            only: Vec::new(),
+        }
     }
 
     pub fn smoke() -> Self {
-        Self { seconds: 1, repeats: 1, hold_counts: vec![10, 50], settle_seconds: 1, l7_rate: 100 }
+        Self {
+            seconds: 1,
+            repeats: 1,
+            hold_counts: vec![10, 50],
+            settle_seconds: 1,
+            l7_rate: 100,
+            only: Vec::new(),
+        }
     }
 }
 
@@ -158,18 +175,75 @@ fn iperf(c: &Cluster, streams: usize, reverse: bool, seconds: u64) -> (f64, f64)
     panic!("iperf3 failed twice ({streams} streams, reverse {reverse})");
 }
 
+/// wrk from the client pod (HTTP/1.1; with `close`, a new connection for every request).
+fn wrk(c: &Cluster, url: &str, conns: usize, seconds: u64, close: bool) -> Wrk {
+    let (n, d) = (conns.to_string(), format!("{seconds}s"));
+    let limit = (seconds + 30).to_string();
+    let mut args = vec![
+        limit.as_str(),
+        "wrk",
+        "-t1",
+        "-c",
+        n.as_str(),
+        "-d",
+        d.as_str(),
+        "--latency",
+        "-H",
+        "Host: web",
+    ];
+    if close {
+        args.extend(["-H", "Connection: close"]);
+    }
+    args.push(url);
+    let out =
+        c.try_exec(&c.client, c.placement.client, "timeout", &args).unwrap_or_else(|e| panic!("wrk: {e}"));
+    parse_wrk(&out).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// h2load from the client pod (prior-knowledge HTTP/2, one stream at a time per connection).
+fn h2load(c: &Cluster, url: &str, conns: usize, seconds: u64) -> H2load {
+    let (n, d) = (conns.to_string(), seconds.to_string());
+    let limit = (seconds + 30).to_string();
+    let args = [
+        limit.as_str(),
+        "h2load",
+        "-t1",
+        "-c",
+        n.as_str(),
+        "-m1",
+        "-D",
+        d.as_str(),
+        "-H",
+        ":authority: web",
+        url,
+    ];
+    let out =
+        c.try_exec(&c.client, c.placement.client, "timeout", &args).unwrap_or_else(|e| panic!("h2load: {e}"));
+    parse_h2load(&out).unwrap_or_else(|e| panic!("{e}"))
+}
+
+impl Settings {
+    /// Whether a scenario is selected by `--only`.
+    pub fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| scenario.contains(o.as_str()))
+    }
+}
+
 /// Runs every scenario once (one repeat) in the current mode.
 pub fn run_once(c: &Cluster, s: &Settings, proxies: &Proxies<'_>, phase: &mut Phase) {
     let secs = s.seconds.to_string();
     let cpu = c.placement.client;
 
-    // 1. L4 throughput.
+    // 1. L4 throughput (iperf3).
     for (streams, reverse) in [(1, false), (1, true), (4, false), (4, true)] {
         let name = format!(
             "l4 throughput, {streams} stream{}, {}",
             if streams > 1 { "s" } else { "" },
             if reverse { "server -> client" } else { "client -> server" }
         );
+        if !s.wants(&name) {
+            continue;
+        }
         let before = proxies.ztunnel_cpu();
         let (bps, bytes) = iperf(c, streams, reverse, s.seconds);
         phase.push(&name, "throughput", "Gbit/s", bps / 1e9);
@@ -184,11 +258,14 @@ pub fn run_once(c: &Cluster, s: &Settings, proxies: &Proxies<'_>, phase: &mut Ph
         info!(scenario = %name, gbps = bps / 1e9, "done");
     }
 
-    // 2. L4 latency at fixed rates.
+    // 2. L4 latency at fixed rates (open loop: our generator).
     let echo = format!("{SERVER_IP}:7000");
     for size in [64usize, 1024] {
         for (rate, conns) in [(1000u64, 4usize), (5000, 16)] {
             let name = format!("l4 latency, {size} B, {rate} req/s over {conns} conns");
+            if !s.wants(&name) {
+                continue;
+            }
             let (r, n, z) = (rate.to_string(), conns.to_string(), size.to_string());
             let l: Latency = c.worker(
                 &c.client,
@@ -204,51 +281,92 @@ pub fn run_once(c: &Cluster, s: &Settings, proxies: &Proxies<'_>, phase: &mut Ph
         }
     }
 
-    // 3. Connection churn.
-    let ch: Churn =
-        c.worker(&c.client, cpu, &["churn", "--addr", &echo, "--concurrency", "8", "--seconds", &secs]);
-    phase.push("l4 connection churn, 8 workers", "new connections", "conn/s", ch.per_second);
-    info!(per_second = ch.per_second, errors = ch.errors, "churn done");
+    // 3. Connection churn: wrk, `Connection: close`, against nginx (L4 through the ztunnels).
+    let nginx = format!("http://{SERVER_IP}:{NGINX_H1_PORT}/");
+    for conns in [8usize, 1] {
+        let name = format!("l4 connection churn, wrk -c{conns}, Connection: close, nginx");
+        if !s.wants(&name) {
+            continue;
+        }
+        let before = proxies.ztunnel_cpu();
+        let w = wrk(c, &nginx, conns, s.seconds, true);
+        phase.push(&name, "new connections", "conn/s", w.per_second);
+        phase.push(&name, "p99", "µs", w.p99_us);
+        phase.push(&name, "max", "µs", w.max_us);
+        phase.push(&name, "errors", "count", (w.socket_errors + w.non_2xx) as f64);
+        if proxies.mesh.is_some() && w.requests > 0 {
+            phase.push(
+                &name,
+                "proxy CPU per 1000 conns",
+                "CPU-ms",
+                (proxies.ztunnel_cpu() - before) * 1e6 / w.requests as f64,
+            );
+        }
+        info!(scenario = %name, per_second = w.per_second, p99_us = w.p99_us, max_us = w.max_us, errors = w.socket_errors, "done");
+    }
 
-    // 5. L7 (the waypoint's part): direct to the pod, or through ztunnel -> waypoint -> ztunnel.
+    // 4. L7 (the waypoint's part): direct to nginx in the pod, or through ztunnel -> waypoint
+    //    -> ztunnel. Fixed rate (our open-loop generator) for latency, then closed loop (wrk for
+    //    HTTP/1.1, h2load for HTTP/2) for the maximum rate and the waypoint's CPU per request.
     let rate = s.l7_rate.to_string();
-    for (label, h2, vip) in [("HTTP/1.1", false, WEB_H1_VIP), ("HTTP/2", true, WEB_H2_VIP)] {
-        let addr = if proxies.mesh.is_some() { format!("{vip}:80") } else { format!("{SERVER_IP}:8080") };
+    for (label, h2, vip, port) in
+        [("HTTP/1.1", false, WEB_H1_VIP, NGINX_H1_PORT), ("HTTP/2", true, WEB_H2_VIP, NGINX_H2_PORT)]
+    {
+        let addr = if proxies.mesh.is_some() { format!("{vip}:80") } else { format!("{SERVER_IP}:{port}") };
         let name = format!("l7 {label}, {rate} req/s over 4 conns");
-        let mut args = vec![
-            "http",
-            "--addr",
-            addr.as_str(),
-            "--authority",
-            "web",
-            "--rate",
-            rate.as_str(),
-            "--conns",
-            "4",
-            "--seconds",
-            secs.as_str(),
-        ];
-        if h2 {
-            args.push("--h2");
+        if s.wants(&name) {
+            let mut args = vec![
+                "http",
+                "--addr",
+                addr.as_str(),
+                "--authority",
+                "web",
+                "--rate",
+                rate.as_str(),
+                "--conns",
+                "4",
+                "--seconds",
+                secs.as_str(),
+            ];
+            if h2 {
+                args.push("--h2");
+            }
+            let l: Latency = c.worker(&c.client, cpu, &args);
+            phase.push(&name, "p50", "µs", l.p50_us as f64);
+            phase.push(&name, "p99", "µs", l.p99_us as f64);
+            info!(scenario = %name, p50 = l.p50_us, p99 = l.p99_us, errors = l.errors, "done");
+        }
+        let name = if h2 {
+            "l7 HTTP/2, closed loop, h2load -c4 -m1".to_string()
+        } else {
+            "l7 HTTP/1.1, closed loop, wrk -c4".to_string()
+        };
+        if !s.wants(&name) {
+            continue;
         }
         let before = proxies.waypoint_cpu();
-        let h: HttpLoad = c.worker(&c.client, cpu, &args);
-        phase.push(&name, "p50", "µs", h.latency.p50_us as f64);
-        phase.push(&name, "p99", "µs", h.latency.p99_us as f64);
-        phase.push(&format!("l7 {label}, closed loop over 4 conns"), "requests", "req/s", h.max_rps);
-        if let Some(m) = proxies.mesh {
-            let requests = h.latency.count as f64 + h.max_rps * s.seconds as f64;
-            if requests > 0.0 {
-                phase.push(
-                    &name,
-                    "waypoint CPU per 1000 req",
-                    "CPU-ms",
-                    (proxies.waypoint_cpu() - before) * 1e6 / requests,
-                );
-            }
+        let url = format!("http://{addr}/");
+        let (per_second, requests, errors) = if h2 {
+            let h = h2load(c, &url, 4, s.seconds);
+            (h.per_second, h.succeeded, h.failed + h.errored)
+        } else {
+            let w = wrk(c, &url, 4, s.seconds, false);
+            (w.per_second, w.requests, w.socket_errors + w.non_2xx)
+        };
+        phase.push(&name, "requests", "req/s", per_second);
+        phase.push(&name, "errors", "count", errors as f64);
+        if let Some(m) = proxies.mesh
+            && requests > 0
+        {
+            phase.push(
+                &name,
+                "waypoint CPU per 1000 req",
+                "CPU-ms",
+                (proxies.waypoint_cpu() - before) * 1e6 / requests as f64,
+            );
             phase.push(&name, "waypoint RSS", "MiB", m.waypoint.rss_kib() as f64 / 1024.0);
         }
-        info!(scenario = %name, p99 = h.latency.p99_us, max_rps = h.max_rps, errors = h.latency.errors, "done");
+        info!(scenario = %name, per_second, errors, "done");
     }
 }
 

@@ -17,6 +17,9 @@ pub const WAYPOINT_IP: &str = "10.2.5.2";
 pub const WEB_H1_VIP: &str = "10.96.0.60";
 pub const WEB_H2_VIP: &str = "10.96.0.61";
 const XDS_ADDR: &str = "10.0.0.1:15010";
+/// nginx in the server pod: HTTP/1.1 and prior-knowledge h2c.
+pub const NGINX_H1_PORT: u16 = 8081;
+pub const NGINX_H2_PORT: u16 = 8082;
 
 /// The mesh the control plane serves.
 pub const MESH: &str = r#"
@@ -45,12 +48,12 @@ status: {podIP: 10.2.5.2}
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: bench, labels: {istio.io/use-waypoint: waypoint}}
-spec: {selector: {app: server}, clusterIP: 10.96.0.60, ports: [{name: http, port: 80, targetPort: 8080}]}
+spec: {selector: {app: server}, clusterIP: 10.96.0.60, ports: [{name: http, port: 80, targetPort: 8081}]}
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: web2, namespace: bench, labels: {istio.io/use-waypoint: waypoint}}
-spec: {selector: {app: server}, clusterIP: 10.96.0.61, ports: [{name: http2, port: 80, targetPort: 8080}]}
+spec: {selector: {app: server}, clusterIP: 10.96.0.61, ports: [{name: http2, port: 80, targetPort: 8082}]}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -223,13 +226,18 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// The servers in the server pod: echo on 7000, HTTP on 8080 (iperf3 runs per test).
+    /// The servers in the server pod: our echo server on 7000, nginx for HTTP (iperf3 runs
+    /// per test).
     pub fn servers(&self) -> Vec<Proc> {
         let cpu = self.placement.server;
         let me = self.bin.join("mesh-bench");
+        let conf = self.work.join("nginx.conf");
+        std::fs::write(&conf, crate::tools::nginx_config(&self.work, NGINX_H1_PORT, NGINX_H2_PORT))
+            .expect("nginx config");
+        let conf = conf.to_str().expect("path");
         vec![
             self.spawn("echo-server", &self.server, cpu, &me, &["echo-server", "--port", "7000"]),
-            self.spawn("http-server", &self.server, cpu, &me, &["http-server", "--port", "8080"]),
+            self.spawn("nginx", &self.server, cpu, Path::new("nginx"), &["-c", conf, "-e", "stderr"]),
         ]
     }
 

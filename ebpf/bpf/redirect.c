@@ -23,6 +23,17 @@
 //
 // Maps are pinned by name (the loader gives the pin directory), so they outlive the loader and
 // a restarted ztunnel adopts them.
+//
+// A second program, ztunnel_listener (sk_lookup, attached to the node's network namespace by
+// each ztunnel for as long as it runs), answers the kernel's own listener lookups for flows of
+// enrolled pods with ztunnel's listener of the same role. It matters when a new SYN reuses the
+// 4-tuple of a connection whose ztunnel-side socket is in TIME_WAIT (ztunnel closed first, as
+// the server it stands in for would have): the SYN above is handed to that TIME_WAIT socket, and
+// the kernel, which accepts such a SYN as a new connection only when a listener serves the
+// packet's destination port, finds none on the original port. Without this program it answered
+// with a bare ACK, the client reset and retried its SYN: a stall and a reset per reused port.
+// The listeners come from the per-process `listeners` sockmap (not pinned: its sockets belong to
+// the ztunnel that filled it).
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -32,6 +43,10 @@
 #include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
+
+// Address families as the kernel numbers them (sys/socket.h is not for BPF targets).
+#define AF_INET 2
+#define AF_INET6 10
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
@@ -91,6 +106,21 @@ struct {
 #define IP_OFFSET 0x1fff
 // IPv6 extension headers walked before giving up (and dropping, for an enrolled pod).
 #define MAX_EXT_HEADERS 8
+
+// ztunnel's listeners by role and family: index = role * 2 + (1 for IPv6).
+enum listener_role {
+    ROLE_OUTBOUND = 0,
+    ROLE_INBOUND = 1,
+    ROLE_HBONE = 2,
+    ROLE_COUNT = 3,
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_SOCKMAP);
+    __uint(max_entries, ROLE_COUNT * 2);
+    __type(key, __u32);
+    __type(value, __u32);  // a socket descriptor when written from user space
+} listeners SEC(".maps");
 
 static __always_inline void count(__u32 which) {
     __u64 *n = bpf_map_lookup_elem(&stats, &which);
@@ -309,6 +339,62 @@ int ztunnel_capture(struct __sk_buff *skb) {
         return drop(STAT_ASSIGN_FAILED);
     count(stat);
     return TC_ACT_OK;
+}
+
+// A 4-byte load straight from the context (see ztunnel_listener).
+#define READ_CTX(field) (*(volatile __u32 *)&(field))
+
+SEC("sk_lookup")
+int ztunnel_listener(struct bpf_sk_lookup *ctx) {
+    if (READ_CTX(ctx->protocol) != IPPROTO_TCP)
+        return SK_PASS;
+    __u32 zero = 0;
+    struct settings *cfg = bpf_map_lookup_elem(&settings, &zero);
+    if (!cfg)
+        return SK_PASS;
+    // Every context field is read once, up front, with a load of its own: the verifier refuses
+    // a context pointer the compiler moved (`ctx + off`) and dereferenced later.
+    __u32 family = READ_CTX(ctx->family);
+    __u32 local_port = READ_CTX(ctx->local_port);
+    __u32 r4 = READ_CTX(ctx->remote_ip4), l4 = READ_CTX(ctx->local_ip4);
+    __u32 r6[4], l6[4];
+    r6[0] = READ_CTX(ctx->remote_ip6[0]);
+    r6[1] = READ_CTX(ctx->remote_ip6[1]);
+    r6[2] = READ_CTX(ctx->remote_ip6[2]);
+    r6[3] = READ_CTX(ctx->remote_ip6[3]);
+    l6[0] = READ_CTX(ctx->local_ip6[0]);
+    l6[1] = READ_CTX(ctx->local_ip6[1]);
+    l6[2] = READ_CTX(ctx->local_ip6[2]);
+    l6[3] = READ_CTX(ctx->local_ip6[3]);
+    struct addr remote = {}, local = {};
+    __u32 v6 = 0;
+    if (family == AF_INET) {
+        remote.w[2] = bpf_htonl(0xffff);
+        remote.w[3] = r4;
+        local.w[2] = bpf_htonl(0xffff);
+        local.w[3] = l4;
+    } else if (family == AF_INET6) {
+        __builtin_memcpy(remote.w, r6, sizeof(r6));
+        __builtin_memcpy(local.w, l6, sizeof(l6));
+        v6 = 1;
+    } else {
+        return SK_PASS;
+    }
+    // The same choice as ztunnel_capture's listener path.
+    __u32 role;
+    if (is_enrolled(&remote))
+        role = ROLE_OUTBOUND;
+    else if (is_enrolled(&local))
+        role = local_port == cfg->hbone_port ? ROLE_HBONE : ROLE_INBOUND;
+    else
+        return SK_PASS;
+    __u32 key = role * 2 + v6;
+    struct bpf_sock *sk = bpf_map_lookup_elem(&listeners, &key);
+    if (!sk)
+        return SK_PASS;  // no listener of ours: the ordinary lookup (and capture) decides
+    bpf_sk_assign(ctx, sk, 0);
+    bpf_sk_release(sk);
+    return SK_PASS;
 }
 
 char _license[] SEC("license") = "Dual MIT/GPL";

@@ -15,5 +15,5 @@ pub mod redirector;
 pub mod routing;
 
 pub use pin::{Removed, uninstall};
-pub use redirector::{RedirectError, Redirector, Settings, Status};
+pub use redirector::{Listener, ListenerRole, RedirectError, Redirector, Settings, Status};
 pub use routing::interface_for;

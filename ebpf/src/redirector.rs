@@ -14,10 +14,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
 
-use aya::maps::{Array, HashMap, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, MapError, PerCpuArray, SockMap};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::sk_lookup::SkLookupLink;
 use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
-use aya::programs::{ProgramError, SchedClassifier};
+use aya::programs::{ProgramError, SchedClassifier, SkLookup};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use tracing::{debug, info};
@@ -29,6 +30,29 @@ use crate::routing::{self, RoutingError};
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect.o"));
 /// Program (function) name; also what the kernel lists it as.
 pub const PROGRAM_NAME: &str = "ztunnel_capture";
+/// The sk_lookup program answering the kernel's listener lookups for enrolled pods' flows.
+pub const LISTENER_PROGRAM_NAME: &str = "ztunnel_listener";
+
+/// The role of one of ztunnel's transparent listeners (`enum listener_role` in the program).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum ListenerRole {
+    /// 15001: flows leaving enrolled pods.
+    Outbound = 0,
+    /// 15006: plaintext flows to enrolled pods.
+    Inbound = 1,
+    /// 15008: HBONE to enrolled pods.
+    Hbone = 2,
+}
+
+/// One listening socket of ztunnel's, for [`Redirector::serve_listeners`].
+#[derive(Clone, Copy, Debug)]
+pub struct Listener {
+    pub role: ListenerRole,
+    pub ipv6: bool,
+    /// The listening socket; it must stay open while the redirector serves it (closing it
+    /// removes it from the map by itself).
+    pub fd: std::os::fd::RawFd,
+}
 
 /// Mark set on packets handed to ztunnel; policy routing delivers them locally.
 pub const DEFAULT_REDIRECT_MARK: u32 = 0x538;
@@ -133,6 +157,8 @@ pub struct Status {
     pub stats: BTreeMap<&'static str, u64>,
     /// What was adopted from pins a previous ztunnel left: (links, pods).
     pub adopted: (usize, usize),
+    /// The listeners (role, IPv6) the kernel's listener lookups are answered with.
+    pub listeners: Vec<(ListenerRole, bool)>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -160,6 +186,9 @@ pub struct Redirector {
     interfaces: BTreeMap<String, Attached>,
     pods: BTreeMap<IpAddr, String>,
     adopted: (usize, usize),
+    /// The sk_lookup program's link to this network namespace (detached when dropped).
+    listener_link: Option<SkLookupLink>,
+    listeners_served: Vec<(ListenerRole, bool)>,
 }
 
 impl std::fmt::Debug for Redirector {
@@ -217,6 +246,8 @@ impl Redirector {
             interfaces: BTreeMap::new(),
             pods: BTreeMap::new(),
             adopted: (0, 0),
+            listener_link: None,
+            listeners_served: Vec::new(),
         };
         r.adopt()?;
         info!(
@@ -379,6 +410,41 @@ impl Redirector {
         self.interfaces.get(iface).is_some_and(|a| a.uplink)
     }
 
+    /// Serves the kernel's own listener lookups for enrolled pods' flows with `listeners`, by
+    /// attaching the sk_lookup program to the calling thread's network namespace for as long as
+    /// this redirector lives. Without it, a SYN reusing the 4-tuple of a ztunnel socket in
+    /// TIME_WAIT is answered with a bare ACK and the client stalls, resets and retries (see
+    /// `bpf/redirect.c`). Calling it again replaces the listeners.
+    pub fn serve_listeners(&mut self, listeners: &[Listener]) -> Result<(), RedirectError> {
+        let map_err = |source| RedirectError::Map { name: "listeners", source };
+        {
+            let map = self.ebpf.map_mut("listeners").ok_or(RedirectError::Missing("map listeners"))?;
+            let mut sockets: SockMap<_> = SockMap::try_from(map).map_err(map_err)?;
+            for l in listeners {
+                let index = l.role as u32 * 2 + u32::from(l.ipv6);
+                sockets.set(index, &l.fd, 0).map_err(map_err)?;
+            }
+        }
+        if self.listener_link.is_none() {
+            let netns =
+                std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| RedirectError::Attach {
+                    iface: "network namespace".into(),
+                    reason: format!("opening /proc/thread-self/ns/net: {e}"),
+                })?;
+            let prog: &mut SkLookup = self
+                .ebpf
+                .program_mut(LISTENER_PROGRAM_NAME)
+                .ok_or(RedirectError::Missing("program ztunnel_listener"))?
+                .try_into()?;
+            prog.load()?;
+            let id = prog.attach(&netns)?;
+            self.listener_link = Some(prog.take_link(id)?);
+        }
+        self.listeners_served = listeners.iter().map(|l| (l.role, l.ipv6)).collect();
+        info!(listeners = ?self.listeners_served, "listener lookups of enrolled pods' flows served");
+        Ok(())
+    }
+
     /// Enrolled pod addresses.
     pub fn enrolled(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.pods.keys().copied()
@@ -399,6 +465,7 @@ impl Redirector {
             pods: self.pods.clone(),
             stats: self.stats(),
             adopted: self.adopted,
+            listeners: self.listeners_served.clone(),
         }
     }
 

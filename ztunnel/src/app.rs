@@ -110,6 +110,7 @@ impl App {
         }
         let drain = Drain::new();
         let mut certs = None;
+        let mut listener_sockets = Vec::new();
         let proxy_addrs = match &config.proxy {
             Some(proxy_config) => {
                 let manager = CertificateManager::new(ca_source(&config)?, CertMetrics::new(registry));
@@ -126,7 +127,8 @@ impl App {
                     drain.watch(),
                     synced.clone(),
                 );
-                let (bound, proxy_tasks) = proxy.start()?;
+                let (bound, sockets, proxy_tasks) = proxy.start()?;
+                listener_sockets = sockets;
                 for t in proxy_tasks {
                     tasks.push_critical("proxy listener", t);
                 }
@@ -143,7 +145,13 @@ impl App {
             None => None,
         };
         let enrollment = if config.redirect {
-            let redirector = Redirector::load(config.redirect_settings.clone())?;
+            let mut redirector = Redirector::load(config.redirect_settings.clone())?;
+            if !listener_sockets.is_empty() {
+                // A failure costs a stall per reused port, not capture: log it and go on.
+                if let Err(e) = redirector.serve_listeners(&listener_sockets) {
+                    tracing::warn!(error = %e, "listener lookups not served: a SYN reusing the ports of a closed connection may stall");
+                }
+            }
             let (enrollment, task) = Enrollment::start(
                 redirector,
                 config.node_name.clone(),

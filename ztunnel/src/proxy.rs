@@ -175,8 +175,9 @@ impl Proxy {
     }
 
     /// Binds the three transparent listeners and spawns their accept loops, which stop when
-    /// the drain starts.
-    pub fn start(&self) -> Result<(Bound, Vec<JoinHandle<()>>), SocketError> {
+    /// the drain starts. Also returns the listening sockets by role, for the redirector's
+    /// listener lookups ([`ebpf::Redirector::serve_listeners`]).
+    pub fn start(&self) -> Result<(Bound, Vec<ebpf::Listener>, Vec<JoinHandle<()>>), SocketError> {
         let c = &self.inner.config;
         socket::enable_listener_migration();
         let outbound = socket::transparent_listener(c.outbound_addr, Some(c.mark))?;
@@ -193,6 +194,22 @@ impl Proxy {
         let outbound6 = twin(c.outbound_addr, bound.outbound);
         let inbound6 = twin(c.inbound_addr, bound.inbound);
         let plaintext6 = twin(c.inbound_plaintext_addr, bound.inbound_plaintext);
+        let mut sockets = Vec::new();
+        {
+            use ebpf::ListenerRole::{Hbone, Inbound, Outbound};
+            use std::os::fd::AsRawFd;
+            let mut add = |role, ipv6, l: Option<&TcpListener>| {
+                if let Some(l) = l {
+                    sockets.push(ebpf::Listener { role, ipv6, fd: l.as_raw_fd() });
+                }
+            };
+            add(Outbound, bound.outbound.is_ipv6(), Some(&outbound));
+            add(Hbone, bound.inbound.is_ipv6(), Some(&inbound));
+            add(Inbound, bound.inbound_plaintext.is_ipv6(), Some(&plaintext));
+            add(Outbound, true, outbound6.as_ref());
+            add(Hbone, true, inbound6.as_ref());
+            add(Inbound, true, plaintext6.as_ref());
+        }
         let mut tasks = vec![
             tokio::spawn(outbound::serve(self.clone(), outbound)),
             tokio::spawn(inbound::serve(self.clone(), inbound)),
@@ -201,7 +218,7 @@ impl Proxy {
         tasks.extend(outbound6.map(|l| tokio::spawn(outbound::serve(self.clone(), l))));
         tasks.extend(inbound6.map(|l| tokio::spawn(inbound::serve(self.clone(), l))));
         tasks.extend(plaintext6.map(|l| tokio::spawn(inbound_plaintext::serve(self.clone(), l))));
-        Ok((bound, tasks))
+        Ok((bound, sockets, tasks))
     }
 
     fn config(&self) -> &ProxyConfig {
