@@ -66,16 +66,29 @@ fn serve(ns: &Netns, port: u16, tag: &'static str) {
 }
 
 /// Transparent listeners on 15001/15006/15008 in the node, IPv4 and IPv6, answering
-/// `<port> <original destination> <peer>`. Runs until the runtime is dropped.
+/// `<port> <original destination> <peer>` and closing first. Runs until the runtime is dropped.
 fn node_listeners(node: &Netns) -> tokio::runtime::Runtime {
+    node_listeners_with_sockets(node).0
+}
+
+/// [`node_listeners`], and their sockets by role for [`Redirector::serve_listeners`].
+fn node_listeners_with_sockets(node: &Netns) -> (tokio::runtime::Runtime, Vec<ebpf::Listener>) {
     let rt = node.runtime();
     let ready = rt.spawn(async {
+        use std::os::fd::AsRawFd;
         let any: [std::net::IpAddr; 2] = [[0u8; 4].into(), [0u16; 8].into()];
+        let mut sockets = Vec::new();
         for (port, ip) in [15001u16, 15006, 15008].into_iter().flat_map(|p| any.map(|ip| (p, ip))) {
             let addr = SocketAddr::new(ip, port);
             let listener =
                 ztunnel::socket::transparent_listener(addr, Some(ebpf::redirector::DEFAULT_ZTUNNEL_MARK))
                     .expect("transparent listener");
+            let role = match port {
+                15001 => ebpf::ListenerRole::Outbound,
+                15006 => ebpf::ListenerRole::Inbound,
+                _ => ebpf::ListenerRole::Hbone,
+            };
+            sockets.push(ebpf::Listener { role, ipv6: ip.is_ipv6(), fd: listener.as_raw_fd() });
             tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt;
                 while let Ok((mut s, peer)) = listener.accept().await {
@@ -84,9 +97,10 @@ fn node_listeners(node: &Netns) -> tokio::runtime::Runtime {
                 }
             });
         }
+        sockets
     });
-    rt.block_on(ready).expect("listeners up");
-    rt
+    let sockets = rt.block_on(ready).expect("listeners up");
+    (rt, sockets)
 }
 
 /// Connects from `ns` to `dst` and returns what the other end wrote, or the error.
@@ -240,6 +254,127 @@ fn enrolled_pod_traffic_lands_on_ztunnel_listeners() {
     assert!(!redirector.status().interfaces.contains_key("veth-a"), "detached once no pod is left");
 
     assert_eq!(routing_state(&m.node), (2, 2), "one rule and one route per family");
+    remove(&m.node, redirector);
+}
+
+/// A Python client in `ns` that connects `count` times from the same source address and port
+/// to `dst`:`port`, reads each reply to the end (the server closes first, leaving the server
+/// side's socket in TIME_WAIT on that 4-tuple), and prints one reply per line.
+fn same_port_connections(ns: &Netns, src: &str, dst: &str, port: u16, count: usize) -> Vec<String> {
+    const CLIENT: &str = r#"
+import socket, sys, time
+src, dst, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+for i in range(count):
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(10)
+    s.bind((src, 47123))
+    s.connect((dst, port))
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    print(data.decode(), flush=True)
+    time.sleep(0.05)
+"#;
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "python3",
+            "-c",
+            CLIENT,
+            src,
+            dst,
+            &port.to_string(),
+            &count.to_string(),
+        ])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "same-port client failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+}
+
+/// A TCP counter of the kernel in `ns` (`TcpExt` of /proc/net/netstat, or `Tcp` of snmp).
+fn tcp_counter(ns: &Netns, group: &str, name: &str) -> u64 {
+    let file = if group == "TcpExt" { "/proc/net/netstat" } else { "/proc/net/snmp" };
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "cat", file])
+        .output()
+        .expect("cat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&format!("{group}:"))).collect();
+    let (names, values) = (lines[0].split_whitespace(), lines[1].split_whitespace());
+    names
+        .zip(values)
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {group} {name} in {file}"))
+}
+
+/// Sockets in TIME_WAIT in `ns`.
+fn time_wait_sockets(ns: &Netns) -> usize {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ss", "-Htan", "state", "time-wait"])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn a_syn_reusing_the_tuple_of_a_time_wait_socket_opens_a_new_connection_at_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = mesh("tw");
+    let (_listeners, sockets) = node_listeners_with_sockets(&m.node);
+    let mut redirector = load(&m.node);
+    enroll_pod_a(&m, &mut redirector);
+    let retries =
+        |ns: &Netns| (tcp_counter(ns, "TcpExt", "TCPSynRetrans"), tcp_counter(ns, "Tcp", "OutRsts"));
+    let cases = [(POD_A, OUTSIDE, "10.9.0.2:8080"), (POD_A6, OUTSIDE6, "[fd00:9::2]:8080")];
+
+    // Without the listener lookups (the old program): each reuse of the port meets the node's
+    // TIME_WAIT socket, which answers the SYN with a bare ACK; the client resets and retries.
+    for (src, dst, orig) in cases {
+        let before = retries(&m.pod_a);
+        let replies = same_port_connections(&m.pod_a, src, dst, SERVER_PORT, 3);
+        for r in &replies {
+            expect_landing(Ok(r.clone()), 15001, orig, src);
+        }
+        let after = retries(&m.pod_a);
+        assert!(
+            after.0 > before.0 && after.1 > before.1,
+            "expected the TIME_WAIT stall (SYN retries and resets) without listener lookups, for {src}: {before:?} -> {after:?}"
+        );
+    }
+
+    // With them: the same reuse opens a new connection on the first SYN.
+    m.node.enter(|| redirector.serve_listeners(&sockets)).expect("serve listeners");
+    assert_eq!(redirector.status().listeners.len(), 6, "{:?}", redirector.status().listeners);
+    for (src, dst, orig) in cases {
+        let before = retries(&m.pod_a);
+        let replies = same_port_connections(&m.pod_a, src, dst, SERVER_PORT, 5);
+        assert_eq!(replies.len(), 5);
+        for r in &replies {
+            expect_landing(Ok(r.clone()), 15001, orig, src);
+        }
+        assert!(time_wait_sockets(&m.node) >= 1, "the node's side of the connections should be in TIME_WAIT");
+        assert_eq!(
+            retries(&m.pod_a),
+            before,
+            "a SYN meeting a TIME_WAIT socket was not taken as a new connection for {src} (SYN retries, resets)"
+        );
+    }
+    // Inbound: from outside to the enrolled pod, through the inbound listener, the same way.
+    let before = retries(&m.outside);
+    for r in same_port_connections(&m.outside, OUTSIDE, POD_A, SERVER_PORT, 4) {
+        expect_landing(Ok(r), 15006, "10.1.1.2:8080", OUTSIDE);
+    }
+    assert_eq!(retries(&m.outside), before, "inbound reuse of a TIME_WAIT tuple stalled");
     remove(&m.node, redirector);
 }
 

@@ -151,6 +151,10 @@ pub struct Proxy {
     inner: Arc<Inner>,
 }
 
+/// What [`Proxy::start`] returns: the bound addresses, the listening sockets by role, and the
+/// accept loops.
+pub type Started = (Bound, Vec<ebpf::Listener>, Vec<JoinHandle<()>>);
+
 /// The proxies' bound addresses.
 #[derive(Clone, Copy, Debug)]
 pub struct Bound {
@@ -177,7 +181,7 @@ impl Proxy {
     /// Binds the three transparent listeners and spawns their accept loops, which stop when
     /// the drain starts. Also returns the listening sockets by role, for the redirector's
     /// listener lookups ([`ebpf::Redirector::serve_listeners`]).
-    pub fn start(&self) -> Result<(Bound, Vec<ebpf::Listener>, Vec<JoinHandle<()>>), SocketError> {
+    pub fn start(&self) -> Result<Started, SocketError> {
         let c = &self.inner.config;
         socket::enable_listener_migration();
         let outbound = socket::transparent_listener(c.outbound_addr, Some(c.mark))?;
