@@ -370,35 +370,44 @@ pub fn run_once(c: &Cluster, s: &Settings, proxies: &Proxies<'_>, phase: &mut Ph
     }
 }
 
-/// Memory of ztunnel (node A, the client side) idle, holding idle proxied connections, and
-/// after they close and the process settles.
+/// Memory of both ztunnels (node A holds the client side of each connection, node B the
+/// server side): idle, holding idle proxied connections, and after they close and the
+/// processes settle. RSS counts the pages of the executable the process touched as well as
+/// its own allocations; the anonymous part is reported beside it.
 pub fn memory(c: &Cluster, s: &Settings, mesh: &Mesh) -> Vec<(String, String, f64)> {
     let mut out = Vec::new();
-    let idle = mesh.ztunnel_a.rss_kib() as f64;
-    out.push(("ztunnel RSS idle".to_string(), "MiB".to_string(), idle / 1024.0));
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let (za, zb) = (&mesh.ztunnel_a, &mesh.ztunnel_b);
+    let idle = (za.rss_kib(), zb.rss_kib());
+    out.push(("ztunnel RSS idle (client side)".to_string(), "MiB".to_string(), mib(idle.0)));
+    out.push(("ztunnel RSS idle (server side)".to_string(), "MiB".to_string(), mib(idle.1)));
+    out.push(("ztunnel anonymous RSS idle (client side)".to_string(), "MiB".to_string(), mib(za.rss_anon_kib())));
     let echo = format!("{SERVER_IP}:7000");
     for &n in &s.hold_counts {
         let (mut holder, opened) = c.hold(&echo, n);
         assert_eq!(opened, n, "could hold only {opened} of {n} connections through the mesh");
         std::thread::sleep(Duration::from_millis(500));
-        let (a, b) = (mesh.ztunnel_a.rss_kib() as f64, mesh.ztunnel_b.rss_kib() as f64);
-        out.push((format!("ztunnel RSS with {n} idle connections (client side)"), "MiB".into(), a / 1024.0));
-        out.push((format!("ztunnel RSS with {n} idle connections (server side)"), "MiB".into(), b / 1024.0));
-        out.push((
-            format!("ztunnel memory per idle connection at {n} (client side)"),
-            "KiB".into(),
-            (a - idle) / n as f64,
-        ));
+        let (a, b) = (za.rss_kib(), zb.rss_kib());
+        for (side, held, idle) in [("client", a, idle.0), ("server", b, idle.1)] {
+            out.push((format!("ztunnel RSS with {n} idle connections ({side} side)"), "MiB".into(), mib(held)));
+            out.push((
+                format!("ztunnel memory per idle connection at {n} ({side} side)"),
+                "KiB".into(),
+                held.saturating_sub(idle) as f64 / n as f64,
+            ));
+        }
         holder.close_stdin();
         drop(holder);
-        info!(connections = n, client_side_mib = a / 1024.0, server_side_mib = b / 1024.0, "held");
+        info!(connections = n, client_side_mib = mib(a), server_side_mib = mib(b), "held");
     }
     std::thread::sleep(Duration::from_secs(s.settle_seconds));
-    out.push((
-        format!("ztunnel RSS {} s after the load stopped", s.settle_seconds),
-        "MiB".into(),
-        mesh.ztunnel_a.rss_kib() as f64 / 1024.0,
-    ));
+    for (side, z) in [("client", za), ("server", zb)] {
+        out.push((
+            format!("ztunnel RSS {} s after the connections closed ({side} side)", s.settle_seconds),
+            "MiB".into(),
+            mib(z.rss_kib()),
+        ));
+    }
     out
 }
 

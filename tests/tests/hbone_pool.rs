@@ -138,6 +138,44 @@ async fn wrong_server_identity_is_refused_and_not_pooled() {
     round_trip(stream, b"ok").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_burst_only_one_idle_connection_per_key_is_kept() {
+    let s = setup(HOUR).await;
+    let pool = Pool::new(
+        s.certs.clone(),
+        PoolConfig {
+            max_streams: 2,
+            idle_timeout: HOUR,
+            surplus_idle_timeout: Duration::from_millis(200),
+            ..Default::default()
+        },
+        PoolMetrics::default(),
+    );
+    let key = s.key("echo");
+    // Six concurrent streams at two per connection: three connections.
+    let mut streams = Vec::new();
+    for _ in 0..6 {
+        streams.push(pool.connect(&key, &authority(), HeaderMap::new()).await.expect("stream"));
+    }
+    assert_eq!(pool.connection_count(), 3);
+    for (i, stream) in streams.into_iter().enumerate() {
+        round_trip(stream, &[i as u8]).await;
+    }
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while pool.connection_count() > 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("surplus idle connections released");
+    // The one kept (idle_timeout is an hour) carries the next stream: no new dial.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pool.connection_count(), 1, "the first idle connection stays for idle_timeout");
+    let stream = pool.connect(&key, &authority(), HeaderMap::new()).await.expect("stream");
+    round_trip(stream, b"again").await;
+    assert_eq!(s.server_connections(), 3, "no dial after the burst");
+}
+
 #[tokio::test]
 async fn idle_connections_are_released() {
     let s = setup(HOUR).await;

@@ -36,6 +36,9 @@ use crate::tls;
 pub const DEFAULT_MAX_STREAMS: usize = 100;
 /// Idle connections are released after this long.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// A key's idle connections beyond the first are released after this long: a burst that
+/// needed many connections does not keep their buffers (some 250 KiB each) for `idle_timeout`.
+pub const DEFAULT_SURPLUS_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a new connection (TCP, mTLS, HTTP/2) or a stream's CONNECT may take.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -81,6 +84,8 @@ impl PoolKey {
 pub struct PoolConfig {
     pub max_streams: usize,
     pub idle_timeout: Duration,
+    /// For a key's idle connections other than the first (see [`DEFAULT_SURPLUS_IDLE_TIMEOUT`]).
+    pub surplus_idle_timeout: Duration,
     /// Bounds each dial (TCP, mTLS, HTTP/2 handshake) and each stream's CONNECT.
     pub connect_timeout: Duration,
 }
@@ -90,6 +95,7 @@ impl Default for PoolConfig {
         Self {
             max_streams: DEFAULT_MAX_STREAMS,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            surplus_idle_timeout: DEFAULT_SURPLUS_IDLE_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
@@ -318,24 +324,35 @@ impl Drop for DialGuard<'_> {
     }
 }
 
-/// Drops idle connections and empty keys, until the pool is dropped.
+/// Drops idle connections (a key's first after `idle_timeout`, the others after
+/// `surplus_idle_timeout`) and empty keys, until the pool is dropped.
 async fn reap(pool: Weak<Inner>) {
     let period = match pool.upgrade() {
-        Some(inner) => (inner.config.idle_timeout / 2).max(Duration::from_millis(50)),
+        Some(inner) => {
+            let shortest = inner.config.idle_timeout.min(inner.config.surplus_idle_timeout);
+            (shortest / 2).max(Duration::from_millis(50))
+        }
         None => return,
     };
     loop {
         tokio::time::sleep(period).await;
         let Some(inner) = pool.upgrade() else { return };
-        let idle_timeout = inner.config.idle_timeout;
+        let (idle_timeout, surplus_idle_timeout) =
+            (inner.config.idle_timeout, inner.config.surplus_idle_timeout);
         let Ok(mut keys) = inner.keys.lock() else { return };
         let mut released = 0;
         keys.retain(|_, state| {
             let before = state.conns.len();
+            let mut kept_idle = false;
             state.conns.retain(|p| {
-                let idle = p.active.load(Ordering::Acquire) == 0
-                    && p.idle_since.lock().map(|t| t.elapsed() >= idle_timeout).unwrap_or(true);
-                !idle
+                if p.active.load(Ordering::Acquire) != 0 {
+                    return true;
+                }
+                let idle_for = p.idle_since.lock().map(|t| t.elapsed()).unwrap_or(Duration::MAX);
+                let limit = if kept_idle { surplus_idle_timeout } else { idle_timeout };
+                let keep = idle_for < limit;
+                kept_idle |= keep;
+                keep
             });
             released += before - state.conns.len();
             !state.conns.is_empty() || state.dialing.is_some()
