@@ -38,7 +38,10 @@ enum Upstream {
 async fn handle(proxy: Proxy, accepted: Accepted) {
     let Accepted { stream: downstream, peer, dst, guard } = accepted;
     let mut rec = Record::new(proxy.metrics(), Reporter::Source, "outbound", peer, dst);
-    match route(&proxy, &mut rec, peer, dst).await {
+    // Boxed: the connect phase's state (an HBONE dial, a TCP connect) is large and over once
+    // the connection is up; on the heap, it is freed then instead of sizing every
+    // connection's task for its whole life.
+    match Box::pin(route(&proxy, &mut rec, peer, dst)).await {
         Err(e) => rec.failed(e.failure()),
         Ok(Upstream::Tcp(upstream, local)) => {
             rec.opened();
