@@ -139,6 +139,25 @@ pub async fn request_response(
     Latency::from_samples(all, errors, duration)
 }
 
+/// Exactly `count` connections one after the other, each one byte each way then closed (a
+/// fixed workload for instruction counts). Returns how many succeeded.
+pub async fn connections(addr: SocketAddr, count: usize) -> usize {
+    let mut ok = 0;
+    for _ in 0..count {
+        let once = async {
+            let mut s = TcpStream::connect(addr).await?;
+            s.write_all(b"c").await?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await?;
+            Ok::<_, std::io::Error>(())
+        };
+        if matches!(tokio::time::timeout(Duration::from_secs(30), once).await, Ok(Ok(()))) {
+            ok += 1;
+        }
+    }
+    ok
+}
+
 /// Opens `count` connections (each proven end to end with one echo), prints `READY <n>`, and
 /// holds them until stdin closes.
 pub async fn hold(addr: SocketAddr, count: usize) -> usize {

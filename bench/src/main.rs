@@ -47,6 +47,10 @@ enum Command {
         /// removed (time to profile the running mesh by hand: the log names the namespaces).
         #[arg(long)]
         pause_file: Option<PathBuf>,
+        /// Keep the callgrind dumps of the instruction counts here (for callgrind_annotate)
+        /// instead of in the run's temporary directory.
+        #[arg(long)]
+        callgrind_dir: Option<PathBuf>,
     },
     /// Echo server (request/response and churn).
     EchoServer {
@@ -65,6 +69,13 @@ enum Command {
         size: usize,
         #[arg(long)]
         seconds: u64,
+    },
+    /// Exactly `count` sequential connections (one byte each way); prints how many succeeded.
+    Connections {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
     },
     /// Hold idle connections until stdin closes.
     Hold {
@@ -109,9 +120,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, NOFILE, NOFILE);
     match args.command {
-        Command::Run { bin_dir, out, smoke, only, pause_file } => {
+        Command::Run { bin_dir, out, smoke, only, pause_file, callgrind_dir } => {
             common::telemetry::init(common::telemetry::LogFormat::Text);
-            run(bin_dir, out, smoke, only, pause_file)?;
+            run(bin_dir, out, smoke, only, pause_file, callgrind_dir)?;
         }
         Command::EchoServer { port } => runtime().block_on(load::echo_server(port))?,
         Command::Rr { addr, rate, conns, size, seconds } => {
@@ -123,6 +134,9 @@ fn main() -> anyhow::Result<()> {
                 Duration::from_secs(seconds),
             ));
             print_json(&l);
+        }
+        Command::Connections { addr, count } => {
+            print_json(&runtime().block_on(load::connections(addr, count)));
         }
         Command::Hold { addr, count } => {
             runtime().block_on(load::hold(addr, count));
@@ -156,9 +170,10 @@ fn run(
     smoke: bool,
     only: Vec<String>,
     pause_file: Option<PathBuf>,
+    callgrind_dir: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     mesh_tests::netns::require_root("the benchmark runner");
-    for tool in ["iperf3", "taskset", "curl", "wrk", "h2load", "nginx"] {
+    for tool in ["iperf3", "taskset", "curl", "wrk", "h2load", "nginx", "valgrind", "callgrind_control"] {
         let found = std::process::Command::new("sh").args(["-c", &format!("command -v {tool}")]).output();
         anyhow::ensure!(
             found.is_ok_and(|o| o.status.success()),
@@ -218,6 +233,17 @@ fn run(
         Vec::new()
     };
     mesh_procs.stop(&cluster);
+    let instructions = if settings.wants("instructions") {
+        info!("instruction counts: the mesh again, under valgrind --tool=callgrind");
+        let dir = callgrind_dir.unwrap_or_else(|| work.path().to_path_buf());
+        std::fs::create_dir_all(&dir)?;
+        let counting = Mesh::start_counting(&cluster, &dir);
+        let counts = scenarios::instructions(&cluster, &settings, &counting, &dir);
+        counting.stop(&cluster);
+        counts
+    } else {
+        Vec::new()
+    };
 
     let date = common_date();
     let report = report::Report {
@@ -229,6 +255,7 @@ fn run(
         settings,
         figures: scenarios::figures(&direct, &mesh),
         memory,
+        instructions,
         duration_seconds: started.elapsed().as_secs_f64(),
     };
     let path = report.write(&out)?;

@@ -53,6 +53,8 @@ pub struct Report {
     pub figures: Vec<Figure>,
     /// Mesh-only memory figures: (what, unit, value).
     pub memory: Vec<(String, String, f64)>,
+    /// Deterministic companions: instructions per unit of work, counted by callgrind.
+    pub instructions: Vec<crate::scenarios::Instructions>,
     pub duration_seconds: f64,
 }
 
@@ -118,6 +120,25 @@ impl Report {
         let _ = writeln!(md, "|---|---|");
         for (what, unit, v) in &self.memory {
             let _ = writeln!(md, "| {what} | {} {unit} |", num(*v));
+        }
+        if !self.instructions.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## Instructions (deterministic companion figures)\n\nCounted by `valgrind --tool=callgrind` in each proxy process over a fixed workload (counters zeroed before it, dumped after), so they do not depend on machine noise: compare them between reports to see a regression. This machine's hypervisor exposes no hardware counters to `perf stat`.\n"
+            );
+            let _ = writeln!(md, "| workload | process | instructions | per unit |");
+            let _ = writeln!(md, "|---|---|---|---|");
+            for i in &self.instructions {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.0} | {:.0} per {} |",
+                    i.workload,
+                    i.process,
+                    i.total,
+                    i.total / i.units.max(1) as f64,
+                    i.unit
+                );
+            }
         }
         md
     }

@@ -381,7 +381,11 @@ pub fn memory(c: &Cluster, s: &Settings, mesh: &Mesh) -> Vec<(String, String, f6
     let idle = (za.rss_kib(), zb.rss_kib());
     out.push(("ztunnel RSS idle (client side)".to_string(), "MiB".to_string(), mib(idle.0)));
     out.push(("ztunnel RSS idle (server side)".to_string(), "MiB".to_string(), mib(idle.1)));
-    out.push(("ztunnel anonymous RSS idle (client side)".to_string(), "MiB".to_string(), mib(za.rss_anon_kib())));
+    out.push((
+        "ztunnel anonymous RSS idle (client side)".to_string(),
+        "MiB".to_string(),
+        mib(za.rss_anon_kib()),
+    ));
     let echo = format!("{SERVER_IP}:7000");
     for &n in &s.hold_counts {
         let (mut holder, opened) = c.hold(&echo, n);
@@ -389,7 +393,11 @@ pub fn memory(c: &Cluster, s: &Settings, mesh: &Mesh) -> Vec<(String, String, f6
         std::thread::sleep(Duration::from_millis(500));
         let (a, b) = (za.rss_kib(), zb.rss_kib());
         for (side, held, idle) in [("client", a, idle.0), ("server", b, idle.1)] {
-            out.push((format!("ztunnel RSS with {n} idle connections ({side} side)"), "MiB".into(), mib(held)));
+            out.push((
+                format!("ztunnel RSS with {n} idle connections ({side} side)"),
+                "MiB".into(),
+                mib(held),
+            ));
             out.push((
                 format!("ztunnel memory per idle connection at {n} ({side} side)"),
                 "KiB".into(),
@@ -407,6 +415,128 @@ pub fn memory(c: &Cluster, s: &Settings, mesh: &Mesh) -> Vec<(String, String, f6
             "MiB".into(),
             mib(z.rss_kib()),
         ));
+    }
+    out
+}
+
+/// Instructions one proxy process executed for a fixed workload.
+#[derive(Clone, Debug, Serialize)]
+pub struct Instructions {
+    pub workload: String,
+    pub process: String,
+    pub total: f64,
+    pub units: u64,
+    pub unit: String,
+}
+
+/// `callgrind_control <flag> <pid>` (zero or dump), bounded.
+fn callgrind_control(flag: &str, pid: u32) {
+    let out = std::process::Command::new("timeout")
+        .args(["120", "callgrind_control", flag, &pid.to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("callgrind_control: {e}"));
+    assert!(
+        out.status.success(),
+        "callgrind_control {flag} {pid}: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The instruction total (`Ir`) of the newest dump callgrind wrote for `name` in `dir`.
+fn last_dump_total(dir: &std::path::Path, name: &str) -> f64 {
+    let prefix = format!("{name}.callgrind");
+    let newest = std::fs::read_dir(dir)
+        .expect("work dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .unwrap_or_else(|| panic!("no callgrind dump for {name} in {}", dir.display()));
+    let text = std::fs::read_to_string(newest.path()).expect("callgrind dump");
+    text.lines()
+        .find_map(|l| l.strip_prefix("totals:").or_else(|| l.strip_prefix("summary:")))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no totals in {}", newest.path().display()))
+}
+
+/// Deterministic companion figures: with the mesh's proxies under callgrind, each fixed
+/// workload runs between a zeroing and a dump of every proxy's counters.
+pub fn instructions(c: &Cluster, s: &Settings, mesh: &Mesh, dir: &std::path::Path) -> Vec<Instructions> {
+    let smoke = s.seconds <= 1;
+    let (conns, requests, mib) = if smoke { (10u64, 50u64, 4u64) } else { (200, 1000, 64) };
+    let procs = [
+        ("ztunnel A (client side)", &mesh.ztunnel_a, "ztunnel-a"),
+        ("ztunnel B (server side)", &mesh.ztunnel_b, "ztunnel-b"),
+        ("waypoint", &mesh.waypoint, "waypoint"),
+    ];
+    let mut out = Vec::new();
+    let mut measure = |workload: &str, unit: &str, units: u64, on_path: &[usize], run: &dyn Fn()| {
+        // Warm: pooled connections and certificates are not part of the figure.
+        run();
+        for &i in on_path {
+            callgrind_control("-z", procs[i].1.pid());
+        }
+        run();
+        for &i in on_path {
+            callgrind_control("-d", procs[i].1.pid());
+            let total = last_dump_total(dir, procs[i].2);
+            info!(workload, process = procs[i].0, total, per_unit = total / units as f64, "instructions");
+            out.push(Instructions {
+                workload: workload.to_string(),
+                process: procs[i].0.to_string(),
+                total,
+                units,
+                unit: unit.to_string(),
+            });
+        }
+    };
+    let cpu = c.placement.client;
+    let echo = format!("{SERVER_IP}:7000");
+    let n = conns.to_string();
+    measure("L4: new connection, 1 byte each way (sequential)", "connection", conns, &[0, 1], &|| {
+        let ok: usize = c.worker(&c.client, cpu, &["connections", "--addr", &echo, "--count", &n]);
+        assert_eq!(ok as u64, conns, "connections through the counted mesh");
+    });
+    let bytes = format!("{mib}M");
+    measure("L4: bulk bytes client -> server (iperf3 -n)", "MiB", mib, &[0, 1], &|| {
+        let server = c.spawn(
+            "iperf3-server",
+            &c.server,
+            c.placement.server,
+            std::path::Path::new("iperf3"),
+            &["-s", "-1", "-p", "5201"],
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let out = c.try_exec(
+            &c.client,
+            cpu,
+            "timeout",
+            &["300", "iperf3", "-c", SERVER_IP, "-p", "5201", "-n", &bytes],
+        );
+        drop(server);
+        out.unwrap_or_else(|e| panic!("iperf3 -n: {e}"));
+    });
+    let n = requests.to_string();
+    for (label, vip, h1) in [("HTTP/1.1", WEB_H1_VIP, true), ("HTTP/2", WEB_H2_VIP, false)] {
+        let url = format!("http://{vip}:80/");
+        measure(
+            &format!("L7: {label} request through the waypoint (h2load -n, 4 conns)"),
+            "request",
+            requests,
+            &[0, 1, 2],
+            &|| {
+                let mut args =
+                    vec!["300", "h2load", "-t1", "-c4", "-m1", "-n", n.as_str(), "-H", ":authority: web"];
+                if h1 {
+                    args.push("--h1");
+                }
+                args.push(url.as_str());
+                let out =
+                    c.try_exec(&c.client, cpu, "timeout", &args).unwrap_or_else(|e| panic!("h2load -n: {e}"));
+                let h = parse_h2load(&out).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(h.succeeded, requests, "requests through the counted mesh: {out}");
+            },
+        );
     }
     out
 }

@@ -278,8 +278,8 @@ pub struct Mesh {
     _control_plane: Proc,
 }
 
-fn wait_ready(c: &Cluster, ns: &Netns, what: &str, log: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+fn wait_ready(c: &Cluster, ns: &Netns, what: &str, log: &str, within: Duration) {
+    let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         let out = Command::new("ip")
             .args(["netns", "exec", &ns.name, "curl", "-fsS", "http://127.0.0.1:15021/healthz/ready"])
@@ -311,6 +311,25 @@ fn wait_enrolled(node: &Netns, ip: &str) {
 
 impl Mesh {
     pub fn start(c: &Cluster) -> Self {
+        Self::start_with(c, None)
+    }
+
+    /// The mesh with ztunnels and the waypoint run under `valgrind --tool=callgrind`, writing
+    /// their counts to `<dir>/<name>.callgrind` (see [`crate::scenarios::instructions`]).
+    pub fn start_counting(c: &Cluster, dir: &Path) -> Self {
+        Self::start_with(c, Some(dir))
+    }
+
+    fn start_with(c: &Cluster, callgrind: Option<&Path>) -> Self {
+        let spawn = |name: &str, ns: &Netns, cpu: usize, bin: &Path, args: &[&str]| -> Proc {
+            let Some(dir) = callgrind else { return c.spawn(name, ns, cpu, bin, args) };
+            let out = format!("--callgrind-out-file={}", dir.join(format!("{name}.callgrind")).display());
+            let mut full = vec!["--tool=callgrind", "--dump-instr=no", "--collect-systime=no", out.as_str()];
+            full.push(bin.to_str().expect("path"));
+            full.extend_from_slice(args);
+            c.spawn(name, ns, cpu, Path::new("valgrind"), &full)
+        };
+        let ready_within = Duration::from_secs(if callgrind.is_some() { 300 } else { 60 });
         let config = c.work.join("mesh.yaml");
         std::fs::File::create(&config).and_then(|mut f| f.write_all(MESH.as_bytes())).expect("mesh config");
         let ca = c.work.join("ca");
@@ -351,11 +370,11 @@ impl Mesh {
         fn refs(v: &[String]) -> Vec<&str> {
             v.iter().map(String::as_str).collect()
         }
-        let ztunnel_a = c.spawn("ztunnel-a", &c.node_a, p.ztunnel_a, &c.bin.join("ztunnel"), &refs(&args_a));
-        wait_ready(c, &c.node_a, "ztunnel on node-a", "ztunnel-a.log");
-        let ztunnel_b = c.spawn("ztunnel-b", &c.node_b, p.ztunnel_b, &c.bin.join("ztunnel"), &refs(&args_b));
-        wait_ready(c, &c.node_b, "ztunnel on node-b", "ztunnel-b.log");
-        let waypoint = c.spawn(
+        let ztunnel_a = spawn("ztunnel-a", &c.node_a, p.ztunnel_a, &c.bin.join("ztunnel"), &refs(&args_a));
+        wait_ready(c, &c.node_a, "ztunnel on node-a", "ztunnel-a.log", ready_within);
+        let ztunnel_b = spawn("ztunnel-b", &c.node_b, p.ztunnel_b, &c.bin.join("ztunnel"), &refs(&args_b));
+        wait_ready(c, &c.node_b, "ztunnel on node-b", "ztunnel-b.log", ready_within);
+        let waypoint = spawn(
             "waypoint",
             &c.waypoint,
             p.waypoint,
@@ -375,7 +394,7 @@ impl Mesh {
                 "/dev/null",
             ],
         );
-        wait_ready(c, &c.waypoint, "waypoint", "waypoint.log");
+        wait_ready(c, &c.waypoint, "waypoint", "waypoint.log", ready_within);
         wait_enrolled(&c.node_a, CLIENT_IP);
         wait_enrolled(&c.node_b, SERVER_IP);
         Self { ztunnel_a, ztunnel_b, waypoint, _control_plane: control_plane }
