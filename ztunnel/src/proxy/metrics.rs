@@ -144,6 +144,10 @@ pub struct Record {
     pub upstream: Option<SocketAddr>,
     pub mtls: bool,
     opened: bool,
+    /// The received, sent and closed counters of this connection's labels, looked up once
+    /// when it opened (the labels are 23 strings: building and hashing them twice per
+    /// connection was a tenth of its cost).
+    counters: Option<Box<[Counter; 3]>>,
 }
 
 impl Record {
@@ -168,6 +172,7 @@ impl Record {
             upstream: None,
             mtls: false,
             opened: false,
+            counters: None,
         }
     }
 
@@ -197,7 +202,14 @@ impl Record {
     /// The connection is established end to end.
     pub fn opened(&mut self) {
         self.opened = true;
-        self.metrics.opened.get_or_create(&self.labels("-")).inc();
+        let labels = self.labels("-");
+        let m = &self.metrics;
+        m.opened.get_or_create(&labels).inc();
+        self.counters = Some(Box::new([
+            m.received.get_or_create(&labels).clone(),
+            m.sent.get_or_create(&labels).clone(),
+            m.closed.get_or_create(&labels).clone(),
+        ]));
     }
 
     /// The connection was refused or could not be established: counted and logged.
@@ -207,12 +219,23 @@ impl Record {
     }
 
     /// The connection ended after [`Record::opened`].
-    pub fn closed(self, bytes: &ByteCounters, error: Option<String>) {
-        let labels = self.labels("-");
+    pub fn closed(mut self, bytes: &ByteCounters, error: Option<String>) {
+        let [received, sent, closed] = match self.counters.take() {
+            Some(c) => *c,
+            None => {
+                let labels = self.labels("-");
+                let m = &self.metrics;
+                [
+                    m.received.get_or_create(&labels).clone(),
+                    m.sent.get_or_create(&labels).clone(),
+                    m.closed.get_or_create(&labels).clone(),
+                ]
+            }
+        };
         // Istio's view: "received" is what the client sent, "sent" what it got back.
-        self.metrics.received.get_or_create(&labels).inc_by(bytes.sent());
-        self.metrics.sent.get_or_create(&labels).inc_by(bytes.received());
-        self.metrics.closed.get_or_create(&labels).inc();
+        received.inc_by(bytes.sent());
+        sent.inc_by(bytes.received());
+        closed.inc();
         let failure = error.map(|reason| Failure { reason, flags: "-" });
         self.log(bytes.sent(), bytes.received(), failure.as_ref());
     }
