@@ -12,15 +12,16 @@ set -euo pipefail
 # Debian packages: clang, llvm and libbpf-dev compile the eBPF programs (ebpf/build.rs); iproute2
 # builds the network namespaces and the routing rule the redirector installs; procps (sysctl) turns
 # on forwarding in them; bpftool inspects pinned eBPF objects; curl is for the demo and the
-# waypoint test; iperf3 and taskset (util-linux) are for the benchmark runner. The proto crate
+# waypoint test; iperf3, wrk, h2load (nghttp2-client), nginx (nginx-light), valgrind (callgrind's
+# instruction counts) and taskset (util-linux) are for the benchmark runner. The proto crate
 # uses protox (pure Rust), so no system protoc is needed. containernetworking-plugins (bridge,
 # ptp, host-local) drive the CNI plugin test; buildah, skopeo and umoci build and check the OCI
 # images without a container daemon (deploy/images/build.sh).
 packages=(curl clang llvm libbpf-dev iproute2 iperf3 util-linux bpftool procps
-  containernetworking-plugins buildah skopeo umoci)
+  containernetworking-plugins buildah skopeo umoci wrk nghttp2-client nginx-light valgrind)
 # The same needs as commands or files, for a machine without dpkg.
 needs=(curl clang llvm-objdump /usr/include/bpf/bpf_helpers.h ip iperf3 taskset bpftool sysctl
-  /usr/lib/cni/host-local buildah skopeo umoci)
+  /usr/lib/cni/host-local buildah skopeo umoci wrk h2load nginx valgrind)
 
 # Python packages, as "import-name:pip-name": the waypoint test checks a gRPC client from an
 # independent implementation, Python's grpcio.
@@ -67,7 +68,7 @@ if ! command -v dpkg-query >/dev/null || ! command -v apt-get >/dev/null; then
   fi
   fail "no apt-get here, so this script cannot install anything. Missing: ${absent[*]}.
 setup: needed: clang and llvm (eBPF compiler), libbpf headers (/usr/include/bpf), iproute2 (ip),
-setup: curl, iperf3, taskset (util-linux), bpftool, sysctl (procps), the CNI reference plugins
+setup: curl, iperf3, wrk, h2load, nginx, valgrind, taskset (util-linux), bpftool, sysctl (procps), the CNI reference plugins
 setup: (/usr/lib/cni), buildah, skopeo, umoci, python3 with pip package(s):
 setup: ${python_packages[*]#*:}. Install them with your package manager, then run this again."
 fi
@@ -104,7 +105,14 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+# Packages must not start daemons (nginx-light would start one): without a policy-rc.d of the
+# machine's own, one that forbids starting services is in place while we install.
+policy=/usr/sbin/policy-rc.d
+own_policy=
+if [ ${#missing[@]} -gt 0 ] && [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && own_policy=1
+fi
+trap 'rm -f "$log"; [ -z "$own_policy" ] || rm -f "$policy"' EXIT
 # Shows the captured output of a failed step, then stops.
 step_failed() { cat "$log" >&2; fail "$1 failed (its output is above)"; }
 

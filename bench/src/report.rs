@@ -97,6 +97,10 @@ impl Report {
         );
         let _ = writeln!(
             md,
+            "Generators: iperf3 (throughput), wrk against nginx (churn with `Connection: close`, and HTTP/1.1 closed loop), h2load against nginx (HTTP/2 closed loop), our open-loop generator (fixed-rate latency, where a standard tool with a fixed open-loop rate is not packaged). Each runs the same way direct and through the mesh, so the direct column is the generator's own ceiling on this path: a mesh figure near it could be held down by the generator, not the mesh; such figures are listed under the table.\n"
+        );
+        let _ = writeln!(
+            md,
             "| scenario | metric | direct (min / median / max) | mesh (min / median / max) | mesh/direct | added |"
         );
         let _ = writeln!(md, "|---|---|---|---|---|---|");
@@ -114,6 +118,17 @@ impl Report {
                 f.ratio.map_or("-".to_string(), |r| format!("{r:.2}x")),
                 f.added.map_or("-".to_string(), |a| format!("{} {}", num(a), f.unit)),
             );
+        }
+        let near: Vec<String> = self
+            .figures
+            .iter()
+            .filter(|f| matches!(f.unit.as_str(), "conn/s" | "req/s" | "Gbit/s") && f.ratio.is_some_and(|r| r >= 0.9))
+            .map(|f| format!("{} ({})", f.scenario, f.metric))
+            .collect();
+        if near.is_empty() {
+            let _ = writeln!(md, "\nNo rate figure of the mesh came within 10% of its direct ceiling.");
+        } else {
+            let _ = writeln!(md, "\nWithin 10% of the generator's direct ceiling (may be generator-bound): {}.", near.join("; "));
         }
         let _ = writeln!(md, "\n## Memory (ztunnel, mesh only)\n");
         let _ = writeln!(md, "| figure | value |");
