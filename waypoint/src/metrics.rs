@@ -57,7 +57,22 @@ pub struct Metrics {
     timeouts: Family<TimeoutLabels, Counter>,
     log_format: LogFormat,
     sink: AccessSink,
+    /// The four metrics of a label set, found with one hash of its labels instead of four.
+    by_labels: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<RequestLabels, RequestMetrics>>>,
 }
+
+/// The handles of one request label set's metrics (cheap clones of the families' entries).
+#[derive(Clone, Debug)]
+struct RequestMetrics {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// Label sets whose handles are kept; past this the cache starts afresh (the metrics stay in
+/// their families).
+const HANDLE_CACHE: usize = 4096;
 
 /// Access log lines waiting for the writer; beyond this, lines are dropped and counted rather
 /// than slowing requests down.
@@ -132,6 +147,7 @@ impl Metrics {
             tcp_received: Family::default(),
             tcp_sent: Family::default(),
             timeouts: Family::default(),
+            by_labels: Default::default(),
             log_format,
             sink,
         };
@@ -170,11 +186,33 @@ impl Metrics {
         resp_bytes: u64,
         log: &AccessLog,
     ) {
-        self.requests.get_or_create(&labels).inc();
-        self.duration.get_or_create(&labels).observe(duration.as_secs_f64() * 1000.0);
-        self.request_bytes.get_or_create(&labels).observe(req_bytes as f64);
-        self.response_bytes.get_or_create(&labels).observe(resp_bytes as f64);
+        let m = self.handles(labels);
+        m.requests.inc();
+        m.duration.observe(duration.as_secs_f64() * 1000.0);
+        m.request_bytes.observe(req_bytes as f64);
+        m.response_bytes.observe(resp_bytes as f64);
         self.write(log);
+    }
+
+    fn handles(&self, labels: RequestLabels) -> RequestMetrics {
+        if let Ok(cache) = self.by_labels.read()
+            && let Some(m) = cache.get(&labels)
+        {
+            return m.clone();
+        }
+        let m = RequestMetrics {
+            requests: self.requests.get_or_create(&labels).clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(&labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(&labels).clone(),
+        };
+        if let Ok(mut cache) = self.by_labels.write() {
+            if cache.len() >= HANDLE_CACHE {
+                cache.clear();
+            }
+            cache.insert(labels, m.clone());
+        }
+        m
     }
 
     /// Counts a bound that fired.

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use proto::opentelemetry::proto::collector::trace::v1::ExportTraceServiceRequest;
 use proto::opentelemetry::proto::collector::trace::v1::trace_service_client::TraceServiceClient;
 use proto::opentelemetry::proto::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
@@ -41,7 +41,13 @@ fn hex<const N: usize>(s: &str) -> Option<[u8; N]> {
 }
 
 fn to_hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for &x in b {
+        s.push(char::from(DIGITS[usize::from(x >> 4)]));
+        s.push(char::from(DIGITS[usize::from(x & 0xf)]));
+    }
+    s
 }
 
 /// The caller's context from `traceparent`, else from B3 headers.
@@ -98,7 +104,15 @@ impl ServerSpan {
         if let Ok(v) = HeaderValue::from_str(&tp) {
             headers.insert("traceparent", v);
         }
-        for b3 in ["x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3"] {
+        const B3: [HeaderName; 6] = [
+            HeaderName::from_static("x-b3-traceid"),
+            HeaderName::from_static("x-b3-spanid"),
+            HeaderName::from_static("x-b3-parentspanid"),
+            HeaderName::from_static("x-b3-sampled"),
+            HeaderName::from_static("x-b3-flags"),
+            HeaderName::from_static("b3"),
+        ];
+        for b3 in &B3 {
             headers.remove(b3);
         }
     }
