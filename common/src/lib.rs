@@ -15,6 +15,7 @@ pub mod identity;
 pub mod metrics;
 pub mod rbac;
 pub mod readiness;
+pub mod select;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

@@ -20,11 +20,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::identity::Identity;
+use crate::select;
 use crate::xds::handler::RawResource;
 use crate::xds::{Handler, Handlers, Rejection, ResourceStore, XdsUpdate, validate};
 use proto::security::Authorization;
 use proto::workload::{Address, address};
-use rand::Rng;
 use serde::Serialize;
 use tokio::sync::watch;
 use tracing::warn;
@@ -229,53 +229,38 @@ impl Snapshot {
         self.endpoints.get(&service.key()).map_or(&[], Vec::as_slice)
     }
 
-    /// Picks an endpoint of `service` for `port` at random among the candidates its
-    /// load-balancing settings allow for a client `near` (its node and locality): healthy ones
-    /// only unless the service allows all; with `STRICT` only those sharing every preferred scope;
-    /// with `FAILOVER` those sharing the most. Returns the endpoint and its target port.
+    /// The network this view is of (only its endpoints are reachable directly).
+    pub fn network(&self) -> &str {
+        &self.network
+    }
+
+    /// Picks an endpoint of `service` for `port` at random among those [`crate::select`]
+    /// allows for a client `near` (health, network, locality preference), with an address of
+    /// `family` when it has one. Returns the endpoint and the address (target port) to dial.
     pub fn pick_endpoint(
         &self,
         service: &Service,
         port: u16,
         near: Option<&Workload>,
-    ) -> Result<(Endpoint, u16), PickError> {
-        if !service.ports.is_empty() && service.port(port).is_none() {
-            return Err(PickError::NoSuchPort { service: service.key(), port });
-        }
-        let allow_unhealthy = service.load_balancing.as_ref().is_some_and(|lb| lb.allow_unhealthy);
-        let mut candidates: Vec<(&Endpoint, u16)> = self
-            .endpoints(service)
-            .iter()
-            .filter(|e| allow_unhealthy || e.workload.healthy)
-            .filter(|e| e.workload.network == self.network && !e.workload.addresses.is_empty())
-            .filter_map(|e| e.target_port(service, port).map(|p| (e, p)))
-            .collect();
-        if let (Some(lb), Some(near)) = (&service.load_balancing, near)
-            && !lb.routing_preference.is_empty()
-        {
-            let rank = |e: &Endpoint| {
-                lb.routing_preference.iter().take_while(|scope| same_scope(scope, &e.workload, near)).count()
-            };
-            match lb.mode {
-                "STRICT" => {
-                    let all = lb.routing_preference.len();
-                    candidates.retain(|(e, _)| rank(e) == all);
-                }
-                "FAILOVER" => {
-                    let best = candidates.iter().map(|(e, _)| rank(e)).max().unwrap_or(0);
-                    candidates.retain(|(e, _)| rank(e) == best);
-                }
-                _ => {}
-            }
-        }
-        if candidates.is_empty() {
-            return Err(PickError::NoHealthyEndpoint { service: service.key(), port });
-        }
-        let (e, p) = candidates[rand::rng().random_range(0..candidates.len())];
-        Ok((e.clone(), p))
+        family: select::Family,
+    ) -> Result<(Endpoint, SocketAddr), PickError> {
+        let ask = select::Ask {
+            service,
+            port: Some(port),
+            network: &self.network,
+            near,
+            family,
+            same_node_first: false,
+        };
+        let candidates = select::candidates(self.endpoints(service), &ask)?;
+        let chosen = select::choose(&candidates, select::Balance::Random, |_| false, || 0, |_| 0)
+            .ok_or_else(|| PickError::NoHealthyEndpoint { service: service.key(), port })?;
+        Ok((chosen.endpoint.clone(), chosen.addr))
     }
 
-    /// The waypoint `gateway` designates: its HBONE address and the identity it must prove.
+    /// The waypoint `gateway` designates: its HBONE address and the identity it must prove. A
+    /// waypoint named by hostname is one of its service's endpoints ([`crate::select`]: on our
+    /// network, healthy, the client's node first, then at random).
     pub fn resolve_gateway(
         &self,
         gateway: &Gateway,
@@ -288,12 +273,17 @@ impl Snapshot {
             }
             GatewayTarget::Hostname { namespace, hostname } => {
                 let svc = self.service(namespace, hostname)?;
-                let candidates: Vec<&Endpoint> =
-                    self.endpoints(svc).iter().filter(|e| e.workload.healthy).collect();
-                let local = candidates.iter().find(|e| near.is_some_and(|n| n.node == e.workload.node));
-                let e = local.or(candidates.first())?;
-                let ip = *e.workload.addresses.first()?;
-                Some((SocketAddr::new(ip, gateway.hbone_port), e.workload.identity.clone()))
+                let ask = select::Ask {
+                    service: svc,
+                    port: None,
+                    network: &self.network,
+                    near,
+                    family: select::Family::Any,
+                    same_node_first: true,
+                };
+                let candidates = select::candidates(self.endpoints(svc), &ask).ok()?;
+                let c = select::choose(&candidates, select::Balance::Random, |_| false, || 0, |_| 0)?;
+                Some((SocketAddr::new(c.addr.ip(), gateway.hbone_port), c.endpoint.workload.identity.clone()))
             }
         }
     }
@@ -334,18 +324,6 @@ impl Snapshot {
     /// The service a workload address belongs to, for telemetry (the first one it backs).
     pub fn service_of(&self, w: &Workload) -> Option<&Arc<Service>> {
         w.services.keys().find_map(|k| self.services.get(k))
-    }
-}
-
-fn same_scope(scope: &str, a: &Workload, b: &Workload) -> bool {
-    match scope {
-        "REGION" => a.locality.region == b.locality.region,
-        "ZONE" => a.locality.region == b.locality.region && a.locality.zone == b.locality.zone,
-        "SUBZONE" => a.locality == b.locality,
-        "NODE" => a.node == b.node,
-        "CLUSTER" => a.cluster_id == b.cluster_id,
-        "NETWORK" => a.network == b.network,
-        _ => true,
     }
 }
 

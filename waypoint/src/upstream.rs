@@ -6,8 +6,9 @@
 //! flight, rotations, outlier records) is pruned as endpoints and services leave the mesh
 //! ([`Upstream::spawn_pruner`]) and capped as a backstop.
 
+use common::select;
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use common::hbone::connect::Authority;
 use common::hbone::pool::{Pool, PoolError, PoolKey, PooledStream};
 use common::identity::Identity;
-use common::state::{Endpoint, Service, Snapshot, State};
+use common::state::{Service, Snapshot, State};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -45,29 +46,9 @@ pub const MAX_ROUND_ROBIN_ENTRIES: usize = 16_384;
 /// changes.
 const MIN_PRUNE_GAP: Duration = Duration::from_secs(1);
 
-/// How to choose among endpoints.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Balance {
-    RoundRobin,
-    /// Power of two choices on outstanding requests (Istio's default).
-    #[default]
-    LeastRequest,
-    /// Uniformly at random.
-    Random,
-}
-
-impl std::str::FromStr for Balance {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "round-robin" | "ROUND_ROBIN" => Ok(Self::RoundRobin),
-            "least-request" | "LEAST_REQUEST" => Ok(Self::LeastRequest),
-            "random" | "RANDOM" => Ok(Self::Random),
-            other => Err(format!("unknown load balancing {other:?} (round-robin, least-request or random)")),
-        }
-    }
-}
+/// How to choose among endpoints (the selection itself is [`common::select`], shared with
+/// ztunnel).
+pub use common::select::Balance;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -232,30 +213,28 @@ impl Upstream {
         )
     }
 
-    /// The healthy endpoints of `service` for `port`, with their addresses.
-    fn endpoints<'a>(
-        snapshot: &'a Snapshot,
-        service: &Service,
-        port: u16,
-    ) -> Vec<(&'a Endpoint, SocketAddr)> {
-        snapshot
-            .endpoints(service)
-            .iter()
-            .filter(|e| e.workload.healthy)
-            .filter_map(|e| {
-                let ip: IpAddr = *e.workload.addresses.first()?;
-                Some((e, SocketAddr::new(ip, e.target_port(service, port)?)))
-            })
-            .collect()
+    /// What [`common::select`] is asked for a backend of the waypoint.
+    fn ask<'a>(snapshot: &'a Snapshot, service: &'a Service, port: u16) -> select::Ask<'a> {
+        select::Ask {
+            service,
+            port: Some(port),
+            network: snapshot.network(),
+            near: None,
+            family: select::Family::Any,
+            same_node_first: false,
+        }
     }
 
-    /// The addresses of `service`'s healthy endpoints for `port` (outlier detection's whole).
+    /// The addresses of the endpoints of `service` that may serve `port` (outlier detection's
+    /// whole).
     pub fn endpoint_addrs(snapshot: &Snapshot, service: &Service, port: u16) -> Vec<SocketAddr> {
-        Self::endpoints(snapshot, service, port).into_iter().map(|(_, a)| a).collect()
+        select::candidates(snapshot.endpoints(service), &Self::ask(snapshot, service, port))
+            .map(|c| c.into_iter().map(|c| c.addr).collect())
+            .unwrap_or_default()
     }
 
-    /// Chooses an endpoint of `service` for `port` among the healthy ones that outlier detection
-    /// has not ejected (all of them if every one is ejected).
+    /// Chooses an endpoint of `service` for `port` among those that may serve it and that
+    /// outlier detection has not ejected (all of them if every one is ejected).
     pub fn choose(&self, snapshot: &Snapshot, service: &Service, port: u16) -> Option<Target> {
         self.choose_with(snapshot, service, port, None)
     }
@@ -268,31 +247,21 @@ impl Upstream {
         port: u16,
         balance: Option<Balance>,
     ) -> Option<Target> {
-        let all = Self::endpoints(snapshot, service, port);
+        let candidates =
+            select::candidates(snapshot.endpoints(service), &Self::ask(snapshot, service, port)).ok()?;
         let key = service.key();
-        let live: Vec<_> =
-            all.iter().filter(|(_, a)| !self.ejections.is_ejected(&key, *a)).copied().collect();
-        let candidates = if live.is_empty() { all } else { live };
-        if candidates.is_empty() {
-            return None;
-        }
-        let index = match balance.unwrap_or(self.balance) {
-            Balance::RoundRobin => self.next_turn(key) % candidates.len(),
-            Balance::Random => rand::rng().random_range(0..candidates.len()),
-            Balance::LeastRequest => {
-                let mut rng = rand::rng();
-                let a = rng.random_range(0..candidates.len());
-                let b = rng.random_range(0..candidates.len());
-                let load = |i: usize| self.outstanding(candidates[i].1).load(Ordering::Relaxed);
-                if load(b) < load(a) { b } else { a }
-            }
-        };
-        let (e, addr) = candidates[index];
+        let c = select::choose(
+            &candidates,
+            balance.unwrap_or(self.balance),
+            |c| self.ejections.is_ejected(&key, c.addr),
+            || self.next_turn(key.clone()),
+            |c| self.outstanding(c.addr).load(Ordering::Relaxed),
+        )?;
         Some(Target {
-            addr,
-            identity: e.workload.identity.clone(),
-            workload: e.workload.clone(),
-            outstanding: self.outstanding(addr),
+            addr: c.addr,
+            identity: c.endpoint.workload.identity.clone(),
+            workload: c.endpoint.workload.clone(),
+            outstanding: self.outstanding(c.addr),
         })
     }
 

@@ -2,6 +2,7 @@
 //! preferences, policy scopes, and rejection keeping the last good state.
 
 use super::*;
+use crate::select::Family;
 use crate::xds::LocalConfig;
 use crate::xds::handler::RawResource;
 
@@ -85,14 +86,14 @@ fn endpoints_map_target_ports_and_skip_unhealthy() {
     let echo = s.service("demo", "echo.demo.svc.cluster.local").expect("service").clone();
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..200 {
-        let (e, port) = s.pick_endpoint(&echo, 80, None).expect("endpoint");
-        seen.insert(e.workload.name.clone(), port);
+        let (e, addr) = s.pick_endpoint(&echo, 80, None, Family::Any).expect("endpoint");
+        seen.insert(e.workload.name.clone(), addr.port());
     }
     // echo-1 maps 80 -> 8080 itself; echo-2 inherits the service's 80 -> 9090; echo-sick is skipped.
     assert_eq!(seen.get("echo-1"), Some(&8080));
     assert_eq!(seen.get("echo-2"), Some(&9090));
     assert_eq!(seen.len(), 2, "{seen:?}");
-    assert!(matches!(s.pick_endpoint(&echo, 81, None), Err(PickError::NoSuchPort { .. })));
+    assert!(matches!(s.pick_endpoint(&echo, 81, None, Family::Any), Err(PickError::NoSuchPort { .. })));
 }
 
 #[test]
@@ -107,18 +108,18 @@ fn strict_and_failover_prefer_the_clients_node() {
     let echo = s.service("demo", "echo.demo.svc.cluster.local").expect("service").clone();
     let client = s.workload_by_ip("10.1.1.2".parse().expect("ip")).expect("client").clone();
     for _ in 0..50 {
-        let (e, _) = s.pick_endpoint(&echo, 80, Some(&client)).expect("endpoint");
+        let (e, _) = s.pick_endpoint(&echo, 80, Some(&client), Family::Any).expect("endpoint");
         assert_eq!(e.workload.node, "node-a");
     }
     // A client on a node without endpoints gets none under STRICT, the others under FAILOVER.
     let mut far = (*client).clone();
     far.node = "node-z".into();
-    assert!(s.pick_endpoint(&echo, 80, Some(&far)).is_err());
+    assert!(s.pick_endpoint(&echo, 80, Some(&far), Family::Any).is_err());
     let failover = strict.replace("mode: STRICT", "mode: FAILOVER");
     assert_eq!(load(&handlers, &failover), vec![]);
     let s = state.snapshot();
     let echo = s.service("demo", "echo.demo.svc.cluster.local").expect("service").clone();
-    assert!(s.pick_endpoint(&echo, 80, Some(&far)).is_ok());
+    assert!(s.pick_endpoint(&echo, 80, Some(&far), Family::Any).is_ok());
 }
 
 #[test]
@@ -400,4 +401,72 @@ fn fail_safe_policies_are_counted() {
     remove_policy(&handlers, "demo/deny-x");
     let text = crate::metrics::render(&registry);
     assert!(text.contains("istio_authorization_policies_failsafe 1"), "{text}");
+}
+
+/// The shared endpoint selection (`crate::select`): network, address family, the client's node,
+/// ejection with a fallback, and the three ways of picking.
+#[test]
+fn endpoint_selection_filters_prefers_and_balances() {
+    use crate::select::{self, Ask, Balance};
+    let (state, handlers) = State::new("");
+    let mesh = MESH
+        .replace("    addresses: [10.1.1.3]\n", "    addresses: [10.1.1.3, \"fd00::3\"]\n")
+        .replace(
+            "  - name: echo-sick\n",
+            "  - name: echo-far\n    namespace: demo\n    addresses: [10.9.1.2]\n    network: elsewhere\n    node: node-z\n    services:\n      demo/echo.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]\n  - name: echo-sick\n",
+        );
+    assert_eq!(load(&handlers, &mesh), vec![]);
+    let s = state.snapshot();
+    let echo = s.service("demo", "echo.demo.svc.cluster.local").expect("service").clone();
+    let client = s.workload_by_ip("10.1.1.2".parse().expect("ip")).expect("client").clone();
+    let ask = |family, same_node_first| Ask {
+        service: &echo,
+        port: Some(80),
+        network: s.network(),
+        near: Some(&client),
+        family,
+        same_node_first,
+    };
+    let names = |c: &[select::Candidate<'_>]| {
+        let mut n: Vec<String> = c.iter().map(|c| c.endpoint.workload.name.clone()).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(s.endpoints(&echo).len(), 4, "echo-1, echo-2, echo-far, echo-sick");
+    // Another network's endpoint and the unhealthy one are never candidates.
+    let all = select::candidates(s.endpoints(&echo), &ask(select::Family::PreferV4, false)).expect("candidates");
+    assert_eq!(names(&all), ["echo-1", "echo-2"]);
+    // The client's family: IPv6 where the endpoint has it, else its first address.
+    let v6 = select::candidates(s.endpoints(&echo), &ask(select::Family::PreferV6, false)).expect("candidates");
+    for c in &v6 {
+        let expect_v6 = c.endpoint.workload.name == "echo-1";
+        assert_eq!(c.addr.is_ipv6(), expect_v6, "{c:?}");
+    }
+    // The client's node first.
+    let near = select::candidates(s.endpoints(&echo), &ask(select::Family::Any, true)).expect("candidates");
+    assert_eq!(names(&near), ["echo-1"]);
+
+    let busy = all.iter().position(|c| c.endpoint.workload.name == "echo-1").expect("echo-1");
+    let load = |c: &select::Candidate<'_>| if c.endpoint.workload.name == "echo-1" { 100 } else { 0 };
+    // Round robin takes turns over all candidates.
+    let turns: std::collections::BTreeSet<String> = (0..4)
+        .filter_map(|t| select::choose(&all, Balance::RoundRobin, |_| false, || t, load))
+        .map(|c| c.endpoint.workload.name.clone())
+        .collect();
+    assert_eq!(turns.len(), 2, "both endpoints get turns");
+    // An ejected endpoint is left out, unless every one is ejected.
+    for _ in 0..50 {
+        let c = select::choose(&all, Balance::Random, |c| c.endpoint.workload.name == "echo-2", || 0, load);
+        assert_eq!(c.expect("one").endpoint.workload.name, "echo-1");
+    }
+    assert!(select::choose(&all, Balance::Random, |_| true, || 0, load).is_some(), "all ejected: all again");
+    // Power of two choices avoids the loaded endpoint most of the time (it wins only when both
+    // draws fall on it: a quarter of the time).
+    let chose_busy = (0..400)
+        .filter(|_| {
+            let c = select::choose(&all, Balance::LeastRequest, |_| false, || 0, load).expect("one");
+            std::ptr::eq(c.endpoint, all[busy].endpoint)
+        })
+        .count();
+    assert!(chose_busy < 200, "least request chose the loaded endpoint {chose_busy} times of 400");
 }

@@ -88,16 +88,10 @@ async fn route(
                 rec.upstream = Some(dst);
                 return Ok(Upstream::Tcp(proxy.connect_direct(dst, Some(peer.ip())).await?, None));
             }
-            let (endpoint, port) = snapshot.pick_endpoint(&svc, dst.port(), Some(&src))?;
-            let ip = endpoint.workload.addresses.iter().find(|a| a.is_ipv4() == dst.is_ipv4());
-            let ip = ip.or(endpoint.workload.addresses.first()).copied().ok_or_else(|| {
-                ProxyError::NoEndpoint(common::state::PickError::NoHealthyEndpoint {
-                    service: svc.key(),
-                    port: dst.port(),
-                })
-            })?;
+            let family = common::select::Family::of(dst.ip());
+            let (endpoint, target) = snapshot.pick_endpoint(&svc, dst.port(), Some(&src), family)?;
             let sans = svc.subject_alt_names.iter().filter_map(|s| s.parse::<Identity>().ok()).collect();
-            to_workload(proxy, rec, &src, &endpoint.workload, SocketAddr::new(ip, port), sans, peer).await
+            to_workload(proxy, rec, &src, &endpoint.workload, target, sans, peer).await
         }
         Target::Workload(w) => {
             rec.service = snapshot.service_of(&w).cloned();
