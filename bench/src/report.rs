@@ -124,13 +124,19 @@ impl Report {
             .iter()
             // Fixed-rate scenarios' "achieved rate" is set by the schedule, not a ceiling.
             .filter(|f| f.metric != "achieved rate")
-            .filter(|f| matches!(f.unit.as_str(), "conn/s" | "req/s" | "Gbit/s") && f.ratio.is_some_and(|r| r >= 0.9))
+            .filter(|f| {
+                matches!(f.unit.as_str(), "conn/s" | "req/s" | "Gbit/s") && f.ratio.is_some_and(|r| r >= 0.9)
+            })
             .map(|f| format!("{} ({})", f.scenario, f.metric))
             .collect();
         if near.is_empty() {
             let _ = writeln!(md, "\nNo rate figure of the mesh came within 10% of its direct ceiling.");
         } else {
-            let _ = writeln!(md, "\nWithin 10% of the generator's direct ceiling (may be generator-bound): {}.", near.join("; "));
+            let _ = writeln!(
+                md,
+                "\nWithin 10% of the generator's direct ceiling (may be generator-bound): {}.",
+                near.join("; ")
+            );
         }
         let _ = writeln!(md, "\n## Memory (ztunnel, mesh only)\n");
         let _ = writeln!(md, "| figure | value |");

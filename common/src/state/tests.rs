@@ -434,10 +434,12 @@ fn endpoint_selection_filters_prefers_and_balances() {
     };
     assert_eq!(s.endpoints(&echo).len(), 4, "echo-1, echo-2, echo-far, echo-sick");
     // Another network's endpoint and the unhealthy one are never candidates.
-    let all = select::candidates(s.endpoints(&echo), &ask(select::Family::PreferV4, false)).expect("candidates");
+    let all =
+        select::candidates(s.endpoints(&echo), &ask(select::Family::PreferV4, false)).expect("candidates");
     assert_eq!(names(&all), ["echo-1", "echo-2"]);
     // The client's family: IPv6 where the endpoint has it, else its first address.
-    let v6 = select::candidates(s.endpoints(&echo), &ask(select::Family::PreferV6, false)).expect("candidates");
+    let v6 =
+        select::candidates(s.endpoints(&echo), &ask(select::Family::PreferV6, false)).expect("candidates");
     for c in &v6 {
         let expect_v6 = c.endpoint.workload.name == "echo-1";
         assert_eq!(c.addr.is_ipv6(), expect_v6, "{c:?}");
