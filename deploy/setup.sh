@@ -106,21 +106,27 @@ fi
 
 log=$(mktemp)
 # Packages must not start daemons (nginx-light would start one): without a policy-rc.d of the
-# machine's own, one that forbids starting services is in place while we install.
+# machine's own, one that forbids starting services is in place during `apt-get install` only.
+# Ours carries a marker, so one a killed run left behind is recognised and removed.
 policy=/usr/sbin/policy-rc.d
+marker="# ambient-mesh setup.sh: temporary"
 own_policy=
-if [ ${#missing[@]} -gt 0 ] && [ ! -e "$policy" ]; then
-  printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && own_policy=1
-fi
-trap 'rm -f "$log"; [ -z "$own_policy" ] || rm -f "$policy"' EXIT
+drop_policy() { if [ -n "$own_policy" ]; then rm -f "$policy"; own_policy=; fi; }
+trap 'rm -f "$log"; drop_policy' EXIT
+if [ -e "$policy" ] && grep -qF "$marker" "$policy"; then rm -f "$policy"; fi
 # Shows the captured output of a failed step, then stops.
 step_failed() { cat "$log" >&2; fail "$1 failed (its output is above)"; }
 
 if [ ${#missing[@]} -gt 0 ]; then
   for p in "${missing[@]}"; do say "installing $p (Debian package)"; done
   apt-get update -qq >"$log" 2>&1 || step_failed "apt-get update"
+  if [ ! -e "$policy" ]; then
+    own_policy=1
+    printf '#!/bin/sh\n%s\nexit 101\n' "$marker" >"$policy" && chmod 755 "$policy"
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=120 "${missing[@]}" \
     >"$log" 2>&1 || step_failed "apt-get install ${missing[*]}"
+  drop_policy
   mapfile -t py_missing < <(missing_python)
 fi
 

@@ -184,6 +184,31 @@ static __always_inline struct bpf_sock *lookup(struct __sk_buff *skb, struct flo
     return bpf_skc_lookup_tcp(skb, &flow->tuple, sizeof(flow->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 }
 
+// The listener port of the flow's role (outbound, HBONE, inbound plaintext).
+static __always_inline __u16 role_port(struct flow *flow, struct settings *cfg) {
+    if (flow->from_pod)
+        return cfg->outbound_port;
+    if (flow->dport == cfg->hbone_port)
+        return cfg->hbone_port;
+    return cfg->inbound_port;
+}
+
+// Whether ztunnel listens for the flow's role.
+static __always_inline int have_listener(struct __sk_buff *skb, struct flow *flow, struct settings *cfg) {
+    struct flow l = *flow;
+    __u16 port = bpf_htons(role_port(flow, cfg));
+    if (l.v6)
+        l.tuple.ipv6.dport = port;
+    else
+        l.tuple.ipv4.dport = port;
+    struct bpf_sock *sk = lookup(skb, &l);
+    if (!sk)
+        return 0;
+    int listening = sk->state == BPF_TCP_LISTEN;
+    bpf_sk_release(sk);
+    return listening;
+}
+
 // Outcome of parsing: capture the flow, let the packet go untouched, or drop it.
 enum verdict {
     V_TCP = 0,
@@ -298,6 +323,14 @@ int ztunnel_capture(struct __sk_buff *skb) {
     struct bpf_sock *sk = lookup(skb, &flow);
     if (sk) {
         if (sk->state != BPF_TCP_LISTEN) {
+            // A new SYN meeting a TIME_WAIT socket of its 4-tuple: the kernel takes it as a new
+            // connection through a listener lookup of its own, which ztunnel_listener answers
+            // with ztunnel's listener. Without one (ztunnel down) that lookup could find a
+            // host service listening on the original port: drop instead (fail closed).
+            if (sk->state == BPF_TCP_TIME_WAIT && flow.syn && !flow.ack && !have_listener(skb, &flow, cfg)) {
+                bpf_sk_release(sk);
+                return drop(STAT_NO_LISTENER);
+            }
             if (assign(skb, sk, cfg->redirect_mark) != 0)
                 return drop(STAT_ASSIGN_FAILED);
             count(STAT_ESTABLISHED);

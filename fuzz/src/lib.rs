@@ -153,7 +153,10 @@ pub fn exercise_snapshot(s: &Snapshot, fed: &Fed) {
     for (namespace, hostname) in &fed.services {
         let Some(svc) = s.service(namespace, hostname) else { continue };
         for port in svc.ports.iter().map(|p| p.service_port).chain([80]) {
-            let _ = s.pick_endpoint(svc, port, workloads.first().map(|w| w.as_ref()));
+            let near = workloads.first().map(|w| w.as_ref());
+            for family in [common::select::Family::Any, common::select::Family::PreferV6] {
+                let _ = s.pick_endpoint(svc, port, near, family);
+            }
         }
         if let Some(gw) = &svc.waypoint {
             let _ = s.resolve_gateway(gw, None);

@@ -26,6 +26,8 @@ const OUTSIDE: &str = "10.9.0.2";
 const POD_A6: &str = "fd00:1:1::2";
 const OUTSIDE6: &str = "fd00:9::2";
 const SERVER_PORT: u16 = 8080;
+/// The node's address on pod A's link.
+const NODE_A_SIDE: &str = "10.1.1.1";
 
 struct Mesh {
     node: Netns,
@@ -376,6 +378,71 @@ fn a_syn_reusing_the_tuple_of_a_time_wait_socket_opens_a_new_connection_at_once(
     }
     assert_eq!(retries(&m.outside), before, "inbound reuse of a TIME_WAIT tuple stalled");
     remove(&m.node, redirector);
+}
+
+/// One connection from `src`:47123 to `dst`:`port` in `ns` (Python, 3 s timeout): what the
+/// server wrote, or why it failed.
+fn same_port_once(ns: &Netns, src: &str, dst: &str, port: u16) -> Result<String, String> {
+    const CLIENT: &str = r#"
+import socket, sys
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.settimeout(3)
+try:
+    s.bind((src, 47123))
+    s.connect((dst, port))
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    print(data.decode())
+except Exception as e:
+    print("ERR", e)
+"#;
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "python3", "-c", CLIENT, src, dst, &port.to_string()])
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    match text.strip_prefix("ERR ") {
+        Some(e) => Err(e.to_string()),
+        None => Ok(text),
+    }
+}
+
+/// With ztunnel gone, a SYN meeting the TIME_WAIT socket its last connection left must not be
+/// taken by a host service listening on the original port: the kernel looks a listener up for
+/// such a SYN on that port, and before this check the pod reached the host's service in
+/// plaintext (the tc program handed the SYN to the TIME_WAIT socket).
+#[test]
+fn a_syn_meeting_a_time_wait_socket_without_ztunnel_does_not_reach_a_host_service() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = mesh("twdown");
+    // A service of the node itself (think sshd or kubelet) on every address, on the port the
+    // pod connects to.
+    serve(&m.node, SERVER_PORT, "host");
+    let (listeners, sockets) = node_listeners_with_sockets(&m.node);
+    let mut redirector = load(&m.node);
+    enroll_pod_a(&m, &mut redirector);
+    m.node.enter(|| redirector.serve_listeners(&sockets)).expect("serve listeners");
+    // To the node's own address (its side of the pod's link): a host service could answer there.
+    expect_landing(same_port_once(&m.pod_a, POD_A, NODE_A_SIDE, SERVER_PORT), 15001, "10.1.1.1:8080", POD_A);
+    assert!(time_wait_sockets(&m.node) >= 1, "the node's side should be in TIME_WAIT");
+    // ztunnel dies: its listeners and its listener lookups go, the pinned capture stays.
+    let settings = redirector.status().settings.expect("settings");
+    drop(listeners);
+    drop(redirector);
+    let reply = same_port_once(&m.pod_a, POD_A, NODE_A_SIDE, SERVER_PORT);
+    assert!(reply.is_err(), "with no ztunnel the pod reached {reply:?} in plaintext");
+    let adopted = load(&m.node);
+    assert!(adopted.status().stats["dropped_no_listener"] >= 1, "{:?}", adopted.status().stats);
+    drop(adopted);
+    let removed = uninstall(&m.node, &settings);
+    assert!(removed.programs == 1 && removed.maps == 3, "uninstall removed {removed}");
 }
 
 #[test]

@@ -147,10 +147,11 @@ impl App {
         let enrollment = if config.redirect {
             let mut redirector = Redirector::load(config.redirect_settings.clone())?;
             if !listener_sockets.is_empty() {
-                // A failure costs a stall per reused port, not capture: log it and go on.
-                if let Err(e) = redirector.serve_listeners(&listener_sockets) {
-                    tracing::warn!(error = %e, "listener lookups not served: a SYN reusing the ports of a closed connection may stall");
-                }
+                // Without it, a SYN meeting a TIME_WAIT socket of ours would be looked up by the
+                // kernel on its original port, where a host service might listen: no start.
+                redirector.serve_listeners(&listener_sockets).map_err(|e| {
+                    anyhow::anyhow!("serving the kernel's listener lookups for enrolled pods: {e}")
+                })?;
             }
             let (enrollment, task) = Enrollment::start(
                 redirector,

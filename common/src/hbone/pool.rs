@@ -349,7 +349,7 @@ async fn reap(pool: Weak<Inner>) {
                     return true;
                 }
                 let idle_for = p.idle_since.lock().map(|t| t.elapsed()).unwrap_or(Duration::MAX);
-                let limit = if kept_idle { surplus_idle_timeout } else { idle_timeout };
+                let limit = if kept_idle { surplus_idle_timeout.min(idle_timeout) } else { idle_timeout };
                 let keep = idle_for < limit;
                 kept_idle |= keep;
                 keep
