@@ -127,20 +127,26 @@ impl Proxies<'_> {
     }
 }
 
+/// A one-off iperf3 server (`-s -1`) in the server pod on 5201, given time to listen.
+fn iperf_server(c: &Cluster) -> crate::topology::Proc {
+    let server = c.spawn(
+        "iperf3-server",
+        &c.server,
+        c.placement.server,
+        std::path::Path::new("iperf3"),
+        &["-s", "-1", "-p", "5201"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    server
+}
+
 /// One iperf3 test against a fresh one-off server (`-s -1`), so that a test that goes wrong
 /// cannot leave the server stuck for the next. Bounded by `timeout`; retried once.
 fn iperf(c: &Cluster, streams: usize, reverse: bool, seconds: u64) -> (f64, f64) {
     let (p, t) = (streams.to_string(), seconds.to_string());
     let limit = (seconds + 20).to_string();
     for attempt in 1..=2 {
-        let server = c.spawn(
-            "iperf3-server",
-            &c.server,
-            c.placement.server,
-            std::path::Path::new("iperf3"),
-            &["-s", "-1", "-p", "5201"],
-        );
-        std::thread::sleep(Duration::from_millis(200));
+        let server = iperf_server(c);
         let mut args = vec![
             limit.as_str(),
             "iperf3",
@@ -499,14 +505,7 @@ pub fn instructions(c: &Cluster, s: &Settings, mesh: &Mesh, dir: &std::path::Pat
     });
     let bytes = format!("{mib}M");
     measure("L4: bulk bytes client -> server (iperf3 -n)", "MiB", mib, &[0, 1], &|| {
-        let server = c.spawn(
-            "iperf3-server",
-            &c.server,
-            c.placement.server,
-            std::path::Path::new("iperf3"),
-            &["-s", "-1", "-p", "5201"],
-        );
-        std::thread::sleep(Duration::from_millis(300));
+        let server = iperf_server(c);
         let out = c.try_exec(
             &c.client,
             cpu,

@@ -36,6 +36,53 @@ pub fn register_build_info(registry: &mut Registry, component: &str) {
     registry.register("build", "Build information", build);
 }
 
+/// The metric handles of label sets, found with one hash of the labels instead of one lookup
+/// per metric family (label sets of 20-odd strings are dear to hash). Bounded: past `capacity`
+/// label sets it starts afresh; the metrics themselves stay in their families. Clones share it.
+#[derive(Debug)]
+pub struct HandleCache<L, H> {
+    map: Arc<std::sync::RwLock<std::collections::HashMap<L, H>>>,
+    capacity: usize,
+}
+
+impl<L, H> Clone for HandleCache<L, H> {
+    fn clone(&self) -> Self {
+        Self { map: self.map.clone(), capacity: self.capacity }
+    }
+}
+
+impl<L, H> Default for HandleCache<L, H> {
+    fn default() -> Self {
+        Self { map: Arc::default(), capacity: HANDLE_CACHE }
+    }
+}
+
+impl<L: std::hash::Hash + Eq, H: Clone> HandleCache<L, H> {
+    pub fn new(capacity: usize) -> Self {
+        Self { map: Arc::default(), capacity }
+    }
+
+    /// The handles of `labels`, made by `make` (from the families) the first time.
+    pub fn get(&self, labels: L, make: impl FnOnce(&L) -> H) -> H {
+        if let Ok(map) = self.map.read()
+            && let Some(h) = map.get(&labels)
+        {
+            return h.clone();
+        }
+        let h = make(&labels);
+        if let Ok(mut map) = self.map.write() {
+            if map.len() >= self.capacity {
+                map.clear();
+            }
+            map.insert(labels, h.clone());
+        }
+        h
+    }
+}
+
+/// Label sets a [`HandleCache`] of the proxies keeps.
+pub const HANDLE_CACHE: usize = 4096;
+
 /// A frozen registry shared with the metrics endpoint.
 pub type SharedRegistry = Arc<Registry>;
 

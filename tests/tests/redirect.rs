@@ -260,46 +260,53 @@ fn enrolled_pod_traffic_lands_on_ztunnel_listeners() {
 }
 
 /// A Python client in `ns` that connects `count` times from the same source address and port
-/// to `dst`:`port`, reads each reply to the end (the server closes first, leaving the server
-/// side's socket in TIME_WAIT on that 4-tuple), and prints one reply per line.
-fn same_port_connections(ns: &Netns, src: &str, dst: &str, port: u16, count: usize) -> Vec<String> {
+/// (`src`:47123) to `dst`:`port`, each with `timeout` seconds, and reads each reply to the end
+/// (the server closes first, leaving the server side's socket in TIME_WAIT on that 4-tuple).
+/// One result per connection: what the server wrote, or why it failed.
+fn same_port_connections(
+    ns: &Netns,
+    src: &str,
+    dst: &str,
+    port: u16,
+    count: usize,
+    timeout: u64,
+) -> Vec<Result<String, String>> {
     const CLIENT: &str = r#"
 import socket, sys, time
-src, dst, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+src, dst, port, count, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
 for i in range(count):
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.settimeout(10)
-    s.bind((src, 47123))
-    s.connect((dst, port))
-    data = b""
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
+    s.settimeout(timeout)
+    try:
+        s.bind((src, 47123))
+        s.connect((dst, port))
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        print(data.decode(), flush=True)
+    except Exception as e:
+        print("ERR", e, flush=True)
     s.close()
-    print(data.decode(), flush=True)
     time.sleep(0.05)
 "#;
+    let (port, count, timeout) = (port.to_string(), count.to_string(), timeout.to_string());
     let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "python3",
-            "-c",
-            CLIENT,
-            src,
-            dst,
-            &port.to_string(),
-            &count.to_string(),
-        ])
+        .args(["netns", "exec", &ns.name, "python3", "-c", CLIENT, src, dst, &port, &count, &timeout])
         .output()
         .expect("python3");
     assert!(out.status.success(), "same-port client failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| match line.strip_prefix("ERR ") {
+            Some(e) => Err(e.to_string()),
+            None => Ok(line.to_string()),
+        })
+        .collect()
 }
 
 /// A TCP counter of the kernel in `ns` (`TcpExt` of /proc/net/netstat, or `Tcp` of snmp).
@@ -343,9 +350,9 @@ fn a_syn_reusing_the_tuple_of_a_time_wait_socket_opens_a_new_connection_at_once(
     // TIME_WAIT socket, which answers the SYN with a bare ACK; the client resets and retries.
     for (src, dst, orig) in cases {
         let before = retries(&m.pod_a);
-        let replies = same_port_connections(&m.pod_a, src, dst, SERVER_PORT, 3);
-        for r in &replies {
-            expect_landing(Ok(r.clone()), 15001, orig, src);
+        let replies = same_port_connections(&m.pod_a, src, dst, SERVER_PORT, 3, 10);
+        for r in replies {
+            expect_landing(r, 15001, orig, src);
         }
         let after = retries(&m.pod_a);
         assert!(
@@ -359,10 +366,10 @@ fn a_syn_reusing_the_tuple_of_a_time_wait_socket_opens_a_new_connection_at_once(
     assert_eq!(redirector.status().listeners.len(), 6, "{:?}", redirector.status().listeners);
     for (src, dst, orig) in cases {
         let before = retries(&m.pod_a);
-        let replies = same_port_connections(&m.pod_a, src, dst, SERVER_PORT, 5);
+        let replies = same_port_connections(&m.pod_a, src, dst, SERVER_PORT, 5, 10);
         assert_eq!(replies.len(), 5);
-        for r in &replies {
-            expect_landing(Ok(r.clone()), 15001, orig, src);
+        for r in replies {
+            expect_landing(r, 15001, orig, src);
         }
         assert!(time_wait_sockets(&m.node) >= 1, "the node's side of the connections should be in TIME_WAIT");
         assert_eq!(
@@ -373,45 +380,16 @@ fn a_syn_reusing_the_tuple_of_a_time_wait_socket_opens_a_new_connection_at_once(
     }
     // Inbound: from outside to the enrolled pod, through the inbound listener, the same way.
     let before = retries(&m.outside);
-    for r in same_port_connections(&m.outside, OUTSIDE, POD_A, SERVER_PORT, 4) {
-        expect_landing(Ok(r), 15006, "10.1.1.2:8080", OUTSIDE);
+    for r in same_port_connections(&m.outside, OUTSIDE, POD_A, SERVER_PORT, 4, 10) {
+        expect_landing(r, 15006, "10.1.1.2:8080", OUTSIDE);
     }
     assert_eq!(retries(&m.outside), before, "inbound reuse of a TIME_WAIT tuple stalled");
     remove(&m.node, redirector);
 }
 
-/// One connection from `src`:47123 to `dst`:`port` in `ns` (Python, 3 s timeout): what the
-/// server wrote, or why it failed.
+/// One connection from `src`:47123 to `dst`:`port` in `ns` (3 s timeout).
 fn same_port_once(ns: &Netns, src: &str, dst: &str, port: u16) -> Result<String, String> {
-    const CLIENT: &str = r#"
-import socket, sys
-src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.settimeout(3)
-try:
-    s.bind((src, 47123))
-    s.connect((dst, port))
-    data = b""
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    print(data.decode())
-except Exception as e:
-    print("ERR", e)
-"#;
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.name, "python3", "-c", CLIENT, src, dst, &port.to_string()])
-        .output()
-        .expect("python3");
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    match text.strip_prefix("ERR ") {
-        Some(e) => Err(e.to_string()),
-        None => Ok(text),
-    }
+    same_port_connections(ns, src, dst, port, 1, 3).pop().unwrap_or_else(|| Err("no result".into()))
 }
 
 /// With ztunnel gone, a SYN meeting the TIME_WAIT socket its last connection left must not be

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::{Duration, SystemTime};
 
-use common::metrics::TrafficLabels;
+use common::metrics::{HANDLE_CACHE, HandleCache, TrafficLabels};
 use common::telemetry::LogFormat;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -58,7 +58,7 @@ pub struct Metrics {
     log_format: LogFormat,
     sink: AccessSink,
     /// The four metrics of a label set, found with one hash of its labels instead of four.
-    by_labels: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<RequestLabels, RequestMetrics>>>,
+    by_labels: HandleCache<RequestLabels, RequestMetrics>,
 }
 
 /// The handles of one request label set's metrics (cheap clones of the families' entries).
@@ -69,10 +69,6 @@ struct RequestMetrics {
     request_bytes: Histogram,
     response_bytes: Histogram,
 }
-
-/// Label sets whose handles are kept; past this the cache starts afresh (the metrics stay in
-/// their families).
-const HANDLE_CACHE: usize = 4096;
 
 /// Access log lines waiting for the writer; beyond this, lines are dropped and counted rather
 /// than slowing requests down.
@@ -147,7 +143,7 @@ impl Metrics {
             tcp_received: Family::default(),
             tcp_sent: Family::default(),
             timeouts: Family::default(),
-            by_labels: Default::default(),
+            by_labels: HandleCache::new(HANDLE_CACHE),
             log_format,
             sink,
         };
@@ -195,24 +191,12 @@ impl Metrics {
     }
 
     fn handles(&self, labels: RequestLabels) -> RequestMetrics {
-        if let Ok(cache) = self.by_labels.read()
-            && let Some(m) = cache.get(&labels)
-        {
-            return m.clone();
-        }
-        let m = RequestMetrics {
-            requests: self.requests.get_or_create(&labels).clone(),
-            duration: self.duration.get_or_create(&labels).clone(),
-            request_bytes: self.request_bytes.get_or_create(&labels).clone(),
-            response_bytes: self.response_bytes.get_or_create(&labels).clone(),
-        };
-        if let Ok(mut cache) = self.by_labels.write() {
-            if cache.len() >= HANDLE_CACHE {
-                cache.clear();
-            }
-            cache.insert(labels, m.clone());
-        }
-        m
+        self.by_labels.get(labels, |labels| RequestMetrics {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration: self.duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        })
     }
 
     /// Counts a bound that fired.

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use common::copy::ByteCounters;
 use common::identity::Identity;
-use common::metrics::Parties;
+use common::metrics::{HandleCache, Parties};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -55,7 +55,7 @@ pub struct Metrics {
     next_id: Arc<AtomicU64>,
     /// An open connection's counters by label set, found with one hash of its 23 labels
     /// instead of four.
-    by_labels: Arc<std::sync::RwLock<std::collections::HashMap<TcpLabels, Arc<ConnCounters>>>>,
+    by_labels: HandleCache<TcpLabels, Arc<ConnCounters>>,
 }
 
 /// The opened, received, sent and closed counters of one label set (clones of the families'
@@ -67,10 +67,6 @@ struct ConnCounters {
     sent: Counter,
     closed: Counter,
 }
-
-/// Label sets whose counters are kept at hand; past this the cache starts afresh (the metrics
-/// stay in their families).
-const COUNTER_CACHE: usize = 4096;
 
 impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
@@ -103,24 +99,14 @@ impl Metrics {
     }
 
     fn counters(&self, labels: TcpLabels) -> Arc<ConnCounters> {
-        if let Ok(cache) = self.by_labels.read()
-            && let Some(c) = cache.get(&labels)
-        {
-            return c.clone();
-        }
-        let c = Arc::new(ConnCounters {
-            opened: self.opened.get_or_create(&labels).clone(),
-            received: self.received.get_or_create(&labels).clone(),
-            sent: self.sent.get_or_create(&labels).clone(),
-            closed: self.closed.get_or_create(&labels).clone(),
-        });
-        if let Ok(mut cache) = self.by_labels.write() {
-            if cache.len() >= COUNTER_CACHE {
-                cache.clear();
-            }
-            cache.insert(labels, c.clone());
-        }
-        c
+        self.by_labels.get(labels, |labels| {
+            Arc::new(ConnCounters {
+                opened: self.opened.get_or_create(labels).clone(),
+                received: self.received.get_or_create(labels).clone(),
+                sent: self.sent.get_or_create(labels).clone(),
+                closed: self.closed.get_or_create(labels).clone(),
+            })
+        })
     }
 
     pub fn decision(&self, direction: &'static str, verdict: &Verdict) {
