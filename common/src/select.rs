@@ -99,7 +99,7 @@ pub fn candidates<'a>(endpoints: &'a [Endpoint], ask: &Ask<'_>) -> Result<Vec<Ca
         && !service.ports.is_empty()
         && service.port(port).is_none()
     {
-        return Err(PickError::NoSuchPort { service: service.key(), port });
+        return Err(PickError::NoSuchPort { service: service.key().to_string(), port });
     }
     let lb = service.load_balancing.as_ref();
     let allow_unhealthy = lb.is_some_and(|lb| lb.allow_unhealthy);
@@ -143,7 +143,7 @@ pub fn candidates<'a>(endpoints: &'a [Endpoint], ask: &Ask<'_>) -> Result<Vec<Ca
         }
     }
     if out.is_empty() {
-        return Err(PickError::NoHealthyEndpoint { service: service.key(), port: ask.port.unwrap_or(0) });
+        return Err(PickError::NoHealthyEndpoint { service: service.key().to_string(), port: ask.port.unwrap_or(0) });
     }
     Ok(out)
 }

@@ -1,10 +1,13 @@
-//! The indexed view of the mesh that proxies route on: workloads by UID and address, services by
-//! VIP and `namespace/hostname`, endpoints per service, waypoints, and policies by scope.
+//! The indexed view of the mesh that proxies route on: workloads by UID, address and node,
+//! services by VIP and `namespace/hostname`, endpoints per service, waypoints, and policies by
+//! scope.
 //!
-//! The xDS handlers are the only writers: each applied batch goes into the raw
-//! [`ResourceStore`]s (validation, versions) and then a new immutable [`Snapshot`] is built and
-//! swapped in. Proxies take the current snapshot (one `Arc` clone under a short read lock) and
-//! ask it narrow questions; they never see the raw maps.
+//! The xDS handlers are the only writers. Each resource is validated and converted once, on
+//! receipt; the [`model`] then changes only the index entries that resource touches, and a new
+//! immutable [`Snapshot`] (persistent maps sharing everything else with the last one) is
+//! swapped in. A push of one workload costs the same in a mesh of 50k as of 50. Proxies take
+//! the current snapshot (one `Arc` clone under a short read lock) and ask it narrow questions;
+//! they never see the raw maps.
 //!
 //! Policy fails closed, as Istio's does for what it cannot apply: an Authorization rejected on
 //! receipt is still NACKed, but is held in its fail-safe form (an ALLOW matching nothing, a
@@ -12,39 +15,49 @@
 //! workload that names a policy the state does not hold is reported by
 //! [`Snapshot::missing_policies`] so that it is not reached while the policy is missing.
 
+mod model;
 pub mod policy;
 pub mod workload;
 
-use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crate::identity::Identity;
 use crate::select;
 use crate::xds::handler::RawResource;
 use crate::xds::{Handler, Handlers, Rejection, ResourceStore, XdsUpdate, validate};
+use imbl::{HashMap, OrdMap};
+use model::{Entry, Model};
 use proto::security::Authorization;
 use proto::workload::{Address, address};
 use serde::Serialize;
 use tokio::sync::watch;
-use tracing::warn;
 
 pub use policy::{Action, FailSafe, Policy, Scope};
 pub use workload::{Gateway, GatewayTarget, Port, Service, Tunnel, Workload};
 
-/// Rejects what the store would accept but ztunnel cannot route on.
-fn check_address(name: &str, a: &Address) -> Result<(), String> {
+/// Validates and converts an address resource: what it puts in the view (`None` for an
+/// address of no known type, which is held but indexes nothing).
+fn convert_address(name: &str, a: &Address) -> Result<Option<Entry>, String> {
     validate::address(name, a)?;
-    match &a.r#type {
-        Some(address::Type::Workload(w)) => Workload::from_proto(w).map(drop),
-        Some(address::Type::Service(s)) => Service::from_proto(s).map(drop),
-        None => Ok(()),
-    }
+    Ok(match &a.r#type {
+        Some(address::Type::Workload(w)) => Some(Entry::Workload(Arc::new(Workload::from_proto(w)?))),
+        Some(address::Type::Service(s)) => Some(Entry::Service(Arc::new(Service::from_proto(s)?))),
+        None => None,
+    })
+}
+
+fn convert_authorization(name: &str, a: &Authorization) -> Result<Policy, String> {
+    validate::authorization(name, a)?;
+    Policy::from_proto(a)
+}
+
+fn check_address(name: &str, a: &Address) -> Result<(), String> {
+    convert_address(name, a).map(drop)
 }
 
 fn check_authorization(name: &str, a: &Authorization) -> Result<(), String> {
-    validate::authorization(name, a)?;
-    Policy::from_proto(a).map(drop)
+    convert_authorization(name, a).map(drop)
 }
 
 /// A service backend: a workload and the ports it serves the service on.
@@ -72,35 +85,39 @@ impl Endpoint {
     }
 }
 
-/// One immutable view of the mesh.
-#[derive(Debug, Default, Serialize)]
+/// One immutable view of the mesh. Its maps are persistent: cloning one is cheap, and the
+/// next view shares all but what a push changed with it.
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Snapshot {
     /// By UID.
-    workloads: BTreeMap<String, Arc<Workload>>,
+    workloads: OrdMap<String, Arc<Workload>>,
     #[serde(skip)]
     workloads_by_ip: HashMap<(String, IpAddr), Arc<Workload>>,
     /// The same, for our own network only: per-connection lookups allocate nothing.
     #[serde(skip)]
     local_workloads: HashMap<IpAddr, Arc<Workload>>,
+    /// Node -> its workloads by UID.
+    #[serde(skip)]
+    workloads_by_node: HashMap<String, OrdMap<String, Arc<Workload>>>,
     /// By `namespace/hostname`.
-    services: BTreeMap<String, Arc<Service>>,
+    services: OrdMap<String, Arc<Service>>,
     #[serde(skip)]
     services_by_vip: HashMap<(String, IpAddr), Arc<Service>>,
     #[serde(skip)]
     local_services: HashMap<IpAddr, Arc<Service>>,
     /// Service `namespace/hostname` -> its endpoints.
-    endpoints: BTreeMap<String, Vec<Endpoint>>,
+    endpoints: OrdMap<String, Arc<[Endpoint]>>,
     /// By `namespace/name`.
-    policies: BTreeMap<String, Arc<Policy>>,
+    policies: OrdMap<String, Arc<Policy>>,
     #[serde(skip)]
-    global_policies: Vec<Arc<Policy>>,
+    global_policies: Arc<[Arc<Policy>]>,
     #[serde(skip)]
-    namespace_policies: HashMap<String, Vec<Arc<Policy>>>,
+    namespace_policies: HashMap<String, Arc<[Arc<Policy>]>>,
     /// Policies held in their fail-safe form (by `namespace/name`), and why they were rejected.
-    failsafe_policies: BTreeMap<String, String>,
+    failsafe_policies: OrdMap<String, String>,
     /// The network this ztunnel is on (addresses are looked up in it).
     #[serde(skip)]
-    network: String,
+    network: Arc<str>,
 }
 
 /// What an original destination address is.
@@ -121,82 +138,6 @@ pub enum PickError {
 }
 
 impl Snapshot {
-    fn build(
-        network: &str,
-        addresses: Vec<(String, Address)>,
-        policies: Vec<(String, Authorization)>,
-        failsafe: Vec<(String, FailSafe)>,
-    ) -> Self {
-        let mut s = Snapshot { network: network.to_string(), ..Default::default() };
-        for (name, a) in addresses {
-            let converted = match &a.r#type {
-                Some(address::Type::Workload(w)) => {
-                    Workload::from_proto(w).map(|w| s.add_workload(Arc::new(w)))
-                }
-                Some(address::Type::Service(svc)) => {
-                    Service::from_proto(svc).map(|svc| s.add_service(Arc::new(svc)))
-                }
-                None => Ok(()),
-            };
-            if let Err(reason) = converted {
-                // The store's validator runs the same conversion; this cannot happen for a
-                // resource it accepted.
-                warn!(resource = %name, %reason, "skipping address that does not convert");
-            }
-        }
-        // A stand-in replaces whatever version of the same resource was accepted before.
-        let replaced: std::collections::HashSet<&str> =
-            failsafe.iter().map(|(name, _)| name.as_str()).collect();
-        for (name, p) in policies.iter().filter(|(name, _)| !replaced.contains(name.as_str())) {
-            match Policy::from_proto(p) {
-                Ok(p) => s.add_policy(Arc::new(p)),
-                Err(reason) => warn!(resource = %name, %reason, "skipping policy that does not convert"),
-            }
-        }
-        for (_, f) in failsafe {
-            s.failsafe_policies.insert(f.policy.key(), f.reason);
-            s.add_policy(f.policy);
-        }
-        s
-    }
-
-    fn add_workload(&mut self, w: Arc<Workload>) {
-        for ip in &w.addresses {
-            self.workloads_by_ip.insert((w.network.clone(), *ip), w.clone());
-            if w.network == self.network {
-                self.local_workloads.insert(*ip, w.clone());
-            }
-        }
-        for (service, ports) in &w.services {
-            self.endpoints
-                .entry(service.clone())
-                .or_default()
-                .push(Endpoint { workload: w.clone(), ports: ports.clone() });
-        }
-        self.workloads.insert(w.uid.clone(), w);
-    }
-
-    fn add_service(&mut self, svc: Arc<Service>) {
-        for vip in &svc.vips {
-            self.services_by_vip.insert(vip.clone(), svc.clone());
-            if vip.0 == self.network {
-                self.local_services.insert(vip.1, svc.clone());
-            }
-        }
-        self.services.insert(svc.key(), svc);
-    }
-
-    fn add_policy(&mut self, p: Arc<Policy>) {
-        match p.scope {
-            Scope::Global => self.global_policies.push(p.clone()),
-            Scope::Namespace => {
-                self.namespace_policies.entry(p.namespace.clone()).or_default().push(p.clone())
-            }
-            Scope::WorkloadSelector => {}
-        }
-        self.policies.insert(p.key(), p);
-    }
-
     /// The workload with this address on our network.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.local_workloads.get(&ip)
@@ -211,7 +152,7 @@ impl Snapshot {
     }
 
     pub fn service(&self, namespace: &str, hostname: &str) -> Option<&Arc<Service>> {
-        self.services.get(&format!("{namespace}/{hostname}"))
+        self.services.get(format!("{namespace}/{hostname}").as_str())
     }
 
     /// What `dst` (an original destination) is: a service VIP, a workload, or neither.
@@ -226,7 +167,7 @@ impl Snapshot {
     }
 
     pub fn endpoints(&self, service: &Service) -> &[Endpoint] {
-        self.endpoints.get(&service.key()).map_or(&[], Vec::as_slice)
+        self.endpoints.get(service.key()).map_or(&[], |e| &e[..])
     }
 
     /// The network this view is of (only its endpoints are reachable directly).
@@ -254,7 +195,7 @@ impl Snapshot {
         };
         let candidates = select::candidates(self.endpoints(service), &ask)?;
         let chosen = select::choose(&candidates, select::Balance::Random, |_| false, || 0, |_| 0)
-            .ok_or_else(|| PickError::NoHealthyEndpoint { service: service.key(), port })?;
+            .ok_or_else(|| PickError::NoHealthyEndpoint { service: service.key().to_string(), port })?;
         Ok((chosen.endpoint.clone(), chosen.addr))
     }
 
@@ -291,7 +232,7 @@ impl Snapshot {
     /// Policies that apply to `w`: global ones, its namespace's, and those selecting it. Those
     /// it names that are not held are left out: see [`Snapshot::missing_policies`].
     pub fn policies_for(&self, w: &Workload) -> Vec<Arc<Policy>> {
-        let mut out = self.global_policies.clone();
+        let mut out = self.global_policies.to_vec();
         if let Some(ns) = self.namespace_policies.get(&w.namespace) {
             out.extend(ns.iter().cloned());
         }
@@ -316,9 +257,10 @@ impl Snapshot {
         self.failsafe_policies.get(key).map(String::as_str)
     }
 
-    /// Workloads scheduled on `node`.
+    /// Workloads scheduled on `node` (from the node's own index: as cheap in a big mesh as in
+    /// a small one).
     pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
-        self.workloads.values().filter(move |w| w.node == node)
+        self.workloads_by_node.get(node).into_iter().flat_map(|on_node| on_node.values())
     }
 
     /// The service a workload address belongs to, for telemetry (the first one it backs).
@@ -328,11 +270,12 @@ impl Snapshot {
 }
 
 struct Inner {
-    network: String,
     addresses: Arc<ResourceStore<Address>>,
     policies: Arc<ResourceStore<Authorization>>,
     /// Rejected Authorizations held in their fail-safe form, by resource name.
     failsafe: policy::FailSafeSet,
+    /// What the writers edit; `current` is its last published copy.
+    model: Mutex<Model>,
     current: RwLock<Arc<Snapshot>>,
     changed: watch::Sender<u64>,
 }
@@ -358,12 +301,13 @@ impl State {
     /// An empty state for `network`, and the handlers that feed it (register them with the
     /// xDS client or the file source).
     pub fn new(network: &str) -> (Self, Handlers) {
+        let model = Model::new(network);
         let inner = Arc::new(Inner {
-            network: network.to_string(),
             addresses: ResourceStore::new(check_address),
             policies: ResourceStore::new(check_authorization),
             failsafe: policy::FailSafeSet::default(),
-            current: RwLock::new(Arc::new(Snapshot { network: network.to_string(), ..Default::default() })),
+            current: RwLock::new(Arc::new(model.view.clone())),
+            model: Mutex::new(model),
             changed: watch::channel(0).0,
         });
         let state = Self { inner };
@@ -407,26 +351,59 @@ impl State {
         }
     }
 
-    fn rebuild(&self) {
-        let snapshot = Snapshot::build(
-            &self.inner.network,
-            self.inner.addresses.entries(),
-            self.inner.policies.entries(),
-            self.inner.failsafe.entries(),
-        );
-        *self.inner.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snapshot);
+    fn model(&self) -> std::sync::MutexGuard<'_, Model> {
+        self.inner.model.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Publishes what `model` now holds as the current snapshot.
+    fn publish(&self, model: &mut Model) {
+        model.flush();
+        *self.inner.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(model.view.clone());
         self.inner.changed.send_modify(|n| *n += 1);
     }
 }
 
-/// The handler feeding [`State`]: applies to the raw store, then rebuilds the snapshot.
+/// The handler feeding [`State`]: converts each resource once, applies it to the model and
+/// the raw store, then publishes.
 struct Feed(State);
 
 impl Handler<Address> for Feed {
     fn handle(&self, updates: Vec<XdsUpdate<Address>>) -> Vec<Rejection> {
-        let rejected = self.0.inner.addresses.handle(updates);
-        self.0.rebuild();
+        let mut rejected = Vec::new();
+        let mut accepted = Vec::with_capacity(updates.len());
+        let mut model = self.0.model();
+        for update in updates {
+            match update {
+                XdsUpdate::Update(r) => match convert_address(&r.name, &r.resource) {
+                    Ok(entry) => {
+                        model.set_address(&r.name, entry);
+                        accepted.push(XdsUpdate::Update(r));
+                    }
+                    Err(reason) => rejected.push(Rejection::new(r.name, reason)),
+                },
+                XdsUpdate::Remove(name) => {
+                    model.set_address(&name, None);
+                    accepted.push(XdsUpdate::Remove(name));
+                }
+            }
+        }
+        self.0.inner.addresses.apply_accepted(accepted);
+        self.0.publish(&mut model);
         rejected
+    }
+}
+
+impl Feed {
+    /// Holds the rejected `resource` fail-safe, in the model too. False when it has no readable
+    /// name (then whatever was in force for it stays).
+    fn hold(&self, model: &mut Model, name: &str, resource: &Authorization, reason: &str) -> bool {
+        let inner = &self.0.inner;
+        if !inner.failsafe.hold(name, resource, reason) {
+            return false;
+        }
+        let held = inner.failsafe.get(name);
+        model.set_policy(name, held.as_ref().map(|f| f.policy.clone()), held.map(|f| f.reason));
+        true
     }
 }
 
@@ -437,26 +414,29 @@ impl Handler<Authorization> for Feed {
         let inner = &self.0.inner;
         let mut rejected = Vec::new();
         let mut apply = Vec::with_capacity(updates.len());
+        let mut model = self.0.model();
         for update in updates {
             match update {
-                XdsUpdate::Update(r) => match check_authorization(&r.name, &r.resource) {
-                    Ok(()) => {
+                XdsUpdate::Update(r) => match convert_authorization(&r.name, &r.resource) {
+                    Ok(policy) => {
                         inner.failsafe.clear(&r.name);
+                        model.set_policy(&r.name, Some(Arc::new(policy)), None);
                         apply.push(XdsUpdate::Update(r));
                     }
                     Err(reason) => {
-                        inner.failsafe.hold(&r.name, &r.resource, &reason);
+                        self.hold(&mut model, &r.name, &r.resource, &reason);
                         rejected.push(Rejection::new(r.name, reason));
                     }
                 },
                 XdsUpdate::Remove(name) => {
                     inner.failsafe.clear(&name);
+                    model.set_policy(&name, None, None);
                     apply.push(XdsUpdate::Remove(name));
                 }
             }
         }
-        rejected.extend(inner.policies.handle(apply));
-        self.0.rebuild();
+        inner.policies.apply_accepted(apply);
+        self.0.publish(&mut model);
         rejected
     }
 
@@ -469,9 +449,10 @@ impl Handler<Authorization> for Feed {
             .and_then(|b| policy::AuthorizationHeader::read(&b.value));
         match readable {
             Some(a) => {
-                self.0.inner.failsafe.hold(&raw.name, &a, reason);
+                // Published with the rest of its batch, by `handle`.
+                self.hold(&mut self.0.model(), &raw.name, &a, reason);
             }
-            None => warn!(
+            None => tracing::warn!(
                 resource = %raw.name,
                 %reason,
                 "Authorization cannot be read at all; workloads naming it are refused while it is missing"

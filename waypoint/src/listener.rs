@@ -174,7 +174,7 @@ impl Listener {
             None => service.port(addr.port()).cloned(),
             Some(w) => w
                 .services
-                .get(&service.key())
+                .get(service.key())
                 .and_then(|ports| {
                     ports.iter().find(|p| p.target_port == addr.port() || p.service_port == addr.port())
                 })

@@ -89,7 +89,7 @@ impl Downstream {
         let mut targets = vec![PolicyTarget::Waypoint(waypoint.to_string())];
         match &self.pod {
             Some(pod) => targets.extend(pod.services.keys().map(|k| PolicyTarget::Service(k.clone()))),
-            None => targets.push(PolicyTarget::Service(self.service.key())),
+            None => targets.push(PolicyTarget::Service(self.service.key().to_string())),
         }
         targets
     }

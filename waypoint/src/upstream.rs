@@ -151,12 +151,16 @@ impl Upstream {
     }
 
     /// The next round-robin turn of the service `key`.
-    fn next_turn(&self, key: String) -> usize {
+    fn next_turn(&self, key: &str) -> usize {
         let mut rr = self.round_robin.lock().unwrap_or_else(PoisonError::into_inner);
-        if rr.len() >= MAX_ROUND_ROBIN_ENTRIES && !rr.contains_key(&key) {
+        if let Some(n) = rr.get_mut(key) {
+            *n = n.wrapping_add(1);
+            return *n;
+        }
+        if rr.len() >= MAX_ROUND_ROBIN_ENTRIES {
             return rand::rng().random_range(0..usize::MAX);
         }
-        let n = rr.entry(key).or_default();
+        let n = rr.entry(key.to_string()).or_default();
         *n = n.wrapping_add(1);
         *n
     }
@@ -253,8 +257,8 @@ impl Upstream {
         let c = select::choose(
             &candidates,
             balance.unwrap_or(self.balance),
-            |c| self.ejections.is_ejected(&key, c.addr),
-            || self.next_turn(key.clone()),
+            |c| self.ejections.is_ejected(key, c.addr),
+            || self.next_turn(key),
             |c| self.outstanding(c.addr).load(Ordering::Relaxed),
         )?;
         Some(Target {
@@ -551,7 +555,7 @@ workloads:
             assert!(Arc::ptr_eq(h, &u.outstanding(nth(i))), "counters in use survive the cap");
         }
         for i in 0..MAX_ROUND_ROBIN_ENTRIES + 100 {
-            u.next_turn(format!("demo/s{i}"));
+            u.next_turn(&format!("demo/s{i}"));
         }
         assert!(u.tracked().1 <= MAX_ROUND_ROBIN_ENTRIES);
         let identity = Identity::new("cluster.local", "demo", "a").expect("id");

@@ -327,9 +327,9 @@ impl FailSafeSet {
         self.current.set(held.len() as i64);
     }
 
-    /// Every stand-in, by resource name.
-    pub fn entries(&self) -> Vec<(String, FailSafe)> {
-        self.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    /// The stand-in held for `resource`, if any.
+    pub fn get(&self, resource: &str) -> Option<FailSafe> {
+        self.lock().get(resource).cloned()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, FailSafe>> {

@@ -472,3 +472,154 @@ fn endpoint_selection_filters_prefers_and_balances() {
         .count();
     assert!(chose_busy < 200, "least request chose the loaded endpoint {chose_busy} times of 400");
 }
+
+/// Everything the view holds, indexes included, in a form two views can be compared by.
+fn digest(s: &Snapshot) -> String {
+    fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {
+        serde_json::to_string(v).expect("serializes")
+    }
+    let mut out = vec![json(s)];
+    let mut lines = |name: &str, mut items: Vec<String>| {
+        items.sort();
+        out.push(format!("{name}: {items:?}"));
+    };
+    lines("by_ip", s.workloads_by_ip.iter().map(|(k, w)| format!("{k:?} {}", json(&**w))).collect());
+    lines("local", s.local_workloads.iter().map(|(k, w)| format!("{k} {}", json(&**w))).collect());
+    lines(
+        "by_node",
+        s.workloads_by_node.iter().map(|(n, ws)| format!("{n} {:?}", ws.keys().collect::<Vec<_>>())).collect(),
+    );
+    lines("by_vip", s.services_by_vip.iter().map(|(k, v)| format!("{k:?} {}", json(&**v))).collect());
+    lines("local_vips", s.local_services.iter().map(|(k, v)| format!("{k} {}", json(&**v))).collect());
+    lines("global", s.global_policies.iter().map(|p| json(&**p)).collect());
+    lines(
+        "namespaced",
+        s.namespace_policies
+            .iter()
+            .map(|(ns, ps)| format!("{ns} {:?}", ps.iter().map(|p| json(&**p)).collect::<Vec<_>>()))
+            .collect(),
+    );
+    out.join("\n")
+}
+
+/// A random resource of a small pool, so that names, addresses, VIPs and policy keys collide
+/// often.
+fn random_address(rng: &mut impl rand::Rng) -> (String, RawResource) {
+    use proto::workload as wl;
+    let ip = |rng: &mut dyn rand::RngCore, base: u8| vec![10, base, 0, (rng.next_u32() % 5) as u8];
+    let (name, address) = if rng.random_bool(0.7) {
+        let n = rng.random_range(0..10);
+        let name = format!("w{n}");
+        let backed: Vec<usize> = (0..3).filter(|_| rng.random_bool(0.4)).collect();
+        let services = backed
+            .into_iter()
+            .map(|s| {
+                let port = wl::Port { service_port: 80, target_port: rng.random_range(0..3) * 8080, app_protocol: 0 };
+                (format!("demo/s{s}.demo"), wl::PortList { ports: vec![port] })
+            })
+            .collect();
+        let w = wl::Workload {
+            uid: name.clone(),
+            name: name.clone(),
+            namespace: "demo".into(),
+            addresses: (0..rng.random_range(0..3)).map(|_| ip(rng, 1)).collect(),
+            network: if rng.random_bool(0.8) { String::new() } else { "far".into() },
+            tunnel_protocol: wl::TunnelProtocol::Hbone as i32,
+            node: format!("node-{}", rng.random_range(0..3)),
+            services,
+            status: rng.random_range(0..2),
+            ..Default::default()
+        };
+        (name, wl::Address { r#type: Some(wl::address::Type::Workload(w)) })
+    } else {
+        let n = rng.random_range(0..4);
+        let s = wl::Service {
+            name: format!("s{n}"),
+            namespace: "demo".into(),
+            hostname: format!("s{n}.demo"),
+            addresses: (0..rng.random_range(0..3))
+                .map(|_| wl::NetworkAddress {
+                    network: if rng.random_bool(0.8) { String::new() } else { "far".into() },
+                    address: ip(rng, 96),
+                    length: None,
+                })
+                .collect(),
+            ports: vec![wl::Port { service_port: 80, target_port: rng.random_range(0..2) * 9090, app_protocol: 0 }],
+            ..Default::default()
+        };
+        (format!("demo/s{n}.demo"), wl::Address { r#type: Some(wl::address::Type::Service(s)) })
+    };
+    let body = prost_types::Any {
+        type_url: proto::ADDRESS_TYPE_URL.into(),
+        value: prost::Message::encode_to_vec(&address),
+    };
+    (name.clone(), RawResource { name, version: "1".into(), body: Some(body) })
+}
+
+fn random_policy(rng: &mut impl rand::Rng) -> (String, RawResource) {
+    let scopes = [sec::Scope::Global, sec::Scope::Namespace, sec::Scope::WorkloadSelector];
+    let mut p = authz(
+        ["demo", "other"][rng.random_range(0..2)],
+        &format!("p{}", rng.random_range(0..3)),
+        scopes[rng.random_range(0..3)],
+        [sec::Action::Allow, sec::Action::Deny][rng.random_range(0..2)],
+        "client",
+    );
+    if rng.random_bool(0.2) {
+        p = invalid(p);
+    }
+    // Half of them under a resource name that is not their key: rejected, and held fail-safe
+    // under the key, which an accepted one may hold too.
+    let name = if rng.random_bool(0.5) { format!("{}/{}", p.namespace, p.name) } else { format!("r{}", rng.random_range(0..3)) };
+    let body =
+        prost_types::Any { type_url: proto::AUTHORIZATION_TYPE_URL.into(), value: prost::Message::encode_to_vec(&p) };
+    (name.clone(), RawResource { name, version: "1".into(), body: Some(body) })
+}
+
+/// However the resources in force were pushed (in what batches, over what history of updates,
+/// rejections and removals), the view is the one a single push of them builds: incremental
+/// updates leave no stale index entry behind and lose none, also where several resources
+/// claim one address, VIP or policy key.
+#[test]
+fn incremental_pushes_build_the_same_view_as_one_push_of_what_is_in_force() {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    use std::collections::BTreeMap;
+    for seed in 0..60 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (state, handlers) = State::new("");
+        // Resource name -> the last version pushed (rejected policies included: their stand-in
+        // is in force), per type.
+        let mut in_force: [BTreeMap<String, RawResource>; 2] = Default::default();
+        let types = [proto::ADDRESS_TYPE_URL, proto::AUTHORIZATION_TYPE_URL];
+        for _ in 0..40 {
+            let t = rng.random_range(0..2);
+            let mut batch = BTreeMap::new();
+            let mut removed = Vec::new();
+            for _ in 0..rng.random_range(1..5) {
+                if rng.random_bool(0.25) && !in_force[t].is_empty() {
+                    let names: Vec<&String> = in_force[t].keys().collect();
+                    removed.push(names[rng.random_range(0..names.len())].clone());
+                } else {
+                    let (name, r) = if t == 0 { random_address(&mut rng) } else { random_policy(&mut rng) };
+                    batch.insert(name, r);
+                }
+            }
+            removed.retain(|n| !batch.contains_key(n));
+            for n in &removed {
+                in_force[t].remove(n);
+            }
+            in_force[t].extend(batch.clone());
+            let rejected = handlers.apply(types[t], batch.into_values().collect(), removed).expect("registered");
+            if t == 0 {
+                assert_eq!(rejected, vec![], "seed {seed}: addresses are all valid");
+            }
+        }
+        let (fresh, fresh_handlers) = State::new("");
+        for t in 0..2 {
+            fresh_handlers.apply(types[t], in_force[t].values().cloned().collect(), vec![]).expect("registered");
+        }
+        let (got, want) = (digest(&state.snapshot()), digest(&fresh.snapshot()));
+        assert!(got == want, "seed {seed}: incremental view differs\n--- incremental\n{got}\n--- one push\n{want}");
+        assert!(!state.snapshot().workloads.is_empty() || in_force[0].is_empty());
+    }
+}

@@ -189,6 +189,9 @@ pub struct Service {
     pub subject_alt_names: Vec<String>,
     pub waypoint: Option<Gateway>,
     pub load_balancing: Option<LoadBalancing>,
+    /// `namespace/hostname`, made once.
+    #[serde(skip)]
+    key: String,
 }
 
 impl Service {
@@ -214,6 +217,7 @@ impl Service {
             })
             .transpose()?;
         Ok(Self {
+            key: format!("{}/{}", s.namespace, s.hostname),
             name: s.name.clone(),
             namespace: s.namespace.clone(),
             hostname: s.hostname.clone(),
@@ -230,8 +234,8 @@ impl Service {
     }
 
     /// `namespace/hostname`: the resource name and the key of endpoints.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.hostname)
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     pub fn port(&self, service_port: u16) -> Option<&Port> {

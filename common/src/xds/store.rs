@@ -76,7 +76,26 @@ impl<T: Clone + Send + Sync + 'static> ResourceStore<T> {
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, XdsResource<T>>> {
+    /// Applies updates its owner has already validated (and converted for its own use), so
+    /// that each resource is checked once.
+    pub fn apply_accepted(&self, updates: Vec<XdsUpdate<T>>) {
+        {
+            let mut items = self.items.write().unwrap_or_else(PoisonError::into_inner);
+            for update in updates {
+                match update {
+                    XdsUpdate::Update(r) => {
+                        items.insert(r.name.clone(), r);
+                    }
+                    XdsUpdate::Remove(name) => {
+                        items.remove(&name);
+                    }
+                }
+            }
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+        fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, XdsResource<T>>> {
         self.items.read().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -58,12 +58,12 @@ pub async fn endpoint(
     }
     let traffic = table.policy.traffic_for(&service.key(), u32::from(backend.service.port));
     if let Some(limit) = traffic.as_ref().and_then(|t| t.limit.as_ref()) {
-        ex.slot = Some(limit.acquire().await.ok_or_else(|| ProxyError::Overflow(service.key()))?);
+        ex.slot = Some(limit.acquire().await.ok_or_else(|| ProxyError::Overflow(service.key().to_string()))?);
     }
     let target = ctx
         .upstream
         .choose_with(&snapshot, &service, backend.service.port, traffic.as_ref().and_then(|t| t.balance))
-        .ok_or_else(|| ProxyError::NoHealthyUpstream(service.key()))?;
+        .ok_or_else(|| ProxyError::NoHealthyUpstream(service.key().to_string()))?;
     ex.log.upstream_host = Some(target.addr.to_string());
     target.outstanding.fetch_add(1, Ordering::Relaxed);
     ex.target = Some(target.clone());
