@@ -158,7 +158,7 @@ impl App {
                 config.node_name.clone(),
                 config.uplinks.clone(),
                 config.static_pods.clone(),
-                state.addresses().clone(),
+                state.clone(),
                 narrowing.clone(),
                 registry,
             );

@@ -35,13 +35,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use common::readiness::{BlockReady, Ready};
-use common::xds::ResourceStore;
+use common::state::{State, Tunnel, Workload};
 use ebpf::redirector::RedirectError;
 use ebpf::{Redirector, Status};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use proto::workload::{Address, address};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -144,7 +143,7 @@ impl Drop for NarrowingBlock {
 struct Shared {
     guarded: Mutex<Guarded>,
     wanted: Wanted,
-    workloads: Arc<ResourceStore<Address>>,
+    workloads: State,
     metrics: RedirectMetrics,
     status: watch::Sender<Status>,
     /// The announced pods as of the last change, readable without the lock (which a reconcile
@@ -297,7 +296,7 @@ impl Enrollment {
         node_name: String,
         uplinks: Vec<String>,
         static_pods: Vec<StaticPod>,
-        workloads: Arc<ResourceStore<Address>>,
+        workloads: State,
         narrowing: Ready,
         registry: &mut Registry,
     ) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
@@ -466,29 +465,20 @@ impl Wanted {
 
 /// Whether ztunnel on `node` captures workload `w`: one of its pods, in the mesh, that does not
 /// speak HBONE itself (a waypoint takes its traffic directly).
-fn captured(w: &proto::workload::Workload, node: &str) -> bool {
-    w.node == node && !w.native_tunnel && w.tunnel_protocol == proto::workload::TunnelProtocol::Hbone as i32
+fn captured(w: &Workload, node: &str) -> bool {
+    w.node == node && !w.native_tunnel && w.tunnel == Tunnel::Hbone
 }
 
-/// The workloads xDS wants enrolled: ip -> explicit interface (none: the route decides).
-fn desired(wanted: &Wanted, workloads: &ResourceStore<Address>) -> BTreeMap<IpAddr, Option<String>> {
-    let mut want: BTreeMap<IpAddr, Option<String>> = BTreeMap::new();
-    for name in workloads.names() {
-        let Some(Address { r#type: Some(address::Type::Workload(w)) }) = workloads.get(&name) else {
-            continue;
-        };
-        if !captured(&w, &wanted.node_name) {
-            continue;
-        }
-        for bytes in &w.addresses {
-            if let Ok(octets) = <[u8; 4]>::try_from(bytes.as_slice()) {
-                want.insert(IpAddr::from(octets), None);
-            } else if let Ok(octets) = <[u8; 16]>::try_from(bytes.as_slice()) {
-                want.insert(std::net::Ipv6Addr::from(octets).to_canonical(), None);
-            }
-        }
-    }
-    want
+/// The workloads xDS wants enrolled: ip -> explicit interface (none: the route decides). Read
+/// from the state's index of this node's workloads: a push elsewhere in the mesh costs nothing
+/// here.
+fn desired(wanted: &Wanted, workloads: &State) -> BTreeMap<IpAddr, Option<String>> {
+    let snapshot = workloads.snapshot();
+    snapshot
+        .workloads_on(&wanted.node_name)
+        .filter(|w| captured(w, &wanted.node_name))
+        .flat_map(|w| w.addresses.iter().map(|ip| (ip.to_canonical(), None)))
+        .collect()
 }
 
 async fn reconcile_loop(shared: Arc<Shared>) {
@@ -622,12 +612,18 @@ mod tests {
 
     #[test]
     fn only_this_nodes_mesh_pods_are_captured() {
-        use proto::workload::{TunnelProtocol, Workload};
-        let w = |node: &str, tunnel: TunnelProtocol, native_tunnel: bool| Workload {
-            node: node.into(),
-            tunnel_protocol: tunnel as i32,
-            native_tunnel,
-            ..Default::default()
+        use proto::workload::TunnelProtocol;
+        let w = |node: &str, tunnel: TunnelProtocol, native_tunnel: bool| {
+            let w = proto::workload::Workload {
+                uid: "u".into(),
+                name: "p".into(),
+                namespace: "ns".into(),
+                node: node.into(),
+                tunnel_protocol: tunnel as i32,
+                native_tunnel,
+                ..Default::default()
+            };
+            Workload::from_proto(&w).expect("converts")
         };
         assert!(captured(&w("a", TunnelProtocol::Hbone, false), "a"));
         assert!(!captured(&w("b", TunnelProtocol::Hbone, false), "a"), "another node's");
