@@ -15,7 +15,7 @@ fi
 # The one list of packages (iperf3, taskset, iproute2, ...) lives in the set-up script.
 deploy/setup.sh
 
-bins=(--bin ztunnel --bin waypoint --bin xds-server --bin mesh-bench)
+bins=(--bin ztunnel --bin waypoint --bin xds-server --bin mesh-bench --bin state-bench)
 if [ "${1:-}" = "--smoke" ]; then
   cargo build --quiet "${bins[@]}"
   out=$(mktemp -d)

@@ -180,7 +180,7 @@ fn run(
             "{tool} is needed (benches/run.sh installs it)"
         );
     }
-    for bin in ["ztunnel", "waypoint", "xds-server", "mesh-bench"] {
+    for bin in ["ztunnel", "waypoint", "xds-server", "mesh-bench", "state-bench"] {
         anyhow::ensure!(
             bin_dir.join(bin).exists(),
             "{} is missing: build it first",
@@ -245,6 +245,13 @@ fn run(
         Vec::new()
     };
 
+    let control_plane = if settings.wants("control plane") {
+        info!("control plane: one push into the mesh state (state-bench)");
+        scenarios::control_plane(&bin_dir, smoke)?
+    } else {
+        Vec::new()
+    };
+
     let date = common_date();
     let report = report::Report {
         date,
@@ -256,6 +263,7 @@ fn run(
         figures: scenarios::figures(&direct, &mesh),
         memory,
         instructions,
+        control_plane,
         duration_seconds: started.elapsed().as_secs_f64(),
     };
     let path = report.write(&out)?;

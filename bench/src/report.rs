@@ -55,6 +55,8 @@ pub struct Report {
     pub memory: Vec<(String, String, f64)>,
     /// Deterministic companions: instructions per unit of work, counted by callgrind.
     pub instructions: Vec<crate::scenarios::Instructions>,
+    /// What one xDS push costs the mesh state, by mesh size (`state-bench`).
+    pub control_plane: Vec<mesh_bench::push::Size>,
     pub duration_seconds: f64,
 }
 
@@ -161,6 +163,36 @@ impl Report {
                     i.total / i.units.max(1) as f64,
                     i.unit
                 );
+            }
+        }
+        if !self.control_plane.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## Control plane: one push into the mesh state\n\n`state-bench` feeds the state the way the xDS client does (encoded `istio.workload.Address` / `istio.security.Authorization` through the registered handlers, decoding included): a mesh of N workloads (a service per 10, 100 namespaces with a namespace policy each, a global policy, a selector policy per service), then single-resource pushes. Time: median of the pushes (machine noise applies). Allocations: jemalloc's own count of allocation requests per push, which does not depend on machine noise.\n"
+            );
+            let _ = writeln!(md, "| workloads | push | median time | allocations | bytes allocated |");
+            let _ = writeln!(md, "|---|---|---|---|---|");
+            for size in &self.control_plane {
+                let _ = writeln!(
+                    md,
+                    "| {} | whole mesh at once ({} services, {} policies) | {} ms | {} | - |",
+                    size.workloads,
+                    size.services,
+                    size.policies,
+                    num(size.load_ms),
+                    size.load_allocations
+                );
+                for p in &size.pushes {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} µs | {} | {} KiB |",
+                        size.workloads,
+                        p.kind,
+                        num(p.median_us),
+                        p.allocations,
+                        num(p.alloc_bytes as f64 / 1024.0)
+                    );
+                }
             }
         }
         md

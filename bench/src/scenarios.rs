@@ -567,6 +567,20 @@ pub fn figures(direct: &Phase, mesh: &Phase) -> Vec<Figure> {
         .collect()
 }
 
+/// What one xDS push costs the mesh state at 1k / 10k / 50k workloads (`state-bench`, run
+/// after the mesh has stopped so that nothing else competes for the CPU).
+pub fn control_plane(bin_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Vec<mesh_bench::push::Size>> {
+    let (sizes, repeats) = if smoke { ("1000", "3") } else { ("1000,10000,50000", "21") };
+    let out = std::process::Command::new(bin_dir.join("state-bench"))
+        .args(["--workloads", sizes, "--repeats", repeats])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "state-bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).map_err(|e| anyhow::anyhow!("state-bench printed {l:?}: {e}")))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -143,7 +143,10 @@ pub fn candidates<'a>(endpoints: &'a [Endpoint], ask: &Ask<'_>) -> Result<Vec<Ca
         }
     }
     if out.is_empty() {
-        return Err(PickError::NoHealthyEndpoint { service: service.key().to_string(), port: ask.port.unwrap_or(0) });
+        return Err(PickError::NoHealthyEndpoint {
+            service: service.key().to_string(),
+            port: ask.port.unwrap_or(0),
+        });
     }
     Ok(out)
 }

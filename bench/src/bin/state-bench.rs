@@ -15,10 +15,10 @@ use clap::Parser;
 use common::state::State;
 use common::xds::Handlers;
 use common::xds::handler::RawResource;
+use mesh_bench::push::{Push, Size};
 use prost::Message;
 use proto::security as sec;
 use proto::workload as wl;
-use serde::Serialize;
 use tikv_jemalloc_ctl::{Access, AsName, epoch, thread};
 
 /// The product's allocator, whose statistics count the allocations.
@@ -48,27 +48,6 @@ struct Args {
     /// Pushes of each kind measured per size.
     #[arg(long, default_value_t = 21)]
     repeats: usize,
-}
-
-/// One kind of push at one size.
-#[derive(Debug, Serialize)]
-struct Push {
-    kind: &'static str,
-    /// Median wall time.
-    median_us: f64,
-    /// Allocations per push (mean; the same every time for the same state).
-    allocations: u64,
-    alloc_bytes: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct Size {
-    workloads: usize,
-    services: usize,
-    policies: usize,
-    load_ms: f64,
-    load_allocations: u64,
-    pushes: Vec<Push>,
 }
 
 const NAMESPACES: usize = 100;
@@ -164,7 +143,12 @@ fn measure(kind: &'static str, repeats: usize, mut prepare: impl FnMut(usize) ->
     times.sort();
     let median = times.get(repeats / 2).copied().unwrap_or(Duration::ZERO);
     let n = repeats.max(1) as u64;
-    Push { kind, median_us: median.as_secs_f64() * 1e6, allocations: allocs / n, alloc_bytes: bytes / n }
+    Push {
+        kind: kind.to_string(),
+        median_us: median.as_secs_f64() * 1e6,
+        allocations: allocs / n,
+        alloc_bytes: bytes / n,
+    }
 }
 
 fn size(n: usize, repeats: usize) -> Size {

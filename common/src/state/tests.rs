@@ -487,7 +487,10 @@ fn digest(s: &Snapshot) -> String {
     lines("local", s.local_workloads.iter().map(|(k, w)| format!("{k} {}", json(&**w))).collect());
     lines(
         "by_node",
-        s.workloads_by_node.iter().map(|(n, ws)| format!("{n} {:?}", ws.keys().collect::<Vec<_>>())).collect(),
+        s.workloads_by_node
+            .iter()
+            .map(|(n, ws)| format!("{n} {:?}", ws.keys().collect::<Vec<_>>()))
+            .collect(),
     );
     lines("by_vip", s.services_by_vip.iter().map(|(k, v)| format!("{k:?} {}", json(&**v))).collect());
     lines("local_vips", s.local_services.iter().map(|(k, v)| format!("{k} {}", json(&**v))).collect());
@@ -514,7 +517,11 @@ fn random_address(rng: &mut impl rand::Rng) -> (String, RawResource) {
         let services = backed
             .into_iter()
             .map(|s| {
-                let port = wl::Port { service_port: 80, target_port: rng.random_range(0..3) * 8080, app_protocol: 0 };
+                let port = wl::Port {
+                    service_port: 80,
+                    target_port: rng.random_range(0..3) * 8080,
+                    app_protocol: 0,
+                };
                 (format!("demo/s{s}.demo"), wl::PortList { ports: vec![port] })
             })
             .collect();
@@ -544,7 +551,11 @@ fn random_address(rng: &mut impl rand::Rng) -> (String, RawResource) {
                     length: None,
                 })
                 .collect(),
-            ports: vec![wl::Port { service_port: 80, target_port: rng.random_range(0..2) * 9090, app_protocol: 0 }],
+            ports: vec![wl::Port {
+                service_port: 80,
+                target_port: rng.random_range(0..2) * 9090,
+                app_protocol: 0,
+            }],
             ..Default::default()
         };
         (format!("demo/s{n}.demo"), wl::Address { r#type: Some(wl::address::Type::Service(s)) })
@@ -570,9 +581,15 @@ fn random_policy(rng: &mut impl rand::Rng) -> (String, RawResource) {
     }
     // Half of them under a resource name that is not their key: rejected, and held fail-safe
     // under the key, which an accepted one may hold too.
-    let name = if rng.random_bool(0.5) { format!("{}/{}", p.namespace, p.name) } else { format!("r{}", rng.random_range(0..3)) };
-    let body =
-        prost_types::Any { type_url: proto::AUTHORIZATION_TYPE_URL.into(), value: prost::Message::encode_to_vec(&p) };
+    let name = if rng.random_bool(0.5) {
+        format!("{}/{}", p.namespace, p.name)
+    } else {
+        format!("r{}", rng.random_range(0..3))
+    };
+    let body = prost_types::Any {
+        type_url: proto::AUTHORIZATION_TYPE_URL.into(),
+        value: prost::Message::encode_to_vec(&p),
+    };
     (name.clone(), RawResource { name, version: "1".into(), body: Some(body) })
 }
 
@@ -609,17 +626,23 @@ fn incremental_pushes_build_the_same_view_as_one_push_of_what_is_in_force() {
                 in_force[t].remove(n);
             }
             in_force[t].extend(batch.clone());
-            let rejected = handlers.apply(types[t], batch.into_values().collect(), removed).expect("registered");
+            let rejected =
+                handlers.apply(types[t], batch.into_values().collect(), removed).expect("registered");
             if t == 0 {
                 assert_eq!(rejected, vec![], "seed {seed}: addresses are all valid");
             }
         }
         let (fresh, fresh_handlers) = State::new("");
         for t in 0..2 {
-            fresh_handlers.apply(types[t], in_force[t].values().cloned().collect(), vec![]).expect("registered");
+            fresh_handlers
+                .apply(types[t], in_force[t].values().cloned().collect(), vec![])
+                .expect("registered");
         }
         let (got, want) = (digest(&state.snapshot()), digest(&fresh.snapshot()));
-        assert!(got == want, "seed {seed}: incremental view differs\n--- incremental\n{got}\n--- one push\n{want}");
+        assert!(
+            got == want,
+            "seed {seed}: incremental view differs\n--- incremental\n{got}\n--- one push\n{want}"
+        );
         assert!(!state.snapshot().workloads.is_empty() || in_force[0].is_empty());
     }
 }

@@ -95,7 +95,7 @@ impl<T: Clone + Send + Sync + 'static> ResourceStore<T> {
         self.changed.send_modify(|n| *n += 1);
     }
 
-        fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, XdsResource<T>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, XdsResource<T>>> {
         self.items.read().unwrap_or_else(PoisonError::into_inner)
     }
 }

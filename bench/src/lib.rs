@@ -1,0 +1,3 @@
+//! What the benchmark binaries share: the figures `state-bench` prints and the runner reports.
+
+pub mod push;
