@@ -26,7 +26,7 @@ pub fn select(ctx: &Context, down: &Downstream, table: &RouteTable, req: &Reques
         query: req.query.as_deref(),
         headers: &req.parts.headers,
     };
-    table.select(&down.service.key(), down.port, &ctx.waypoint, &view)
+    table.select(down.service.key(), down.port, &ctx.waypoint, &view)
 }
 
 /// The backend for `req` under `selected` (`None`: the service itself); a redirect is answered

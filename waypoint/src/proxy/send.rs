@@ -56,7 +56,7 @@ pub async fn endpoint(
         ex.target = Some(target.clone());
         return Ok(Endpoint { target, service, port: down.target_addr.port(), traffic: None });
     }
-    let traffic = table.policy.traffic_for(&service.key(), u32::from(backend.service.port));
+    let traffic = table.policy.traffic_for(service.key(), u32::from(backend.service.port));
     if let Some(limit) = traffic.as_ref().and_then(|t| t.limit.as_ref()) {
         ex.slot = Some(limit.acquire().await.ok_or_else(|| ProxyError::Overflow(service.key().to_string()))?);
     }
@@ -167,7 +167,7 @@ fn report_outcome(ctx: &Context, ep: &Endpoint, result: &Result<Response<Incomin
     };
     let snapshot = ctx.state.snapshot();
     let all = crate::upstream::Upstream::endpoint_addrs(&snapshot, &ep.service, ep.port);
-    ctx.upstream.ejections.report(&ep.service.key(), ep.target.addr, outcome, outlier, &all);
+    ctx.upstream.ejections.report(ep.service.key(), ep.target.addr, outcome, outlier, &all);
 }
 
 /// Joins the client's and the upstream's upgraded connections in the background, until either
