@@ -1,10 +1,14 @@
 //! Istio's request metrics (`reporter="waypoint"`) and the per-request access log, written as
 //! one line to stdout (JSON with `--log-format json`, in the shape of shared/spec/telemetry.md).
 
+use std::fmt::Write as _;
 use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::metrics::{HANDLE_CACHE, HandleCache, TrafficLabels};
+use common::identity::Identity;
+use common::metrics::{HANDLE_CACHE, HandleCache, Parties, TrafficLabels};
+use common::state::{Service, Workload};
 use common::telemetry::LogFormat;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -19,6 +23,77 @@ pub struct RequestLabels {
     pub traffic: TrafficLabels,
     pub response_code: String,
     pub grpc_response_status: String,
+}
+
+/// What a request's labels are made from. Workloads and services compare by identity (the
+/// same `Arc`, which the key holds, so that no other value can take its address while the key
+/// lives): finding a request's metrics hashes a few pointers and small values instead of the
+/// 25 label strings, and the labels are built only the first time a key is seen.
+#[derive(Clone, Debug)]
+pub struct RequestKey {
+    pub source: Option<Arc<Workload>>,
+    pub source_identity: Identity,
+    pub destination: Option<Arc<Workload>>,
+    pub destination_identity: Option<Identity>,
+    pub service: Option<Arc<Service>>,
+    pub grpc: bool,
+    pub flag: &'static str,
+    pub code: u16,
+    pub grpc_status: Option<String>,
+}
+
+fn same<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+fn address<T>(a: &Option<Arc<T>>) -> usize {
+    a.as_ref().map_or(0, |a| Arc::as_ptr(a) as *const () as usize)
+}
+
+impl PartialEq for RequestKey {
+    fn eq(&self, o: &Self) -> bool {
+        same(&self.source, &o.source)
+            && same(&self.destination, &o.destination)
+            && same(&self.service, &o.service)
+            && (self.grpc, self.flag, self.code) == (o.grpc, o.flag, o.code)
+            && self.source_identity == o.source_identity
+            && self.destination_identity == o.destination_identity
+            && self.grpc_status == o.grpc_status
+    }
+}
+
+impl Eq for RequestKey {}
+
+impl std::hash::Hash for RequestKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (address(&self.source), address(&self.destination), address(&self.service)).hash(h);
+        (self.grpc, self.flag, self.code, &self.grpc_status).hash(h);
+        self.source_identity.hash(h);
+        self.destination_identity.hash(h);
+    }
+}
+
+impl RequestKey {
+    /// Istio's labels for this key.
+    pub fn labels(&self) -> RequestLabels {
+        let parties = Parties {
+            source: self.source.as_deref(),
+            source_identity: Some(&self.source_identity),
+            destination: self.destination.as_deref(),
+            destination_identity: self.destination_identity.as_ref(),
+            service: self.service.as_deref(),
+        };
+        let protocol = if self.grpc { "grpc" } else { "http" };
+        RequestLabels {
+            traffic: TrafficLabels::new("waypoint", parties, protocol, self.flag, true),
+            response_code: self.code.to_string(),
+            grpc_response_status: self.grpc_status.clone().unwrap_or_default(),
+        }
+    }
 }
 
 type Histograms = Family<RequestLabels, Histogram, fn() -> Histogram>;
@@ -57,8 +132,8 @@ pub struct Metrics {
     timeouts: Family<TimeoutLabels, Counter>,
     log_format: LogFormat,
     sink: AccessSink,
-    /// The four metrics of a label set, found with one hash of its labels instead of four.
-    by_labels: HandleCache<RequestLabels, RequestMetrics>,
+    /// The four metrics of a request's label set, found with one hash of its key.
+    by_key: HandleCache<RequestKey, RequestMetrics>,
 }
 
 /// The handles of one request label set's metrics (cheap clones of the families' entries).
@@ -143,7 +218,7 @@ impl Metrics {
             tcp_received: Family::default(),
             tcp_sent: Family::default(),
             timeouts: Family::default(),
-            by_labels: HandleCache::new(HANDLE_CACHE),
+            by_key: HandleCache::new(HANDLE_CACHE),
             log_format,
             sink,
         };
@@ -176,13 +251,13 @@ impl Metrics {
     /// Records one finished request and writes its access log line.
     pub fn request(
         &self,
-        labels: RequestLabels,
+        key: RequestKey,
         duration: Duration,
         req_bytes: u64,
         resp_bytes: u64,
         log: &AccessLog,
     ) {
-        let m = self.handles(labels);
+        let m = self.handles(key);
         m.requests.inc();
         m.duration.observe(duration.as_secs_f64() * 1000.0);
         m.request_bytes.observe(req_bytes as f64);
@@ -190,12 +265,15 @@ impl Metrics {
         self.write(log);
     }
 
-    fn handles(&self, labels: RequestLabels) -> RequestMetrics {
-        self.by_labels.get(labels, |labels| RequestMetrics {
-            requests: self.requests.get_or_create(labels).clone(),
-            duration: self.duration.get_or_create(labels).clone(),
-            request_bytes: self.request_bytes.get_or_create(labels).clone(),
-            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+    fn handles(&self, key: RequestKey) -> RequestMetrics {
+        self.by_key.get(key, |key| {
+            let labels = key.labels();
+            RequestMetrics {
+                requests: self.requests.get_or_create(&labels).clone(),
+                duration: self.duration.get_or_create(&labels).clone(),
+                request_bytes: self.request_bytes.get_or_create(&labels).clone(),
+                response_bytes: self.response_bytes.get_or_create(&labels).clone(),
+            }
         })
     }
 
@@ -234,18 +312,18 @@ pub struct AccessLog {
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub connection_termination_details: Option<String>,
-    pub downstream_local_address: Option<String>,
-    pub downstream_remote_address: Option<String>,
+    pub downstream_local_address: Option<Arc<str>>,
+    pub downstream_remote_address: Option<Arc<str>>,
     /// Milliseconds.
     pub duration: u64,
     pub method: Option<String>,
     pub path: Option<String>,
-    pub protocol: Option<String>,
+    pub protocol: Option<&'static str>,
     pub request_id: Option<String>,
     pub requested_server_name: Option<String>,
     pub response_code: u16,
     pub response_code_details: Option<String>,
-    pub response_flags: String,
+    pub response_flags: &'static str,
     pub route_name: Option<String>,
     pub start_time: String,
     pub upstream_cluster: Option<String>,
@@ -256,7 +334,7 @@ pub struct AccessLog {
     pub user_agent: Option<String>,
     pub x_forwarded_for: Option<String>,
     /// The caller's SPIFFE identity (from its ztunnel's certificate).
-    pub source_principal: Option<String>,
+    pub source_principal: Option<Arc<str>>,
 }
 
 /// RFC 3339 with milliseconds, UTC.
@@ -280,13 +358,17 @@ pub fn rfc3339(t: SystemTime) -> String {
 
 impl AccessLog {
     fn text(&self) -> String {
-        let o = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-        format!(
+        fn o<S: std::ops::Deref<Target = str>>(v: &Option<S>) -> &str {
+            v.as_deref().unwrap_or("-")
+        }
+        let mut line = String::with_capacity(256);
+        let _ = write!(
+            line,
             "[{}] \"{} {} {}\" {} {} {} {} {} \"{}\" \"{}\" \"{}\" \"{}\" {} {} route={} src={}",
             self.start_time,
             o(&self.method),
             o(&self.path),
-            o(&self.protocol),
+            self.protocol.unwrap_or("-"),
             self.response_code,
             self.response_flags,
             self.bytes_received,
@@ -300,7 +382,8 @@ impl AccessLog {
             o(&self.upstream_cluster),
             o(&self.route_name),
             o(&self.source_principal),
-        )
+        );
+        line
     }
 }
 

@@ -70,6 +70,26 @@ pub struct Downstream {
     /// client), else the peer proxy.
     pub client_addr: SocketAddr,
     pub local_addr: SocketAddr,
+    /// The same three as the access log shows them, formatted once per tunnel.
+    pub logged: LoggedParties,
+}
+
+/// A tunnel's client address, local address and caller identity as access log text.
+#[derive(Clone, Debug)]
+pub struct LoggedParties {
+    pub client_addr: Arc<str>,
+    pub local_addr: Arc<str>,
+    pub principal: Arc<str>,
+}
+
+impl LoggedParties {
+    pub fn new(client_addr: SocketAddr, local_addr: SocketAddr, identity: &Identity) -> Self {
+        Self {
+            client_addr: client_addr.to_string().into(),
+            local_addr: local_addr.to_string().into(),
+            principal: identity.to_string().into(),
+        }
+    }
 }
 
 impl Downstream {

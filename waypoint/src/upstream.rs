@@ -281,7 +281,7 @@ impl Upstream {
         if let Some(f) = forwarded
             && let Ok(v) = HeaderValue::from_str(&format!("for=\"{f}\""))
         {
-            headers.insert("forwarded", v);
+            headers.insert(http::header::FORWARDED, v);
         }
         // The pool bounds the dial and the CONNECT (`--upstream-connect-timeout`).
         self.pool.connect(&key, &Authority::Addr(target.addr), headers).await.map_err(|e| match e {

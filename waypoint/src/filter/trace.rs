@@ -41,13 +41,17 @@ fn hex<const N: usize>(s: &str) -> Option<[u8; N]> {
 }
 
 fn to_hex(b: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(b.len() * 2);
+    push_hex(&mut s, b);
+    s
+}
+
+fn push_hex(s: &mut String, b: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for &x in b {
         s.push(char::from(DIGITS[usize::from(x >> 4)]));
         s.push(char::from(DIGITS[usize::from(x & 0xf)]));
     }
-    s
 }
 
 /// The caller's context from `traceparent`, else from B3 headers.
@@ -99,10 +103,14 @@ impl ServerSpan {
     /// Sets the upstream request's context: our span is its parent. B3 headers are replaced
     /// by W3C ones.
     pub fn inject(&self, headers: &mut HeaderMap) {
-        let flags = if self.ctx.sampled { "01" } else { "00" };
-        let tp = format!("00-{}-{}-{flags}", to_hex(&self.ctx.trace_id), to_hex(&self.ctx.span_id));
+        let mut tp = String::with_capacity(55);
+        tp.push_str("00-");
+        push_hex(&mut tp, &self.ctx.trace_id);
+        tp.push('-');
+        push_hex(&mut tp, &self.ctx.span_id);
+        tp.push_str(if self.ctx.sampled { "-01" } else { "-00" });
         if let Ok(v) = HeaderValue::from_str(&tp) {
-            headers.insert("traceparent", v);
+            headers.insert(HeaderName::from_static("traceparent"), v);
         }
         const B3: [HeaderName; 6] = [
             HeaderName::from_static("x-b3-traceid"),

@@ -251,6 +251,9 @@ impl Health {
 #[derive(Debug, Default)]
 pub struct Ejections {
     by_endpoint: Mutex<HashMap<(String, SocketAddr), Health>>,
+    /// How many records `by_endpoint` holds, readable without the lock: with none (no outlier
+    /// has been seen), choosing an endpoint takes no lock per candidate.
+    records: AtomicUsize,
 }
 
 /// How a try ended, for outlier detection.
@@ -263,6 +266,9 @@ pub enum Outcome {
 impl Ejections {
     /// Whether `addr` is ejected from `service` now.
     pub fn is_ejected(&self, service: &str, addr: SocketAddr) -> bool {
+        if self.records.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
         let map = self.by_endpoint.lock().unwrap_or_else(PoisonError::into_inner);
         map.get(&(service.to_string(), addr)).is_some_and(|h| h.is_ejected(Instant::now()))
     }
@@ -278,6 +284,18 @@ impl Ejections {
         endpoints: &[SocketAddr],
     ) {
         let mut map = self.by_endpoint.lock().unwrap_or_else(PoisonError::into_inner);
+        Self::report_in(&mut map, service, addr, outcome, cfg, endpoints);
+        self.records.store(map.len(), Ordering::Relaxed);
+    }
+
+    fn report_in(
+        map: &mut HashMap<(String, SocketAddr), Health>,
+        service: &str,
+        addr: SocketAddr,
+        outcome: Outcome,
+        cfg: &Outlier,
+        endpoints: &[SocketAddr],
+    ) {
         let now = Instant::now();
         let (server_error, gateway_error) = match outcome {
             Outcome::Status(s) => (s >= 500, matches!(s, 502..=504)),
@@ -286,7 +304,7 @@ impl Ejections {
         let key = (service.to_string(), addr);
         if !map.contains_key(&key) {
             // A success changes nothing for an endpoint without a record.
-            if !server_error || !make_room(&mut map, now) {
+            if !server_error || !make_room(map, now) {
                 return;
             }
         }
@@ -327,6 +345,7 @@ impl Ejections {
             let ips = members.entry(service.clone()).or_insert_with(|| endpoint_ips(snapshot, service));
             ips.as_ref().is_some_and(|ips| ips.contains(&addr.ip()))
         });
+        self.records.store(map.len(), Ordering::Relaxed);
     }
 
     /// Endpoints with a record (for tests and the config dump).

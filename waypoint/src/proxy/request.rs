@@ -130,9 +130,25 @@ fn request_id_of(headers: &HeaderMap) -> String {
     if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
         return id.to_string();
     }
-    let n: u128 = rand::rng().random();
-    let h = format!("{n:032x}");
-    format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+    uuid_v4(rand::rng().random())
+}
+
+/// `n` as a version-4 UUID: its hex digits, the 13th set to `4` and the 17th to `a`.
+fn uuid_v4(n: u128) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(36);
+    for i in 0..32 {
+        if matches!(i, 8 | 12 | 16 | 20) {
+            s.push('-');
+        }
+        let digit = match i {
+            12 => '4',
+            16 => 'a',
+            _ => char::from(DIGITS[((n >> (4 * (31 - i))) & 0xf) as usize]),
+        };
+        s.push(digit);
+    }
+    s
 }
 
 /// What the access log and metrics need about one request, filled in as it goes.
@@ -155,6 +171,18 @@ pub struct Exchange {
     pub span: Option<crate::filter::trace::ServerSpan>,
 }
 
+/// How the access log names an HTTP version.
+fn protocol_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
+    }
+}
+
 impl Exchange {
     pub fn new(ctx: &Context, down: &Downstream, req: &Request<Incoming>) -> Self {
         let header = |n: HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -166,14 +194,14 @@ impl Exchange {
                 authority,
                 method: Some(req.method().to_string()),
                 path: req.uri().path_and_query().map(|p| p.to_string()),
-                protocol: Some(format!("{:?}", req.version())),
+                protocol: Some(protocol_name(req.version())),
                 request_id: Some(request_id_of(req.headers())),
                 user_agent: header(header::USER_AGENT),
                 x_forwarded_for: header(HeaderName::from_static("x-forwarded-for")),
-                downstream_remote_address: Some(down.client_addr.to_string()),
-                downstream_local_address: Some(down.local_addr.to_string()),
-                source_principal: Some(down.source_identity.to_string()),
-                response_flags: "-".into(),
+                downstream_remote_address: Some(down.logged.client_addr.clone()),
+                downstream_local_address: Some(down.logged.local_addr.clone()),
+                source_principal: Some(down.logged.principal.clone()),
+                response_flags: "-",
                 ..Default::default()
             },
             grpc: is_grpc(req.headers()),
@@ -200,6 +228,15 @@ impl Exchange {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        let n = 0x0123_4567_89ab_cdef_0011_2233_4455_6677_u128;
+        assert_eq!(uuid_v4(n), "01234567-89ab-4def-a011-223344556677");
+        let id = request_id_of(&HeaderMap::new());
+        assert_eq!((id.len(), &id[14..15], &id[19..20]), (36, "4", "a"), "{id}");
+        assert_ne!(id, request_id_of(&HeaderMap::new()));
+    }
 
     #[test]
     fn hop_by_hop_headers_are_dropped_and_te_trailers_kept() {

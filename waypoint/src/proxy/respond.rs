@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use common::flags::ResponseFlag;
-use common::metrics::{Parties, TrafficLabels};
 use http::Response;
 use http::header::{self, HeaderValue};
 use http_body_util::BodyExt;
@@ -14,7 +13,7 @@ use super::request::{Exchange, strip_hop_by_hop};
 use super::rewrite::apply_headers;
 use super::{Context, Downstream};
 use crate::body::{Observed, ProxyBody};
-use crate::metrics::{RequestLabels, rfc3339};
+use crate::metrics::{RequestKey, rfc3339};
 use crate::route::Filter;
 
 /// Marks a 101 response whose `connection`/`upgrade` headers must reach the client.
@@ -46,7 +45,7 @@ pub fn finish(
     let header_grpc_status =
         parts.headers.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
     ex.log.response_code = status.as_u16();
-    ex.log.response_flags = flag.as_str().to_string();
+    ex.log.response_flags = flag.as_str();
     let observed = Observed::new(body, move |done| {
         if let Some(t) = &ex.target {
             t.outstanding.fetch_sub(1, Ordering::Relaxed);
@@ -71,28 +70,24 @@ fn record(
     bytes_sent: u64,
     grpc_status: Option<String>,
 ) {
-    let service = ex.backend_service.clone().or_else(|| Some(down.service.clone()));
-    let target_workload = ex.target.as_ref().map(|t| t.workload.clone());
-    let parties = Parties {
-        source: down.source_workload.as_deref(),
-        source_identity: Some(&down.source_identity),
-        destination: target_workload.as_deref(),
-        destination_identity: ex.target.as_ref().map(|t| &t.identity),
-        service: service.as_deref(),
-    };
-    let protocol = if ex.grpc { "grpc" } else { "http" };
-    let labels = RequestLabels {
-        traffic: TrafficLabels::new("waypoint", parties, protocol, flag.as_str(), true),
-        response_code: status.as_u16().to_string(),
-        grpc_response_status: grpc_status.unwrap_or_default(),
+    let key = RequestKey {
+        source: down.source_workload.clone(),
+        source_identity: down.source_identity.clone(),
+        destination: ex.target.as_ref().map(|t| t.workload.clone()),
+        destination_identity: ex.target.as_ref().map(|t| t.identity.clone()),
+        service: Some(ex.backend_service.clone().unwrap_or_else(|| down.service.clone())),
+        grpc: ex.grpc,
+        flag: flag.as_str(),
+        code: status.as_u16(),
+        grpc_status,
     };
     let duration = ex.start.elapsed();
     ex.log.duration = duration.as_millis() as u64;
     ex.log.bytes_received = ex.request_bytes.load(Ordering::Relaxed);
     ex.log.bytes_sent = bytes_sent;
-    ex.log.response_flags = flag.as_str().to_string();
+    ex.log.response_flags = flag.as_str();
     ex.log.start_time = rfc3339(ex.start_time);
-    ctx.metrics.request(labels, duration, ex.log.bytes_received, bytes_sent, &ex.log);
+    ctx.metrics.request(key, duration, ex.log.bytes_received, bytes_sent, &ex.log);
     if let Some(span) = ex.span.take().filter(|s| s.ctx.sampled && ctx.tracer.enabled()) {
         let name = ex.route.as_ref().map_or_else(|| down.service.hostname.clone(), |r| r.key.clone());
         let attributes = vec![

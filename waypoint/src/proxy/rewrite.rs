@@ -86,12 +86,12 @@ pub fn upstream_head(
         None => down.client_addr.ip().to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
     if let Ok(v) = HeaderValue::from_str(&req.request_id) {
-        headers.insert("x-request-id", v);
+        headers.insert(HeaderName::from_static("x-request-id"), v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
     if let Some(span) = &ex.span {
         span.inject(headers);
     }
