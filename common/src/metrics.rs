@@ -122,6 +122,65 @@ fn or_unknown(s: Option<&str>) -> String {
     s.filter(|s| !s.is_empty()).unwrap_or(UNKNOWN).to_string()
 }
 
+/// Who is talking to whom, held: the key a [`HandleCache`] finds a connection's or request's
+/// metrics by. Workloads and services compare by identity (the same `Arc`, which the key holds
+/// so that no other value can take its address while the key lives), so a lookup hashes a few
+/// pointers instead of the 20-odd label strings, which are built only the first time a key is
+/// seen. A workload changed by a push is a new `Arc`, hence a new key with fresh labels.
+#[derive(Clone, Debug, Default)]
+pub struct PartiesKey {
+    pub source: Option<Arc<crate::state::Workload>>,
+    pub source_identity: Option<crate::identity::Identity>,
+    pub destination: Option<Arc<crate::state::Workload>>,
+    pub destination_identity: Option<crate::identity::Identity>,
+    pub service: Option<Arc<crate::state::Service>>,
+}
+
+fn same<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+fn address<T>(a: &Option<Arc<T>>) -> usize {
+    a.as_ref().map_or(0, |a| Arc::as_ptr(a) as *const () as usize)
+}
+
+impl PartialEq for PartiesKey {
+    fn eq(&self, o: &Self) -> bool {
+        same(&self.source, &o.source)
+            && same(&self.destination, &o.destination)
+            && same(&self.service, &o.service)
+            && self.source_identity == o.source_identity
+            && self.destination_identity == o.destination_identity
+    }
+}
+
+impl Eq for PartiesKey {}
+
+impl std::hash::Hash for PartiesKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (address(&self.source), address(&self.destination), address(&self.service)).hash(h);
+        self.source_identity.hash(h);
+        self.destination_identity.hash(h);
+    }
+}
+
+impl PartiesKey {
+    /// The parties, borrowed, for [`TrafficLabels::new`].
+    pub fn parties(&self) -> Parties<'_> {
+        Parties {
+            source: self.source.as_deref(),
+            source_identity: self.source_identity.as_ref(),
+            destination: self.destination.as_deref(),
+            destination_identity: self.destination_identity.as_ref(),
+            service: self.service.as_deref(),
+        }
+    }
+}
+
 /// Who is talking to whom, as the labels need it.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Parties<'a> {

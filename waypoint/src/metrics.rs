@@ -6,9 +6,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::identity::Identity;
-use common::metrics::{HANDLE_CACHE, HandleCache, Parties, TrafficLabels};
-use common::state::{Service, Workload};
+use common::metrics::{HANDLE_CACHE, HandleCache, PartiesKey, TrafficLabels};
 use common::telemetry::LogFormat;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -25,71 +23,23 @@ pub struct RequestLabels {
     pub grpc_response_status: String,
 }
 
-/// What a request's labels are made from. Workloads and services compare by identity (the
-/// same `Arc`, which the key holds, so that no other value can take its address while the key
-/// lives): finding a request's metrics hashes a few pointers and small values instead of the
-/// 25 label strings, and the labels are built only the first time a key is seen.
-#[derive(Clone, Debug)]
+/// What a request's labels are made from (see [`PartiesKey`]): its metrics are found by
+/// hashing this, and its labels built only the first time.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RequestKey {
-    pub source: Option<Arc<Workload>>,
-    pub source_identity: Identity,
-    pub destination: Option<Arc<Workload>>,
-    pub destination_identity: Option<Identity>,
-    pub service: Option<Arc<Service>>,
+    pub parties: PartiesKey,
     pub grpc: bool,
     pub flag: &'static str,
     pub code: u16,
     pub grpc_status: Option<String>,
 }
 
-fn same<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-        (None, None) => true,
-        _ => false,
-    }
-}
-
-fn address<T>(a: &Option<Arc<T>>) -> usize {
-    a.as_ref().map_or(0, |a| Arc::as_ptr(a) as *const () as usize)
-}
-
-impl PartialEq for RequestKey {
-    fn eq(&self, o: &Self) -> bool {
-        same(&self.source, &o.source)
-            && same(&self.destination, &o.destination)
-            && same(&self.service, &o.service)
-            && (self.grpc, self.flag, self.code) == (o.grpc, o.flag, o.code)
-            && self.source_identity == o.source_identity
-            && self.destination_identity == o.destination_identity
-            && self.grpc_status == o.grpc_status
-    }
-}
-
-impl Eq for RequestKey {}
-
-impl std::hash::Hash for RequestKey {
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        (address(&self.source), address(&self.destination), address(&self.service)).hash(h);
-        (self.grpc, self.flag, self.code, &self.grpc_status).hash(h);
-        self.source_identity.hash(h);
-        self.destination_identity.hash(h);
-    }
-}
-
 impl RequestKey {
     /// Istio's labels for this key.
     pub fn labels(&self) -> RequestLabels {
-        let parties = Parties {
-            source: self.source.as_deref(),
-            source_identity: Some(&self.source_identity),
-            destination: self.destination.as_deref(),
-            destination_identity: self.destination_identity.as_ref(),
-            service: self.service.as_deref(),
-        };
         let protocol = if self.grpc { "grpc" } else { "http" };
         RequestLabels {
-            traffic: TrafficLabels::new("waypoint", parties, protocol, self.flag, true),
+            traffic: TrafficLabels::new("waypoint", self.parties.parties(), protocol, self.flag, true),
             response_code: self.code.to_string(),
             grpc_response_status: self.grpc_status.clone().unwrap_or_default(),
         }

@@ -15,6 +15,7 @@ use super::{Context, Downstream};
 use crate::body::{Observed, ProxyBody};
 use crate::metrics::{RequestKey, rfc3339};
 use crate::route::Filter;
+use common::metrics::PartiesKey;
 
 /// Marks a 101 response whose `connection`/`upgrade` headers must reach the client.
 #[derive(Clone)]
@@ -70,17 +71,14 @@ fn record(
     bytes_sent: u64,
     grpc_status: Option<String>,
 ) {
-    let key = RequestKey {
+    let parties = PartiesKey {
         source: down.source_workload.clone(),
-        source_identity: down.source_identity.clone(),
+        source_identity: Some(down.source_identity.clone()),
         destination: ex.target.as_ref().map(|t| t.workload.clone()),
         destination_identity: ex.target.as_ref().map(|t| t.identity.clone()),
         service: Some(ex.backend_service.clone().unwrap_or_else(|| down.service.clone())),
-        grpc: ex.grpc,
-        flag: flag.as_str(),
-        code: status.as_u16(),
-        grpc_status,
     };
+    let key = RequestKey { parties, grpc: ex.grpc, flag: flag.as_str(), code: status.as_u16(), grpc_status };
     let duration = ex.start.elapsed();
     ex.log.duration = duration.as_millis() as u64;
     ex.log.bytes_received = ex.request_bytes.load(Ordering::Relaxed);

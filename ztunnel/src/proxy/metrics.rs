@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use common::copy::ByteCounters;
 use common::identity::Identity;
-use common::metrics::{HandleCache, Parties};
+use common::metrics::{HandleCache, PartiesKey};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -53,9 +53,24 @@ pub struct Metrics {
     passthrough: Family<OutcomeLabels, Counter>,
     accepting: Family<ListenerLabels, Gauge>,
     next_id: Arc<AtomicU64>,
-    /// An open connection's counters by label set, found with one hash of its 23 labels
-    /// instead of four.
-    by_labels: HandleCache<TcpLabels, Arc<ConnCounters>>,
+    /// An open connection's counters, found by hashing a few pointers (see [`PartiesKey`]);
+    /// its 23 labels are built once per key.
+    by_key: HandleCache<TcpKey, Arc<ConnCounters>>,
+}
+
+/// What a connection's labels are made from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct TcpKey {
+    parties: PartiesKey,
+    reporter: &'static str,
+    flags: &'static str,
+    mtls: bool,
+}
+
+impl TcpKey {
+    fn labels(&self) -> TcpLabels {
+        TcpLabels::new(self.reporter, self.parties.parties(), "tcp", self.flags, self.mtls)
+    }
 }
 
 /// The opened, received, sent and closed counters of one label set (clones of the families'
@@ -98,13 +113,14 @@ impl Metrics {
         m
     }
 
-    fn counters(&self, labels: TcpLabels) -> Arc<ConnCounters> {
-        self.by_labels.get(labels, |labels| {
+    fn counters(&self, key: TcpKey) -> Arc<ConnCounters> {
+        self.by_key.get(key, |key| {
+            let labels = key.labels();
             Arc::new(ConnCounters {
-                opened: self.opened.get_or_create(labels).clone(),
-                received: self.received.get_or_create(labels).clone(),
-                sent: self.sent.get_or_create(labels).clone(),
-                closed: self.closed.get_or_create(labels).clone(),
+                opened: self.opened.get_or_create(&labels).clone(),
+                received: self.received.get_or_create(&labels).clone(),
+                sent: self.sent.get_or_create(&labels).clone(),
+                closed: self.closed.get_or_create(&labels).clone(),
             })
         })
     }
@@ -142,6 +158,18 @@ pub struct Peer {
 impl Peer {
     pub fn of(w: &Arc<Workload>) -> Self {
         Self { workload: Some(w.clone()), identity: Some(w.identity.clone()) }
+    }
+}
+
+/// A value, or `-` for none, as the access log shows it (written straight into the line).
+struct OrDash<'a, T>(Option<&'a T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
     }
 }
 
@@ -208,32 +236,32 @@ impl Record {
         self.direction
     }
 
-    fn labels(&self, flags: &'static str) -> TcpLabels {
+    fn key(&self, flags: &'static str) -> TcpKey {
         let reporter = match self.reporter {
             Reporter::Source => "source",
             Reporter::Destination => "destination",
         };
-        let parties = Parties {
-            source: self.src.workload.as_deref(),
-            source_identity: self.src.identity.as_ref(),
-            destination: self.dst.workload.as_deref(),
-            destination_identity: self.dst.identity.as_ref(),
-            service: self.service.as_deref(),
+        let parties = PartiesKey {
+            source: self.src.workload.clone(),
+            source_identity: self.src.identity.clone(),
+            destination: self.dst.workload.clone(),
+            destination_identity: self.dst.identity.clone(),
+            service: self.service.clone(),
         };
-        TcpLabels::new(reporter, parties, "tcp", flags, self.mtls)
+        TcpKey { parties, reporter, flags, mtls: self.mtls }
     }
 
     /// The connection is established end to end.
     pub fn opened(&mut self) {
         self.opened = true;
-        let counters = self.metrics.counters(self.labels("-"));
+        let counters = self.metrics.counters(self.key("-"));
         counters.opened.inc();
         self.counters = Some(counters);
     }
 
     /// The connection was refused or could not be established: counted and logged.
     pub fn failed(self, failure: Failure) {
-        self.metrics.failed.get_or_create(&self.labels(failure.flags)).inc();
+        self.metrics.failed.get_or_create(&self.key(failure.flags).labels()).inc();
         self.log(0, 0, Some(&failure));
     }
 
@@ -241,7 +269,7 @@ impl Record {
     pub fn closed(mut self, bytes: &ByteCounters, error: Option<String>) {
         let c = match self.counters.take() {
             Some(c) => c,
-            None => self.metrics.counters(self.labels("-")),
+            None => self.metrics.counters(self.key("-")),
         };
         // Istio's view: "received" is what the client sent, "sent" what it got back.
         c.received.inc_by(bytes.sent());
@@ -254,10 +282,16 @@ impl Record {
     fn log(&self, sent: u64, received: u64, failure: Option<&Failure>) {
         let s = self.src.workload.as_deref();
         let d = self.dst.workload.as_deref();
-        let name = |w: Option<&Workload>| w.map_or("-", |w| w.name.as_str()).to_string();
-        let ns = |w: Option<&Workload>| w.map_or("-", |w| w.namespace.as_str()).to_string();
-        let id = |p: &Peer| p.identity.as_ref().map_or_else(|| "-".to_string(), ToString::to_string);
-        let upstream = self.upstream.map_or_else(|| "-".to_string(), |u| u.to_string());
+        fn name(w: Option<&Workload>) -> &str {
+            w.map_or("-", |w| w.name.as_str())
+        }
+        fn ns(w: Option<&Workload>) -> &str {
+            w.map_or("-", |w| w.namespace.as_str())
+        }
+        fn id(p: &Peer) -> OrDash<'_, Identity> {
+            OrDash(p.identity.as_ref())
+        }
+        let upstream = OrDash(self.upstream.as_ref());
         let service = self.service.as_ref().map_or("-", |s| s.hostname.as_str());
         let duration_ms = self.start.elapsed().as_millis() as u64;
         macro_rules! record {
@@ -289,5 +323,53 @@ impl Record {
             Some(f) if self.opened => record!(info, "connection complete", error = %f.reason,),
             Some(f) => record!(warn, "connection refused", reason = %f.reason, response_flags = f.flags,),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(canonical_name: &str) -> Arc<Workload> {
+        let w = proto::workload::Workload {
+            uid: "u".into(),
+            name: "client".into(),
+            namespace: "demo".into(),
+            canonical_name: canonical_name.into(),
+            ..Default::default()
+        };
+        Arc::new(Workload::from_proto(&w).expect("converts"))
+    }
+
+    fn connection(metrics: &Metrics, source: &Arc<Workload>) {
+        let addr: SocketAddr = "10.0.0.1:80".parse().expect("addr");
+        let mut r = Record::new(metrics, Reporter::Source, "outbound", addr, addr);
+        r.src = Peer::of(source);
+        r.mtls = true;
+        r.opened();
+        r.closed(&ByteCounters::default(), None);
+    }
+
+    /// Counters are found by the workload's `Arc`, not its labels: the same workload counts
+    /// into one series, and a workload a push replaced (equal name, new labels) into its own.
+    #[test]
+    fn connections_count_under_the_labels_of_the_workload_they_had() {
+        let mut registry = common::metrics::new_registry();
+        let metrics = Metrics::new(&mut registry);
+        let v1 = workload("app-v1");
+        connection(&metrics, &v1);
+        connection(&metrics, &v1);
+        connection(&metrics, &workload("app-v2"));
+        let text = common::metrics::render(&registry);
+        let opened = |app: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("istio_tcp_connections_opened_total{")
+                        && l.contains(&format!("source_canonical_service=\"{app}\""))
+                })
+                .map(|l| l.rsplit(' ').next().unwrap_or_default().to_string())
+        };
+        assert_eq!(opened("app-v1").as_deref(), Some("2"), "{text}");
+        assert_eq!(opened("app-v2").as_deref(), Some("1"), "{text}");
     }
 }
