@@ -8,8 +8,9 @@ pub struct Push {
     pub kind: String,
     /// Median wall time.
     pub median_us: f64,
-    /// Allocation requests per push (mean; the same every time for the same state, so a
-    /// deterministic companion to the time).
+    /// Allocation requests per push (mean). Nearly the same run to run (random hash seeds
+    /// shape the maps a little differently), unlike the time: the companion figure that
+    /// shows a regression.
     pub allocations: u64,
     pub alloc_bytes: u64,
 }
