@@ -16,12 +16,15 @@ set -euo pipefail
 # instruction counts) and taskset (util-linux) are for the benchmark runner. The proto crate
 # uses protox (pure Rust), so no system protoc is needed. containernetworking-plugins (bridge,
 # ptp, host-local) drive the CNI plugin test; buildah, skopeo and umoci build and check the OCI
-# images without a container daemon (deploy/images/build.sh).
+# images without a container daemon (deploy/images/build.sh). dig (bind9-dnsutils) queries the DNS
+# proxy in its test, and dnsmasq (dnsmasq-base: the program without a system service) plays the
+# upstream resolver there.
 packages=(curl clang llvm libbpf-dev iproute2 iperf3 util-linux bpftool procps
-  containernetworking-plugins buildah skopeo umoci wrk nghttp2-client nginx-light valgrind)
+  containernetworking-plugins buildah skopeo umoci wrk nghttp2-client nginx-light valgrind
+  bind9-dnsutils dnsmasq-base)
 # The same needs as commands or files, for a machine without dpkg.
 needs=(curl clang llvm-objdump /usr/include/bpf/bpf_helpers.h ip iperf3 taskset bpftool sysctl
-  /usr/lib/cni/host-local buildah skopeo umoci wrk h2load nginx valgrind)
+  /usr/lib/cni/host-local buildah skopeo umoci wrk h2load nginx valgrind dig dnsmasq)
 
 # Python packages, as "import-name:pip-name": the waypoint test checks a gRPC client from an
 # independent implementation, Python's grpcio.

@@ -103,6 +103,10 @@ pub struct Snapshot {
     services: OrdMap<String, Arc<Service>>,
     #[serde(skip)]
     services_by_vip: HashMap<(String, IpAddr), Arc<Service>>,
+    /// Lower-case hostname (a wildcard one as written, `*.example.com`) -> its services by key
+    /// (one per namespace that declares it).
+    #[serde(skip)]
+    services_by_host: HashMap<String, OrdMap<String, Arc<Service>>>,
     #[serde(skip)]
     local_services: HashMap<IpAddr, Arc<Service>>,
     /// Service `namespace/hostname` -> its endpoints.
@@ -149,6 +153,12 @@ impl Snapshot {
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.local_services.get(&ip)
+    }
+
+    /// The services with this hostname (lower case; `*.example.com` for a wildcard one), in
+    /// every namespace that declares one.
+    pub fn services_by_host<'a>(&'a self, hostname: &str) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
+        self.services_by_host.get(hostname).into_iter().flat_map(|by_key| by_key.values())
     }
 
     pub fn service(&self, namespace: &str, hostname: &str) -> Option<&Arc<Service>> {

@@ -30,6 +30,7 @@ fn config(source: Source) -> Config {
         proxy: None,
         drain_period: ztunnel::config::DEFAULT_DRAIN_PERIOD,
         enrollment: None,
+        dns: None,
     }
 }
 

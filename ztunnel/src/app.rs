@@ -132,6 +132,13 @@ impl App {
                 for t in proxy_tasks {
                     tasks.push_critical("proxy listener", t);
                 }
+                if let Some(dns) = &config.dns {
+                    let resolver =
+                        crate::dns::Resolver::new(dns, state.clone(), crate::dns::DnsMetrics::new(registry));
+                    for t in crate::dns::start(dns, resolver).await? {
+                        tasks.push_critical("DNS proxy", t);
+                    }
+                }
                 let block = ready.register(CERTS_TASK);
                 tasks.push(tokio::spawn(prefetch_certificates(
                     state.clone(),

@@ -79,6 +79,8 @@ pub struct Config {
     /// Enrollment at pod creation through the CNI plugin (socket + Kubernetes watch); `None`
     /// when off.
     pub enrollment: Option<CniConfig>,
+    /// The DNS proxy (15053); `None` when off.
+    pub dns: Option<crate::dns::DnsConfig>,
 }
 
 /// Command line and environment.
@@ -150,6 +152,34 @@ pub struct Args {
     /// Kubeconfig file for --kube-watch, instead of the in-cluster environment or KUBECONFIG.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// The DNS proxy on 15053, UDP and TCP: answers the mesh's service names itself and
+    /// forwards the rest (`--dns-proxy false` turns it off).
+    #[arg(long, env = "ZTUNNEL_DNS_PROXY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns_proxy: bool,
+    /// Where the DNS proxy listens.
+    #[arg(long, env = "ZTUNNEL_DNS_ADDR", default_value_t = DEFAULT_DNS_ADDR)]
+    pub dns_addr: SocketAddr,
+    /// Resolvers for names that are not the mesh's (comma-separated `ip` or `ip:port`); the
+    /// name servers of /etc/resolv.conf when unset.
+    #[arg(long = "dns-upstream", env = "ZTUNNEL_DNS_UPSTREAMS", value_delimiter = ',')]
+    pub dns_upstreams: Vec<String>,
+    /// Milliseconds each upstream resolver may take to answer.
+    #[arg(long, env = "ZTUNNEL_DNS_UPSTREAM_TIMEOUT_MS", default_value_t = 2000)]
+    pub dns_upstream_timeout_ms: u64,
+    /// The cluster's DNS domain (short names expand under it).
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+}
+
+/// Where the DNS proxy listens by default.
+pub const DEFAULT_DNS_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 15053);
+
+/// An upstream resolver given as `ip` (port 53) or `ip:port`.
+fn upstream(s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| ConfigError::DnsUpstream(s.to_string()))
 }
 
 /// What to do instead of running the proxy.
@@ -175,6 +205,8 @@ pub enum ConfigError {
     WatchWithoutEnrollment,
     #[error("--xds-server-identity is for waypoints fed by our controller; ztunnel's xDS server is istiod")]
     ServerIdentity,
+    #[error("--dns-upstream {0:?} is neither an IP address nor ip:port")]
+    DnsUpstream(String),
 }
 
 impl Config {
@@ -205,6 +237,23 @@ impl Config {
             mark: ebpf::redirector::DEFAULT_ZTUNNEL_MARK,
             outbound_policy: args.outbound_policy,
         });
+        let dns = if args.dns_proxy && !args.no_proxy {
+            let mut upstreams =
+                args.dns_upstreams.iter().map(|s| upstream(s)).collect::<Result<Vec<_>, _>>()?;
+            if upstreams.is_empty() {
+                let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+                upstreams = crate::dns::forward::resolv_conf(&conf);
+            }
+            Some(crate::dns::DnsConfig {
+                addr: args.dns_addr,
+                upstreams,
+                upstream_timeout: Duration::from_millis(args.dns_upstream_timeout_ms),
+                domain: args.cluster_domain.trim_matches('.').to_ascii_lowercase(),
+                mark: Some(ebpf::redirector::DEFAULT_ZTUNNEL_MARK),
+            })
+        } else {
+            None
+        };
         let (source, source_description) = args.control_plane.source(&node)?;
         let enrollment = match (args.enrollment_socket, args.kube_watch) {
             (Some(_), false) => return Err(ConfigError::EnrollmentNeedsWatch),
@@ -240,6 +289,7 @@ impl Config {
             proxy,
             drain_period: Duration::from_secs(args.drain_period_seconds),
             enrollment,
+            dns,
         })
     }
 }
@@ -273,6 +323,20 @@ mod tests {
         let plain = parse(&["--xds-address", "http://127.0.0.1:15010"]).expect("plain");
         let Source::Xds(x) = plain.source else { panic!("xds") };
         assert!(x.target.root_cert.is_none());
+    }
+
+    #[test]
+    fn the_dns_proxy_is_on_by_default_with_upstreams_from_flags_or_resolv_conf() {
+        let on = parse(&[]).expect("default").dns.expect("on by default");
+        assert_eq!(on.addr, DEFAULT_DNS_ADDR);
+        assert_eq!(on.domain, "cluster.local");
+        let set = parse(&["--dns-upstream", "10.0.0.10,10.0.0.11:5353", "--cluster-domain", "Corp.Local."]);
+        let set = set.expect("parses").dns.expect("on");
+        assert_eq!(set.upstreams, ["10.0.0.10:53".parse().expect("a"), "10.0.0.11:5353".parse().expect("b")]);
+        assert_eq!(set.domain, "corp.local");
+        assert!(parse(&["--dns-proxy", "false"]).expect("parses").dns.is_none());
+        assert!(parse(&["--no-proxy"]).expect("parses").dns.is_none());
+        assert!(matches!(parse(&["--dns-upstream", "resolver"]), Err(ConfigError::DnsUpstream(_))));
     }
 
     #[test]

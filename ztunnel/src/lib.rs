@@ -9,6 +9,7 @@ pub mod app;
 pub mod cli;
 pub mod cni;
 pub mod config;
+pub mod dns;
 pub mod proxy;
 pub mod redirect;
 pub mod socket;

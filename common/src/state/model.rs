@@ -211,6 +211,7 @@ impl Model {
 
     fn index_service(&mut self, name: &str, s: &Arc<Service>) {
         let now = self.service_keys.claim(&s.key().to_string(), name, s.clone());
+        self.put_host(s.key(), Some(&now));
         self.view.services.insert(s.key().to_string(), now);
         for vip in &s.vips {
             let now = self.vips.claim(vip, name, s.clone());
@@ -221,10 +222,30 @@ impl Model {
     fn unindex_service(&mut self, name: &str, s: &Arc<Service>) {
         let key = s.key().to_string();
         let now = self.service_keys.release(&key, name);
+        self.put_host(&key, now.as_ref());
         Self::put_ordered(&mut self.view.services, key, now);
         for vip in &s.vips {
             let now = self.vips.release(vip, name);
             self.put_vip(vip.clone(), now);
+        }
+    }
+
+    /// Keeps the by-hostname index in step with the service in force for `key`: the view's
+    /// current one goes, `now` comes (call before the view's `services` changes).
+    fn put_host(&mut self, key: &str, now: Option<&Arc<Service>>) {
+        let view = &mut self.view;
+        if let Some(before) = view.services.get(key).cloned() {
+            let host = before.hostname.to_ascii_lowercase();
+            if let Some(by_key) = view.services_by_host.get_mut(&host) {
+                by_key.remove(key);
+                if by_key.is_empty() {
+                    view.services_by_host.remove(&host);
+                }
+            }
+        }
+        if let Some(now) = now {
+            let host = now.hostname.to_ascii_lowercase();
+            view.services_by_host.entry(host).or_default().insert(key.to_string(), now.clone());
         }
     }
 

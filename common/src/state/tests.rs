@@ -492,6 +492,10 @@ fn digest(s: &Snapshot) -> String {
             .map(|(n, ws)| format!("{n} {:?}", ws.keys().collect::<Vec<_>>()))
             .collect(),
     );
+    lines(
+        "by_host",
+        s.services_by_host.iter().map(|(h, ss)| format!("{h} {:?}", ss.keys().collect::<Vec<_>>())).collect(),
+    );
     lines("by_vip", s.services_by_vip.iter().map(|(k, v)| format!("{k:?} {}", json(&**v))).collect());
     lines("local_vips", s.local_services.iter().map(|(k, v)| format!("{k} {}", json(&**v))).collect());
     lines("global", s.global_policies.iter().map(|p| json(&**p)).collect());

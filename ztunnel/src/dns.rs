@@ -1,0 +1,478 @@
+//! ztunnel's DNS proxy on 15053, UDP and TCP: answers A and AAAA for the mesh's names itself
+//! ([`names`]) and forwards everything else to the upstream resolvers ([`forward`]).
+//!
+//! Every query is parsed with `hickory-proto` first. What does not parse as a single-question
+//! query (garbage, truncated or oversized packets, compression loops, responses) is dropped and
+//! counted in `istio_dns_dropped_total{reason}`; a query with an opcode other than QUERY is
+//! answered NOTIMP. A name of the mesh gets its addresses of the asked family (NOERROR with no
+//! answer when it has none of that family or the type is not A/AAAA); any other name the
+//! upstreams' answer, passed through unchanged, or SERVFAIL when none answers within the
+//! timeout. An answer too big for a UDP client's buffer comes back truncated, so that it asks
+//! again over TCP. Each source address may have at most [`PER_SOURCE`] queries in flight and
+//! all sources together [`IN_FLIGHT`]: a flood from one pod is dropped (counted) while the
+//! others are served.
+
+pub mod forward;
+pub mod names;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use common::state::{Snapshot, State};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::{RData, Record, RecordType};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tracing::{debug, warn};
+
+pub use forward::{Forwarder, UpstreamMetrics};
+
+/// TTL of the answers for the mesh's names (seconds).
+pub const TTL: u32 = 30;
+/// Queries in flight per source address; more are dropped.
+pub const PER_SOURCE: usize = 64;
+/// Queries in flight in all.
+pub const IN_FLIGHT: usize = 1024;
+/// Largest UDP query accepted (bigger ones are dropped as oversized).
+const MAX_UDP_QUERY: usize = 4096;
+/// What a UDP client without EDNS can take.
+const PLAIN_UDP_PAYLOAD: usize = 512;
+/// What we offer in EDNS on our own answers.
+const OUR_UDP_PAYLOAD: u16 = 1232;
+/// TCP connections served at once, and how long one may sit idle between queries.
+const TCP_CONNECTIONS: usize = 256;
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Settings of the DNS proxy (part of ztunnel's config).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DnsConfig {
+    /// Where it listens, UDP and TCP.
+    pub addr: SocketAddr,
+    /// Where names that are not the mesh's go.
+    pub upstreams: Vec<SocketAddr>,
+    /// How long each upstream may take to answer.
+    pub upstream_timeout: Duration,
+    /// The cluster's DNS domain (`cluster.local`).
+    pub domain: String,
+    /// `SO_MARK` of the upstream sockets (ztunnel's own, never captured).
+    pub mark: Option<u32>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    request_query_type: &'static str,
+    request_protocol: &'static str,
+    /// `local` (a name of the mesh), `upstream`, or `error` (SERVFAIL, NOTIMP).
+    answered_by: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
+/// The DNS proxy's metrics (`istio_dns_*`).
+#[derive(Clone, Debug, Default)]
+pub struct DnsMetrics {
+    requests: Family<RequestLabels, Counter>,
+    dropped: Family<DropLabels, Counter>,
+    upstream: UpstreamMetrics,
+}
+
+impl DnsMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "dns_requests",
+            "DNS queries answered, by type, transport and who answered",
+            m.requests.clone(),
+        );
+        registry.register(
+            "dns_dropped",
+            "DNS packets dropped unanswered: malformed, oversized, not a query, or over the in-flight limit",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "dns_upstream_requests",
+            "DNS queries sent to upstream resolvers",
+            m.upstream.requests.clone(),
+        );
+        registry.register(
+            "dns_upstream_failures",
+            "DNS queries an upstream resolver did not answer in time or answered wrongly",
+            m.upstream.failures.clone(),
+        );
+        registry.register(
+            "dns_upstream_request_duration_seconds",
+            "Time upstream resolvers took per try",
+            m.upstream.duration.clone(),
+        );
+        m
+    }
+
+    fn drop(&self, reason: &'static str) {
+        self.dropped.get_or_create(&DropLabels { reason }).inc();
+    }
+}
+
+/// How a query arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    fn label(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// What to do with a packet.
+#[derive(Debug)]
+pub enum Decision {
+    /// Drop it unanswered (the reason is the metric's label).
+    Drop(&'static str),
+    /// Send this answer.
+    Answer(Vec<u8>),
+    /// Not the mesh's name: ask the upstreams.
+    Forward(Box<Message>),
+}
+
+/// Decides on one packet from a client in namespace `ns`: parses it and answers a name of the
+/// mesh from `snapshot`. Never panics, whatever the bytes (fuzzed).
+pub fn decide(snapshot: &Snapshot, packet: &[u8], ns: Option<&str>, domain: &str) -> Decision {
+    let Ok(query) = Message::from_vec(packet) else { return Decision::Drop("malformed") };
+    if query.message_type() != MessageType::Query {
+        return Decision::Drop("not_a_query");
+    }
+    if query.op_code() != OpCode::Query {
+        return answer_or_drop(&error(&query, ResponseCode::NotImp));
+    }
+    let [question] = query.queries() else {
+        return answer_or_drop(&error(&query, ResponseCode::FormErr));
+    };
+    let qname = question.name().to_lowercase().to_ascii();
+    let qname = qname.trim_end_matches('.');
+    let Some(found) = names::lookup(snapshot, qname, ns, domain) else {
+        return Decision::Forward(Box::new(query));
+    };
+    let mut reply = reply_to(&query, ResponseCode::NoError);
+    reply.set_authoritative(true);
+    for ip in found.addresses {
+        let rdata = match (question.query_type(), ip) {
+            (RecordType::A, IpAddr::V4(v4)) => RData::A(A(v4)),
+            (RecordType::AAAA, IpAddr::V6(v6)) => RData::AAAA(AAAA(v6)),
+            _ => continue,
+        };
+        reply.add_answer(Record::from_rdata(question.name().clone(), TTL, rdata));
+    }
+    answer_or_drop(&reply)
+}
+
+fn answer_or_drop(m: &Message) -> Decision {
+    match m.to_vec() {
+        Ok(bytes) => Decision::Answer(bytes),
+        Err(_) => Decision::Drop("unencodable"),
+    }
+}
+
+/// The header of a response to `query`, with its question and EDNS when it used EDNS.
+fn reply_to(query: &Message, code: ResponseCode) -> Message {
+    let mut reply = Message::new();
+    reply
+        .set_id(query.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(query.op_code())
+        .set_recursion_desired(query.recursion_desired())
+        .set_recursion_available(true)
+        .set_checking_disabled(query.checking_disabled())
+        .set_response_code(code);
+    reply.add_queries(query.queries().iter().cloned());
+    if query.extensions().is_some() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(OUR_UDP_PAYLOAD).set_version(0);
+        reply.set_edns(edns);
+    }
+    reply
+}
+
+fn error(query: &Message, code: ResponseCode) -> Message {
+    reply_to(query, code)
+}
+
+/// What a UDP client of `query` can take in one datagram.
+fn udp_limit(query: &[u8]) -> usize {
+    Message::from_vec(query)
+        .ok()
+        .and_then(|m| m.extensions().as_ref().map(|e| usize::from(e.max_payload())))
+        .map_or(PLAIN_UDP_PAYLOAD, |p| p.max(PLAIN_UDP_PAYLOAD))
+}
+
+/// `answer` cut to its header, question and EDNS, flagged truncated, when it does not fit
+/// `limit` bytes.
+fn fit(answer: Vec<u8>, limit: usize) -> Vec<u8> {
+    if answer.len() <= limit {
+        return answer;
+    }
+    match Message::from_vec(&answer).and_then(|m| m.truncate().to_vec()) {
+        Ok(cut) => cut,
+        Err(_) => answer,
+    }
+}
+
+/// The proxy: the mesh's state, the upstreams, the limits and the metrics.
+pub struct Resolver {
+    state: State,
+    domain: String,
+    forwarder: Forwarder,
+    metrics: DnsMetrics,
+    in_flight: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A query's place in the in-flight limits, given back when dropped.
+struct Slot<'a> {
+    resolver: &'a Resolver,
+    source: IpAddr,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.resolver.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.source);
+            }
+        }
+    }
+}
+
+impl Resolver {
+    pub fn new(config: &DnsConfig, state: State, metrics: DnsMetrics) -> Arc<Self> {
+        let forwarder = Forwarder {
+            upstreams: config.upstreams.clone(),
+            timeout: config.upstream_timeout,
+            mark: config.mark,
+            metrics: metrics.upstream.clone(),
+        };
+        Arc::new(Self {
+            state,
+            domain: config.domain.clone(),
+            forwarder,
+            metrics,
+            in_flight: Mutex::default(),
+        })
+    }
+
+    /// A slot for one more query from `source`, if the limits allow it.
+    fn slot(&self, source: IpAddr) -> Option<Slot<'_>> {
+        let mut map = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        let total: usize = map.values().sum();
+        let mine = map.get(&source).copied().unwrap_or(0);
+        if total >= IN_FLIGHT || mine >= PER_SOURCE {
+            return None;
+        }
+        *map.entry(source).or_default() += 1;
+        Some(Slot { resolver: self, source })
+    }
+
+    /// The answer to `packet` from `client`, or `None` when it is dropped.
+    pub async fn answer(&self, packet: &[u8], client: SocketAddr, transport: Transport) -> Option<Vec<u8>> {
+        let Some(_slot) = self.slot(client.ip()) else {
+            self.metrics.drop("overload");
+            return None;
+        };
+        let snapshot = self.state.snapshot();
+        let workload = snapshot.workload_by_ip(client.ip()).cloned();
+        let ns = workload.as_ref().map(|w| w.namespace.as_str());
+        let (answer, by) = match decide(&snapshot, packet, ns, &self.domain) {
+            Decision::Drop(reason) => {
+                debug!(%client, reason, "DNS packet dropped");
+                self.metrics.drop(reason);
+                return None;
+            }
+            Decision::Answer(bytes) => {
+                let by = if bytes.get(3).is_some_and(|b| b & 0x0f == 0) { "local" } else { "error" };
+                (bytes, by)
+            }
+            Decision::Forward(query) => {
+                match self.forwarder.forward(packet, query.id(), transport == Transport::Tcp).await {
+                    Ok(bytes) => (bytes, "upstream"),
+                    Err(e) => {
+                        warn!(%client, error = %e, "DNS query not answered upstream: SERVFAIL");
+                        match error(&query, ResponseCode::ServFail).to_vec() {
+                            Ok(bytes) => (bytes, "error"),
+                            Err(_) => return None,
+                        }
+                    }
+                }
+            }
+        };
+        let qtype = Message::from_vec(packet)
+            .ok()
+            .and_then(|m| m.query().map(|q| q.query_type()))
+            .map_or("other", query_type_label);
+        debug!(%client, qtype, answered_by = by, bytes = answer.len(), "DNS query answered");
+        let labels =
+            RequestLabels { request_query_type: qtype, request_protocol: transport.label(), answered_by: by };
+        self.metrics.requests.get_or_create(&labels).inc();
+        Some(match transport {
+            Transport::Udp => fit(answer, udp_limit(packet)),
+            Transport::Tcp => answer,
+        })
+    }
+}
+
+fn query_type_label(t: RecordType) -> &'static str {
+    match t {
+        RecordType::A => "A",
+        RecordType::AAAA => "AAAA",
+        RecordType::CNAME => "CNAME",
+        RecordType::MX => "MX",
+        RecordType::NS => "NS",
+        RecordType::PTR => "PTR",
+        RecordType::SRV => "SRV",
+        RecordType::TXT => "TXT",
+        _ => "other",
+    }
+}
+
+/// Serves `resolver` on a bound UDP socket until the task is dropped.
+pub async fn serve_udp(resolver: Arc<Resolver>, socket: Arc<UdpSocket>) {
+    let mut buf = vec![0u8; MAX_UDP_QUERY + 1];
+    loop {
+        let (n, client) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "DNS UDP receive failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if n > MAX_UDP_QUERY {
+            resolver.metrics.drop("oversized");
+            continue;
+        }
+        let packet = buf[..n].to_vec();
+        let (resolver, socket) = (resolver.clone(), socket.clone());
+        tokio::spawn(async move {
+            if let Some(answer) = resolver.answer(&packet, client, Transport::Udp).await
+                && let Err(e) = socket.send_to(&answer, client).await
+            {
+                debug!(%client, error = %e, "DNS answer not sent");
+            }
+        });
+    }
+}
+
+/// Serves `resolver` on a TCP listener until the task is dropped: length-prefixed queries,
+/// answered in order, a connection closed after [`TCP_IDLE`] without a query.
+pub async fn serve_tcp(resolver: Arc<Resolver>, listener: TcpListener) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(TCP_CONNECTIONS));
+    loop {
+        let (stream, client) = match listener.accept().await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "DNS TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            resolver.metrics.drop("overload");
+            continue;
+        };
+        let resolver = resolver.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = tcp_connection(&resolver, stream, client).await {
+                debug!(%client, error = %e, "DNS TCP connection ended");
+            }
+        });
+    }
+}
+
+async fn tcp_connection(
+    resolver: &Resolver,
+    mut stream: TcpStream,
+    client: SocketAddr,
+) -> std::io::Result<()> {
+    loop {
+        let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
+            Ok(Ok(len)) => usize::from(len),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Ok(()),
+        };
+        let mut packet = vec![0; len];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut packet)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                resolver.metrics.drop("slow_client");
+                return Ok(());
+            }
+        }
+        let Some(answer) = resolver.answer(&packet, client, Transport::Tcp).await else { continue };
+        let Ok(len) = u16::try_from(answer.len()) else { continue };
+        let mut framed = Vec::with_capacity(answer.len() + 2);
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(&answer);
+        stream.write_all(&framed).await?;
+    }
+}
+
+/// Binds `config.addr` for UDP and TCP and serves `resolver` on both; returns the two tasks.
+pub async fn start(
+    config: &DnsConfig,
+    resolver: Arc<Resolver>,
+) -> std::io::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let udp = bind(config.addr, socket2::Type::DGRAM)?;
+    let tcp = bind(config.addr, socket2::Type::STREAM)?;
+    tcp.listen(1024)?;
+    let udp = Arc::new(UdpSocket::from_std(udp.into())?);
+    let tcp = TcpListener::from_std(tcp.into())?;
+    tracing::info!(
+        addr = %config.addr,
+        upstreams = ?config.upstreams,
+        domain = %config.domain,
+        "DNS proxy serving"
+    );
+    if config.upstreams.is_empty() {
+        warn!("the DNS proxy has no upstream resolver: names outside the mesh get SERVFAIL");
+    }
+    Ok(vec![tokio::spawn(serve_udp(resolver.clone(), udp)), tokio::spawn(serve_tcp(resolver, tcp))])
+}
+
+/// A socket bound to `addr` that the next ztunnel can bind too (a hand-over).
+fn bind(addr: SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let socket = socket2::Socket::new(domain, ty, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// A question for `name` of type `qtype`, as a client would send it (tests, the fuzz seeds).
+pub fn query_bytes(id: u16, name: &str, qtype: RecordType) -> Option<Vec<u8>> {
+    let mut m = Message::new();
+    m.set_id(id).set_message_type(MessageType::Query).set_op_code(OpCode::Query).set_recursion_desired(true);
+    m.add_query(Query::query(hickory_proto::rr::Name::from_ascii(name).ok()?, qtype));
+    m.to_vec().ok()
+}
+
+#[cfg(test)]
+mod tests;
