@@ -15,7 +15,7 @@ fuzz_dir=$(pwd)
 secs=${1:-20}
 [[ $secs =~ ^[0-9]+$ ]] || { echo "usage: $0 [seconds-per-target] [target...]" >&2; exit 2; }
 shift || true
-all_targets=(xds_address xds_authorization xds_state connect_authority forwarded local_yaml translate path_normalize jwt cni)
+all_targets=(xds_address xds_authorization xds_state connect_authority forwarded local_yaml translate path_normalize jwt cni dns)
 if [ $# -gt 0 ]; then targets=("$@"); else targets=("${all_targets[@]}"); fi
 
 if ! rustup toolchain list | grep '^nightly' >/dev/null; then

@@ -11,7 +11,11 @@
 //     cannot be determined (truncated or malformed header, an unknown IPv6 extension header, a
 //     header chain longer than we walk) or that is a fragment is DROPPED and counted: it might
 //     be TCP that would otherwise bypass ztunnel;
-//   - non-TCP transports (UDP, ICMP, ...) are not captured;
+//   - DNS of an enrolled pod (UDP or TCP to port 53, any destination) goes to ztunnel's DNS
+//     proxy on 15053 when it runs (a UDP socket or TCP listener there), with the original
+//     destination kept for the answer's source; without one it goes its way (UDP) or to the
+//     outbound listener (TCP) as before;
+//   - other non-TCP transports (UDP, ICMP, ...) are not captured;
 //   - if a non-listening socket owns the exact 4-tuple (a flow already handed to ztunnel, or a
 //     connection ztunnel made with a pod's address), assign the packet to it;
 //   - else a SYN from an enrolled pod, whatever its destination port, goes to the outbound
@@ -43,6 +47,7 @@
 #include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
+#include <linux/udp.h>
 
 // Address families as the kernel numbers them (sys/socket.h is not for BPF targets).
 #define AF_INET 2
@@ -101,6 +106,10 @@ struct {
     __type(value, __u64);
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } stats SEC(".maps");
+
+// DNS, and the port of ztunnel's DNS proxy (fixed: the settings map is pinned, its layout kept).
+#define DNS_PORT 53
+#define DNS_PROXY_PORT 15053
 
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
@@ -177,6 +186,30 @@ static __always_inline int read_tcp(struct __sk_buff *skb, __u32 off, struct flo
     return 0;
 }
 
+// Reads the UDP header at `off` into `flow`. Returns 0, or -1 when it cannot be read.
+static __always_inline int read_udp(struct __sk_buff *skb, __u32 off, struct flow *flow) {
+    struct udphdr udp;
+    if (bpf_skb_load_bytes(skb, off, &udp, sizeof(udp)) < 0)
+        return -1;
+    flow->dport = bpf_ntohs(udp.dest);
+    if (flow->v6) {
+        flow->tuple.ipv6.sport = udp.source;
+        flow->tuple.ipv6.dport = udp.dest;
+    } else {
+        flow->tuple.ipv4.sport = udp.source;
+        flow->tuple.ipv4.dport = udp.dest;
+    }
+    return 0;
+}
+
+// Sets the tuple's destination port (network order).
+static __always_inline void set_dport(struct flow *flow, __u16 port) {
+    if (flow->v6)
+        flow->tuple.ipv6.dport = port;
+    else
+        flow->tuple.ipv4.dport = port;
+}
+
 // Looks up the socket of the flow's tuple (the verifier wants a constant tuple size).
 static __always_inline struct bpf_sock *lookup(struct __sk_buff *skb, struct flow *flow) {
     if (flow->v6)
@@ -213,6 +246,7 @@ static __always_inline int have_listener(struct __sk_buff *skb, struct flow *flo
 enum verdict {
     V_TCP = 0,
     V_PASS = 1,
+    V_DNS_UDP = 4,
     V_DROP_UNPARSEABLE = 2,
     V_DROP_FRAGMENT = 3,
 };
@@ -228,12 +262,21 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *flow) 
         return V_PASS;
     if (ip.version != 4 || ip.ihl < 5)
         return V_DROP_UNPARSEABLE;
+    flow->tuple.ipv4.saddr = ip.saddr;
+    flow->tuple.ipv4.daddr = ip.daddr;
+    if (ip.protocol == IPPROTO_UDP) {
+        // A pod's DNS query; a fragment (the first one has the ports, the others do not) is
+        // left alone, as UDP always was.
+        if (!flow->from_pod || (ip.frag_off & bpf_htons(IP_MF | IP_OFFSET)))
+            return V_PASS;
+        if (read_udp(skb, ETH_HLEN + ip.ihl * 4, flow) < 0)
+            return V_PASS;
+        return flow->dport == DNS_PORT ? V_DNS_UDP : V_PASS;
+    }
     if (ip.protocol != IPPROTO_TCP)
         return V_PASS;
     if (ip.frag_off & bpf_htons(IP_MF | IP_OFFSET))
         return V_DROP_FRAGMENT;
-    flow->tuple.ipv4.saddr = ip.saddr;
-    flow->tuple.ipv4.daddr = ip.daddr;
     if (read_tcp(skb, ETH_HLEN + ip.ihl * 4, flow) < 0)
         return V_DROP_UNPARSEABLE;
     return V_TCP;
@@ -279,8 +322,11 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct flow *flow) 
             break;
         case IPPROTO_FRAGMENT:
             return V_DROP_FRAGMENT;
-        // Transports we do not capture, and headers that end the chain for us.
         case IPPROTO_UDP:
+            if (!flow->from_pod || read_udp(skb, off, flow) < 0)
+                return V_PASS;
+            return flow->dport == DNS_PORT ? V_DNS_UDP : V_PASS;
+        // Transports we do not capture, and headers that end the chain for us.
         case IPPROTO_ICMPV6:
         case IPPROTO_NONE:
         case IPPROTO_ESP:
@@ -314,6 +360,21 @@ int ztunnel_capture(struct __sk_buff *skb) {
         return TC_ACT_OK;
     if (v == V_PASS)
         return TC_ACT_OK;
+    if (v == V_DNS_UDP) {
+        // To ztunnel's DNS proxy when it runs; else the query goes where it was sent.
+        set_dport(&flow, bpf_htons(DNS_PROXY_PORT));
+        struct bpf_sock *dns;
+        if (flow.v6)
+            dns = bpf_sk_lookup_udp(skb, &flow.tuple, sizeof(flow.tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+        else
+            dns = bpf_sk_lookup_udp(skb, &flow.tuple, sizeof(flow.tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+        if (!dns)
+            return TC_ACT_OK;
+        if (assign(skb, dns, cfg->redirect_mark) != 0)
+            return drop(STAT_ASSIGN_FAILED);
+        count(STAT_OUTBOUND);
+        return TC_ACT_OK;
+    }
     if (v == V_DROP_FRAGMENT)
         return drop(STAT_FRAGMENT);
     if (v != V_TCP)
@@ -346,6 +407,21 @@ int ztunnel_capture(struct __sk_buff *skb) {
 
     __u16 port;
     __u32 stat;
+    if (flow.from_pod && flow.dport == DNS_PORT) {
+        // DNS over TCP: to the DNS proxy's listener when it runs, else the outbound one.
+        struct flow d = flow;
+        set_dport(&d, bpf_htons(DNS_PROXY_PORT));
+        struct bpf_sock *dns = lookup(skb, &d);
+        if (dns) {
+            if (dns->state == BPF_TCP_LISTEN) {
+                if (assign(skb, dns, cfg->redirect_mark) != 0)
+                    return drop(STAT_ASSIGN_FAILED);
+                count(STAT_OUTBOUND);
+                return TC_ACT_OK;
+            }
+            bpf_sk_release(dns);
+        }
+    }
     if (flow.from_pod) {
         port = cfg->outbound_port;
         stat = STAT_OUTBOUND;

@@ -17,6 +17,7 @@ pub mod names;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -348,11 +349,16 @@ fn query_type_label(t: RecordType) -> &'static str {
     }
 }
 
-/// Serves `resolver` on a bound UDP socket until the task is dropped.
-pub async fn serve_udp(resolver: Arc<Resolver>, socket: Arc<UdpSocket>) {
-    let mut buf = vec![0u8; MAX_UDP_QUERY + 1];
+/// Serves `resolver` on a bound UDP socket until the task is dropped. A query the capture
+/// handed over (its original destination is not this socket's own address) is answered from
+/// that destination, so that the pod cannot tell; others from this socket.
+pub async fn serve_udp(resolver: Arc<Resolver>, socket: Arc<UdpSocket>, mark: Option<u32>) {
+    let own_port = socket.local_addr().map_or(0, |a| a.port());
+    let mut buf = vec![0u8; MAX_UDP_QUERY];
     loop {
-        let (n, client) = match socket.recv_from(&mut buf).await {
+        let fd = socket.as_raw_fd();
+        let received = socket.async_io(tokio::io::Interest::READABLE, || recv_with_dst(fd, &mut buf)).await;
+        let (n, client, dst) = match received {
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "DNS UDP receive failed");
@@ -365,15 +371,75 @@ pub async fn serve_udp(resolver: Arc<Resolver>, socket: Arc<UdpSocket>) {
             continue;
         }
         let packet = buf[..n].to_vec();
+        let captured = dst.filter(|d| d.port() != own_port);
         let (resolver, socket) = (resolver.clone(), socket.clone());
         tokio::spawn(async move {
-            if let Some(answer) = resolver.answer(&packet, client, Transport::Udp).await
-                && let Err(e) = socket.send_to(&answer, client).await
-            {
+            let Some(answer) = resolver.answer(&packet, client, Transport::Udp).await else { return };
+            let sent = match captured {
+                Some(from) => send_from(from, client, &answer, mark),
+                None => socket.send_to(&answer, client).await.map(drop),
+            };
+            if let Err(e) = sent {
                 debug!(%client, error = %e, "DNS answer not sent");
             }
         });
     }
+}
+
+/// One datagram into `buf`: its full length (more than `buf` when it was cut), its source and
+/// its original destination (`IP_RECVORIGDSTADDR`).
+fn recv_with_dst(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+    let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in6);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(
+        fd,
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC,
+    )?;
+    let source = msg.address.as_ref().and_then(|a| {
+        a.as_sockaddr_in()
+            .map(|a| SocketAddr::new(IpAddr::V4(a.ip()), a.port()))
+            .or_else(|| a.as_sockaddr_in6().map(|a| SocketAddr::new(IpAddr::V6(a.ip()), a.port())))
+    });
+    let Some(source) = source else {
+        return Err(std::io::Error::other("datagram without a source address"));
+    };
+    let mut dst = None;
+    for c in msg.cmsgs()? {
+        match c {
+            ControlMessageOwned::Ipv4OrigDstAddr(a) => {
+                let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                dst = Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(a.sin_port)));
+            }
+            ControlMessageOwned::Ipv6OrigDstAddr(a) => {
+                let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+                dst = Some(SocketAddr::new(IpAddr::V6(ip), u16::from_be(a.sin6_port)));
+            }
+            _ => {}
+        }
+    }
+    Ok((msg.bytes, source, dst))
+}
+
+/// Sends `bytes` to `to` from `from`, an address that is not ours (the one a captured query
+/// was sent to), on a transparent socket carrying ztunnel's mark.
+fn send_from(from: SocketAddr, to: SocketAddr, bytes: &[u8], mark: Option<u32>) -> std::io::Result<()> {
+    let domain = if from.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    transparent(&socket, from)?;
+    socket.set_reuse_address(true)?;
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
+    }
+    socket.bind(&from.into())?;
+    socket.send_to(bytes, &to.into())?;
+    Ok(())
+}
+
+fn transparent(socket: &socket2::Socket, addr: SocketAddr) -> std::io::Result<()> {
+    if addr.is_ipv4() { socket.set_ip_transparent_v4(true) } else { socket.set_ip_transparent_v6(true) }
 }
 
 /// Serves `resolver` on a TCP listener until the task is dropped: length-prefixed queries,
@@ -433,16 +499,35 @@ async fn tcp_connection(
     }
 }
 
-/// Binds `config.addr` for UDP and TCP and serves `resolver` on both; returns the two tasks.
+/// Binds `config.addr` (and, for an unspecified IPv4 address, its IPv6 twin when the node has
+/// IPv6) for UDP and TCP, transparently so that the capture can hand pods' DNS over, and serves
+/// `resolver` on each; returns the tasks.
 pub async fn start(
     config: &DnsConfig,
     resolver: Arc<Resolver>,
 ) -> std::io::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let udp = bind(config.addr, socket2::Type::DGRAM)?;
-    let tcp = bind(config.addr, socket2::Type::STREAM)?;
-    tcp.listen(1024)?;
-    let udp = Arc::new(UdpSocket::from_std(udp.into())?);
-    let tcp = TcpListener::from_std(tcp.into())?;
+    let mut addrs = vec![config.addr];
+    if config.addr.ip() == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+        addrs.push(SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), config.addr.port()));
+    }
+    let mut tasks = Vec::new();
+    for (i, addr) in addrs.into_iter().enumerate() {
+        let bound = bind_udp(addr).and_then(|udp| {
+            let tcp =
+                crate::socket::transparent_listener(addr, config.mark).map_err(std::io::Error::other)?;
+            Ok((udp, tcp))
+        });
+        let (udp, tcp) = match bound {
+            Ok(b) => b,
+            Err(e) if i > 0 => {
+                warn!(%addr, error = %e, "DNS proxy not serving IPv6");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        tasks.push(tokio::spawn(serve_udp(resolver.clone(), Arc::new(udp), config.mark)));
+        tasks.push(tokio::spawn(serve_tcp(resolver.clone(), tcp)));
+    }
     tracing::info!(
         addr = %config.addr,
         upstreams = ?config.upstreams,
@@ -452,18 +537,27 @@ pub async fn start(
     if config.upstreams.is_empty() {
         warn!("the DNS proxy has no upstream resolver: names outside the mesh get SERVFAIL");
     }
-    Ok(vec![tokio::spawn(serve_udp(resolver.clone(), udp)), tokio::spawn(serve_tcp(resolver, tcp))])
+    Ok(tasks)
 }
 
-/// A socket bound to `addr` that the next ztunnel can bind too (a hand-over).
-fn bind(addr: SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
+/// The UDP socket of the proxy: transparent, told each datagram's original destination, and
+/// bindable by the next ztunnel too (a hand-over).
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use nix::sys::socket::{setsockopt, sockopt};
     let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
-    let socket = socket2::Socket::new(domain, ty, None)?;
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        setsockopt(&socket, sockopt::Ipv6OrigDstAddr, &true)?;
+    } else {
+        setsockopt(&socket, sockopt::Ipv4OrigDstAddr, &true)?;
+    }
+    transparent(&socket, addr)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    Ok(socket)
+    UdpSocket::from_std(socket.into())
 }
 
 /// A question for `name` of type `qtype`, as a client would send it (tests, the fuzz seeds).
