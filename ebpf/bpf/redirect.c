@@ -489,6 +489,10 @@ int ztunnel_listener(struct bpf_sk_lookup *ctx) {
     } else {
         return SK_PASS;
     }
+    // ztunnel_capture's own lookup of the DNS proxy's listener (which also comes through
+    // here) must find that listener, not the outbound one.
+    if (local_port == DNS_PROXY_PORT)
+        return SK_PASS;
     // The same choice as ztunnel_capture's listener path.
     __u32 role;
     if (is_enrolled(&remote))
