@@ -58,6 +58,7 @@ cleanup() {
     ip netns exec "$tag-$node" "$bin/ztunnel" uninstall --bpf-pin-dir "$pins/$tag-$node" 2>&1 | grep -o 'removed=.*' | sed "s/^/    $node: capture uninstalled, /" || true
   done
   for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+  rm -rf "/etc/netns/$tag-client"
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
@@ -192,6 +193,16 @@ in_ns waypoint curl -fsS http://127.0.0.1:15020/metrics |
     labels=$(grep -oE '(destination_service|response_code|source_principal)="[^"]*"' <<<"$line" | paste -sd' ')
     echo "      ${line##* } x $labels"
   done
+
+echo "==> DNS: the client's resolv.conf names 10.96.0.10, which nobody serves; its captured queries"
+echo "    are answered by node-a's ztunnel, from that address, with the mesh's names"
+mkdir -p "/etc/netns/$tag-client"
+printf 'search demo.svc.cluster.local svc.cluster.local cluster.local\nnameserver 10.96.0.10\noptions ndots:5 timeout:2 attempts:1\n' \
+  >"/etc/netns/$tag-client/resolv.conf"
+in_ns client getent hosts web | sed 's/^/      getent hosts web: /'
+in_ns client curl -sS --max-time 5 http://web/hello | sed 's/^/      curl http:\/\/web\/hello: /'
+in_ns node-a curl -fsS http://127.0.0.1:15020/metrics | { grep -E '^istio_dns_requests_total' || true; } |
+  sed 's/^/      node-a: /'
 
 echo "==> node-b metrics (http://127.0.0.1:15020/metrics in node-b), connections it served:"
 in_ns node-b curl -fsS http://127.0.0.1:15020/metrics |
