@@ -153,15 +153,22 @@ pub enum Decision {
 /// Decides on one packet from a client in namespace `ns`: parses it and answers a name of the
 /// mesh from `snapshot`. Never panics, whatever the bytes (fuzzed).
 pub fn decide(snapshot: &Snapshot, packet: &[u8], ns: Option<&str>, domain: &str) -> Decision {
-    let Ok(query) = Message::from_vec(packet) else { return Decision::Drop("malformed") };
+    match Message::from_vec(packet) {
+        Ok(query) => decide_parsed(snapshot, query, ns, domain),
+        Err(_) => Decision::Drop("malformed"),
+    }
+}
+
+/// [`decide`] on a packet already parsed.
+fn decide_parsed(snapshot: &Snapshot, query: Message, ns: Option<&str>, domain: &str) -> Decision {
     if query.message_type() != MessageType::Query {
         return Decision::Drop("not_a_query");
     }
     if query.op_code() != OpCode::Query {
-        return answer_or_drop(&error(&query, ResponseCode::NotImp));
+        return answer_or_drop(&reply_to(&query, ResponseCode::NotImp));
     }
     let [question] = query.queries() else {
-        return answer_or_drop(&error(&query, ResponseCode::FormErr));
+        return answer_or_drop(&reply_to(&query, ResponseCode::FormErr));
     };
     let qname = question.name().to_lowercase().to_ascii();
     let qname = qname.trim_end_matches('.');
@@ -208,16 +215,12 @@ fn reply_to(query: &Message, code: ResponseCode) -> Message {
     reply
 }
 
-fn error(query: &Message, code: ResponseCode) -> Message {
-    reply_to(query, code)
-}
-
 /// What a UDP client of `query` can take in one datagram.
-fn udp_limit(query: &[u8]) -> usize {
-    Message::from_vec(query)
-        .ok()
-        .and_then(|m| m.extensions().as_ref().map(|e| usize::from(e.max_payload())))
-        .map_or(PLAIN_UDP_PAYLOAD, |p| p.max(PLAIN_UDP_PAYLOAD))
+fn udp_limit(query: &Message) -> usize {
+    query
+        .extensions()
+        .as_ref()
+        .map_or(PLAIN_UDP_PAYLOAD, |e| usize::from(e.max_payload()).max(PLAIN_UDP_PAYLOAD))
 }
 
 /// `answer` cut to its header, question and EDNS, flagged truncated, when it does not fit
@@ -238,7 +241,14 @@ pub struct Resolver {
     domain: String,
     forwarder: Forwarder,
     metrics: DnsMetrics,
-    in_flight: Mutex<HashMap<IpAddr, usize>>,
+    in_flight: Mutex<InFlight>,
+}
+
+/// Queries in flight, per source and in all.
+#[derive(Debug, Default)]
+struct InFlight {
+    by_source: HashMap<IpAddr, usize>,
+    total: usize,
 }
 
 /// A query's place in the in-flight limits, given back when dropped.
@@ -249,11 +259,13 @@ struct Slot<'a> {
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        let mut map = self.resolver.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = map.get_mut(&self.source) {
+        let mut guard = self.resolver.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        let f = &mut *guard;
+        if let Some(n) = f.by_source.get_mut(&self.source) {
             *n -= 1;
+            f.total -= 1;
             if *n == 0 {
-                map.remove(&self.source);
+                f.by_source.remove(&self.source);
             }
         }
     }
@@ -278,13 +290,13 @@ impl Resolver {
 
     /// A slot for one more query from `source`, if the limits allow it.
     fn slot(&self, source: IpAddr) -> Option<Slot<'_>> {
-        let mut map = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
-        let total: usize = map.values().sum();
-        let mine = map.get(&source).copied().unwrap_or(0);
-        if total >= IN_FLIGHT || mine >= PER_SOURCE {
+        let mut f = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        let mine = f.by_source.get(&source).copied().unwrap_or(0);
+        if f.total >= IN_FLIGHT || mine >= PER_SOURCE {
             return None;
         }
-        *map.entry(source).or_default() += 1;
+        *f.by_source.entry(source).or_default() += 1;
+        f.total += 1;
         Some(Slot { resolver: self, source })
     }
 
@@ -294,10 +306,17 @@ impl Resolver {
             self.metrics.drop("overload");
             return None;
         };
+        let Ok(query) = Message::from_vec(packet) else {
+            debug!(%client, "DNS packet dropped: malformed");
+            self.metrics.drop("malformed");
+            return None;
+        };
+        // What the record needs of the query, read before deciding takes it.
+        let qtype = query.query().map_or("other", |q| query_type_label(q.query_type()));
+        let limit = udp_limit(&query);
         let snapshot = self.state.snapshot();
-        let workload = snapshot.workload_by_ip(client.ip()).cloned();
-        let ns = workload.as_ref().map(|w| w.namespace.as_str());
-        let (answer, by) = match decide(&snapshot, packet, ns, &self.domain) {
+        let ns = snapshot.workload_by_ip(client.ip()).map(|w| w.namespace.as_str());
+        let (answer, by) = match decide_parsed(&snapshot, query, ns, &self.domain) {
             Decision::Drop(reason) => {
                 debug!(%client, reason, "DNS packet dropped");
                 self.metrics.drop(reason);
@@ -312,7 +331,7 @@ impl Resolver {
                     Ok(bytes) => (bytes, "upstream"),
                     Err(e) => {
                         warn!(%client, error = %e, "DNS query not answered upstream: SERVFAIL");
-                        match error(&query, ResponseCode::ServFail).to_vec() {
+                        match reply_to(&query, ResponseCode::ServFail).to_vec() {
                             Ok(bytes) => (bytes, "error"),
                             Err(_) => return None,
                         }
@@ -320,16 +339,12 @@ impl Resolver {
                 }
             }
         };
-        let qtype = Message::from_vec(packet)
-            .ok()
-            .and_then(|m| m.query().map(|q| q.query_type()))
-            .map_or("other", query_type_label);
         debug!(%client, qtype, answered_by = by, bytes = answer.len(), "DNS query answered");
         let labels =
             RequestLabels { request_query_type: qtype, request_protocol: transport.label(), answered_by: by };
         self.metrics.requests.get_or_create(&labels).inc();
         Some(match transport {
-            Transport::Udp => fit(answer, udp_limit(packet)),
+            Transport::Udp => fit(answer, limit),
             Transport::Tcp => answer,
         })
     }

@@ -146,7 +146,8 @@ fn one_source_cannot_take_every_slot() {
     assert!(r.slot("10.1.1.2".parse().expect("ip")).is_some(), "another source is served");
     drop(held);
     assert!(r.slot(flood).is_some());
-    assert!(r.in_flight.lock().expect("lock").is_empty(), "pruned when done");
+    let f = r.in_flight.lock().expect("lock");
+    assert!(f.by_source.is_empty() && f.total == 0, "pruned when done");
 }
 
 fn config(upstreams: Vec<SocketAddr>) -> DnsConfig {
@@ -240,4 +241,30 @@ async fn a_dead_upstream_is_skipped_and_none_left_is_servfail() {
     let (a, _) = forwarded(vec![silent.local_addr().expect("addr")]).await;
     assert_eq!(a.response_code(), ResponseCode::ServFail);
     assert!(started.elapsed() >= Duration::from_millis(300), "waited for the upstream's timeout");
+}
+
+/// The UDP loop on a real socket: an oversized datagram is dropped and counted, a query after
+/// it is still answered.
+#[tokio::test]
+async fn an_oversized_datagram_is_dropped_and_the_next_query_answered() {
+    let metrics = DnsMetrics::default();
+    let r = Resolver::new(&config(vec![]), state(), metrics.clone());
+    let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let addr = socket.local_addr().expect("addr");
+    let server = tokio::spawn(serve_udp(r, socket, None));
+    let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    client.send_to(&vec![0u8; MAX_UDP_QUERY + 100], addr).await.expect("send");
+    client
+        .send_to(&query_bytes(7, "web.demo.svc.cluster.local", RecordType::A).expect("q"), addr)
+        .await
+        .expect("send");
+    let mut buf = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+        .await
+        .expect("answered")
+        .expect("recv");
+    assert_eq!(answered(Decision::Answer(buf[..n].to_vec())).1, ["10.96.0.80"]);
+    let oversized = metrics.dropped.get_or_create(&DropLabels { reason: "oversized" }).get();
+    assert_eq!(oversized, 1);
+    server.abort();
 }
