@@ -18,6 +18,7 @@ pub mod readiness;
 pub mod select;
 pub mod state;
 pub mod telemetry;
+pub mod throttle;
 pub mod tls;
 pub mod translate;
 pub mod xds;

@@ -14,7 +14,9 @@
 //   - DNS of an enrolled pod (UDP or TCP to port 53, any destination) goes to ztunnel's DNS
 //     proxy on 15053 when it runs (a UDP socket or TCP listener there), with the original
 //     destination kept for the answer's source; without one it goes its way (UDP) or to the
-//     outbound listener (TCP) as before;
+//     outbound listener (TCP) as before. A pod in `dns_bypass` (its
+//     `ambient.istio.io/bypass-dns-capture` annotation) is treated the same way: its UDP DNS
+//     goes where it was sent, its TCP DNS to the outbound listener like any TCP;
 //   - other non-TCP transports (UDP, ICMP, ...) are not captured;
 //   - if a non-listening socket owns the exact 4-tuple (a flow already handed to ztunnel, or a
 //     connection ztunnel made with a pod's address), assign the packet to it;
@@ -90,6 +92,15 @@ struct {
     __type(value, __u32);  // ifindex of the pod's host-side interface
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } enrolled SEC(".maps");
+
+// Enrolled pods whose DNS is not handed to the DNS proxy (key as `enrolled`; value unused).
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 65536);
+    __type(key, struct addr);
+    __type(value, __u32);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} dns_bypass SEC(".maps");
 
 struct {
     __uint(type, BPF_MAP_TYPE_ARRAY);
@@ -208,6 +219,14 @@ static __always_inline void set_dport(struct flow *flow, __u16 port) {
         flow->tuple.ipv6.dport = port;
     else
         flow->tuple.ipv4.dport = port;
+}
+
+// Whether the flow's source (an enrolled pod) opted out of DNS capture.
+static __always_inline int dns_bypassed(struct flow *flow) {
+    struct addr src = {.w = {0, 0, bpf_htonl(0xffff), flow->tuple.ipv4.saddr}};
+    if (flow->v6)
+        __builtin_memcpy(src.w, flow->tuple.ipv6.saddr, sizeof(src.w));
+    return bpf_map_lookup_elem(&dns_bypass, &src) != 0;
 }
 
 // Looks up the socket of the flow's tuple (the verifier wants a constant tuple size).
@@ -361,7 +380,10 @@ int ztunnel_capture(struct __sk_buff *skb) {
     if (v == V_PASS)
         return TC_ACT_OK;
     if (v == V_DNS_UDP) {
-        // To ztunnel's DNS proxy when it runs; else the query goes where it was sent.
+        // To ztunnel's DNS proxy when it runs and the pod did not opt out; else the query goes
+        // where it was sent.
+        if (dns_bypassed(&flow))
+            return TC_ACT_OK;
         set_dport(&flow, bpf_htons(DNS_PROXY_PORT));
         struct bpf_sock *dns;
         if (flow.v6)
@@ -407,7 +429,7 @@ int ztunnel_capture(struct __sk_buff *skb) {
 
     __u16 port;
     __u32 stat;
-    if (flow.from_pod && flow.dport == DNS_PORT) {
+    if (flow.from_pod && flow.dport == DNS_PORT && !dns_bypassed(&flow)) {
         // DNS over TCP: to the DNS proxy's listener when it runs, else the outbound one.
         struct flow d = flow;
         set_dport(&d, bpf_htons(DNS_PROXY_PORT));

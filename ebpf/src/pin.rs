@@ -25,7 +25,7 @@ pub const PROGRAM_PIN: &str = "prog";
 /// The directory of link pins, one per interface, inside the pin directory.
 pub const LINKS_DIR: &str = "links";
 /// Maps the program pins by name (`LIBBPF_PIN_BY_NAME` in `bpf/redirect.c`).
-pub const MAP_NAMES: [&str; 3] = ["enrolled", "settings", "stats"];
+pub const MAP_NAMES: [&str; 4] = ["enrolled", "dns_bypass", "settings", "stats"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -132,8 +132,8 @@ fn fs_type(path: &Path) -> Option<String> {
 
 /// Fails when a map pinned in `dir` does not have the sizes this build's program expects.
 pub fn check_pinned_maps(dir: &Path) -> Result<(), PinError> {
-    const EXPECTED: [(&str, (u32, u32)); 3] =
-        [("enrolled", (16, 4)), ("settings", (4, 20)), ("stats", (4, 8))];
+    const EXPECTED: [(&str, (u32, u32)); 4] =
+        [("enrolled", (16, 4)), ("dns_bypass", (16, 4)), ("settings", (4, 20)), ("stats", (4, 8))];
     for (name, expected) in EXPECTED {
         let path = dir.join(name);
         if !path.exists() {

@@ -159,6 +159,9 @@ pub struct Status {
     pub adopted: (usize, usize),
     /// The listeners (role, IPv6) the kernel's listener lookups are answered with.
     pub listeners: Vec<(ListenerRole, bool)>,
+    /// Enrolled pod addresses whose DNS is not handed to the DNS proxy.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub dns_bypass: BTreeSet<IpAddr>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -189,6 +192,8 @@ pub struct Redirector {
     /// The sk_lookup program's link to this network namespace (detached when dropped).
     listener_link: Option<SkLookupLink>,
     listeners_served: Vec<(ListenerRole, bool)>,
+    /// What the `dns_bypass` map holds.
+    dns_bypass: BTreeSet<IpAddr>,
 }
 
 impl std::fmt::Debug for Redirector {
@@ -248,6 +253,7 @@ impl Redirector {
             adopted: (0, 0),
             listener_link: None,
             listeners_served: Vec::new(),
+            dns_bypass: BTreeSet::new(),
         };
         r.adopt()?;
         info!(
@@ -307,6 +313,8 @@ impl Redirector {
                 }
             }
         }
+        let bypass: Vec<[u8; 16]> = self.dns_bypass_map()?.keys().filter_map(Result::ok).collect();
+        self.dns_bypass = bypass.into_iter().map(|k| Ipv6Addr::from(k).to_canonical()).collect();
         Ok(())
     }
 
@@ -445,6 +453,35 @@ impl Redirector {
         Ok(())
     }
 
+    /// Makes `want` the addresses whose DNS is not handed to the DNS proxy (pods that opted out
+    /// with `ambient.istio.io/bypass-dns-capture`): adds the missing ones first, then removes
+    /// the others. Only enrolled pods' DNS is captured at all, so an address may be set here
+    /// before it is enrolled (and should be, so that its first query is not captured).
+    pub fn set_dns_bypass(&mut self, want: &BTreeSet<IpAddr>) -> Result<(), RedirectError> {
+        let map_err = |source| RedirectError::Map { name: "dns_bypass", source };
+        let add: Vec<IpAddr> = want.difference(&self.dns_bypass).copied().collect();
+        let remove: Vec<IpAddr> = self.dns_bypass.difference(want).copied().collect();
+        for ip in add {
+            self.dns_bypass_map()?.insert(map_key(ip), 1, 0).map_err(map_err)?;
+            self.dns_bypass.insert(ip);
+            info!(%ip, "DNS capture bypassed for the pod");
+        }
+        for ip in remove {
+            match self.dns_bypass_map()?.remove(&map_key(ip)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(map_err(source)),
+            }
+            self.dns_bypass.remove(&ip);
+            info!(%ip, "DNS capture no longer bypassed");
+        }
+        Ok(())
+    }
+
+    /// The addresses whose DNS is not handed to the DNS proxy.
+    pub fn dns_bypassed(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.dns_bypass.iter().copied()
+    }
+
     /// Enrolled pod addresses.
     pub fn enrolled(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.pods.keys().copied()
@@ -466,6 +503,7 @@ impl Redirector {
             stats: self.stats(),
             adopted: self.adopted,
             listeners: self.listeners_served.clone(),
+            dns_bypass: self.dns_bypass.clone(),
         }
     }
 
@@ -495,6 +533,11 @@ impl Redirector {
     fn enrolled_map(&mut self) -> Result<HashMap<&mut aya::maps::MapData, [u8; 16], u32>, RedirectError> {
         let map = self.ebpf.map_mut("enrolled").ok_or(RedirectError::Missing("map enrolled"))?;
         HashMap::try_from(map).map_err(|source| RedirectError::Map { name: "enrolled", source })
+    }
+
+    fn dns_bypass_map(&mut self) -> Result<HashMap<&mut aya::maps::MapData, [u8; 16], u32>, RedirectError> {
+        let map = self.ebpf.map_mut("dns_bypass").ok_or(RedirectError::Missing("map dns_bypass"))?;
+        HashMap::try_from(map).map_err(|source| RedirectError::Map { name: "dns_bypass", source })
     }
 
     fn ensure_attached(&mut self, iface: &str, uplink: bool) -> Result<(), RedirectError> {

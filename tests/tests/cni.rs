@@ -398,10 +398,21 @@ fn namespace(name: &str, mode: Option<&str>) -> Value {
 
 /// A pod scheduled on this node; returns its uid.
 fn create_pod(api: &KubeApi, namespace: &str, name: &str, labels: Value) -> String {
+    create_annotated_pod(api, namespace, name, labels, json!({}))
+}
+
+/// A pod scheduled on this node with `annotations`; returns its uid.
+fn create_annotated_pod(
+    api: &KubeApi,
+    namespace: &str,
+    name: &str,
+    labels: Value,
+    annotations: Value,
+) -> String {
     let pod = json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "metadata": {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations},
         "spec": {"nodeName": NODE_NAME, "serviceAccountName": name, "containers": [{"name": "app", "image": "app"}]},
     });
     let created = api.apply(pod).unwrap_or_else(|e| panic!("create pod {namespace}/{name}: {e:?}"));
@@ -443,11 +454,21 @@ fn captured(zt: &NodeZtunnel, ip: IpAddr) -> Option<String> {
 
 /// The local config (ztunnel's xDS source) once it knows pod `name` at `ip`.
 fn mesh_with_pod(name: &str, ip: IpAddr) -> String {
-    format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo}}\n\
-         spec: {{serviceAccountName: {name}, nodeName: {NODE_NAME}}}\nstatus: {{podIPs: [{{ip: \"{ip}\"}}]}}\n"
-    )
+    mesh_with_pods(&[(name, ip)])
+}
+
+/// The local config once it knows these pods (name, address) of namespace `demo`.
+fn mesh_with_pods(pods: &[(&str, IpAddr)]) -> String {
+    let mut yaml =
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n"
+            .to_string();
+    for (name, ip) in pods {
+        yaml += &format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo}}\n\
+             spec: {{serviceAccountName: {name}, nodeName: {NODE_NAME}}}\nstatus: {{podIPs: [{{ip: \"{ip}\"}}]}}\n"
+        );
+    }
+    yaml
 }
 
 /// Removes the node's pinned capture if the test fails before `NodeZtunnel::stop` did (its
@@ -1054,5 +1075,120 @@ fn a_completed_pod_is_withdrawn() {
     zt.converge("the completed pod unenrolled", &|s| !s.pods.contains_key(&ip));
     assert_eq!(config_dump(&zt)["cni"]["announced"], json!([]));
     n.del(&job, Some(&result));
+    zt.stop(&n.node);
+}
+
+/// dnsmasq on the outside host's port 53: `probe.test` is 192.0.2.44.
+struct Dnsmasq(std::process::Child);
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `dig` in `pod` asking `server` (UDP, or TCP with `+tcp` in `extra`) for `name`: its status
+/// and answers.
+fn dig(pod: &Netns, server: &str, extra: &[&str], name: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &pod.name, "dig", &format!("@{server}")])
+        .args(extra)
+        .args(["+tries=1", "+time=3", "+noall", "+comments", "+answer", name, "A"])
+        .output()
+        .unwrap_or_else(|e| panic!("dig (deploy/setup.sh installs bind9-dnsutils): {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let status = text.lines().find_map(|l| l.split("status: ").nth(1)).and_then(|s| s.split(',').next());
+    let answers: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    format!("{} {}", status.unwrap_or("no-answer"), answers.join(","))
+}
+
+#[test]
+fn a_pod_annotated_to_bypass_dns_capture_asks_its_own_server() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = Node::new("dnsb");
+    let (_api_rt, api) = kube_api(&n.node);
+    api.apply(namespace("demo", Some("ambient"))).expect("namespace");
+    let uid_a = create_pod(&api, "demo", "a", json!({}));
+    let uid_q = create_annotated_pod(
+        &api,
+        "demo",
+        "quiet",
+        json!({}),
+        json!({"ambient.istio.io/bypass-dns-capture": "true"}),
+    );
+    // The outside host runs a DNS server; ztunnel's DNS proxy forwards to an address nobody
+    // serves, so an answer from the proxy is a SERVFAIL and one from dnsmasq is an address.
+    let child = Command::new("ip")
+        .args(["netns", "exec", &n._outside.name, "dnsmasq", "--keep-in-foreground", "--no-resolv"])
+        .args(["--no-hosts", "--listen-address", OUTSIDE, "--bind-interfaces", "--port", "53"])
+        .args(["--user=root", "--address=/probe.test/192.0.2.44", "--pid-file=", "--log-facility=-"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("dnsmasq (deploy/setup.sh installs dnsmasq-base): {e}"));
+    let _dnsmasq = Dnsmasq(child);
+
+    let kubeconfig = api.write_kubeconfig(n.dir.path()).expect("kubeconfig");
+    let mesh = n.dir.path().join("mesh.yaml");
+    std::fs::write(&mesh, "").expect("local config");
+    let mut flags = enrollment_flags(&n, &mesh, &kubeconfig);
+    flags.extend(["--dns-upstream", "10.9.0.99", "--dns-upstream-timeout-ms", "500"].map(String::from));
+    let _pins = PinGuard(mesh_tests::node::bpf_pin_dir(&n.node));
+    let zt = start_ztunnel(&n, &flags);
+    zt.wait_ready("ztunnel with the Kubernetes watch");
+
+    let a = n.sandbox("dnsb", "demo", "a", &uid_a);
+    let result_a = n.add(&a);
+    let ip_a = address_of(&result_a);
+    let q = n.sandbox("dnsb", "demo", "quiet", &uid_q);
+    let result_q = n.add(&q);
+    let ip_q = address_of(&result_q);
+    // Both are in the mesh; only the annotated one bypasses DNS capture.
+    assert!(captured(&zt, ip_a).is_some() && captured(&zt, ip_q).is_some(), "both enrolled");
+    let status = zt.app.enrollment.as_ref().expect("redirection").status();
+    assert_eq!(status.dns_bypass.iter().copied().collect::<Vec<_>>(), vec![ip_q], "{status:?}");
+    let dump = config_dump(&zt);
+    let announced = dump["cni"]["announced"].as_array().expect("announced pods");
+    let flag =
+        |name: &str| announced.iter().find(|p| p["pod"]["name"] == name).map(|p| p["bypass_dns"].clone());
+    assert_eq!(flag("quiet"), Some(json!(true)), "{dump}");
+    assert_eq!(flag("a"), Some(Value::Null), "{dump}");
+    std::fs::write(&mesh, mesh_with_pods(&[("a", ip_a), ("quiet", ip_q)])).expect("local config");
+    let state = zt.app.state.clone();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while state.snapshot().workload_by_ip(ip_q).is_none() {
+        assert!(Instant::now() < deadline, "the local config never delivered the pods");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let requests = |zt: &NodeZtunnel| metric(&zt.metrics(), "istio_dns_requests_total", &[]);
+    // The pod in the mesh asks the outside server and gets ztunnel's answer, over UDP and TCP.
+    let before = requests(&zt);
+    assert_eq!(dig(&a.netns, OUTSIDE, &[], "probe.test"), "SERVFAIL ", "captured: answered by the proxy");
+    assert_eq!(dig(&a.netns, OUTSIDE, &["+tcp"], "probe.test"), "SERVFAIL ", "captured over TCP");
+    assert_eq!(requests(&zt), before + 2.0);
+    // The annotated pod reaches the server it asked: over UDP untouched, over TCP through the
+    // outbound proxy like any TCP (it is still in the mesh), never through the DNS proxy.
+    assert_eq!(dig(&q.netns, OUTSIDE, &[], "probe.test"), "NOERROR 192.0.2.44", "UDP not captured");
+    assert_eq!(dig(&q.netns, OUTSIDE, &["+tcp"], "probe.test"), "NOERROR 192.0.2.44", "TCP proxied");
+    assert_eq!(requests(&zt), before + 2.0, "the DNS proxy saw nothing of the annotated pod");
+    let text = zt.metrics();
+    let proxied = ["reporter=\"source\"", "source_workload=\"quiet\""];
+    assert_eq!(
+        metric(&text, "istio_tcp_connections_opened_total", &proxied),
+        1.0,
+        "the annotated pod's TCP DNS went through the outbound proxy:\n{text}"
+    );
+
+    // Its DEL takes the bypass away with the enrollment.
+    n.del(&q, Some(&result_q));
+    let status = zt.app.enrollment.as_ref().expect("redirection").status();
+    assert!(status.dns_bypass.is_empty(), "{status:?}");
+    n.del(&a, Some(&result_a));
     zt.stop(&n.node);
 }

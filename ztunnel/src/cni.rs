@@ -244,7 +244,7 @@ async fn recover(
     // A first, cheap look; `hold_again` decides under the lock (an ADD may come meanwhile).
     let held: Vec<_> = enrollment.announced().into_iter().map(|p| p.pod).collect();
     let mut kept = 0;
-    for (pod, uid, ips) in cache.members() {
+    for (pod, uid, ips, bypass_dns) in cache.members() {
         if !ips.iter().any(|ip| captured.contains_key(ip)) {
             continue;
         }
@@ -277,6 +277,7 @@ async fn recover(
             ips,
             interface,
             since_unix_s,
+            bypass_dns,
         };
         if hold_again(&enrollment, announced, "watch", &metrics).await {
             kept += 1;

@@ -37,6 +37,9 @@ pub use forward::{Forwarder, UpstreamMetrics};
 
 /// TTL of the answers for the mesh's names (seconds).
 pub const TTL: u32 = 30;
+/// The warning of queries no upstream answered, at most once per 10 s (the metric counts all).
+static UPSTREAM_FAILED: common::throttle::Throttle = common::throttle::Throttle::new(Duration::from_secs(10));
+
 /// Queries in flight per source address; more are dropped.
 pub const PER_SOURCE: usize = 64;
 /// Queries in flight in all.
@@ -330,7 +333,12 @@ impl Resolver {
                 match self.forwarder.forward(packet, query.id(), transport == Transport::Tcp).await {
                     Ok(bytes) => (bytes, "upstream"),
                     Err(e) => {
-                        warn!(%client, error = %e, "DNS query not answered upstream: SERVFAIL");
+                        // Every query fails while the upstream is down: one line per period.
+                        if let Some(held_back) = UPSTREAM_FAILED.pass() {
+                            warn!(%client, error = %e, held_back, "DNS query not answered upstream: SERVFAIL");
+                        } else {
+                            debug!(%client, error = %e, "DNS query not answered upstream: SERVFAIL");
+                        }
                         match reply_to(&query, ResponseCode::ServFail).to_vec() {
                             Ok(bytes) => (bytes, "error"),
                             Err(_) => return None,
@@ -395,6 +403,7 @@ pub async fn serve_udp(resolver: Arc<Resolver>, socket: Arc<UdpSocket>, mark: Op
                 None => socket.send_to(&answer, client).await.map(drop),
             };
             if let Err(e) = sent {
+                resolver.metrics.drop("unsent");
                 debug!(%client, error = %e, "DNS answer not sent");
             }
         });
@@ -510,7 +519,14 @@ async fn tcp_connection(
         let mut framed = Vec::with_capacity(answer.len() + 2);
         framed.extend_from_slice(&len.to_be_bytes());
         framed.extend_from_slice(&answer);
-        stream.write_all(&framed).await?;
+        // A client that does not read its answers is not waited for.
+        match tokio::time::timeout(TCP_IDLE, stream.write_all(&framed)).await {
+            Ok(written) => written?,
+            Err(_) => {
+                resolver.metrics.drop("slow_client");
+                return Ok(());
+            }
+        }
     }
 }
 

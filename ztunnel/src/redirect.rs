@@ -217,6 +217,8 @@ impl Shared {
         // (this pod's previous one too) as it was.
         let mut next = announced.clone();
         let replaced = next.insert(pod.clone())?;
+        // Before the pod is enrolled: its first query must not be captured if it opted out.
+        self.sync_dns_bypass(r, &next);
         let before: Vec<(IpAddr, Option<String>)> =
             pod.ips.iter().map(|ip| (*ip, r.interface_of(*ip).map(String::from))).collect();
         for ip in &pod.ips {
@@ -253,6 +255,21 @@ impl Shared {
                 self.metrics.errors.inc();
                 warn!(%ip, error = %e, "cannot undo a failed enrollment; the reconcile loop retries");
             }
+        }
+    }
+
+    /// Makes the pods' DNS bypass (`ambient.istio.io/bypass-dns-capture`) that of the announced
+    /// pods in `announced`; before narrowing is allowed it only adds (what a previous ztunnel
+    /// set stays until the pods are known again). A failure is counted and retried by the next
+    /// pass; meanwhile the pod's DNS is captured, as for any pod.
+    fn sync_dns_bypass(&self, r: &mut Redirector, announced: &Announced) {
+        let mut want = announced.dns_bypass();
+        if !self.wanted.may_narrow() {
+            want.extend(r.dns_bypassed());
+        }
+        if let Err(e) = r.set_dns_bypass(&want) {
+            self.metrics.errors.inc();
+            warn!(error = %e, "cannot update the pods whose DNS capture is bypassed (retried)");
         }
     }
 
@@ -407,6 +424,7 @@ impl Enrollment {
             let removed = announced.remove(&key, &which)?;
             if let Some(r) = redirector.as_mut() {
                 shared.release_unwanted(r, announced, &removed.ips);
+                shared.sync_dns_bypass(r, announced);
             }
             shared.publish(redirector.as_ref(), announced, file);
             Some(removed)
@@ -499,6 +517,7 @@ async fn reconcile_loop(shared: Arc<Shared>) {
             let r = redirector.as_mut()?;
             // Computed under the lock: an announcement cannot slip in between.
             let want = shared.want(announced);
+            shared.sync_dns_bypass(r, announced);
             reconcile(r, &want, &uplinks, may_narrow, &shared.metrics);
             if prune_adopted {
                 match r.detach_unused(&uplinks) {

@@ -30,6 +30,10 @@ pub struct AnnouncedPod {
     pub interface: String,
     /// When it was announced (seconds since the Unix epoch).
     pub since_unix_s: u64,
+    /// Its DNS is not handed to the DNS proxy (`ambient.istio.io/bypass-dns-capture`), as its
+    /// annotations said when it was announced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bypass_dns: bool,
 }
 
 /// Which announcement a withdrawal is about.
@@ -114,6 +118,11 @@ impl Announced {
         self.pods.values().flat_map(|p| p.ips.iter().map(|ip| (*ip, p.interface.as_str())))
     }
 
+    /// The addresses of the announced pods that bypass DNS capture.
+    pub fn dns_bypass(&self) -> std::collections::BTreeSet<IpAddr> {
+        self.pods.values().filter(|p| p.bypass_dns).flat_map(|p| p.ips.iter().copied()).collect()
+    }
+
     pub fn list(&self) -> Vec<AnnouncedPod> {
         self.pods.values().cloned().collect()
     }
@@ -139,6 +148,7 @@ mod tests {
             ips: ips.iter().map(|ip| ip.parse().expect("ip")).collect(),
             interface: format!("veth-{name}"),
             since_unix_s: 0,
+            bypass_dns: false,
         }
     }
 

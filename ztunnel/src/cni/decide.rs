@@ -10,6 +10,10 @@ use serde::Serialize;
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// The annotation injection leaves on pods with a sidecar.
 pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+/// The annotation by which a pod in the mesh keeps its DNS out of the DNS proxy (value `true`).
+pub const BYPASS_DNS_CAPTURE: &str = "ambient.istio.io/bypass-dns-capture";
+/// The older spelling of the same opt-out Istio's documentation gives (value `false`).
+pub const DNS_CAPTURE: &str = "ambient.istio.io/dns-capture";
 /// The label value that enrolls.
 pub const AMBIENT: &str = "ambient";
 /// The label value that opts a pod out.
@@ -33,6 +37,16 @@ pub struct PodFacts {
     /// Its `status.phase`, once reported.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// Its DNS stays out of the DNS proxy ([`BYPASS_DNS_CAPTURE`]` = true` or
+    /// [`DNS_CAPTURE`]` = false`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub bypass_dns: bool,
+}
+
+/// Whether a pod with these annotations opted out of DNS capture.
+pub fn bypasses_dns<'a>(annotation: impl Fn(&str) -> Option<&'a str>) -> bool {
+    annotation(BYPASS_DNS_CAPTURE).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        || annotation(DNS_CAPTURE).is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
 }
 
 /// The facts of a namespace enrollment depends on.
@@ -88,6 +102,21 @@ mod tests {
 
     fn enrolled(p: &PodFacts, n: Option<&NamespaceFacts>) -> Option<bool> {
         decide(p, n).map(|d| matches!(d, Decision::Enroll(_)))
+    }
+
+    #[test]
+    fn dns_capture_opt_out() {
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let pairs = pairs.to_vec();
+            bypasses_dns(move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v))
+        };
+        assert!(!with(&[]));
+        assert!(with(&[(BYPASS_DNS_CAPTURE, "true")]));
+        assert!(with(&[(BYPASS_DNS_CAPTURE, "True ")]));
+        assert!(!with(&[(BYPASS_DNS_CAPTURE, "false")]));
+        assert!(!with(&[(BYPASS_DNS_CAPTURE, "")]), "only an explicit true opts out");
+        assert!(with(&[(DNS_CAPTURE, "false")]));
+        assert!(!with(&[(DNS_CAPTURE, "true")]));
     }
 
     #[test]

@@ -159,6 +159,7 @@ mod tests {
             ips: vec![ip.parse().expect("ip")],
             interface: format!("veth-{name}"),
             since_unix_s: 17,
+            bypass_dns: false,
         }
     }
 

@@ -232,9 +232,14 @@ impl PodCache {
         }
     }
 
+    /// Whether the pod opted out of DNS capture (false when it is not known).
+    pub fn bypasses_dns(&self, key: &PodKey) -> bool {
+        self.lock().pods.objects.get(key).is_some_and(|p| p.bypass_dns)
+    }
+
     /// This node's pods that are in the mesh (so not completed) and have addresses, with their
-    /// uid.
-    pub fn members(&self) -> Vec<(PodKey, String, Vec<std::net::IpAddr>)> {
+    /// uid and whether they opted out of DNS capture.
+    pub fn members(&self) -> Vec<(PodKey, String, Vec<std::net::IpAddr>, bool)> {
         let inner = self.lock();
         inner
             .pods
@@ -244,7 +249,7 @@ impl PodCache {
             .filter(|(k, p)| {
                 matches!(decide(p, inner.namespaces.objects.get(&k.namespace)), Some(Decision::Enroll(_)))
             })
-            .map(|(k, p)| (k.clone(), p.uid.clone(), p.ips.clone()))
+            .map(|(k, p)| (k.clone(), p.uid.clone(), p.ips.clone(), p.bypass_dns))
             .collect()
     }
 

@@ -180,6 +180,7 @@ impl Handler {
         };
         let since_unix_s =
             SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+        let bypass_dns = self.cache.bypasses_dns(&key);
         let pod = AnnouncedPod {
             pod: key,
             uid: req.uid,
@@ -187,6 +188,7 @@ impl Handler {
             ips: req.ips,
             interface,
             since_unix_s,
+            bypass_dns,
         };
         let (ips, iface) = (pod.ips.clone(), pod.interface.clone());
         let key = pod.pod.clone();
@@ -194,7 +196,7 @@ impl Handler {
             Ok(()) => {
                 self.announced_gauge();
                 self.metrics.result("add", "enrolled");
-                info!(?ips, %iface, reason = why, "pod enrolled at creation");
+                info!(?ips, %iface, reason = why, bypass_dns, "pod enrolled at creation");
                 Reply::Enrolled
             }
             Err(e) => {

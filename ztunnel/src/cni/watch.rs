@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio_stream::StreamExt;
 use tracing::{info, warn};
 
-use super::decide::{DATAPLANE_MODE, NamespaceFacts, PodFacts, SIDECAR_STATUS};
+use super::decide::{DATAPLANE_MODE, NamespaceFacts, PodFacts, SIDECAR_STATUS, bypasses_dns};
 use super::metrics::CniMetrics;
 use super::pods::{Change, Kind, PodCache, PodKey};
 
@@ -133,6 +133,7 @@ fn pod_facts(pod: &Pod) -> Option<(PodKey, PodFacts)> {
         host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
         ips: pod_ips(pod),
         phase: pod.status.as_ref().and_then(|s| s.phase.clone()),
+        bypass_dns: bypasses_dns(|name| meta.annotations.as_ref()?.get(name).map(String::as_str)),
     };
     Some((key, facts))
 }
@@ -177,7 +178,8 @@ mod tests {
         let pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "a", "namespace": "demo", "uid": "u1",
                          "labels": {"istio.io/dataplane-mode": "none", "app": "a"},
-                         "annotations": {"sidecar.istio.io/status": "{}"}},
+                         "annotations": {"sidecar.istio.io/status": "{}",
+                                         "ambient.istio.io/bypass-dns-capture": "true"}},
             "spec": {"nodeName": "n1", "hostNetwork": true, "containers": []},
             "status": {"phase": "Running", "podIP": "10.1.1.2",
                        "podIPs": [{"ip": "10.1.1.2"}, {"ip": "fd00::2"}]}
@@ -194,6 +196,7 @@ mod tests {
                 host_network: true,
                 ips: vec!["10.1.1.2".parse().expect("ip"), "fd00::2".parse().expect("ip")],
                 phase: Some("Running".into()),
+                bypass_dns: true,
             }
         );
         let ns: Namespace = serde_json::from_value(serde_json::json!({

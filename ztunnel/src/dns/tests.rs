@@ -268,3 +268,37 @@ async fn an_oversized_datagram_is_dropped_and_the_next_query_answered() {
     assert_eq!(oversized, 1);
     server.abort();
 }
+
+/// The TCP loop on a real socket: a client that stops half way through a query is cut off
+/// after the idle time (counted as `slow_client`), and the next client is answered meanwhile.
+/// The clock is tokio's paused one, so the wait costs nothing.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_tcp_client_is_cut_off_and_others_are_answered() {
+    let metrics = DnsMetrics::default();
+    let r = Resolver::new(&config(vec![]), state(), metrics.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(serve_tcp(r, listener));
+    let query = query_bytes(7, "web.demo.svc.cluster.local", RecordType::A).expect("q");
+
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let len = u16::try_from(query.len()).expect("fits").to_be_bytes();
+    stalled.write_all(&len).await.expect("length");
+    stalled.write_all(&query[..5]).await.expect("a part of the query");
+
+    let mut other = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    other.write_all(&len).await.expect("length");
+    other.write_all(&query).await.expect("query");
+    let n = other.read_u16().await.expect("answer length");
+    let mut answer = vec![0; usize::from(n)];
+    other.read_exact(&mut answer).await.expect("answer");
+    assert_eq!(answered(Decision::Answer(answer)).1, ["10.96.0.80"]);
+
+    let slow = || metrics.dropped.get_or_create(&DropLabels { reason: "slow_client" }).get();
+    assert_eq!(slow(), 0);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(60), stalled.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok_and(|r| r.is_ok()) && rest.is_empty(), "closed without an answer");
+    assert_eq!(slow(), 1);
+    server.abort();
+}
