@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-const PROGRAMS: &[&str] = &["redirect"];
+const PROGRAMS: &[&str] = &["redirect", "host"];
 
 /// The libbpf header the programs include; its absence means libbpf-dev is not installed.
 const BPF_HELPERS: &str = "/usr/include/bpf/bpf_helpers.h";

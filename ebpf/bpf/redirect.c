@@ -118,6 +118,20 @@ struct {
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } stats SEC(".maps");
 
+// Ports of enrolled addresses whose inbound TCP is left alone (key: port in host order; value
+// unused): a host's SSH, say, reachable while no ztunnel runs. Set with `--inbound-bypass-port`.
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 64);
+    __type(key, __u32);
+    __type(value, __u32);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} inbound_bypass SEC(".maps");
+
+static __always_inline int inbound_bypassed(__u32 port) {
+    return bpf_map_lookup_elem(&inbound_bypass, &port) != 0;
+}
+
 // DNS, and the port of ztunnel's DNS proxy (fixed: the settings map is pinned, its layout kept).
 #define DNS_PORT 53
 #define DNS_PROXY_PORT 15053
@@ -401,6 +415,9 @@ int ztunnel_capture(struct __sk_buff *skb) {
         return drop(STAT_FRAGMENT);
     if (v != V_TCP)
         return drop(STAT_UNPARSEABLE);
+    // A port of an enrolled address left out of capture: every segment to it goes its way.
+    if (!flow.from_pod && inbound_bypassed(flow.dport))
+        return TC_ACT_OK;
 
     // A flow that already has its socket follows it.
     struct bpf_sock *sk = lookup(skb, &flow);
@@ -515,11 +532,17 @@ int ztunnel_listener(struct bpf_sk_lookup *ctx) {
     // here) must find that listener, not the outbound one.
     if (local_port == DNS_PROXY_PORT)
         return SK_PASS;
+    // A host talking to itself (on a VM whose own address is enrolled: ztunnel delivering to
+    // the application) must reach the socket it dialled. A pod never reaches itself through
+    // the node, so this leaves pods' flows alone.
+    if (remote.w[0] == local.w[0] && remote.w[1] == local.w[1] && remote.w[2] == local.w[2] &&
+        remote.w[3] == local.w[3])
+        return SK_PASS;
     // The same choice as ztunnel_capture's listener path.
     __u32 role;
     if (is_enrolled(&remote))
         role = ROLE_OUTBOUND;
-    else if (is_enrolled(&local))
+    else if (is_enrolled(&local) && !inbound_bypassed(local_port))
         role = local_port == cfg->hbone_port ? ROLE_HBONE : ROLE_INBOUND;
     else
         return SK_PASS;

@@ -10,10 +10,12 @@
 //! extension headers), is dropped and counted: an enrolled pod never bypasses ztunnel in
 //! plaintext. [`pin::uninstall`] is the one way to remove capture from a node.
 
+pub mod host;
 pub mod pin;
 pub mod redirector;
 pub mod routing;
 
+pub use host::{HostCapture, HostSettings};
 pub use pin::{Removed, uninstall};
 pub use redirector::{Listener, ListenerRole, RedirectError, Redirector, Settings, Status};
 pub use routing::interface_for;

@@ -25,7 +25,11 @@ pub const PROGRAM_PIN: &str = "prog";
 /// The directory of link pins, one per interface, inside the pin directory.
 pub const LINKS_DIR: &str = "links";
 /// Maps the program pins by name (`LIBBPF_PIN_BY_NAME` in `bpf/redirect.c`).
-pub const MAP_NAMES: [&str; 4] = ["enrolled", "dns_bypass", "settings", "stats"];
+pub const MAP_NAMES: [&str; 5] = ["enrolled", "dns_bypass", "inbound_bypass", "settings", "stats"];
+/// The directory of the host programs' link pins (`bpf/host.c`), inside the pin directory.
+pub const HOST_LINKS_DIR: &str = "host_links";
+/// Maps the host programs pin by name.
+pub const HOST_MAP_NAMES: [&str; 4] = ["host_settings", "host_by_cookie", "host_orig_dst", "host_stats"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -132,8 +136,17 @@ fn fs_type(path: &Path) -> Option<String> {
 
 /// Fails when a map pinned in `dir` does not have the sizes this build's program expects.
 pub fn check_pinned_maps(dir: &Path) -> Result<(), PinError> {
-    const EXPECTED: [(&str, (u32, u32)); 4] =
-        [("enrolled", (16, 4)), ("dns_bypass", (16, 4)), ("settings", (4, 20)), ("stats", (4, 8))];
+    const EXPECTED: [(&str, (u32, u32)); 9] = [
+        ("enrolled", (16, 4)),
+        ("dns_bypass", (16, 4)),
+        ("inbound_bypass", (4, 4)),
+        ("settings", (4, 20)),
+        ("stats", (4, 8)),
+        ("host_settings", (4, 16)),
+        ("host_by_cookie", (8, 20)),
+        ("host_orig_dst", (20, 20)),
+        ("host_stats", (4, 8)),
+    ];
     for (name, expected) in EXPECTED {
         let path = dir.join(name);
         if !path.exists() {
@@ -178,18 +191,19 @@ impl std::fmt::Display for Removed {
 pub fn uninstall(settings: &Settings) -> Result<Removed, PinError> {
     let mut removed = Removed::default();
     let dir = &settings.pin_dir;
-    let links = dir.join(LINKS_DIR);
-    if let Ok(entries) = std::fs::read_dir(&links) {
-        for entry in entries.flatten() {
-            remove_pin(&entry.path())?;
-            removed.links += 1;
+    for links in [dir.join(LINKS_DIR), dir.join(HOST_LINKS_DIR)] {
+        if let Ok(entries) = std::fs::read_dir(&links) {
+            for entry in entries.flatten() {
+                remove_pin(&entry.path())?;
+                removed.links += 1;
+            }
+            let _ = std::fs::remove_dir(&links);
         }
-        let _ = std::fs::remove_dir(&links);
     }
     if remove_pin(&dir.join(PROGRAM_PIN))? {
         removed.programs += 1;
     }
-    for name in MAP_NAMES {
+    for name in MAP_NAMES.iter().chain(&HOST_MAP_NAMES) {
         if remove_pin(&dir.join(name))? {
             removed.maps += 1;
         }

@@ -477,6 +477,24 @@ impl Redirector {
         Ok(())
     }
 
+    /// Makes `ports` the inbound ports of enrolled addresses left out of capture.
+    pub fn set_inbound_bypass(&mut self, ports: &[u16]) -> Result<(), RedirectError> {
+        let map_err = |source| RedirectError::Map { name: "inbound_bypass", source };
+        let map = self.ebpf.map_mut("inbound_bypass").ok_or(RedirectError::Missing("map inbound_bypass"))?;
+        let mut map: HashMap<_, u32, u32> = HashMap::try_from(map).map_err(map_err)?;
+        let present: Vec<u32> = map.keys().filter_map(Result::ok).collect();
+        for port in present.iter().filter(|p| !ports.iter().any(|w| u32::from(*w) == **p)) {
+            map.remove(port).map_err(map_err)?;
+        }
+        for port in ports {
+            map.insert(u32::from(*port), 1, 0).map_err(map_err)?;
+        }
+        if !ports.is_empty() {
+            info!(?ports, "inbound ports left out of capture");
+        }
+        Ok(())
+    }
+
     /// The addresses whose DNS is not handed to the DNS proxy.
     pub fn dns_bypassed(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.dns_bypass.iter().copied()

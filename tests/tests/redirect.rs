@@ -150,7 +150,7 @@ fn remove(node: &Netns, r: Redirector) {
     let settings = r.status().settings.expect("settings");
     drop(r);
     let removed = uninstall(node, &settings);
-    assert!(removed.programs == 1 && removed.maps == 4, "uninstall removed {removed}");
+    assert!(removed.programs == 1 && removed.maps == 5, "uninstall removed {removed}");
     assert_eq!(attached(node), Vec::<u32>::new(), "programs still attached after uninstall");
 }
 
@@ -420,7 +420,7 @@ fn a_syn_meeting_a_time_wait_socket_without_ztunnel_does_not_reach_a_host_servic
     assert!(adopted.status().stats["dropped_no_listener"] >= 1, "{:?}", adopted.status().stats);
     drop(adopted);
     let removed = uninstall(&m.node, &settings);
-    assert!(removed.programs == 1 && removed.maps == 4, "uninstall removed {removed}");
+    assert!(removed.programs == 1 && removed.maps == 5, "uninstall removed {removed}");
 }
 
 #[test]
@@ -855,7 +855,7 @@ fn a_killed_or_terminated_ztunnel_process_leaves_capture_in_place() {
         String::from_utf8_lossy(&uninstall.stdout).to_string() + &String::from_utf8_lossy(&uninstall.stderr);
     assert!(uninstall.status.success(), "uninstall failed: {said}");
     assert!(
-        said.contains("2 link(s)") && said.contains("1 program(s)") && said.contains("4 map(s)"),
+        said.contains("2 link(s)") && said.contains("1 program(s)") && said.contains("5 map(s)"),
         "{said}"
     );
     assert!(said.contains("2 routing rule(s)") && said.contains("2 route(s)"), "{said}");

@@ -31,6 +31,8 @@ fn config(source: Source) -> Config {
         drain_period: ztunnel::config::DEFAULT_DRAIN_PERIOD,
         enrollment: None,
         dns: None,
+        host: None,
+        inbound_bypass_ports: Vec::new(),
     }
 }
 

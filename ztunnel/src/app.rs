@@ -111,6 +111,22 @@ impl App {
         let drain = Drain::new();
         let mut certs = None;
         let mut listener_sockets = Vec::new();
+        // Host mode: the host's processes' connections go to the outbound listener from now on
+        // (refused until it listens: never uncaptured).
+        let host = match (&config.host, &config.proxy) {
+            (Some(h), Some(p)) => {
+                let settings = ebpf::HostSettings {
+                    pin_dir: config.redirect_settings.pin_dir.clone(),
+                    cgroup: h.cgroup.clone(),
+                    outbound_port: p.outbound_addr.port(),
+                    ztunnel_mark: p.mark,
+                };
+                let capture = ebpf::HostCapture::load(settings)
+                    .map_err(|e| anyhow::anyhow!("host capture of {}: {e} ({e:?})", h.cgroup.display()))?;
+                Some(Arc::new(capture))
+            }
+            _ => None,
+        };
         let proxy_addrs = match &config.proxy {
             Some(proxy_config) => {
                 let manager = CertificateManager::new(ca_source(&config)?, CertMetrics::new(registry));
@@ -126,6 +142,7 @@ impl App {
                     metrics,
                     drain.watch(),
                     synced.clone(),
+                    host.clone(),
                 );
                 let (bound, sockets, proxy_tasks) = proxy.start()?;
                 listener_sockets = sockets;
@@ -153,6 +170,9 @@ impl App {
         };
         let enrollment = if config.redirect {
             let mut redirector = Redirector::load(config.redirect_settings.clone())?;
+            redirector
+                .set_inbound_bypass(&config.inbound_bypass_ports)
+                .map_err(|e| anyhow::anyhow!("setting the inbound ports left out of capture: {e}"))?;
             if !listener_sockets.is_empty() {
                 // Without it, a SYN meeting a TIME_WAIT socket of ours would be looked up by the
                 // kernel on its original port, where a host service might listen: no start.
@@ -198,7 +218,7 @@ impl App {
             &ready,
             &state,
             certs.clone(),
-            Dumped { enrollment: enrollment.clone(), cni: cni.clone(), narrowing: narrowing.clone() },
+            Dumped { enrollment: enrollment.clone(), cni: cni.clone(), narrowing: narrowing.clone(), host },
             config_objects,
         );
         skeleton.serve(admin_router);
@@ -291,6 +311,7 @@ struct Dumped {
     enrollment: Option<Enrollment>,
     cni: Option<Cni>,
     narrowing: Ready,
+    host: Option<Arc<ebpf::HostCapture>>,
 }
 
 fn admin_routes(
@@ -318,6 +339,12 @@ fn admin_routes(
             "narrowing_pending": dumped.enrollment.as_ref().map(|_| dumped.narrowing.pending()),
             // Pods enrolled at creation through the CNI plugin, and the watch behind it.
             "cni": dumped.cni.as_ref().map(Cni::dump),
+            // Host mode: where the host's processes are captured, and the programs' counters.
+            "host_capture": dumped.host.as_ref().map(|h| serde_json::json!({
+                "settings": h.settings(),
+                "ztunnel_cgroup": h.ztunnel_cgroup(),
+                "stats": h.stats().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            })),
             // The local config's objects: accepted or refused (field and reason), and which
             // version is in force.
             "config_objects": objects.snapshot(),

@@ -81,6 +81,21 @@ pub struct Config {
     pub enrollment: Option<CniConfig>,
     /// The DNS proxy (15053); `None` when off.
     pub dns: Option<crate::dns::DnsConfig>,
+    /// Host mode (a VM or ECS host): the host's own processes are the workload; `None` when off.
+    pub host: Option<HostConfig>,
+    /// Inbound ports of enrolled addresses left out of capture (a host's SSH).
+    pub inbound_bypass_ports: Vec<u16>,
+}
+
+/// Host mode: ztunnel is the mesh proxy of the host it runs on.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HostConfig {
+    /// The host's workload addresses (as the control plane knows the workload), each with the
+    /// interface its inbound traffic arrives on; also the source of its captured connections.
+    pub addresses: Vec<StaticPod>,
+    /// The cgroup (v2) whose processes' connections are captured (ztunnel's own cgroup inside it
+    /// is left alone).
+    pub cgroup: PathBuf,
 }
 
 /// Command line and environment.
@@ -169,6 +184,20 @@ pub struct Args {
     /// The cluster's DNS domain (short names expand under it).
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// Host mode (VM or ECS host): the host's workload addresses, comma-separated
+    /// `ip@interface` (the interface its inbound traffic arrives on). Its processes' TCP
+    /// connections are captured (see --host-cgroup), and inbound to these addresses. Implies
+    /// --redirect.
+    #[arg(long = "host-address", env = "ZTUNNEL_HOST_ADDRESSES", value_delimiter = ',')]
+    pub host_addresses: Vec<StaticPod>,
+    /// Host mode: the cgroup (v2) whose processes are the workload; the whole cgroup2 hierarchy
+    /// (every process of the host but ztunnel itself) when unset.
+    #[arg(long, env = "ZTUNNEL_HOST_CGROUP")]
+    pub host_cgroup: Option<PathBuf>,
+    /// Inbound ports of enrolled addresses left out of capture, comma-separated (e.g. a host's
+    /// SSH port, so it stays reachable while no ztunnel runs).
+    #[arg(long = "inbound-bypass-port", env = "ZTUNNEL_INBOUND_BYPASS_PORTS", value_delimiter = ',')]
+    pub inbound_bypass_ports: Vec<u16>,
 }
 
 /// Where the DNS proxy listens by default.
@@ -207,6 +236,12 @@ pub enum ConfigError {
     ServerIdentity,
     #[error("--dns-upstream {0:?} is neither an IP address nor ip:port")]
     DnsUpstream(String),
+    #[error("--host-address {0} needs its interface: ip@interface")]
+    HostAddressInterface(std::net::IpAddr),
+    #[error("host mode: {0}")]
+    HostCgroup(String),
+    #[error("host mode needs the proxies (not --no-proxy)")]
+    HostWithoutProxy,
 }
 
 impl Config {
@@ -236,7 +271,23 @@ impl Config {
             inbound_plaintext_addr: DEFAULT_INBOUND_PLAINTEXT_ADDR,
             mark: ebpf::redirector::DEFAULT_ZTUNNEL_MARK,
             outbound_policy: args.outbound_policy,
+            host_addresses: args.host_addresses.iter().map(|a| a.ip).collect(),
         });
+        let host = if args.host_addresses.is_empty() {
+            None
+        } else {
+            if args.no_proxy {
+                return Err(ConfigError::HostWithoutProxy);
+            }
+            if let Some(a) = args.host_addresses.iter().find(|a| a.iface.is_none()) {
+                return Err(ConfigError::HostAddressInterface(a.ip));
+            }
+            let cgroup = match args.host_cgroup {
+                Some(c) => c,
+                None => ebpf::host::cgroup2_mount().map_err(ConfigError::HostCgroup)?,
+            };
+            Some(HostConfig { addresses: args.host_addresses.clone(), cgroup })
+        };
         let dns = if args.dns_proxy && !args.no_proxy {
             let mut upstreams =
                 args.dns_upstreams.iter().map(|s| upstream(s)).collect::<Result<Vec<_>, _>>()?;
@@ -279,9 +330,9 @@ impl Config {
             metrics_addr: args.metrics_addr,
             readiness_addr: args.readiness_addr,
             log_format: args.log_format,
-            redirect: args.redirect,
+            redirect: args.redirect || host.is_some(),
             uplinks: args.uplinks,
-            static_pods: args.static_pods,
+            static_pods: args.static_pods.into_iter().chain(args.host_addresses).collect(),
             redirect_settings: ebpf::Settings { pin_dir: args.bpf_pin_dir, ..Default::default() },
             network: args.network,
             ca,
@@ -290,6 +341,8 @@ impl Config {
             drain_period: Duration::from_secs(args.drain_period_seconds),
             enrollment,
             dns,
+            host,
+            inbound_bypass_ports: args.inbound_bypass_ports,
         })
     }
 }

@@ -75,6 +75,10 @@ pub struct ProxyConfig {
     /// `SO_MARK` on ztunnel's own sockets, so the capture program lets them be.
     pub mark: u32,
     pub outbound_policy: OutboundPolicy,
+    /// Host mode: the host's workload addresses (the source of its captured connections, and
+    /// destinations dialled without keeping the client's address, which only works for
+    /// addresses that are not this host's own).
+    pub host_addresses: Vec<IpAddr>,
 }
 
 /// Why a connection could not be proxied. Knows its response flag and CONNECT status.
@@ -104,13 +108,17 @@ pub enum ProxyError {
     Hbone { addr: SocketAddr, reason: String },
     #[error("draining")]
     Draining,
+    #[error("connection from {0} over loopback with no original destination recorded by the host capture")]
+    NoOriginalDst(SocketAddr),
 }
 
 impl ProxyError {
     /// Envoy's response flag for this failure.
     pub fn flag(&self) -> ResponseFlag {
         match self {
-            ProxyError::UnknownSource(_) | ProxyError::RegistryOnly(_) => ResponseFlag::NoRoute,
+            ProxyError::UnknownSource(_) | ProxyError::RegistryOnly(_) | ProxyError::NoOriginalDst(_) => {
+                ResponseFlag::NoRoute
+            }
             ProxyError::NoEndpoint(_) | ProxyError::NoWaypoint(_) | ProxyError::NotLocal(_) => {
                 ResponseFlag::NoHealthyUpstream
             }
@@ -143,6 +151,8 @@ struct Inner {
     drain: Watch,
     /// Done once the control-plane source has processed its first push of every type.
     synced: Ready,
+    /// Host mode's capture, where captured connections' original destinations are read.
+    host: Option<Arc<ebpf::HostCapture>>,
 }
 
 /// What every proxy task shares. Cheap to clone.
@@ -166,6 +176,7 @@ pub struct Bound {
 impl Proxy {
     /// `synced` is the readiness of the control-plane source alone (its first sync of every
     /// type): the listeners accept nothing before it is ready.
+    #[expect(clippy::too_many_arguments, reason = "the proxies' shared parts, each built by the app")]
     pub fn new(
         config: ProxyConfig,
         state: State,
@@ -174,8 +185,30 @@ impl Proxy {
         metrics: Metrics,
         drain: Watch,
         synced: Ready,
+        host: Option<Arc<ebpf::HostCapture>>,
     ) -> Self {
-        Self { inner: Arc::new(Inner { config, state, pool, certs, metrics, drain, synced }) }
+        Self { inner: Arc::new(Inner { config, state, pool, certs, metrics, drain, synced, host }) }
+    }
+
+    /// Host mode: a connection the host capture sent to the outbound listener over loopback
+    /// is really from the host's workload address (same family as the destination, else the
+    /// first) at the client's port, to the destination the capture recorded. Anything else on
+    /// loopback (a process dialling 15001 itself) has no recorded destination and is refused.
+    /// Without host mode, or not over loopback: as accepted.
+    fn host_origin(&self, peer: SocketAddr, dst: SocketAddr) -> Result<(SocketAddr, SocketAddr), ProxyError> {
+        let Some(host) = &self.inner.host else { return Ok((peer, dst)) };
+        if !dst.ip().is_loopback() && !is_mapped_loopback(dst.ip()) {
+            return Ok((peer, dst));
+        }
+        let orig = host.original_dst(peer).ok_or(ProxyError::NoOriginalDst(peer))?;
+        let addrs = &self.inner.config.host_addresses;
+        let source = addrs
+            .iter()
+            .find(|a| a.is_ipv4() == orig.is_ipv4())
+            .or(addrs.first())
+            .copied()
+            .ok_or(ProxyError::NoOriginalDst(peer))?;
+        Ok((SocketAddr::new(source, peer.port()), orig))
     }
 
     /// Binds the three transparent listeners and spawns their accept loops, which stop when
@@ -291,6 +324,9 @@ impl Proxy {
     async fn connect_direct(&self, dst: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, ProxyError> {
         let fail = |reason: String| ProxyError::Connect { addr: dst, reason };
         let mark = self.inner.config.mark;
+        // This host's own workload is dialled locally: a foreign source address would send its
+        // replies out to the network instead of back to us.
+        let source = source.filter(|_| !self.inner.config.host_addresses.contains(&dst.ip()));
         let socket = match socket::outbound_socket(dst, mark, source.map(|ip| SocketAddr::new(ip, 0))) {
             Ok(s) => s,
             Err(e) if source.is_some() => {
@@ -376,6 +412,10 @@ where
             }
         }
     }
+}
+
+fn is_mapped_loopback(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
 }
 
 /// For a listener configured on `0.0.0.0:port`, the same listener on `[::]:port` (IPv6 only),

@@ -37,6 +37,13 @@ enum Upstream {
 
 async fn handle(proxy: Proxy, accepted: Accepted) {
     let Accepted { stream: downstream, peer, dst, guard } = accepted;
+    let (peer, dst) = match proxy.host_origin(peer, dst) {
+        Ok(origin) => origin,
+        Err(e) => {
+            Record::new(proxy.metrics(), Reporter::Source, "outbound", peer, dst).failed(e.failure());
+            return;
+        }
+    };
     let mut rec = Record::new(proxy.metrics(), Reporter::Source, "outbound", peer, dst);
     // Boxed: the connect phase's state (an HBONE dial, a TCP connect) is large and over once
     // the connection is up; on the heap, it is freed then instead of sizing every
