@@ -35,8 +35,9 @@ const XDS: &str = "10.0.0.2:15010";
 
 const MESH: &str = r#"
 workloads:
+  # As a WorkloadEntry arrives from istiod: no node; the VM's ztunnel knows its own addresses.
   - {name: vm-1, namespace: vms, serviceAccount: vm-app, addresses: [10.0.0.1, "fd00:0:0:1::1"],
-     node: vm-1, workloadName: vm-app}
+     workloadName: vm-app}
   - {name: echo, namespace: demo, serviceAccount: echo, addresses: [10.2.1.2, "fd00:b:1::2"],
      node: node-b, workloadName: echo, authorizationPolicies: [demo/vm-and-client]}
   - {name: client, namespace: demo, serviceAccount: client, addresses: [10.2.2.2], node: node-b,
@@ -57,6 +58,47 @@ const DENY_VM: &str = r#"
     action: DENY
     rules: [{clauses: [{matches: [{principals: [{exact: cluster.local/ns/vms/sa/vm-app}]}]}]}]
 "#;
+
+/// Writes the VM's certificate files (Istio's names) in `dir`: a leaf for the VM's identity
+/// valid for `lifetime`, signed by the mesh's CA in `ca_dir`, as a VM's provisioning would.
+fn write_vm_certificates(ca_dir: &Path, dir: &Path, lifetime: Duration) {
+    use common::identity::local_ca::{LocalCa, new_csr};
+    let ca = LocalCa::load_or_create(ca_dir, "cluster.local").expect("the mesh's CA");
+    let id = common::identity::Identity::new("cluster.local", "vms", "vm-app").expect("identity");
+    let (csr, key) = new_csr(&id).expect("csr");
+    let chain = ca.sign_csr(&csr, &id, lifetime).expect("sign");
+    // Written aside and renamed in, as a provisioning agent replaces files.
+    for (name, body) in [("cert-chain.pem", &chain[0]), ("key.pem", &key), ("root-cert.pem", &chain[1])] {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, body).expect("write");
+        std::fs::rename(&tmp, dir.join(name)).expect("rename");
+    }
+}
+
+/// The VM's certificate's expiry and the failed loads of its files, from its metrics.
+fn vm_certificate(vm: &Netns) -> (f64, f64) {
+    let text = vm_metrics(vm);
+    let expiry = metric(
+        &text,
+        "istio_certificate_expiry_timestamp_seconds",
+        &["identity=\"spiffe://cluster.local/ns/vms/sa/vm-app\""],
+    );
+    let failed = metric(&text, "istio_certificate_fetches_total", &["source=\"files\"", "outcome=\"error\""]);
+    (expiry, failed)
+}
+
+/// Waits up to 15 s for `pred` over the VM's certificate figures.
+fn wait_certificate(vm: &Netns, what: &str, pred: impl Fn((f64, f64)) -> bool) -> (f64, f64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = vm_certificate(vm);
+        if pred(now) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {now:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
 
 /// A cgroup (v2) of the test's own, removed with its children (after its processes are gone).
 struct Cgroup(PathBuf);
@@ -265,12 +307,16 @@ fn a_vms_own_processes_are_in_the_mesh_through_its_ztunnel() {
     let pins = pin_dir.to_str().expect("path").to_string();
     let captured = cgroup.0.to_str().expect("path").to_string();
     let host_addresses = format!("{VM}@link-a,{VM6}@link-a");
+    // The VM's certificate comes from files its provisioning placed, not from a CA.
+    let cert_dir = tempfile::tempdir().expect("cert dir");
+    write_vm_certificates(ca_dir.path(), cert_dir.path(), Duration::from_secs(3600));
+    let certs = cert_dir.path().to_str().expect("path").to_string();
     let xds = format!("http://{XDS}");
     let flags = [
         "--xds-address",
         &xds,
-        "--local-ca",
-        &ca,
+        "--cert-dir",
+        &certs,
         "--node-name",
         "vm-1",
         "--host-address",
@@ -328,13 +374,30 @@ fn a_vms_own_processes_are_in_the_mesh_through_its_ztunnel() {
         "{text}"
     );
 
+    // Certificates from files: replaced files are picked up without a restart; a broken file
+    // keeps the last good certificate in force (a warning and a failed fetch counted).
+    let (first, _) = wait_certificate(&vm, "the file certificate loaded", |(expiry, _)| expiry > 0.0);
+    write_vm_certificates(ca_dir.path(), cert_dir.path(), Duration::from_secs(3 * 3600));
+    let (second, _) = wait_certificate(&vm, "the replaced files loaded", |(expiry, _)| expiry > first);
+    std::fs::write(cert_dir.path().join("key.pem"), "not a key").expect("break the key");
+    let (held, _) = wait_certificate(&vm, "the broken file refused", |(_, failed)| failed >= 1.0);
+    assert_eq!(held, second, "the last good certificate stays in force");
+    assert!(logs().contains("certificate fetch failed"), "{}", logs());
+    let (_, reply) = vm_client(&vm, &app, &format!("[{ECHO6}]:8080"), "still", false).expect("still served");
+    assert_eq!(reply, format!("echo {VM6} still"));
+    write_vm_certificates(ca_dir.path(), cert_dir.path(), Duration::from_secs(3600));
+
     // A pod reaches the VM's application through the VM's ztunnel (HBONE to 15008 there).
     let reply = exchange(&client, &format!("{VM}:8080"), "hi vm")
         .unwrap_or_else(|e| panic!("client to the VM: {e}\n{}", logs()));
     // The application sees its own host's address (a local delivery cannot keep the client's);
     // the VM's ztunnel records the client it proved.
     assert_eq!(reply.replace("::ffff:", ""), format!("vm-app {VM} hi vm"));
-    assert!(logs().contains(&format!("src.addr={CLIENT}:")), "{}", logs());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !logs().contains(&format!("src.addr={CLIENT}:")) {
+        assert!(Instant::now() < deadline, "no access record of the client:\n{}", logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let text = vm_metrics(&vm);
     let from_client =
         ["reporter=\"destination\"", "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""];

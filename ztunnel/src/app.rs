@@ -161,6 +161,7 @@ impl App {
                     state.clone(),
                     certs.clone(),
                     config.node_name.clone(),
+                    proxy_config.host_addresses.clone(),
                     ready.clone(),
                     block,
                 )));
@@ -296,12 +297,16 @@ async fn prefetch_certificates(
     state: State,
     certs: CertificateManager,
     node: String,
+    host_addresses: Vec<std::net::IpAddr>,
     ready: Ready,
     block: common::readiness::BlockReady,
 ) {
     ready.wait_for_others(CERTS_TASK).await;
     let wanted = || -> std::collections::BTreeSet<Identity> {
-        state.snapshot().workloads_on(&node).map(|w| w.identity.clone()).collect()
+        let snapshot = state.snapshot();
+        // In host mode, the host's workload too (a WorkloadEntry names no node).
+        let host = host_addresses.iter().filter_map(|a| snapshot.workload_by_ip(*a));
+        snapshot.workloads_on(&node).chain(host).map(|w| w.identity.clone()).collect()
     };
     certs.follow(state.subscribe(), wanted, block).await;
 }

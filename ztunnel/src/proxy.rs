@@ -270,8 +270,12 @@ impl Proxy {
         &self.inner.drain
     }
 
+    /// A workload this ztunnel serves: one of its node's, or in host mode the host itself
+    /// (known by its addresses: a WorkloadEntry names no node).
     fn is_local(&self, w: &Workload) -> bool {
-        w.node == self.inner.config.node_name
+        let c = &self.inner.config;
+        w.node == c.node_name
+            || (!c.host_addresses.is_empty() && w.addresses.iter().any(|a| c.host_addresses.contains(a)))
     }
 
     /// Evaluates the destination workload's policies (refused while one it names is missing),

@@ -27,6 +27,11 @@ pub struct CertificateFiles {
 pub type Fingerprint = Vec<Option<(SystemTime, u64)>>;
 
 impl CertificateFiles {
+    /// Istio's file names in `dir`: `cert-chain.pem`, `key.pem`, `root-cert.pem`.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self { chain: dir.join("cert-chain.pem"), key: dir.join("key.pem"), roots: dir.join("root-cert.pem") }
+    }
+
     /// Reads and parses all three files.
     pub fn load(&self) -> Result<WorkloadCertificate, FileCertError> {
         let chain = read("certificate chain", &self.chain)?;

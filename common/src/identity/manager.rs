@@ -700,6 +700,10 @@ pub enum CaConfig {
         #[serde(skip)]
         target: crate::grpc::GrpcTarget,
     },
+    /// Files placed in this directory by something else (a VM's provisioning): Istio's names,
+    /// `cert-chain.pem`, `key.pem` and `root-cert.pem`, reloaded when they change. They prove
+    /// one identity.
+    Files { dir: std::path::PathBuf },
 }
 
 impl CaConfig {
@@ -741,6 +745,7 @@ impl CaConfig {
                 super::ca_client::IstioCaClient::new(target.clone(), lifetime, impersonate)
                     .map_err(|e| e.to_string())?,
             ),
+            CaConfig::Files { dir } => CaSource::Files(CertificateFiles::in_dir(dir)),
         })
     }
 }

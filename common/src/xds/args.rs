@@ -38,6 +38,10 @@ pub struct ControlPlaneArgs {
     /// instead of asking istiod's CA.
     #[arg(long, env = "LOCAL_CA_DIR", value_name = "DIR")]
     pub local_ca: Option<PathBuf>,
+    /// Certificates from files in DIR (`cert-chain.pem`, `key.pem`, `root-cert.pem`, as a VM's
+    /// provisioning places them), reloaded when they change, instead of asking a CA.
+    #[arg(long, env = "CERT_DIR", value_name = "DIR", conflicts_with = "local_ca")]
+    pub cert_dir: Option<PathBuf>,
     /// istiod's CA (defaults to the xDS address when that is https, else istiod's).
     #[arg(long, env = "CA_ADDRESS")]
     pub ca_address: Option<String>,
@@ -86,6 +90,9 @@ impl ControlPlaneArgs {
     /// An xDS server reached over mesh mTLS (`--xds-server-identity`, our controller) is no CA:
     /// the CA then defaults to istiod's, not to the xDS address.
     pub fn ca(&self) -> CaConfig {
+        if let Some(dir) = &self.cert_dir {
+            return CaConfig::Files { dir: dir.clone() };
+        }
         let xds_is_istiod = self.xds_server_identity.is_none();
         CaConfig::from_flags(
             self.local_ca.as_deref(),
@@ -115,7 +122,18 @@ mod tests {
         match flags.cp.ca() {
             CaConfig::Istio { address, .. } => address,
             CaConfig::Local { .. } => "local".into(),
+            CaConfig::Files { .. } => "files".into(),
         }
+    }
+
+    #[test]
+    fn certificates_from_files_exclude_the_local_ca() {
+        assert_eq!(
+            ca_address(&["--cert-dir", "/etc/certs", "--xds-address", "https://istiod:15012"]),
+            "files"
+        );
+        let both = Flags::try_parse_from(["x", "--cert-dir", "/etc/certs", "--local-ca", "/ca"]);
+        assert!(both.is_err(), "one certificate source");
     }
 
     #[test]

@@ -22,7 +22,12 @@ use common::rbac;
 pub(super) async fn serve(proxy: Proxy, listener: TcpListener) {
     let c = proxy.config();
     let tls =
-        Arc::new(WorkloadTls::new(proxy.inner.state.clone(), c.node_name.clone(), proxy.inner.certs.clone()));
+        Arc::new(WorkloadTls::new(
+        proxy.inner.state.clone(),
+        c.node_name.clone(),
+        c.host_addresses.clone(),
+        proxy.inner.certs.clone(),
+    ));
     let handler = Arc::new(Inbound(proxy.clone()));
     let trust_domain = c.trust_domain.clone();
     if !proxy.wait_synced("inbound").await {

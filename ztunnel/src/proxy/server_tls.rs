@@ -18,13 +18,20 @@ type Configs = HashMap<Identity, (Arc<WorkloadCertificate>, Arc<rustls::ServerCo
 pub(super) struct WorkloadTls {
     state: State,
     node_name: String,
+    /// Host mode: the host's own addresses (its workload may name no node).
+    host_addresses: Vec<std::net::IpAddr>,
     certs: CertificateManager,
     cache: Arc<Mutex<Configs>>,
 }
 
 impl WorkloadTls {
-    pub(super) fn new(state: State, node_name: String, certs: CertificateManager) -> Self {
-        Self { state, node_name, certs, cache: Arc::default() }
+    pub(super) fn new(
+        state: State,
+        node_name: String,
+        host_addresses: Vec<std::net::IpAddr>,
+        certs: CertificateManager,
+    ) -> Self {
+        Self { state, node_name, host_addresses, certs, cache: Arc::default() }
     }
 }
 
@@ -33,7 +40,7 @@ impl ServerTls for WorkloadTls {
         let snapshot = self.state.snapshot();
         let identity = snapshot
             .workload_by_ip(local_addr.ip())
-            .filter(|w| w.node == self.node_name)
+            .filter(|w| w.node == self.node_name || self.host_addresses.contains(&local_addr.ip()))
             .map(|w| w.identity.clone());
         let (certs, cache) = (self.certs.clone(), self.cache.clone());
         Box::pin(async move {
