@@ -18,13 +18,15 @@ set -euo pipefail
 # ptp, host-local) drive the CNI plugin test; buildah, skopeo and umoci build and check the OCI
 # images without a container daemon (deploy/images/build.sh). dig (bind9-dnsutils) queries the DNS
 # proxy in its test, and dnsmasq (dnsmasq-base: the program without a system service) plays the
-# upstream resolver there.
+# upstream resolver there. systemd (systemd-analyze) checks the VM's unit file; nsenter and setpriv
+# (util-linux) run the host-mode test's VM processes in a cgroup with the unit's capabilities.
 packages=(curl clang llvm libbpf-dev iproute2 iperf3 util-linux bpftool procps
   containernetworking-plugins buildah skopeo umoci wrk nghttp2-client nginx-light valgrind
-  bind9-dnsutils dnsmasq-base)
+  bind9-dnsutils dnsmasq-base systemd)
 # The same needs as commands or files, for a machine without dpkg.
 needs=(curl clang llvm-objdump /usr/include/bpf/bpf_helpers.h ip iperf3 taskset bpftool sysctl
-  /usr/lib/cni/host-local buildah skopeo umoci wrk h2load nginx valgrind dig dnsmasq)
+  /usr/lib/cni/host-local buildah skopeo umoci wrk h2load nginx valgrind dig dnsmasq
+  systemd-analyze nsenter setpriv)
 
 # Python packages, as "import-name:pip-name": the waypoint test checks a gRPC client from an
 # independent implementation, Python's grpcio.

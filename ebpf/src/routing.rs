@@ -140,6 +140,26 @@ pub fn interface_for(addr: IpAddr) -> Result<String, RoutingError> {
         .ok_or(RoutingError::NoInterface(addr))
 }
 
+/// The interface (not loopback) that carries `addr` as one of its own addresses: where a
+/// host's traffic to that address arrives.
+pub fn interface_with_address(addr: IpAddr) -> Result<String, RoutingError> {
+    let args = ["-j", "addr", "show"];
+    let text = ip(&args)?;
+    let links: Vec<serde_json::Value> = serde_json::from_str(&text)
+        .map_err(|e| RoutingError::Output { args: args.join(" "), detail: e.to_string() })?;
+    let wanted = addr.to_string();
+    links
+        .iter()
+        .filter(|l| l.get("ifname").and_then(|n| n.as_str()) != Some("lo"))
+        .find(|l| {
+            l.get("addr_info").and_then(|a| a.as_array()).is_some_and(|infos| {
+                infos.iter().any(|i| i.get("local").and_then(|v| v.as_str()) == Some(&wanted))
+            })
+        })
+        .and_then(|l| l.get("ifname").and_then(|n| n.as_str()).map(String::from))
+        .ok_or(RoutingError::NoInterface(addr))
+}
+
 /// Every network interface of this namespace but loopback (asked over netlink, so it follows
 /// the calling thread's namespace, unlike `/sys/class/net`).
 pub fn interfaces() -> Result<Vec<String>, RoutingError> {

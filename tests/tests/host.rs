@@ -191,10 +191,29 @@ print(data.decode().strip())
     Ok((peer, reply))
 }
 
-/// The VM's ztunnel, a real process in `cgroup`, its output in `log`.
+/// The capabilities the shipped systemd unit bounds ztunnel to (deploy/vm/ztunnel.service), as
+/// `setpriv --bounding-set` takes them: `-all,+bpf,+net_admin,...`.
+fn unit_capabilities() -> String {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/vm/ztunnel.service");
+    let unit = std::fs::read_to_string(&unit).expect("the systemd unit");
+    let caps = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds its capabilities");
+    let mut set = "-all".to_string();
+    for cap in caps.split_whitespace() {
+        set += &format!(",+{}", cap.trim_start_matches("CAP_").to_ascii_lowercase());
+    }
+    set
+}
+
+/// The VM's ztunnel, a real process in `cgroup` holding only the capabilities of the shipped
+/// systemd unit, its output in `log`.
 fn vm_ztunnel(vm: &Netns, cgroup: &Path, flags: &[&str], log: &Path) -> Child {
     let log = std::fs::File::create(log).expect("log file");
-    in_cgroup(vm, cgroup, &[&[env!("CARGO_BIN_EXE_ztunnel-proc")], flags].concat())
+    let caps = unit_capabilities();
+    let prefix = ["setpriv", "--bounding-set", caps.as_str(), "--", env!("CARGO_BIN_EXE_ztunnel-proc")];
+    in_cgroup(vm, cgroup, &[&prefix[..], flags].concat())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .stdin(Stdio::null())
@@ -306,7 +325,8 @@ fn a_vms_own_processes_are_in_the_mesh_through_its_ztunnel() {
     let pin_dir = bpf_pin_dir(&vm);
     let pins = pin_dir.to_str().expect("path").to_string();
     let captured = cgroup.0.to_str().expect("path").to_string();
-    let host_addresses = format!("{VM}@link-a,{VM6}@link-a");
+    // One interface named, one found by ztunnel (the interface carrying the address).
+    let host_addresses = format!("{VM}@link-a,{VM6}");
     // The VM's certificate comes from files its provisioning placed, not from a CA.
     let cert_dir = tempfile::tempdir().expect("cert dir");
     write_vm_certificates(ca_dir.path(), cert_dir.path(), Duration::from_secs(3600));

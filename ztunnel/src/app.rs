@@ -185,7 +185,7 @@ impl App {
                 redirector,
                 config.node_name.clone(),
                 config.uplinks.clone(),
-                config.static_pods.clone(),
+                host_interfaces(&config)?,
                 state.clone(),
                 narrowing.clone(),
                 registry,
@@ -309,6 +309,27 @@ async fn prefetch_certificates(
         snapshot.workloads_on(&node).chain(host).map(|w| w.identity.clone()).collect()
     };
     certs.follow(state.subscribe(), wanted, block).await;
+}
+
+/// The explicitly enrolled addresses, with the host's own addresses given without an
+/// interface placed on the interface that carries them (routing would name loopback). Not
+/// finding it stops the start: the host's inbound would go uncaptured.
+fn host_interfaces(config: &Config) -> anyhow::Result<Vec<crate::redirect::StaticPod>> {
+    let host: Vec<std::net::IpAddr> =
+        config.host.iter().flat_map(|h| h.addresses.iter().map(|a| a.ip)).collect();
+    config
+        .static_pods
+        .iter()
+        .map(|p| match (&p.iface, host.contains(&p.ip)) {
+            (None, true) => {
+                let iface = ebpf::routing::interface_with_address(p.ip)
+                    .map_err(|e| anyhow::anyhow!("host address {}: no interface carries it ({e})", p.ip))?;
+                tracing::info!(ip = %p.ip, %iface, "host address found on its interface");
+                Ok(crate::redirect::StaticPod { ip: p.ip, iface: Some(iface) })
+            }
+            _ => Ok(p.clone()),
+        })
+        .collect()
 }
 
 /// The enrollment handles the config dump reports on.

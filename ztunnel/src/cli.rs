@@ -17,7 +17,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         info!(pin_dir = %settings.pin_dir.display(), %removed, "capture uninstalled");
         return Ok(());
     }
+    let print_only = matches!(args.command, Some(Command::Config));
     let config = Config::from_args(args)?;
+    if print_only {
+        let text = serde_json::to_string_pretty(&config)?;
+        use std::io::Write;
+        writeln!(std::io::stdout(), "{text}")?;
+        return Ok(());
+    }
     // Watch for SIGTERM before starting anything: a stop during start-up still drains.
     let mut stop = Shutdown::watch();
     info!(config = %serde_json::to_string(&config)?, "starting ztunnel");

@@ -91,7 +91,8 @@ pub struct Config {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct HostConfig {
     /// The host's workload addresses (as the control plane knows the workload), each with the
-    /// interface its inbound traffic arrives on; also the source of its captured connections.
+    /// interface its inbound traffic arrives on (else the one carrying it, found at start); also
+    /// the source of its captured connections.
     pub addresses: Vec<StaticPod>,
     /// The cgroup (v2) whose processes' connections are captured (ztunnel's own cgroup inside it
     /// is left alone).
@@ -184,8 +185,9 @@ pub struct Args {
     /// The cluster's DNS domain (short names expand under it).
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
-    /// Host mode (VM or ECS host): the host's workload addresses, comma-separated
-    /// `ip@interface` (the interface its inbound traffic arrives on). Its processes' TCP
+    /// Host mode (VM or ECS host): the host's workload addresses, comma-separated `ip` or
+    /// `ip@interface` (the interface its inbound traffic arrives on; by default the one that
+    /// carries the address). Its processes' TCP
     /// connections are captured (see --host-cgroup), and inbound to these addresses. Implies
     /// --redirect.
     #[arg(long = "host-address", env = "ZTUNNEL_HOST_ADDRESSES", value_delimiter = ',')]
@@ -218,6 +220,9 @@ pub enum Command {
     /// this node, and says what it removed. Capture otherwise stays when ztunnel stops; run this
     /// with no ztunnel running, when taking the mesh off the node.
     Uninstall,
+    /// Prints the configuration the flags and environment (e.g. a systemd unit's
+    /// EnvironmentFile) resolve to, as JSON, and exits: a check before starting.
+    Config,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -236,8 +241,6 @@ pub enum ConfigError {
     ServerIdentity,
     #[error("--dns-upstream {0:?} is neither an IP address nor ip:port")]
     DnsUpstream(String),
-    #[error("--host-address {0} needs its interface: ip@interface")]
-    HostAddressInterface(std::net::IpAddr),
     #[error("host mode: {0}")]
     HostCgroup(String),
     #[error("host mode needs the proxies (not --no-proxy)")]
@@ -278,9 +281,6 @@ impl Config {
         } else {
             if args.no_proxy {
                 return Err(ConfigError::HostWithoutProxy);
-            }
-            if let Some(a) = args.host_addresses.iter().find(|a| a.iface.is_none()) {
-                return Err(ConfigError::HostAddressInterface(a.ip));
             }
             let cgroup = match args.host_cgroup {
                 Some(c) => c,

@@ -21,8 +21,7 @@ use common::rbac;
 
 pub(super) async fn serve(proxy: Proxy, listener: TcpListener) {
     let c = proxy.config();
-    let tls =
-        Arc::new(WorkloadTls::new(
+    let tls = Arc::new(WorkloadTls::new(
         proxy.inner.state.clone(),
         c.node_name.clone(),
         c.host_addresses.clone(),
