@@ -8,6 +8,7 @@ pub mod app;
 pub mod backoff;
 pub mod copy;
 pub mod drain;
+pub mod fetch;
 pub mod flags;
 pub mod grpc;
 pub mod hbone;

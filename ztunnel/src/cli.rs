@@ -17,6 +17,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         info!(pin_dir = %settings.pin_dir.display(), %removed, "capture uninstalled");
         return Ok(());
     }
+    let mut args = args;
+    if args.host_from_ecs_metadata {
+        let base = std::env::var(crate::ecs::METADATA_ENV).map_err(|_| {
+            anyhow::anyhow!(
+                "--host-from-ecs-metadata: {} is not set (not in an ECS task?)",
+                crate::ecs::METADATA_ENV
+            )
+        })?;
+        let (task, addresses) = crate::ecs::fetch_task_addresses(&base).await.map_err(anyhow::Error::msg)?;
+        info!(task, ?addresses, "host addresses from the ECS task metadata");
+        args.host_addresses
+            .extend(addresses.into_iter().map(|ip| crate::redirect::StaticPod { ip, iface: None }));
+    }
     let print_only = matches!(args.command, Some(Command::Config));
     let config = Config::from_args(args)?;
     if print_only {

@@ -196,6 +196,10 @@ pub struct Args {
     /// (every process of the host but ztunnel itself) when unset.
     #[arg(long, env = "ZTUNNEL_HOST_CGROUP")]
     pub host_cgroup: Option<PathBuf>,
+    /// Host mode in an ECS task (awsvpc): the host addresses are the task's own, read at start
+    /// from the task metadata endpoint ($ECS_CONTAINER_METADATA_URI_V4/task).
+    #[arg(long, env = "ZTUNNEL_HOST_FROM_ECS_METADATA")]
+    pub host_from_ecs_metadata: bool,
     /// Inbound ports of enrolled addresses left out of capture, comma-separated (e.g. a host's
     /// SSH port, so it stays reachable while no ztunnel runs).
     #[arg(long = "inbound-bypass-port", env = "ZTUNNEL_INBOUND_BYPASS_PORTS", value_delimiter = ',')]

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod dns;
+pub mod ecs;
 pub mod proxy;
 pub mod redirect;
 pub mod socket;

@@ -169,24 +169,8 @@ impl JwtError {
 /// Why a JWKS (fetched or inline) is not used.
 #[derive(Debug, thiserror::Error)]
 pub enum JwksError {
-    #[error("JWKS URI: {0}")]
-    Uri(#[from] http::uri::InvalidUri),
-    #[error("JWKS URI has no host")]
-    NoHost,
-    #[error("JWKS request: {0}")]
-    Request(#[from] http::Error),
-    #[error("connect: {0}")]
-    Connect(#[source] std::io::Error),
-    #[error("HTTP: {0}")]
-    Http(#[from] hyper::Error),
-    #[error("the fetch took longer than {0:?}")]
-    Timeout(Duration),
-    #[error("answered {0}")]
-    Status(http::StatusCode),
-    #[error("the body is larger than {0} bytes")]
-    TooLarge(usize),
-    #[error("reading the body: {0}")]
-    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("JWKS {0}")]
+    Fetch(#[from] common::fetch::FetchError),
     #[error("not JSON: {0}")]
     Json(#[from] serde_json::Error),
     #[error("no \"keys\" array")]
@@ -619,52 +603,8 @@ pub async fn fetch_jwks(uri: &str) -> Result<JwkSet, JwksError> {
 }
 
 async fn fetch_jwks_within(uri: &str, limits: FetchLimits) -> Result<JwkSet, JwksError> {
-    let uri: http::Uri = uri.parse()?;
-    tokio::time::timeout(limits.timeout, get_jwks(&uri, limits))
-        .await
-        .map_err(|_| JwksError::Timeout(limits.timeout))?
-}
-
-/// The fetch, bounded in size ([`fetch_jwks_within`] bounds it in time).
-async fn get_jwks(uri: &http::Uri, limits: FetchLimits) -> Result<JwkSet, JwksError> {
-    use http_body_util::BodyExt;
-    let authority = uri.authority().ok_or(JwksError::NoHost)?;
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-    let port = authority.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host, port)).await.map_err(JwksError::Connect)?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    let _conn = AbortOnDrop(tokio::spawn(conn));
-    let req = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(http::header::HOST, authority.as_str().rsplit('@').next().unwrap_or_default())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
-    if !resp.status().is_success() {
-        return Err(JwksError::Status(resp.status()));
-    }
-    let declared =
-        resp.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
-    if declared.is_some_and(|len: usize| len > limits.max_bytes) {
-        return Err(JwksError::TooLarge(limits.max_bytes));
-    }
-    let body =
-        http_body_util::Limited::new(resp.into_body(), limits.max_bytes).collect().await.map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                JwksError::TooLarge(limits.max_bytes)
-            } else {
-                JwksError::Body(e)
-            }
-        })?;
-    parse_jwks(&body.to_bytes(), limits.max_keys)
-}
-
-/// Ends a spawned task when dropped (the JWKS connection, when its fetch ends or times out).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    let body = common::fetch::get(uri, limits.timeout, limits.max_bytes).await?;
+    parse_jwks(&body, limits.max_keys)
 }
 
 /// Keeps a rule's keys fetched from its URL, refreshing them; stops when the rule is dropped.
@@ -698,6 +638,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use common::fetch::FetchError;
 
     const ISS: &str = "https://issuer.test";
 
@@ -1045,10 +986,13 @@ mod tests {
         // No length given: the body is read until the limit, then refused.
         let big = vec![b' '; MAX_JWKS_BYTES + 1];
         let uri = serve(response("connection: close\r\n", &big), true).await;
-        assert!(matches!(fetch_jwks(&uri).await, Err(JwksError::TooLarge(MAX_JWKS_BYTES))));
+        assert!(matches!(
+            fetch_jwks(&uri).await,
+            Err(JwksError::Fetch(FetchError::TooLarge(MAX_JWKS_BYTES)))
+        ));
         let uri = serve(response(&format!("content-length: {}\r\n", MAX_JWKS_BYTES * 4), b"{"), true).await;
         assert!(
-            matches!(fetch_jwks(&uri).await, Err(JwksError::TooLarge(_))),
+            matches!(fetch_jwks(&uri).await, Err(JwksError::Fetch(FetchError::TooLarge(_)))),
             "refused on its declared length"
         );
 
@@ -1057,10 +1001,10 @@ mod tests {
             let uri = serve(stalled, true).await;
             let start = Instant::now();
             let r = fetch_jwks_within(&uri, limits).await;
-            assert!(matches!(r, Err(JwksError::Timeout(_))), "{r:?}");
+            assert!(matches!(r, Err(JwksError::Fetch(FetchError::Timeout(_)))), "{r:?}");
             assert!(start.elapsed() < Duration::from_secs(2), "within the bound: {:?}", start.elapsed());
         }
         let uri = serve(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_vec(), false).await;
-        assert!(matches!(fetch_jwks(&uri).await, Err(JwksError::Status(_))));
+        assert!(matches!(fetch_jwks(&uri).await, Err(JwksError::Fetch(FetchError::Status(_)))));
     }
 }
