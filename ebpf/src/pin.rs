@@ -26,6 +26,17 @@ pub const PROGRAM_PIN: &str = "prog";
 pub const LINKS_DIR: &str = "links";
 /// Maps the program pins by name (`LIBBPF_PIN_BY_NAME` in `bpf/redirect.c`).
 pub const MAP_NAMES: [&str; 5] = ["enrolled", "dns_bypass", "inbound_bypass", "settings", "stats"];
+/// The pin name of `iface`'s link. bpffs refuses dots in names (reserved), and interface names
+/// may have them (a VLAN's `eth0.100`): `%` and `.` are escaped as `%25` and `%2e`.
+pub fn link_pin_name(iface: &str) -> String {
+    iface.replace('%', "%25").replace('.', "%2e")
+}
+
+/// The interface a link pin name stands for (see [`link_pin_name`]).
+pub fn iface_of_link_pin(name: &str) -> String {
+    name.replace("%2e", ".").replace("%25", "%")
+}
+
 /// The directory of the host programs' link pins (`bpf/host.c`), inside the pin directory.
 pub const HOST_LINKS_DIR: &str = "host_links";
 /// Maps the host programs pin by name.
@@ -232,5 +243,19 @@ pub fn remove_pin(path: &Path) -> Result<bool, PinError> {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(PinError::Io { path: path.to_path_buf(), source: e }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pin_names_have_no_dot_and_give_the_interface_back() {
+        for iface in ["eth0", "eth0.100", "a%2eb", "a%.b", "v.1.2", "%25"] {
+            let name = link_pin_name(iface);
+            assert!(!name.contains('.'), "{name}");
+            assert_eq!(iface_of_link_pin(&name), iface);
+        }
     }
 }

@@ -279,7 +279,9 @@ impl Redirector {
         };
         names.sort();
         for path in names {
-            let Some(iface) = path.file_name().and_then(|n| n.to_str()).map(String::from) else { continue };
+            let Some(iface) = path.file_name().and_then(|n| n.to_str()).map(pin::iface_of_link_pin) else {
+                continue;
+            };
             match self.adopt_link(&path) {
                 Ok(fd) => {
                     self.interfaces.insert(
@@ -564,7 +566,7 @@ impl Redirector {
         }
         let attach_err = |reason: String| RedirectError::Attach { iface: iface.to_string(), reason };
         let link = if self.tcx {
-            let path = self.settings.pin_dir.join(pin::LINKS_DIR).join(iface);
+            let path = self.settings.pin_dir.join(pin::LINKS_DIR).join(pin::link_pin_name(iface));
             // A pin adoption could not use (its interface was replaced) is stale.
             pin::remove_pin(&path)?;
             let prog = program(&mut self.ebpf)?;

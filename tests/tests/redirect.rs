@@ -881,3 +881,25 @@ fn explicit_enrollment_serves_hosts_without_kubernetes() {
     assert_eq!(talk(&m.pod_a, &format!("{OUTSIDE}:{SERVER_PORT}")), Ok(format!("outside {POD_A}")));
     zt.stop(&m.node);
 }
+
+/// An interface name with a dot (a VLAN's `eth0.100`): bpffs reserves dots in pin names, so the
+/// link's pin must be named otherwise, and the next loader must find the interface again.
+#[test]
+fn a_pod_on_an_interface_with_a_dot_in_its_name_is_captured_and_adopted() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    require_root("eBPF redirection tests");
+    let pid = std::process::id();
+    let node = Netns::create(&format!("rd{pid}-dot-node"));
+    let pod = Netns::create(&format!("rd{pid}-dot-pod"));
+    wire(&node, &pod, "v.dot", "10.1.7");
+    let mut r = load(&node);
+    node.enter(|| r.enroll("10.1.7.2".parse().expect("ip"), "v.dot")).expect("enroll on v.dot");
+    assert!(r.status().interfaces.contains_key("v.dot"));
+    r.release();
+    let r = load(&node);
+    let status = r.status();
+    assert_eq!(status.adopted, (1, 1), "{status:?}");
+    assert!(status.interfaces.contains_key("v.dot"), "{status:?}");
+    assert_eq!(attached(&node).len(), 1, "still one program on the interface");
+    remove(&node, r);
+}
