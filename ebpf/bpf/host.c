@@ -11,9 +11,13 @@
 //     filed again under the connection's source address and port, which is what ztunnel sees as
 //     the peer of the connection it accepts; ztunnel reads it there;
 //   - getpeername4/getpeername6: the application asking its socket's peer is told the original
-//     destination, not ztunnel's listener.
+//     destination, not ztunnel's listener;
+//   - DNS (UDP or TCP to port 53, any server) goes to ztunnel's DNS proxy on loopback while one
+//     is bound there (connect4/6 for connected sockets, sendmsg4/6 for datagrams sent with an
+//     address; recvmsg4/6 report the answers as coming from the server asked). Without one,
+//     queries go where they were sent.
 //
-// UDP is not captured (as for pods). Inbound to the host is the tc program of redirect.c on the
+// Other UDP is not captured (as for pods). Inbound to the host is the tc program of redirect.c on the
 // host's interface, with the host's address enrolled.
 //
 // Maps are pinned by name beside redirect.c's, so they outlive the loader and a restarted
@@ -25,14 +29,18 @@
 #include <bpf/bpf_helpers.h>
 
 #define SOCK_STREAM 1
+#define SOCK_DGRAM 2
+#define DNS_PORT 53
 #define AF_INET 2
 #define AF_INET6 10
 
-// Written by the loader as a [u32; 4] (src/host.rs, `HostSettings::to_words`).
+// Written by the loader as a [u32; 6] (src/host.rs).
 struct host_settings {
     __u32 outbound_port;
     __u32 ztunnel_mark;
     __u64 ztunnel_cgroup;
+    __u32 dns_port;  // 0: DNS not captured
+    __u32 pad;
 };
 
 // An address as redirect.c keys it: IPv6, or IPv4 mapped (::ffff:a.b.c.d); and a port in
@@ -74,7 +82,8 @@ enum host_stat {
     HS_CAPTURED = 0,
     HS_OWN = 1,
     HS_REFUSED = 2,
-    HS_COUNT = 3,
+    HS_DNS = 3,
+    HS_COUNT = 4,
 };
 
 struct {
@@ -125,9 +134,62 @@ static __always_inline int record(struct bpf_sock_addr *ctx, struct endpoint *or
     return (int)bpf_map_update_elem(&host_by_cookie, &cookie, orig, BPF_ANY);
 }
 
-SEC("cgroup/connect4")
-int host_connect4(struct bpf_sock_addr *ctx) {
-    if (ctx->type != SOCK_STREAM)
+// Where a captured connect or datagram goes: ztunnel's outbound listener, or its DNS proxy.
+enum target {
+    T_NONE = 0,
+    T_OUTBOUND = 1,
+    T_DNS = 2,
+};
+
+// Whether ztunnel's DNS proxy has a socket of `type` bound at loopback:`port` (IPv4 loopback
+// unless `v6`). Only then is DNS sent there: while no ztunnel runs, queries go where they were
+// sent, as for pods.
+static __always_inline int dns_proxy_up(struct bpf_sock_addr *ctx, __u32 type, __u32 port, int v6) {
+    struct bpf_sock_tuple t = {};
+    struct bpf_sock *sk;
+    if (v6) {
+        t.ipv6.daddr[3] = bpf_htonl(1);
+        t.ipv6.saddr[3] = bpf_htonl(1);
+        t.ipv6.dport = bpf_htons((__u16)port);
+        if (type == SOCK_STREAM)
+            sk = bpf_sk_lookup_tcp(ctx, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0);
+        else
+            sk = bpf_sk_lookup_udp(ctx, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0);
+    } else {
+        t.ipv4.daddr = bpf_htonl(0x7f000001);
+        t.ipv4.saddr = bpf_htonl(0x7f000001);
+        t.ipv4.dport = bpf_htons((__u16)port);
+        if (type == SOCK_STREAM)
+            sk = bpf_sk_lookup_tcp(ctx, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+        else
+            sk = bpf_sk_lookup_udp(ctx, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    }
+    if (!sk)
+        return 0;
+    bpf_sk_release(sk);
+    return 1;
+}
+
+// Where a socket of `type` sending to port `dport` (host order) goes, for a process of the
+// host (`cfg`): TCP to the outbound listener, DNS (TCP or UDP to 53) to the DNS proxy while it
+// runs, other UDP nowhere (not captured).
+static __always_inline int target_of(struct bpf_sock_addr *ctx, struct host_settings *cfg, __u32 type,
+                                     __u16 dport, int v6) {
+    if (dport == DNS_PORT && cfg->dns_port && dns_proxy_up(ctx, type, cfg->dns_port, v6))
+        return T_DNS;
+    return type == SOCK_STREAM ? T_OUTBOUND : T_NONE;
+}
+
+// Only TCP, and UDP to the DNS port, are ever captured.
+static __always_inline int candidate(__u32 type, __u16 dport) {
+    return type == SOCK_STREAM || (type == SOCK_DGRAM && dport == DNS_PORT);
+}
+
+// Records the IPv4 destination and sends the socket to loopback; the verdict.
+static __always_inline int redirect4(struct bpf_sock_addr *ctx) {
+    __u32 type = ctx->type;
+    __u16 dport = bpf_ntohs((__u16)ctx->user_port);
+    if (!candidate(type, dport))
         return ALLOW;
     __u32 dst = ctx->user_ip4;
     // Loopback (and the unspecified address, which means this host) stays local.
@@ -136,24 +198,32 @@ int host_connect4(struct bpf_sock_addr *ctx) {
     int refuse = 0;
     struct host_settings *cfg = capturing(ctx, &refuse);
     if (!cfg) {
-        if (refuse)
+        // No settings: TCP is refused rather than passed; UDP goes its way, as UDP always does.
+        if (refuse && type == SOCK_STREAM) {
             count(HS_REFUSED);
-        return refuse ? REFUSE : ALLOW;
+            return REFUSE;
+        }
+        return ALLOW;
     }
+    int target = target_of(ctx, cfg, type, dport, 0);
+    if (target == T_NONE)
+        return ALLOW;
     struct endpoint orig = {.w = {0, 0, bpf_htonl(0xffff), dst}, .port = ctx->user_port};
     if (record(ctx, &orig) != 0) {
         count(HS_REFUSED);
-        return REFUSE;
+        return type == SOCK_STREAM ? REFUSE : ALLOW;
     }
     ctx->user_ip4 = bpf_htonl(0x7f000001);
-    ctx->user_port = bpf_htons((__u16)cfg->outbound_port);
-    count(HS_CAPTURED);
+    ctx->user_port = bpf_htons((__u16)(target == T_DNS ? cfg->dns_port : cfg->outbound_port));
+    count(target == T_DNS ? HS_DNS : HS_CAPTURED);
     return ALLOW;
 }
 
-SEC("cgroup/connect6")
-int host_connect6(struct bpf_sock_addr *ctx) {
-    if (ctx->type != SOCK_STREAM)
+// The same for an IPv6 socket (an IPv4-mapped destination goes to the IPv4 loopback).
+static __always_inline int redirect6(struct bpf_sock_addr *ctx) {
+    __u32 type = ctx->type;
+    __u16 dport = bpf_ntohs((__u16)ctx->user_port);
+    if (!candidate(type, dport))
         return ALLOW;
     struct endpoint orig = {.port = ctx->user_port};
     orig.w[0] = READ_CTX(ctx->user_ip6[0]);
@@ -170,16 +240,20 @@ int host_connect6(struct bpf_sock_addr *ctx) {
     int refuse = 0;
     struct host_settings *cfg = capturing(ctx, &refuse);
     if (!cfg) {
-        if (refuse)
+        if (refuse && type == SOCK_STREAM) {
             count(HS_REFUSED);
-        return refuse ? REFUSE : ALLOW;
+            return REFUSE;
+        }
+        return ALLOW;
     }
+    int target = target_of(ctx, cfg, type, dport, !mapped);
+    if (target == T_NONE)
+        return ALLOW;
     if (record(ctx, &orig) != 0) {
         count(HS_REFUSED);
-        return REFUSE;
+        return type == SOCK_STREAM ? REFUSE : ALLOW;
     }
     if (mapped) {
-        // An IPv4 destination dialled from a dual-stack socket: to the IPv4 loopback.
         ctx->user_ip6[3] = bpf_htonl(0x7f000001);
     } else {
         ctx->user_ip6[0] = 0;
@@ -187,9 +261,71 @@ int host_connect6(struct bpf_sock_addr *ctx) {
         ctx->user_ip6[2] = 0;
         ctx->user_ip6[3] = bpf_htonl(1);
     }
-    ctx->user_port = bpf_htons((__u16)cfg->outbound_port);
-    count(HS_CAPTURED);
+    ctx->user_port = bpf_htons((__u16)(target == T_DNS ? cfg->dns_port : cfg->outbound_port));
+    count(target == T_DNS ? HS_DNS : HS_CAPTURED);
     return ALLOW;
+}
+
+SEC("cgroup/connect4")
+int host_connect4(struct bpf_sock_addr *ctx) {
+    return redirect4(ctx);
+}
+
+SEC("cgroup/connect6")
+int host_connect6(struct bpf_sock_addr *ctx) {
+    return redirect6(ctx);
+}
+
+// Datagrams sent with an address (unconnected UDP): DNS queries to the DNS proxy.
+SEC("cgroup/sendmsg4")
+int host_sendmsg4(struct bpf_sock_addr *ctx) {
+    return redirect4(ctx);
+}
+
+SEC("cgroup/sendmsg6")
+int host_sendmsg6(struct bpf_sock_addr *ctx) {
+    return redirect6(ctx);
+}
+
+// The DNS proxy's answers are reported as coming from the server the query was sent to.
+SEC("cgroup/recvmsg4")
+int host_recvmsg4(struct bpf_sock_addr *ctx) {
+    __u32 zero = 0;
+    struct host_settings *cfg = bpf_map_lookup_elem(&host_settings, &zero);
+    if (!cfg || !cfg->dns_port)
+        return 1;
+    if (ctx->user_ip4 != bpf_htonl(0x7f000001) || bpf_ntohs((__u16)ctx->user_port) != cfg->dns_port)
+        return 1;
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct endpoint *orig = bpf_map_lookup_elem(&host_by_cookie, &cookie);
+    if (orig) {
+        ctx->user_ip4 = orig->w[3];
+        ctx->user_port = orig->port;
+    }
+    return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int host_recvmsg6(struct bpf_sock_addr *ctx) {
+    __u32 zero = 0;
+    struct host_settings *cfg = bpf_map_lookup_elem(&host_settings, &zero);
+    if (!cfg || !cfg->dns_port || bpf_ntohs((__u16)ctx->user_port) != cfg->dns_port)
+        return 1;
+    __u32 w3 = READ_CTX(ctx->user_ip6[3]);
+    __u32 w2 = READ_CTX(ctx->user_ip6[2]);
+    int loopback = w3 == bpf_htonl(1) || (w2 == bpf_htonl(0xffff) && w3 == bpf_htonl(0x7f000001));
+    if (!loopback)
+        return 1;
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct endpoint *orig = bpf_map_lookup_elem(&host_by_cookie, &cookie);
+    if (orig) {
+        ctx->user_ip6[0] = orig->w[0];
+        ctx->user_ip6[1] = orig->w[1];
+        ctx->user_ip6[2] = orig->w[2];
+        ctx->user_ip6[3] = orig->w[3];
+        ctx->user_port = orig->port;
+    }
+    return 1;
 }
 
 SEC("sockops")

@@ -2,8 +2,9 @@
 //! application). The cgroup programs of `bpf/host.c` are attached to the cgroup whose processes
 //! are the host's workload: their TCP connects go to ztunnel's outbound listener on loopback,
 //! and the original destination is kept in a map ztunnel reads for each connection it accepts
-//! ([`HostCapture::original_dst`]). ztunnel's own cgroup (and any socket carrying its mark) is
-//! left alone. Inbound to the host is the tc program ([`crate::Redirector`]) with the host's
+//! ([`HostCapture::original_dst`]). Their DNS (UDP or TCP to port 53) goes to ztunnel's DNS
+//! proxy on loopback while it is bound there. ztunnel's own cgroup (and any socket carrying its
+//! mark) is left alone. Inbound to the host is the tc program ([`crate::Redirector`]) with the host's
 //! address enrolled on its interface.
 //!
 //! Like the tc capture, everything is pinned under the pin directory (`host_links/`, the
@@ -29,12 +30,20 @@ use crate::redirector::RedirectError;
 /// The compiled programs (see `bpf/host.c`).
 static HOST_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/host.o"));
 /// The cgroup sock_addr programs.
-const SOCK_ADDR_PROGRAMS: [&str; 4] =
-    ["host_connect4", "host_connect6", "host_getpeername4", "host_getpeername6"];
+const SOCK_ADDR_PROGRAMS: [&str; 8] = [
+    "host_connect4",
+    "host_connect6",
+    "host_sendmsg4",
+    "host_sendmsg6",
+    "host_recvmsg4",
+    "host_recvmsg6",
+    "host_getpeername4",
+    "host_getpeername6",
+];
 /// The sockops program.
 const SOCKOPS_PROGRAM: &str = "host_sockops_connect";
 /// Counters the programs keep (`enum host_stat` in the C program).
-pub const HOST_STAT_NAMES: [&str; 3] = ["host_captured", "host_own", "host_refused"];
+pub const HOST_STAT_NAMES: [&str; 4] = ["host_captured", "host_own", "host_refused", "host_dns"];
 
 /// What host capture needs.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -46,6 +55,9 @@ pub struct HostSettings {
     /// ztunnel's outbound listener port (on loopback).
     pub outbound_port: u16,
     pub ztunnel_mark: u32,
+    /// ztunnel's DNS proxy port (on loopback), where the host's DNS goes while it is bound;
+    /// 0: the host's DNS is not captured.
+    pub dns_port: u16,
 }
 
 /// An address and port as the programs key them: the address IPv6 or IPv4-mapped, then the
@@ -98,13 +110,15 @@ impl HostCapture {
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&dir).load(HOST_OBJECT)?;
         {
             let map = ebpf.map_mut("host_settings").ok_or(RedirectError::Missing("map host_settings"))?;
-            let mut array: Array<_, [u32; 4]> = Array::try_from(map)
+            let mut array: Array<_, [u32; 6]> = Array::try_from(map)
                 .map_err(|source| RedirectError::Map { name: "host_settings", source })?;
             let words = [
                 u32::from(settings.outbound_port),
                 settings.ztunnel_mark,
                 ztunnel_cgroup as u32,
                 (ztunnel_cgroup >> 32) as u32,
+                u32::from(settings.dns_port),
+                0,
             ];
             array.set(0, words, 0).map_err(|source| RedirectError::Map { name: "host_settings", source })?;
         }

@@ -153,7 +153,7 @@ pub fn check_pinned_maps(dir: &Path) -> Result<(), PinError> {
         ("inbound_bypass", (4, 4)),
         ("settings", (4, 20)),
         ("stats", (4, 8)),
-        ("host_settings", (4, 16)),
+        ("host_settings", (4, 24)),
         ("host_by_cookie", (8, 20)),
         ("host_orig_dst", (20, 20)),
         ("host_stats", (4, 8)),

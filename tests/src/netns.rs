@@ -91,8 +91,15 @@ impl Netns {
 }
 
 impl Drop for Netns {
+    /// Deletes the namespace and what a ztunnel pinned for it on the tests' bpffs, whether or
+    /// not the test got to uninstall it (a failed test would otherwise leave its programs, maps
+    /// and links pinned in the kernel).
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let pins = std::path::Path::new(crate::node::TEST_BPFFS).join(&self.name);
+        if pins.exists() {
+            let _ = std::fs::remove_dir_all(&pins);
+        }
     }
 }
 

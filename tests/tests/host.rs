@@ -39,9 +39,15 @@ workloads:
   - {name: vm-1, namespace: vms, serviceAccount: vm-app, addresses: [10.0.0.1, "fd00:0:0:1::1"],
      workloadName: vm-app}
   - {name: echo, namespace: demo, serviceAccount: echo, addresses: [10.2.1.2, "fd00:b:1::2"],
-     node: node-b, workloadName: echo, authorizationPolicies: [demo/vm-and-client]}
+     node: node-b, workloadName: echo, authorizationPolicies: [demo/vm-and-client],
+     services: {demo/echo.demo.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]}}
   - {name: client, namespace: demo, serviceAccount: client, addresses: [10.2.2.2], node: node-b,
      workloadName: client}
+services:
+  - {name: echo, namespace: demo, hostname: echo.demo.svc.cluster.local, addresses: [10.96.0.80],
+     ports: [{servicePort: 80, targetPort: 8080}]}
+  # A name only the VM's namespace resolves by its short form.
+  - {name: inventory, namespace: vms, hostname: inventory.vms.svc.cluster.local, addresses: [10.96.0.90]}
 policies:
   - name: vm-and-client
     namespace: demo
@@ -156,12 +162,14 @@ try:
         # Blocking, so that the SYN (with the data) goes and the handshake completes here.
         s.sendto((line + "\n").encode(), socket.MSG_FASTOPEN, (host, port))
         s.settimeout(10)
+        # Asked while connected: once both sides have closed, there is no peer to report.
+        peer = s.getpeername()
     else:
         s.settimeout(10)
         s.connect((host, port))
+        peer = s.getpeername()
         s.sendall((line + "\n").encode())
     s.shutdown(socket.SHUT_WR)
-    peer = s.getpeername()
     data = b""
     while True:
         chunk = s.recv(4096)
@@ -205,6 +213,18 @@ fn unit_capabilities() -> String {
         set += &format!(",+{}", cap.trim_start_matches("CAP_").to_ascii_lowercase());
     }
     set
+}
+
+/// `dig +short` run by a process of the VM's app cgroup, asking `server` (extra flags in `opts`,
+/// e.g. `+tcp`): the answers, one per line (none for an error or no answer). dig itself refuses
+/// an answer from another address than the one it asked.
+fn vm_dig(vm: &Netns, app: &Path, server: &str, opts: &[&str], name: &str) -> String {
+    let server = format!("@{server}");
+    let mut cmd = vec!["dig", server.as_str(), "+tries=1", "+time=2", "+short"];
+    cmd.extend_from_slice(opts);
+    cmd.push(name);
+    let out = in_cgroup(vm, app, &cmd).output().unwrap_or_else(|e| panic!("dig (bind9-dnsutils): {e}"));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// The VM's ztunnel, a real process in `cgroup` holding only the capabilities of the shipped
@@ -348,8 +368,11 @@ fn a_vms_own_processes_are_in_the_mesh_through_its_ztunnel() {
         "22",
         "--bpf-pin-dir",
         &pins,
-        "--dns-proxy",
-        "false",
+        // The host's DNS goes to the DNS proxy; other names to a resolver nobody runs.
+        "--dns-upstream",
+        "10.0.0.9",
+        "--dns-upstream-timeout-ms",
+        "300",
     ];
     let log_dir = tempfile::tempdir().expect("log dir");
     let log = log_dir.path().join("vm-ztunnel.log");
@@ -393,6 +416,18 @@ fn a_vms_own_processes_are_in_the_mesh_through_its_ztunnel() {
         ) >= 1.0,
         "{text}"
     );
+
+    // The VM's DNS, whatever server it asks, over UDP, TCP and IPv6, is answered by its
+    // ztunnel from the server's address: the mesh's names, the short form of its own
+    // namespace's service, and a VIP that then carries traffic through the mesh.
+    let before = metric(&vm_metrics(&vm), "istio_dns_requests_total", &[]);
+    assert_eq!(vm_dig(&vm, &app, NODE_B, &[], "echo.demo.svc.cluster.local"), "10.96.0.80", "{}", logs());
+    assert_eq!(vm_dig(&vm, &app, NODE_B, &["+tcp"], "echo.demo"), "10.96.0.80", "over TCP");
+    assert_eq!(vm_dig(&vm, &app, "fd00:0:0:1::2", &[], "inventory"), "10.96.0.90", "the VM's namespace");
+    assert_eq!(metric(&vm_metrics(&vm), "istio_dns_requests_total", &[]), before + 3.0);
+    let (_, reply) = vm_client(&vm, &app, "10.96.0.80:80", "by name", false)
+        .unwrap_or_else(|e| panic!("to the VIP: {e}\n{}", logs()));
+    assert_eq!(reply, format!("echo {VM} by name"));
 
     // Certificates from files: replaced files are picked up without a restart; a broken file
     // keeps the last good certificate in force (a warning and a failed fetch counted).
@@ -451,6 +486,9 @@ fn a_vms_own_processes_are_in_the_mesh_through_its_ztunnel() {
     let outcome = vm_client(&vm, &app, &format!("{ECHO}:8080"), "tfo after kill", true);
     assert!(outcome.is_err(), "TFO reached the pod without the VM's ztunnel: {outcome:?}");
     expect_refused(exchange(&node_b, &format!("{VM}:8080"), "in"), "plaintext to the VM without its ztunnel");
+    // DNS goes where it was sent (nobody answers there): never to a proxy that is gone.
+    let after = vm_dig(&vm, &app, NODE_B, &[], "echo.demo.svc.cluster.local");
+    assert!(!after.contains("10.96.0.80") && after.contains("connection refused"), "{after}");
     assert_eq!(exchange(&node_b, &format!("{VM}:22"), "ssh").expect("ssh"), format!("ssh {NODE_B} ssh"));
 
     // A new ztunnel takes over the pinned capture and serves again.
@@ -478,7 +516,7 @@ fn a_vms_own_processes_are_in_the_mesh_through_its_ztunnel() {
         .output()
         .expect("uninstall");
     let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && said.contains("6 link(s)"), "{said}");
+    assert!(out.status.success() && said.contains("10 link(s)"), "{said}");
     assert!(!pin_dir.exists(), "pins left behind");
     let (_, reply) =
         vm_client(&vm, &app, &format!("{NODE_B}:9000"), "plain again", false).expect("uncaptured");

@@ -58,7 +58,7 @@ fn the_example_environment_file_is_host_mode_on_istiod() {
     assert_eq!(c["log_format"], "json", "JSON lines for the journal");
     assert_eq!(c["ca"]["istio"]["address"], "https://istiod.istio-system.svc:15012", "{c}");
     assert_eq!(c["source_description"], "xds https://istiod.istio-system.svc:15012");
-    assert_eq!(c["dns"], serde_json::Value::Null);
+    assert_eq!(c["dns"]["host_address"], "10.128.0.5", "the host's DNS is answered for its workload");
     assert_eq!(c["redirect_settings"]["pin_dir"], "/sys/fs/bpf/ambient-ztunnel");
     // Certificates from files instead: the commented alternative.
     let mut files = env.clone();

@@ -120,6 +120,7 @@ impl App {
                     cgroup: h.cgroup.clone(),
                     outbound_port: p.outbound_addr.port(),
                     ztunnel_mark: p.mark,
+                    dns_port: config.dns.as_ref().map_or(0, |d| d.addr.port()),
                 };
                 let capture = ebpf::HostCapture::load(settings)
                     .map_err(|e| anyhow::anyhow!("host capture of {}: {e} ({e:?})", h.cgroup.display()))?;

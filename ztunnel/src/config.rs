@@ -305,6 +305,7 @@ impl Config {
                 upstream_timeout: Duration::from_millis(args.dns_upstream_timeout_ms),
                 domain: args.cluster_domain.trim_matches('.').to_ascii_lowercase(),
                 mark: Some(ebpf::redirector::DEFAULT_ZTUNNEL_MARK),
+                host_address: args.host_addresses.first().map(|a| a.ip),
             })
         } else {
             None

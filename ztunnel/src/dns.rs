@@ -67,6 +67,9 @@ pub struct DnsConfig {
     pub domain: String,
     /// `SO_MARK` of the upstream sockets (ztunnel's own, never captured).
     pub mark: Option<u32>,
+    /// Host mode: the host's address, standing for a client on loopback (the host's own
+    /// processes, whose queries the host capture sends there).
+    pub host_address: Option<IpAddr>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -242,6 +245,7 @@ fn fit(answer: Vec<u8>, limit: usize) -> Vec<u8> {
 pub struct Resolver {
     state: State,
     domain: String,
+    host_address: Option<IpAddr>,
     forwarder: Forwarder,
     metrics: DnsMetrics,
     in_flight: Mutex<InFlight>,
@@ -285,6 +289,7 @@ impl Resolver {
         Arc::new(Self {
             state,
             domain: config.domain.clone(),
+            host_address: config.host_address,
             forwarder,
             metrics,
             in_flight: Mutex::default(),
@@ -318,7 +323,11 @@ impl Resolver {
         let qtype = query.query().map_or("other", |q| query_type_label(q.query_type()));
         let limit = udp_limit(&query);
         let snapshot = self.state.snapshot();
-        let ns = snapshot.workload_by_ip(client.ip()).map(|w| w.namespace.as_str());
+        let asker = match self.host_address {
+            Some(host) if client.ip().to_canonical().is_loopback() => host,
+            _ => client.ip(),
+        };
+        let ns = snapshot.workload_by_ip(asker).map(|w| w.namespace.as_str());
         let (answer, by) = match decide_parsed(&snapshot, query, ns, &self.domain) {
             Decision::Drop(reason) => {
                 debug!(%client, reason, "DNS packet dropped");

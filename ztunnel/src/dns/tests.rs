@@ -157,6 +157,7 @@ fn config(upstreams: Vec<SocketAddr>) -> DnsConfig {
         upstream_timeout: Duration::from_millis(300),
         domain: "cluster.local".into(),
         mark: None,
+        host_address: None,
     }
 }
 
