@@ -34,11 +34,10 @@
 #define AF_INET 2
 #define AF_INET6 10
 
-// Written by the loader as a [u32; 6] (src/host.rs).
+// Written by the loader as a [u32; 4] (src/host.rs).
 struct host_settings {
     __u32 outbound_port;
     __u32 ztunnel_mark;
-    __u64 ztunnel_cgroup;
     __u32 dns_port;  // 0: DNS not captured
     __u32 pad;
 };
@@ -57,6 +56,16 @@ struct {
     __type(value, struct host_settings);
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } host_settings SEC(".maps");
+
+// The cgroups of ztunnel processes (cgroup id -> 1), left uncaptured. Each ztunnel adds its
+// own before it makes any connection; a cgroup id is never reused, so an old entry is harmless.
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 64);
+    __type(key, __u64);
+    __type(value, __u32);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} host_own_cgroups SEC(".maps");
 
 // Socket cookie -> original destination.
 struct {
@@ -116,7 +125,8 @@ static __always_inline struct host_settings *capturing(struct bpf_sock_addr *ctx
         *refuse = 1;
         return 0;
     }
-    if (cfg->ztunnel_cgroup && bpf_get_current_cgroup_id() == cfg->ztunnel_cgroup) {
+    __u64 cgroup = bpf_get_current_cgroup_id();
+    if (bpf_map_lookup_elem(&host_own_cgroups, &cgroup)) {
         count(HS_OWN);
         return 0;
     }
@@ -139,12 +149,14 @@ enum target {
     T_NONE = 0,
     T_OUTBOUND = 1,
     T_DNS = 2,
+    T_REFUSE = 3,
 };
 
-// Whether ztunnel's DNS proxy has a socket of `type` bound at loopback:`port` (IPv4 loopback
-// unless `v6`). Only then is DNS sent there: while no ztunnel runs, queries go where they were
-// sent, as for pods.
-static __always_inline int dns_proxy_up(struct bpf_sock_addr *ctx, __u32 type, __u32 port, int v6) {
+// Whether ztunnel has a socket of `type` bound at loopback:`port` (IPv4 loopback unless `v6`):
+// one carrying ztunnel's mark, which an unprivileged process cannot set, so that a process
+// squatting the port while ztunnel is down is never handed the host's traffic.
+static __always_inline int ztunnel_bound(struct bpf_sock_addr *ctx, struct host_settings *cfg, __u32 type,
+                                         __u32 port, int v6) {
     struct bpf_sock_tuple t = {};
     struct bpf_sock *sk;
     if (v6) {
@@ -166,18 +178,22 @@ static __always_inline int dns_proxy_up(struct bpf_sock_addr *ctx, __u32 type, _
     }
     if (!sk)
         return 0;
+    int ours = sk->mark == cfg->ztunnel_mark;
     bpf_sk_release(sk);
-    return 1;
+    return ours;
 }
 
 // Where a socket of `type` sending to port `dport` (host order) goes, for a process of the
 // host (`cfg`): TCP to the outbound listener, DNS (TCP or UDP to 53) to the DNS proxy while it
-// runs, other UDP nowhere (not captured).
+// runs (else where it was sent, as for pods), other UDP nowhere (not captured). TCP while no
+// ztunnel listener is there: T_REFUSE.
 static __always_inline int target_of(struct bpf_sock_addr *ctx, struct host_settings *cfg, __u32 type,
                                      __u16 dport, int v6) {
-    if (dport == DNS_PORT && cfg->dns_port && dns_proxy_up(ctx, type, cfg->dns_port, v6))
+    if (dport == DNS_PORT && cfg->dns_port && ztunnel_bound(ctx, cfg, type, cfg->dns_port, v6))
         return T_DNS;
-    return type == SOCK_STREAM ? T_OUTBOUND : T_NONE;
+    if (type != SOCK_STREAM)
+        return T_NONE;
+    return ztunnel_bound(ctx, cfg, type, cfg->outbound_port, v6) ? T_OUTBOUND : T_REFUSE;
 }
 
 // Only TCP, and UDP to the DNS port, are ever captured.
@@ -192,8 +208,9 @@ static __always_inline int redirect4(struct bpf_sock_addr *ctx) {
     if (!candidate(type, dport))
         return ALLOW;
     __u32 dst = ctx->user_ip4;
-    // Loopback (and the unspecified address, which means this host) stays local.
-    if ((bpf_ntohl(dst) >> 24) == 127 || dst == 0)
+    // Loopback (and the unspecified address, which means this host) stays local; link-local
+    // (169.254/16: the cloud's metadata and credentials endpoints) is never a mesh destination.
+    if ((bpf_ntohl(dst) >> 24) == 127 || dst == 0 || (bpf_ntohl(dst) >> 16) == 0xa9fe)
         return ALLOW;
     int refuse = 0;
     struct host_settings *cfg = capturing(ctx, &refuse);
@@ -208,6 +225,10 @@ static __always_inline int redirect4(struct bpf_sock_addr *ctx) {
     int target = target_of(ctx, cfg, type, dport, 0);
     if (target == T_NONE)
         return ALLOW;
+    if (target == T_REFUSE) {
+        count(HS_REFUSED);
+        return REFUSE;
+    }
     struct endpoint orig = {.w = {0, 0, bpf_htonl(0xffff), dst}, .port = ctx->user_port};
     if (record(ctx, &orig) != 0) {
         count(HS_REFUSED);
@@ -235,7 +256,11 @@ static __always_inline int redirect6(struct bpf_sock_addr *ctx) {
     // ::1, ::, and IPv4-mapped loopback or unspecified stay local.
     if (zero_prefix && (orig.w[3] == 0 || orig.w[3] == bpf_htonl(1)))
         return ALLOW;
-    if (mapped && ((bpf_ntohl(orig.w[3]) >> 24) == 127 || orig.w[3] == 0))
+    if (mapped && ((bpf_ntohl(orig.w[3]) >> 24) == 127 || orig.w[3] == 0 ||
+                   (bpf_ntohl(orig.w[3]) >> 16) == 0xa9fe))
+        return ALLOW;
+    // Link-local (fe80::/10).
+    if ((bpf_ntohl(orig.w[0]) & 0xffc00000) == 0xfe800000)
         return ALLOW;
     int refuse = 0;
     struct host_settings *cfg = capturing(ctx, &refuse);
@@ -249,6 +274,10 @@ static __always_inline int redirect6(struct bpf_sock_addr *ctx) {
     int target = target_of(ctx, cfg, type, dport, !mapped);
     if (target == T_NONE)
         return ALLOW;
+    if (target == T_REFUSE) {
+        count(HS_REFUSED);
+        return REFUSE;
+    }
     if (record(ctx, &orig) != 0) {
         count(HS_REFUSED);
         return type == SOCK_STREAM ? REFUSE : ALLOW;
@@ -311,9 +340,12 @@ int host_recvmsg6(struct bpf_sock_addr *ctx) {
     struct host_settings *cfg = bpf_map_lookup_elem(&host_settings, &zero);
     if (!cfg || !cfg->dns_port || bpf_ntohs((__u16)ctx->user_port) != cfg->dns_port)
         return 1;
-    __u32 w3 = READ_CTX(ctx->user_ip6[3]);
+    __u32 w0 = READ_CTX(ctx->user_ip6[0]);
+    __u32 w1 = READ_CTX(ctx->user_ip6[1]);
     __u32 w2 = READ_CTX(ctx->user_ip6[2]);
-    int loopback = w3 == bpf_htonl(1) || (w2 == bpf_htonl(0xffff) && w3 == bpf_htonl(0x7f000001));
+    __u32 w3 = READ_CTX(ctx->user_ip6[3]);
+    int loopback = w0 == 0 && w1 == 0 &&
+                   ((w2 == 0 && w3 == bpf_htonl(1)) || (w2 == bpf_htonl(0xffff) && w3 == bpf_htonl(0x7f000001)));
     if (!loopback)
         return 1;
     __u64 cookie = bpf_get_socket_cookie(ctx);
@@ -331,6 +363,11 @@ int host_recvmsg6(struct bpf_sock_addr *ctx) {
 SEC("sockops")
 int host_sockops_connect(struct bpf_sock_ops *skops) {
     if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+        return 1;
+    __u32 zero = 0;
+    struct host_settings *cfg = bpf_map_lookup_elem(&host_settings, &zero);
+    // Only connections sent to the outbound listener are filed (not DNS over TCP to the proxy).
+    if (!cfg || bpf_ntohl(READ_CTX(skops->remote_port)) != cfg->outbound_port)
         return 1;
     __u64 cookie = bpf_get_socket_cookie(skops);
     struct endpoint *orig = bpf_map_lookup_elem(&host_by_cookie, &cookie);
@@ -379,6 +416,27 @@ int host_getpeername6(struct bpf_sock_addr *ctx) {
         ctx->user_ip6[2] = orig->w[2];
         ctx->user_ip6[3] = orig->w[3];
         ctx->user_port = orig->port;
+    }
+    return ALLOW;
+}
+
+// Stream transports the connect programs cannot see (SCTP and DCCP connect without the hook
+// TCP runs): the host's processes may not open them, as they would leave uncaptured.
+#define IPPROTO_DCCP_ 33
+#define IPPROTO_SCTP_ 132
+
+SEC("cgroup/sock_create")
+int host_sock_create(struct bpf_sock *sk) {
+    if (sk->family != AF_INET && sk->family != AF_INET6)
+        return ALLOW;
+    if (sk->protocol == IPPROTO_SCTP_ || sk->protocol == IPPROTO_DCCP_) {
+        __u32 zero = 0;
+        struct host_settings *cfg = bpf_map_lookup_elem(&host_settings, &zero);
+        __u64 cgroup = bpf_get_current_cgroup_id();
+        if (cfg && bpf_map_lookup_elem(&host_own_cgroups, &cgroup))
+            return ALLOW;
+        count(HS_REFUSED);
+        return REFUSE;
     }
     return ALLOW;
 }

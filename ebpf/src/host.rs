@@ -3,8 +3,10 @@
 //! are the host's workload: their TCP connects go to ztunnel's outbound listener on loopback,
 //! and the original destination is kept in a map ztunnel reads for each connection it accepts
 //! ([`HostCapture::original_dst`]). Their DNS (UDP or TCP to port 53) goes to ztunnel's DNS
-//! proxy on loopback while it is bound there. ztunnel's own cgroup (and any socket carrying its
-//! mark) is left alone. Inbound to the host is the tc program ([`crate::Redirector`]) with the host's
+//! proxy on loopback while it is bound there. Only sockets carrying ztunnel's mark are handed
+//! anything (a squatter of its ports gets nothing). ztunnel's own cgroups (each ztunnel adds
+//! its own, [`exclude_own_cgroup`] before any connection) and sockets carrying its mark are
+//! left alone; link-local destinations are never captured; SCTP and DCCP sockets are refused. Inbound to the host is the tc program ([`crate::Redirector`]) with the host's
 //! address enrolled on its interface.
 //!
 //! Like the tc capture, everything is pinned under the pin directory (`host_links/`, the
@@ -20,7 +22,7 @@ use std::sync::Mutex;
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::links::FdLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{info, warn};
 
@@ -42,6 +44,8 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 ];
 /// The sockops program.
 const SOCKOPS_PROGRAM: &str = "host_sockops_connect";
+/// The cgroup sock_create program (refuses SCTP and DCCP sockets).
+const SOCK_CREATE_PROGRAM: &str = "host_sock_create";
 /// Counters the programs keep (`enum host_stat` in the C program).
 pub const HOST_STAT_NAMES: [&str; 4] = ["host_captured", "host_own", "host_refused", "host_dns"];
 
@@ -96,34 +100,42 @@ impl std::fmt::Debug for HostCapture {
 }
 
 impl HostCapture {
-    /// Loads the programs with the pinned maps, writes the settings, attaches them to
-    /// `settings.cgroup` and pins the links (then lets go of the links a previous ztunnel
-    /// pinned). Needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (cgroup attach).
+    /// Loads the programs with the pinned maps, writes the settings (and ztunnel's own cgroup),
+    /// attaches them to `settings.cgroup` and pins the links (then lets go of the links a
+    /// previous ztunnel pinned). Needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON.
     pub fn load(settings: HostSettings) -> Result<Self, RedirectError> {
         let dir = settings.pin_dir.clone();
-        pin::ensure_bpffs(&dir)?;
-        pin::check_pinned_maps(&dir)?;
-        let ztunnel_cgroup = own_cgroup_id().map_err(|reason| RedirectError::Attach {
-            iface: settings.cgroup.display().to_string(),
-            reason: format!("cannot tell ztunnel's own cgroup, which must stay uncaptured: {reason}"),
-        })?;
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&dir).load(HOST_OBJECT)?;
-        {
-            let map = ebpf.map_mut("host_settings").ok_or(RedirectError::Missing("map host_settings"))?;
-            let mut array: Array<_, [u32; 6]> = Array::try_from(map)
-                .map_err(|source| RedirectError::Map { name: "host_settings", source })?;
-            let words = [
-                u32::from(settings.outbound_port),
-                settings.ztunnel_mark,
-                ztunnel_cgroup as u32,
-                (ztunnel_cgroup >> 32) as u32,
-                u32::from(settings.dns_port),
-                0,
-            ];
-            array.set(0, words, 0).map_err(|source| RedirectError::Map { name: "host_settings", source })?;
-        }
         let attach_err =
             |reason: String| RedirectError::Attach { iface: settings.cgroup.display().to_string(), reason };
+        pin::ensure_bpffs(&dir)?;
+        pin::check_pinned_maps(&dir)?;
+        let ztunnel_cgroup = own_cgroup_id().map_err(|reason| {
+            attach_err(format!("cannot tell ztunnel's own cgroup, which must stay uncaptured: {reason}"))
+        })?;
+        let captured = std::fs::metadata(&settings.cgroup)
+            .map_err(|e| attach_err(format!("the cgroup to capture: {e}")))?
+            .ino();
+        if captured == ztunnel_cgroup {
+            return Err(attach_err(
+                "that is ztunnel's own cgroup, which is never captured, so nothing would be: name the \
+                 workload's cgroup, or an ancestor of both"
+                    .into(),
+            ));
+        }
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&dir).load(HOST_OBJECT)?;
+        {
+            let map_err = |name| move |source| RedirectError::Map { name, source };
+            let map =
+                ebpf.map_mut("host_own_cgroups").ok_or(RedirectError::Missing("map host_own_cgroups"))?;
+            let mut own: HashMap<_, u64, u32> =
+                HashMap::try_from(map).map_err(map_err("host_own_cgroups"))?;
+            own.insert(ztunnel_cgroup, 1, 0).map_err(map_err("host_own_cgroups"))?;
+            let map = ebpf.map_mut("host_settings").ok_or(RedirectError::Missing("map host_settings"))?;
+            let mut array: Array<_, [u32; 4]> = Array::try_from(map).map_err(map_err("host_settings"))?;
+            let words =
+                [u32::from(settings.outbound_port), settings.ztunnel_mark, u32::from(settings.dns_port), 0];
+            array.set(0, words, 0).map_err(map_err("host_settings"))?;
+        }
         let cgroup = std::fs::File::open(&settings.cgroup)
             .map_err(|e| attach_err(format!("opening the cgroup: {e}")))?;
         let links_dir = dir.join(pin::HOST_LINKS_DIR);
@@ -136,10 +148,15 @@ impl HostCapture {
         let mut pinned = Vec::new();
         // Attached as links (the kernel refuses flags there, hence `Single`): links of several
         // programs to one cgroup coexist all the same, which the hand-over relies on.
-        for name in SOCK_ADDR_PROGRAMS.iter().chain(&[SOCKOPS_PROGRAM]) {
+        for name in SOCK_ADDR_PROGRAMS.iter().chain(&[SOCKOPS_PROGRAM, SOCK_CREATE_PROGRAM]) {
             let program = ebpf.program_mut(name).ok_or(RedirectError::Missing("a host program"))?;
             let link: FdLink = if *name == SOCKOPS_PROGRAM {
                 let prog: &mut SockOps = program.try_into()?;
+                prog.load()?;
+                let id = prog.attach(&cgroup, CgroupAttachMode::Single)?;
+                prog.take_link(id)?.try_into().map_err(|e| attach_err(format!("{name}: {e}")))?
+            } else if *name == SOCK_CREATE_PROGRAM {
+                let prog: &mut CgroupSock = program.try_into()?;
                 prog.load()?;
                 let id = prog.attach(&cgroup, CgroupAttachMode::Single)?;
                 prog.take_link(id)?.try_into().map_err(|e| attach_err(format!("{name}: {e}")))?
@@ -205,13 +222,42 @@ impl HostCapture {
     }
 }
 
-/// This process's cgroup (v2) id: the inode of its directory under the cgroup2 mount.
+/// Before ztunnel makes any connection (its control plane, an ECS task's metadata): when a
+/// previous ztunnel left host capture pinned in `pin_dir`, adds this process's cgroup to the
+/// cgroups it leaves alone, so that a ztunnel restarted in a new cgroup (a systemd restart, a
+/// new container) is not captured itself. Without pinned capture there is nothing to do.
+pub fn exclude_own_cgroup(pin_dir: &Path) -> Result<(), String> {
+    let pinned = pin_dir.join("host_own_cgroups");
+    if !pinned.exists() {
+        return Ok(());
+    }
+    let id = own_cgroup_id()?;
+    let data = MapData::from_pin(&pinned).map_err(|e| format!("{}: {e}", pinned.display()))?;
+    let mut map: HashMap<MapData, u64, u32> = HashMap::try_from(aya::maps::Map::LruHashMap(data))
+        .map_err(|e| format!("{}: {e}", pinned.display()))?;
+    map.insert(id, 1, 0).map_err(|e| format!("{}: {e}", pinned.display()))?;
+    info!(cgroup = id, "own cgroup excluded from the pinned host capture");
+    Ok(())
+}
+
+/// This process's cgroup (v2) id: the inode of its directory under the cgroup2 mount, checked
+/// by finding this process among the directory's members (a cgroup namespace or a second
+/// cgroup2 mount would otherwise name another one).
 fn own_cgroup_id() -> Result<u64, String> {
     let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("/proc/self/cgroup: {e}"))?;
     let rel =
         own.lines().find_map(|l| l.strip_prefix("0::")).ok_or("no cgroup v2 line in /proc/self/cgroup")?;
     let mount = cgroup2_mount()?;
     let path = mount.join(rel.trim_start_matches('/'));
+    let procs = path.join("cgroup.procs");
+    let members = std::fs::read_to_string(&procs).map_err(|e| format!("{}: {e}", procs.display()))?;
+    let pid = std::process::id().to_string();
+    if !members.lines().any(|l| l.trim() == pid) {
+        return Err(format!(
+            "{} does not list this process (a cgroup namespace?): mount the host's cgroup2 hierarchy",
+            path.display()
+        ));
+    }
     std::fs::metadata(&path).map(|m| m.ino()).map_err(|e| format!("{}: {e}", path.display()))
 }
 

@@ -40,7 +40,8 @@ pub fn iface_of_link_pin(name: &str) -> String {
 /// The directory of the host programs' link pins (`bpf/host.c`), inside the pin directory.
 pub const HOST_LINKS_DIR: &str = "host_links";
 /// Maps the host programs pin by name.
-pub const HOST_MAP_NAMES: [&str; 4] = ["host_settings", "host_by_cookie", "host_orig_dst", "host_stats"];
+pub const HOST_MAP_NAMES: [&str; 5] =
+    ["host_settings", "host_own_cgroups", "host_by_cookie", "host_orig_dst", "host_stats"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -147,13 +148,14 @@ fn fs_type(path: &Path) -> Option<String> {
 
 /// Fails when a map pinned in `dir` does not have the sizes this build's program expects.
 pub fn check_pinned_maps(dir: &Path) -> Result<(), PinError> {
-    const EXPECTED: [(&str, (u32, u32)); 9] = [
+    const EXPECTED: [(&str, (u32, u32)); 10] = [
         ("enrolled", (16, 4)),
         ("dns_bypass", (16, 4)),
         ("inbound_bypass", (4, 4)),
         ("settings", (4, 20)),
         ("stats", (4, 8)),
-        ("host_settings", (4, 24)),
+        ("host_settings", (4, 16)),
+        ("host_own_cgroups", (8, 4)),
         ("host_by_cookie", (8, 20)),
         ("host_orig_dst", (20, 20)),
         ("host_stats", (4, 8)),

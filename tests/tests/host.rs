@@ -115,6 +115,7 @@ impl Cgroup {
         let dir = root.join(name);
         std::fs::create_dir_all(dir.join("ztunnel")).expect("create the test cgroup");
         std::fs::create_dir_all(dir.join("app")).expect("create the app cgroup");
+        std::fs::create_dir_all(dir.join("ztunnel-2")).expect("create the next ztunnel's cgroup");
         Self(dir)
     }
 
@@ -125,7 +126,7 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        for child in ["ztunnel", "app"] {
+        for child in ["ztunnel", "app", "ztunnel-2"] {
             let _ = std::fs::remove_dir(self.0.join(child));
         }
         let _ = std::fs::remove_dir(&self.0);
@@ -491,8 +492,23 @@ fn a_vms_own_processes_are_in_the_mesh_through_its_ztunnel() {
     assert!(!after.contains("10.96.0.80") && after.contains("connection refused"), "{after}");
     assert_eq!(exchange(&node_b, &format!("{VM}:22"), "ssh").expect("ssh"), format!("ssh {NODE_B} ssh"));
 
-    // A new ztunnel takes over the pinned capture and serves again.
-    let mut child = vm_ztunnel(&vm, &zt_group, &flags, &log);
+    // A process squatting ztunnel's ports meanwhile (without ztunnel's mark, which takes
+    // CAP_NET_ADMIN) is handed nothing: connects are refused, DNS goes where it was sent.
+    let squat = vm.enter(|| std::net::TcpListener::bind("127.0.0.1:15001")).expect("squat 15001");
+    squat.set_nonblocking(true).expect("nonblocking");
+    let squat_dns = vm.enter(|| std::net::UdpSocket::bind("127.0.0.1:15053")).expect("squat 15053");
+    squat_dns.set_nonblocking(true).expect("nonblocking");
+    let outcome = vm_client(&vm, &app, &format!("{ECHO}:8080"), "to the squatter?", false);
+    assert!(outcome.as_ref().is_err_and(|e| e.contains("Operation not permitted")), "{outcome:?}");
+    assert!(squat.accept().is_err(), "the squatter was handed a connection");
+    let asked = vm_dig(&vm, &app, NODE_B, &[], "echo.demo.svc.cluster.local");
+    assert!(asked.contains("connection refused"), "{asked}");
+    assert!(squat_dns.recv_from(&mut [0; 512]).is_err(), "the squatter was handed a query");
+    drop((squat, squat_dns));
+
+    // A new ztunnel, in a new cgroup as after a systemd restart, takes over the pinned capture
+    // (leaving its own connections out of it before it makes any) and serves again.
+    let mut child = vm_ztunnel(&vm, &cgroup.child("ztunnel-2"), &flags, &log);
     wait_ready(&vm, &mut child, &log);
     guard.child = Some(child);
     let (_, reply) = vm_client(&vm, &app, &format!("{ECHO}:8080"), "again", false)
@@ -516,7 +532,7 @@ fn a_vms_own_processes_are_in_the_mesh_through_its_ztunnel() {
         .output()
         .expect("uninstall");
     let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && said.contains("10 link(s)"), "{said}");
+    assert!(out.status.success() && said.contains("11 link(s)"), "{said}");
     assert!(!pin_dir.exists(), "pins left behind");
     let (_, reply) =
         vm_client(&vm, &app, &format!("{NODE_B}:9000"), "plain again", false).expect("uncaptured");

@@ -157,6 +157,11 @@ fn an_ecs_tasks_addresses_come_from_its_task_metadata() {
         "the task's addresses, on the interface carrying them (found at start): {c}"
     );
     assert_eq!(c["redirect"], true);
+    assert_eq!(
+        c["redirect_settings"]["pin_dir"], "/sys/fs/bpf/ambient-ztunnel-abc",
+        "tasks sharing an instance's bpffs pin apart"
+    );
+    assert_eq!(c["dns"]["addr"], "127.0.0.1:15053", "the DNS proxy on loopback only: {c}");
 
     // No metadata endpoint: ztunnel does not start (it would not know what to capture).
     let mut missing = env.clone();

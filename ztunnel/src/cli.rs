@@ -25,12 +25,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 crate::ecs::METADATA_ENV
             )
         })?;
+        // Link-local (the metadata endpoint) is never captured: this works under a pinned capture.
         let (task, addresses) = crate::ecs::fetch_task_addresses(&base).await.map_err(anyhow::Error::msg)?;
         info!(task, ?addresses, "host addresses from the ECS task metadata");
+        // Tasks on one instance share its bpffs: each keeps its capture in a directory of its own.
+        if args.bpf_pin_dir.as_path() == std::path::Path::new(ebpf::pin::DEFAULT_PIN_DIR)
+            && let Some(id) = crate::ecs::task_id(&task)
+        {
+            args.bpf_pin_dir = std::path::PathBuf::from(format!("{}-{id}", ebpf::pin::DEFAULT_PIN_DIR));
+        }
         args.host_addresses
             .extend(addresses.into_iter().map(|ip| crate::redirect::StaticPod { ip, iface: None }));
     }
     let print_only = matches!(args.command, Some(Command::Config));
+    if !print_only && !args.host_addresses.is_empty() {
+        // Before any connection of ours: a capture left pinned by a ztunnel in another cgroup
+        // would otherwise take this one's own connections.
+        ebpf::host::exclude_own_cgroup(&args.bpf_pin_dir).map_err(|e| {
+            anyhow::anyhow!("host mode: leaving our own cgroup out of the pinned capture: {e}")
+        })?;
+    }
     let config = Config::from_args(args)?;
     if print_only {
         let text = serde_json::to_string_pretty(&config)?;

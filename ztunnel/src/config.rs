@@ -299,8 +299,16 @@ impl Config {
                 let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
                 upstreams = crate::dns::forward::resolv_conf(&conf);
             }
+            // In host mode, on loopback only: the host's own queries come there, and an address
+            // on the network would be an open resolver.
+            let host_mode = !args.host_addresses.is_empty();
+            let addr = if host_mode && args.dns_addr == DEFAULT_DNS_ADDR {
+                SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), DEFAULT_DNS_ADDR.port())
+            } else {
+                args.dns_addr
+            };
             Some(crate::dns::DnsConfig {
-                addr: args.dns_addr,
+                addr,
                 upstreams,
                 upstream_timeout: Duration::from_millis(args.dns_upstream_timeout_ms),
                 domain: args.cluster_domain.trim_matches('.').to_ascii_lowercase(),

@@ -549,10 +549,12 @@ pub async fn start(
     let mut addrs = vec![config.addr];
     if config.addr.ip() == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
         addrs.push(SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), config.addr.port()));
+    } else if config.addr.ip() == IpAddr::V4(std::net::Ipv4Addr::LOCALHOST) {
+        addrs.push(SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), config.addr.port()));
     }
     let mut tasks = Vec::new();
     for (i, addr) in addrs.into_iter().enumerate() {
-        let bound = bind_udp(addr).and_then(|udp| {
+        let bound = bind_udp(addr, config.mark).and_then(|udp| {
             let tcp =
                 crate::socket::transparent_listener(addr, config.mark).map_err(std::io::Error::other)?;
             Ok((udp, tcp))
@@ -580,14 +582,18 @@ pub async fn start(
     Ok(tasks)
 }
 
-/// The UDP socket of the proxy: transparent, told each datagram's original destination, and
-/// bindable by the next ztunnel too (a hand-over).
-fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+/// The UDP socket of the proxy: transparent, told each datagram's original destination,
+/// bindable by the next ztunnel too (a hand-over: `SO_REUSEPORT`, which the kernel grants only
+/// to the same user; no `SO_REUSEADDR`, with which any process could bind the port beside us),
+/// and carrying ztunnel's mark (how the host capture recognises it).
+fn bind_udp(addr: SocketAddr, mark: Option<u32>) -> std::io::Result<UdpSocket> {
     use nix::sys::socket::{setsockopt, sockopt};
     let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
     let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
         setsockopt(&socket, sockopt::Ipv6OrigDstAddr, &true)?;

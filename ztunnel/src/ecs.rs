@@ -60,6 +60,13 @@ pub fn task_addresses(document: &[u8]) -> Result<(String, Vec<IpAddr>), String> 
     Ok((task.task_arn, addresses))
 }
 
+/// The task's id, the last part of its ARN, when it is a plain token (letters, digits, `-`).
+pub fn task_id(arn: &str) -> Option<&str> {
+    let id = arn.rsplit('/').next()?;
+    (!id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .then_some(id)
+}
+
 /// Reads the task's addresses from the metadata endpoint named by [`METADATA_ENV`].
 pub async fn fetch_task_addresses(base: &str) -> Result<(String, Vec<IpAddr>), String> {
     let uri = format!("{}/task", base.trim_end_matches('/'));
@@ -88,6 +95,8 @@ mod tests {
     fn the_tasks_awsvpc_addresses_once_each() {
         let (arn, addrs) = task_addresses(TASK.as_bytes()).expect("parsed");
         assert!(arn.ends_with("/158d1c8083dd49d6b527399fd6414f5c"));
+        assert_eq!(task_id(&arn), Some("158d1c8083dd49d6b527399fd6414f5c"));
+        assert_eq!(task_id("arn:aws:ecs:r:1:task/c/../x y"), None);
         let want: Vec<IpAddr> =
             vec!["10.0.2.106".parse().expect("ip"), "2600:1f14:aaaa:bbbb::1".parse().expect("ip")];
         assert_eq!(addrs, want);
