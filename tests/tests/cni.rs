@@ -518,6 +518,10 @@ fn pods_are_captured_from_their_creation() {
     assert_eq!(n.outside_connections(), 0, "the server saw pod a's connection");
     // The program's counters are published with the enrollment status (every few seconds).
     zt.converge("the first SYN counted as captured", &|s| s.stats["captured_outbound"] > before);
+    // The program's counters are metrics too.
+    wait_metrics(&zt, "the capture counters exported", |t| {
+        metric(t, "istio_redirect_packets_total", &["outcome=\"captured_outbound\""]) >= 1.0
+    });
     let text = wait_metrics(&zt, "the refusal counted", |t| {
         metric(t, "istio_tcp_connections_failed_total", &["reporter=\"source\"", "response_flags=\"NR\""])
             >= 1.0

@@ -514,6 +514,19 @@ fn a_vms_own_processes_are_in_the_mesh_through_its_ztunnel() {
     let (_, reply) = vm_client(&vm, &app, &format!("{ECHO}:8080"), "again", false)
         .unwrap_or_else(|e| panic!("after the restart: {e}\n{}", logs()));
     assert_eq!(reply, format!("echo {VM} again"));
+    // What the programs counted, the squatter's refused connect included, is in the metrics
+    // (kept in the kernel while no ztunnel ran).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = vm_metrics(&vm);
+        let count =
+            |o: &str| metric(&text, "istio_redirect_host_connects_total", &[&format!("outcome=\"{o}\"")]);
+        if count("host_refused") >= 1.0 && count("host_captured") >= 5.0 && count("host_dns") >= 3.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "host capture counters not exported:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // `ztunnel uninstall` takes host capture away with the rest.
     let mut child = guard.child.take().expect("running");

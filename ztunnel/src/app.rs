@@ -122,9 +122,27 @@ impl App {
                     ztunnel_mark: p.mark,
                     dns_port: config.dns.as_ref().map_or(0, |d| d.addr.port()),
                 };
-                let capture = ebpf::HostCapture::load(settings)
-                    .map_err(|e| anyhow::anyhow!("host capture of {}: {e} ({e:?})", h.cgroup.display()))?;
-                Some(Arc::new(capture))
+                let capture =
+                    Arc::new(ebpf::HostCapture::load(settings).map_err(|e| {
+                        anyhow::anyhow!("host capture of {}: {e} ({e:?})", h.cgroup.display())
+                    })?);
+                // The programs' counters (captured, ztunnel's own, refused, DNS), every 5 s.
+                let counters = crate::redirect::KernelCounters::default();
+                counters.register(
+                    registry.sub_registry_with_prefix("redirect"),
+                    "host_connects",
+                    "Connects and datagrams of the host's processes as the host capture counted them (kept in \
+                     the kernel across restarts), by outcome: host_captured, host_dns, host_own (ztunnel's \
+                     own, left alone), host_refused",
+                );
+                let host = capture.clone();
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        counters.update(host.stats());
+                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    }
+                }));
+                Some(capture)
             }
             _ => None,
         };

@@ -82,6 +82,40 @@ struct RedirectMetrics {
     errors: Counter,
     narrowing_overdue: Counter,
     file_errors: Counter,
+    /// The capture program's own counters (captured, followed, and each reason of a drop), as
+    /// the kernel keeps them in the pinned map: brought up to the kernel's totals on every
+    /// status publication.
+    packets: KernelCounters,
+}
+
+/// Counters mirrored from counters the kernel keeps (monotonic, pinned across restarts): each
+/// update adds what the kernel counted since the last one.
+#[derive(Clone, Debug, Default)]
+pub struct KernelCounters {
+    family: prometheus_client::metrics::family::Family<OutcomeLabels, Counter>,
+    seen: Arc<Mutex<BTreeMap<&'static str, u64>>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+impl KernelCounters {
+    pub fn register(&self, registry: &mut Registry, name: &str, help: &str) {
+        registry.register(name, help, self.family.clone());
+    }
+
+    /// Brings each counter up to the kernel's `totals`.
+    pub fn update(&self, totals: impl IntoIterator<Item = (&'static str, u64)>) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        for (outcome, total) in totals {
+            let before = seen.insert(outcome, total).unwrap_or(0);
+            if total > before {
+                self.family.get_or_create(&OutcomeLabels { outcome }).inc_by(total - before);
+            }
+        }
+    }
 }
 
 /// The redirector and the pods the CNI plugin announced, under one lock.
@@ -194,6 +228,7 @@ impl Shared {
         }
         if let Some(r) = r {
             let now = r.status();
+            self.metrics.packets.update(now.stats.iter().map(|(k, v)| (*k, *v)));
             self.metrics.enrolled.set(now.pods.len() as i64);
             self.status.send_replace(now);
         }
@@ -321,6 +356,13 @@ impl Enrollment {
         let r = registry.sub_registry_with_prefix("redirect");
         r.register("enrolled_pods", "Pods whose traffic is redirected to ztunnel", metrics.enrolled.clone());
         r.register("enroll_errors", "Failed pod enrollments (retried)", metrics.errors.clone());
+        metrics.packets.register(
+            r,
+            "packets",
+            "Packets of enrolled pods as the capture program counted them (kept in the kernel across \
+             restarts), by outcome: captured_*, followed_socket, or the reason of a drop (dropped_*, \
+             assign_failed)",
+        );
         r.register(
             "narrowing_overdue",
             "Times the narrowing of capture adopted from a previous ztunnel was still postponed after \
