@@ -4,7 +4,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::hbone::HboneStream;
+use crate::hbone::stream::{RecvHalf, SendHalf};
 
 /// Starting buffer per direction: an idle connection costs little.
 pub const INITIAL_BUFFER: usize = 1024;
@@ -98,6 +103,94 @@ where
             full_reads = 0;
         }
     }
+}
+
+/// Copies both ways between a TCP connection and an HBONE stream, like [`copy_bidirectional`]
+/// with fewer copies and no buffer held while idle: a read buffer is taken only once the
+/// socket is readable and is handed to HTTP/2 as the DATA frame itself; received frames are
+/// written to the socket as they came, and their window is given back once written.
+/// `tcp_is_downstream` says which way the counters count.
+pub async fn copy_tcp_hbone(
+    tcp: &TcpStream,
+    hbone: &mut HboneStream,
+    tcp_is_downstream: bool,
+    counters: &ByteCounters,
+) -> Result<(), CopyError> {
+    let (from_tcp, to_tcp) = if tcp_is_downstream {
+        ((&counters.sent, Direction::ToUpstream), (&counters.received, Direction::ToDownstream))
+    } else {
+        ((&counters.received, Direction::ToDownstream), (&counters.sent, Direction::ToUpstream))
+    };
+    let (recv, send) = hbone.split();
+    tokio::try_join!(
+        tcp_to_hbone(tcp, send, from_tcp.0, from_tcp.1),
+        hbone_to_tcp(recv, tcp, to_tcp.0, to_tcp.1)
+    )
+    .map(|_| ())
+}
+
+async fn tcp_to_hbone(
+    tcp: &TcpStream,
+    mut send: SendHalf<'_>,
+    counter: &AtomicU64,
+    direction: Direction,
+) -> Result<(), CopyError> {
+    let fail = |source| CopyError { direction, source };
+    let mut size = INITIAL_BUFFER;
+    let mut full_reads = 0;
+    let mut buf = BytesMut::new();
+    loop {
+        tcp.readable().await.map_err(fail)?;
+        if buf.capacity() < size {
+            buf = BytesMut::with_capacity(size);
+        }
+        let n = match tcp.try_read_buf(&mut buf) {
+            Ok(0) => {
+                send.finish().map_err(fail)?;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(fail(e)),
+        };
+        let mut frame = Some(buf.split().freeze());
+        // What is left of the buffer goes with it: a later read takes a fresh one.
+        buf = BytesMut::new();
+        std::future::poll_fn(|cx| send.poll_send(cx, &mut frame)).await.map_err(fail)?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        if n == size && size < MAX_BUFFER {
+            full_reads += 1;
+            if full_reads >= GROW_AFTER_FULL_READS {
+                size *= 2;
+                full_reads = 0;
+            }
+        } else {
+            full_reads = 0;
+        }
+    }
+}
+
+async fn hbone_to_tcp(
+    mut recv: RecvHalf<'_>,
+    tcp: &TcpStream,
+    counter: &AtomicU64,
+    direction: Direction,
+) -> Result<(), CopyError> {
+    let fail = |source| CopyError { direction, source };
+    while let Some(chunk) = std::future::poll_fn(|cx| recv.poll_chunk(cx)).await.map_err(fail)? {
+        let mut written = 0;
+        while written < chunk.len() {
+            tcp.writable().await.map_err(fail)?;
+            match tcp.try_write(&chunk[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        recv.release(chunk.len());
+        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+    socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write).map_err(fail)
 }
 
 #[cfg(test)]

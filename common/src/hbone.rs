@@ -8,16 +8,12 @@ pub mod client;
 pub mod connect;
 pub mod pool;
 pub mod server;
+pub mod stream;
 
 pub use connect::{forwarded_for, proven_client};
+pub use stream::HboneStream;
 
 use std::time::Duration;
-
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-
-/// An established tunnel: a bidirectional byte stream.
-pub type HboneStream = TokioIo<Upgraded>;
 
 /// HTTP/2 stream window (4 MiB).
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -35,3 +31,18 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a peer may wait after the TLS handshake before its first CONNECT (the HTTP/2
 /// preface and SETTINGS come first); a silent connection is dropped.
 pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest header block accepted from a peer (a CONNECT carries a handful of headers).
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+
+/// Pings the peer every [`KEEPALIVE_INTERVAL`]; returns why once a ping goes unanswered for
+/// [`KEEPALIVE_TIMEOUT`] or cannot be sent. The connection must be polled meanwhile.
+pub(crate) async fn keepalive(mut pings: h2::PingPong) -> String {
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("keepalive ping failed: {e}"),
+            Err(_) => return format!("no answer to a keepalive ping within {KEEPALIVE_TIMEOUT:?}"),
+        }
+    }
+}

@@ -82,10 +82,12 @@ async fn setup() -> Setup {
             }
             match tokio::net::TcpStream::connect(target).await {
                 Err(e) => Decision::Refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-                Ok(upstream) => Decision::Accept(Box::new(move |stream| {
+                // The server relays the way ztunnel does (frames straight to the socket); the
+                // client side reads and writes the stream as a byte stream.
+                Ok(upstream) => Decision::Accept(Box::new(move |mut stream| {
                     Box::pin(async move {
                         let counters = common::copy::ByteCounters::default();
-                        let _ = common::copy::copy_bidirectional(stream, upstream, &counters).await;
+                        let _ = common::copy::copy_tcp_hbone(&upstream, &mut stream, false, &counters).await;
                         let _ = bytes_tx.send((counters.sent(), counters.received()));
                     })
                 })),
@@ -116,9 +118,10 @@ async fn tunnel_carries_bytes_both_ways_with_half_close() {
     assert_eq!(authority, Authority::Addr(upstream));
     assert_eq!(baggage.as_deref(), Some("k8s.namespace.name=default"));
 
-    // 3 MiB up, then half-close; everything comes back, then the upstream's own data after it
-    // saw our EOF, then EOF.
-    let payload: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    // 20 MiB up (more than the connection's 16 MiB window: the windows must be given back as
+    // bytes are consumed, or this stalls), then half-close; everything comes back, then the
+    // upstream's own data after it saw our EOF, then EOF.
+    let payload: Vec<u8> = (0..20 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
     let (mut rd, mut wr) = tokio::io::split(stream);
     let expected_len = payload.len() + TRAILER.len();
     let writer = tokio::spawn(async move {
@@ -127,7 +130,7 @@ async fn tunnel_carries_bytes_both_ways_with_half_close() {
         payload
     });
     let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut got))
+    tokio::time::timeout(Duration::from_secs(60), rd.read_to_end(&mut got))
         .await
         .expect("no hang")
         .expect("read");

@@ -19,9 +19,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::copy::{ByteCounters, copy_bidirectional};
+use common::copy::{ByteCounters, CopyError, copy_bidirectional, copy_tcp_hbone};
 use common::drain::{Guard, Watch};
 use common::flags::ResponseFlag;
+use common::hbone::HboneStream;
 use common::hbone::pool::Pool;
 use common::identity::CertificateManager;
 use common::readiness::Ready;
@@ -354,12 +355,33 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let counters = ByteCounters::default();
+    finish_relay(proxy, copy_bidirectional(downstream, upstream, &counters), &counters, records).await
+}
+
+/// [`relay`] between a TCP connection and an HBONE stream, without the extra copy.
+async fn relay_tunnel(
+    proxy: &Proxy,
+    tcp: TcpStream,
+    tunnel: &mut HboneStream,
+    tcp_is_downstream: bool,
+    records: Vec<Record>,
+) {
+    let counters = ByteCounters::default();
+    finish_relay(proxy, copy_tcp_hbone(&tcp, tunnel, tcp_is_downstream, &counters), &counters, records).await
+}
+
+async fn finish_relay(
+    proxy: &Proxy,
+    copy: impl Future<Output = Result<(), CopyError>>,
+    counters: &ByteCounters,
+    records: Vec<Record>,
+) {
     let error = tokio::select! {
-        r = copy_bidirectional(downstream, upstream, &counters) => r.err().map(|e| e.to_string()),
+        r = copy => r.err().map(|e| e.to_string()),
         _ = proxy.drain().closing() => Some("closed at the end of the drain period".to_string()),
     };
     for r in records {
-        r.closed(&counters, error.clone());
+        r.closed(counters, error.clone());
     }
 }
 

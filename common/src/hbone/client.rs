@@ -2,13 +2,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
@@ -25,7 +23,7 @@ pub enum ClientError {
     #[error("TLS handshake to {0} timed out")]
     HandshakeTimeout(SocketAddr),
     #[error("HTTP/2 to {addr}: {source}")]
-    Http2 { addr: SocketAddr, source: hyper::Error },
+    Http2 { addr: SocketAddr, source: h2::Error },
     #[error("CONNECT {authority} via {addr} answered {status}{}", if *.draining { " (peer draining)" } else { "" })]
     Status { addr: SocketAddr, authority: String, status: StatusCode, draining: bool },
     #[error("bad CONNECT request for {0}")]
@@ -38,7 +36,9 @@ pub struct Connection {
     /// Unique per dialled connection (clones share it).
     id: u64,
     addr: SocketAddr,
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// Set when the connection task ends (closed, failed, or keepalive unanswered).
+    closed: Arc<AtomicBool>,
 }
 
 impl ClientError {
@@ -83,26 +83,39 @@ impl Connection {
                 .await
                 .map_err(|_| ClientError::HandshakeTimeout(addr))?
                 .map_err(|source| ClientError::Tls { addr, source })?;
-        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(super::STREAM_WINDOW)
+        let (sender, mut conn) = h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(super::STREAM_WINDOW)
             .initial_connection_window_size(super::CONNECTION_WINDOW)
             .max_frame_size(super::MAX_FRAME_SIZE)
-            .keep_alive_interval(super::KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(super::KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        let (sender, conn) = builder
-            .handshake(TokioIo::new(tls))
+            .max_header_list_size(super::MAX_HEADER_LIST_SIZE)
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| ClientError::Http2 { addr, source })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let pings = conn.ping_pong();
+        let done = closed.clone();
+        // The connection task: drives the connection, and pings the peer even while idle so a
+        // dead peer is noticed and the pool stops using the connection.
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%addr, error = %e, "HBONE connection closed");
+            let keepalive = async {
+                match pings {
+                    Some(p) => super::keepalive(p).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r {
+                        debug!(%addr, error = %e, "HBONE connection closed");
+                    }
+                }
+                why = keepalive => debug!(%addr, reason = %why, "HBONE connection dropped"),
             }
+            done.store(true, Ordering::Release);
         });
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        Ok(Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), addr, sender })
+        Ok(Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), addr, sender, closed })
     }
 
     /// True if both handles are the same dialled connection.
@@ -117,7 +130,7 @@ impl Connection {
 
     /// False once the connection can no longer carry new streams.
     pub fn is_open(&self) -> bool {
-        !self.sender.is_closed()
+        !self.closed.load(Ordering::Acquire)
     }
 
     /// Opens a CONNECT stream to `authority` with extra `headers` (baggage, forwarded, ...).
@@ -127,13 +140,13 @@ impl Connection {
         let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(&target)
-            .body(Empty::new())
+            .body(())
             .map_err(|_| ClientError::BadRequest(target.clone()))?;
         req.headers_mut().extend(headers);
-        let mut sender = self.sender.clone();
-        sender.ready().await.map_err(|source| ClientError::Http2 { addr, source })?;
-        let response =
-            sender.send_request(req).await.map_err(|source| ClientError::Http2 { addr, source })?;
+        let http2 = |source| ClientError::Http2 { addr, source };
+        let mut sender = self.sender.clone().ready().await.map_err(http2)?;
+        let (response, send) = sender.send_request(req, false).map_err(http2)?;
+        let response = response.await.map_err(http2)?;
         if response.status() != StatusCode::OK {
             let draining = response
                 .headers()
@@ -141,8 +154,6 @@ impl Connection {
                 .is_some_and(|v| v.as_bytes() == super::server::DRAINING_STATUS.as_bytes());
             return Err(ClientError::Status { addr, authority: target, status: response.status(), draining });
         }
-        let upgraded =
-            hyper::upgrade::on(response).await.map_err(|source| ClientError::Http2 { addr, source })?;
-        Ok(TokioIo::new(upgraded))
+        Ok(HboneStream::new(send, response.into_body()))
     }
 }

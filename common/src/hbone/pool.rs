@@ -390,6 +390,13 @@ pub struct PooledStream {
     _guard: StreamGuard,
 }
 
+impl PooledStream {
+    /// The stream itself (for [`crate::copy::copy_tcp_hbone`]).
+    pub fn stream_mut(&mut self) -> &mut HboneStream {
+        &mut self.stream
+    }
+}
+
 impl AsyncRead for PooledStream {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -10,18 +10,15 @@
 //! [`DRAINING_STATUS`] in `proxy-status` (RFC 9209), so that our own clients retry it on a new
 //! connection rather than fail.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -181,7 +178,7 @@ pub async fn serve_draining(
 /// How a connection ended badly: refused before HTTP/2 started, or an HTTP/2 error after.
 enum ConnError {
     Refused(String),
-    Http2(hyper::Error),
+    Http2(h2::Error),
 }
 
 async fn serve_connection(
@@ -205,31 +202,35 @@ async fn serve_connection(
     let peer = tls::peer_identity(tls.get_ref().1.peer_certificates(), trust_domain)
         .map_err(|e| ConnError::Refused(e.to_string()))?;
     debug!(%peer_addr, %peer, "HBONE connection established");
-    let draining = drain.clone();
-    // Set by the first request: a peer that completes TLS and then sends nothing (not even the
-    // HTTP/2 preface) is dropped after FIRST_REQUEST_TIMEOUT instead of holding the connection.
-    let spoke = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let heard = spoke.clone();
-    let svc = service_fn(move |req: Request<Incoming>| {
-        heard.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (handler, peer) = (handler.clone(), peer.clone());
-        let draining = draining.as_ref().is_some_and(Watch::is_draining);
-        async move { Ok::<_, Infallible>(on_request(req, peer, peer_addr, local_addr, handler, draining).await) }
-    });
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(super::STREAM_WINDOW)
+    // A peer that completes TLS and then sends nothing (not even the HTTP/2 preface) is
+    // dropped after FIRST_REQUEST_TIMEOUT instead of holding the connection.
+    let silent = || {
+        ConnError::Refused(format!(
+            "no request within {:?} of the TLS handshake",
+            super::FIRST_REQUEST_TIMEOUT
+        ))
+    };
+    let first_deadline = tokio::time::sleep(super::FIRST_REQUEST_TIMEOUT);
+    tokio::pin!(first_deadline);
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(super::STREAM_WINDOW)
         .initial_connection_window_size(super::CONNECTION_WINDOW)
         .max_frame_size(super::MAX_FRAME_SIZE)
         .max_concurrent_streams(super::MAX_CONCURRENT_STREAMS)
-        .keep_alive_interval(super::KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(super::KEEPALIVE_TIMEOUT);
-    let conn = builder.serve_connection(TokioIo::new(tls), svc);
-    tokio::pin!(conn);
-    let first_deadline = tokio::time::sleep(super::FIRST_REQUEST_TIMEOUT);
-    tokio::pin!(first_deadline);
-    let mut waiting_first = true;
+        .max_header_list_size(super::MAX_HEADER_LIST_SIZE)
+        .handshake::<_, Bytes>(tls);
+    let mut conn = tokio::select! {
+        c = handshake => c.map_err(ConnError::Http2)?,
+        _ = &mut first_deadline => return Err(silent()),
+    };
+    let pings = conn.ping_pong();
+    let keepalive = async {
+        match pings {
+            Some(p) => super::keepalive(p).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(keepalive);
     let draining = async {
         match &drain {
             Some(d) => d.draining().await,
@@ -237,51 +238,62 @@ async fn serve_connection(
         }
     };
     tokio::pin!(draining);
+    let mut waiting_first = true;
+    let mut goaway_sent = false;
     loop {
         tokio::select! {
             // The connection first: a request that arrives with the deadline counts.
             biased;
-            done = conn.as_mut() => return done.map_err(ConnError::Http2),
-            _ = &mut first_deadline, if waiting_first => {
-                if !spoke.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Err(ConnError::Refused(format!(
-                        "no request within {:?} of the TLS handshake",
-                        super::FIRST_REQUEST_TIMEOUT
-                    )));
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    waiting_first = false;
+                    let draining = drain.as_ref().is_some_and(Watch::is_draining);
+                    let (handler, peer) = (handler.clone(), peer.clone());
+                    tokio::spawn(on_request(req, respond, peer, peer_addr, local_addr, handler, draining));
                 }
-                waiting_first = false;
+                Some(Err(e)) => return Err(ConnError::Http2(e)),
+                None => return Ok(()),
+            },
+            _ = &mut first_deadline, if waiting_first => return Err(silent()),
+            why = &mut keepalive => return Err(ConnError::Refused(why)),
+            _ = &mut draining, if !goaway_sent => {
+                debug!(%peer_addr, "draining: GOAWAY sent, open streams run on");
+                conn.graceful_shutdown();
+                goaway_sent = true;
             }
-            _ = &mut draining => break,
         }
     }
-    debug!(%peer_addr, "draining: GOAWAY sent, open streams run on");
-    conn.as_mut().graceful_shutdown();
-    conn.await.map_err(ConnError::Http2)
 }
 
-fn reply(status: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+fn reply(status: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
     *r.status_mut() = status;
     r
 }
 
 async fn on_request(
-    mut req: Request<Incoming>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     peer: Identity,
     peer_addr: SocketAddr,
     local_addr: SocketAddr,
     handler: Arc<dyn ConnectHandler>,
     draining: bool,
-) -> Response<Empty<Bytes>> {
+) {
+    let answer = |respond: &mut SendResponse<Bytes>, r: Response<()>| {
+        if let Err(e) = respond.send_response(r, true) {
+            debug!(%peer_addr, error = %e, "CONNECT answer not sent");
+        }
+    };
     let authority = match connect::parse(req.method(), req.uri()) {
         Ok(a) => a,
         Err(e) => {
             warn!(%peer, %peer_addr, error = %e, "bad CONNECT");
-            return reply(e.status());
+            return answer(&mut respond, reply(e.status()));
         }
     };
-    let upgrade = hyper::upgrade::on(&mut req);
-    let request = ConnectRequest { authority, peer, peer_addr, local_addr, headers: req.headers().clone() };
+    let (parts, body) = req.into_parts();
+    let request = ConnectRequest { authority, peer, peer_addr, local_addr, headers: parts.headers };
     match handler.handle(request).await {
         Decision::Refuse(status, reason) => {
             debug!(%status, %reason, "CONNECT refused");
@@ -289,16 +301,11 @@ async fn on_request(
             if draining && status == StatusCode::SERVICE_UNAVAILABLE {
                 r.headers_mut().insert("proxy-status", http::HeaderValue::from_static(DRAINING_STATUS));
             }
-            r
+            answer(&mut respond, r)
         }
-        Decision::Accept(on_stream) => {
-            tokio::spawn(async move {
-                match upgrade.await {
-                    Ok(upgraded) => on_stream(TokioIo::new(upgraded)).await,
-                    Err(e) => debug!(error = %e, "CONNECT stream ended before it started"),
-                }
-            });
-            reply(StatusCode::OK)
-        }
+        Decision::Accept(on_stream) => match respond.send_response(reply(StatusCode::OK), false) {
+            Ok(send) => on_stream(HboneStream::new(send, body)).await,
+            Err(e) => debug!(error = %e, "CONNECT stream ended before it started"),
+        },
     }
 }

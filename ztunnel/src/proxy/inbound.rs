@@ -16,7 +16,7 @@ use tracing::info;
 
 use super::metrics::{Peer, Record, Reporter};
 use super::server_tls::WorkloadTls;
-use super::{OWN_PORTS, Proxy, ProxyError, relay};
+use super::{OWN_PORTS, Proxy, ProxyError, relay_tunnel};
 use common::rbac;
 
 pub(super) async fn serve(proxy: Proxy, listener: TcpListener) {
@@ -90,9 +90,9 @@ async fn accept(proxy: Proxy, req: ConnectRequest) -> Decision {
         }
         Ok((upstream, guard)) => {
             rec.opened();
-            Decision::Accept(Box::new(move |stream| {
+            Decision::Accept(Box::new(move |mut stream| {
                 Box::pin(async move {
-                    relay(&proxy, stream, upstream, vec![rec]).await;
+                    relay_tunnel(&proxy, upstream, &mut stream, false, vec![rec]).await;
                     drop(guard);
                 })
             }))

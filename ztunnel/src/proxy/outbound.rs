@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::inbound::deliver;
 use super::metrics::{Peer, Record, Reporter};
-use super::{Accepted, CONNECT_TIMEOUT, OutboundPolicy, Proxy, ProxyError, accept_loop, relay};
+use super::{Accepted, CONNECT_TIMEOUT, OutboundPolicy, Proxy, ProxyError, accept_loop, relay, relay_tunnel};
 use common::state::workload::DEFAULT_HBONE_PORT;
 use common::state::{Gateway, Snapshot, Target, Tunnel, Workload};
 
@@ -55,9 +55,9 @@ async fn handle(proxy: Proxy, accepted: Accepted) {
             let records = std::iter::once(rec).chain(local.map(|r| *r)).collect();
             relay(&proxy, downstream, upstream, records).await;
         }
-        Ok(Upstream::Hbone(upstream)) => {
+        Ok(Upstream::Hbone(mut upstream)) => {
             rec.opened();
-            relay(&proxy, downstream, upstream, vec![rec]).await;
+            relay_tunnel(&proxy, downstream, upstream.stream_mut(), true, vec![rec]).await;
         }
     }
     drop(guard);
