@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -140,7 +140,12 @@ async fn tcp_to_hbone(
     let mut full_reads = 0;
     let mut buf = BytesMut::new();
     loop {
-        tcp.readable().await.map_err(fail)?;
+        // Quiet here means waiting on the socket; a reset of the stream meanwhile ends this
+        // direction (what was received before it is still delivered the other way).
+        tokio::select! {
+            r = tcp.readable() => r.map_err(fail)?,
+            reset = std::future::poll_fn(|cx| send.poll_reset(cx)) => return reset.map_or(Ok(()), |e| Err(fail(e))),
+        }
         if buf.capacity() < size {
             buf = BytesMut::with_capacity(size);
         }
@@ -153,8 +158,10 @@ async fn tcp_to_hbone(
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(fail(e)),
         };
-        let mut frame = Some(buf.split().freeze());
-        // What is left of the buffer goes with it: a later read takes a fresh one.
+        // A read that filled at least half the buffer becomes the frame itself (the buffer
+        // goes with it); a short one is copied out, so a queued frame never holds more than
+        // twice its size. Either way no buffer is kept while the socket is quiet.
+        let mut frame = Some(if n >= size / 2 { buf.split().freeze() } else { Bytes::copy_from_slice(&buf) });
         buf = BytesMut::new();
         std::future::poll_fn(|cx| send.poll_send(cx, &mut frame)).await.map_err(fail)?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
@@ -166,6 +173,9 @@ async fn tcp_to_hbone(
             }
         } else {
             full_reads = 0;
+            if n < size / 2 {
+                size = (size / 2).max(INITIAL_BUFFER);
+            }
         }
     }
 }

@@ -31,6 +31,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a peer may wait after the TLS handshake before its first CONNECT (the HTTP/2
 /// preface and SETTINGS come first); a silent connection is dropped.
 pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Data h2 holds per stream beyond its window before a write waits (1 MiB).
+pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// Largest header block accepted from a peer (a CONNECT carries a handful of headers).
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 

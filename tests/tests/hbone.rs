@@ -57,10 +57,23 @@ struct Setup {
     seen: mpsc::UnboundedReceiver<(Identity, Authority, Option<String>)>,
     /// (sent, received) byte counts of each finished tunnel, from the server's copy.
     bytes: mpsc::UnboundedReceiver<(u64, u64)>,
+    /// How the slow handler (port 4011) ended: "completed" or "cancelled".
+    slow: mpsc::UnboundedReceiver<&'static str>,
+}
+
+/// Reports "cancelled" when dropped before it is disarmed.
+struct CancelGuard(Option<mpsc::UnboundedSender<&'static str>>);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send("cancelled");
+        }
+    }
 }
 
 /// Starts an HBONE server as `echo` that forwards to the requested address unless the
-/// authority's port is 4010 (refused with 401).
+/// authority's port is 4010 (refused with 401) or 4011 (a handler that takes 2 s, then refuses).
 async fn setup() -> Setup {
     let ca = LocalCa::generate("cluster.local").expect("ca");
     let server_cert = ca.issue(&id("echo"), HOUR).expect("server cert");
@@ -69,8 +82,9 @@ async fn setup() -> Setup {
     let hbone = listener.local_addr().expect("addr");
     let (tx, seen) = mpsc::unbounded_channel();
     let (bytes_tx, bytes) = mpsc::unbounded_channel();
+    let (slow_tx, slow) = mpsc::unbounded_channel();
     let handler = move |req: ConnectRequest| -> server::BoxFuture<Decision> {
-        let (tx, bytes_tx) = (tx.clone(), bytes_tx.clone());
+        let (tx, bytes_tx, slow_tx) = (tx.clone(), bytes_tx.clone(), slow_tx.clone());
         Box::pin(async move {
             let baggage = req.headers.get("baggage").and_then(|v| v.to_str().ok()).map(String::from);
             let _ = tx.send((req.peer.clone(), req.authority.clone(), baggage));
@@ -79,6 +93,14 @@ async fn setup() -> Setup {
             };
             if target.port() == 4010 {
                 return Decision::Refuse(StatusCode::UNAUTHORIZED, "policy".into());
+            }
+            if target.port() == 4011 {
+                let mut guard = CancelGuard(Some(slow_tx));
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if let Some(tx) = guard.0.take() {
+                    let _ = tx.send("completed");
+                }
+                return Decision::Refuse(StatusCode::SERVICE_UNAVAILABLE, "slow".into());
             }
             match tokio::net::TcpStream::connect(target).await {
                 Err(e) => Decision::Refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -102,7 +124,7 @@ async fn setup() -> Setup {
         Arc::new(handler),
     ));
     let client = Arc::new(tls::client_config(&client_cert, vec![id("echo")]).expect("client config"));
-    Setup { hbone, client, seen, bytes }
+    Setup { hbone, client, seen, bytes, slow }
 }
 
 #[tokio::test]
@@ -215,4 +237,27 @@ async fn a_peer_silent_after_the_tls_handshake_is_dropped() {
     .await;
     assert!(closed.is_ok(), "the silent peer was never dropped");
     assert!(started.elapsed() >= common::hbone::FIRST_REQUEST_TIMEOUT - Duration::from_millis(100));
+}
+
+/// A client that gives up on a CONNECT (its stream is reset) while the server's handler still
+/// works stops that handler: a ztunnel must not go on to dial the destination for a request
+/// nobody waits for (nor start handlers without bound for a flood of HEADERS and RST_STREAM).
+#[tokio::test]
+async fn a_connect_reset_by_the_client_stops_its_handler() {
+    let mut s = setup().await;
+    let conn = Connection::connect(s.hbone, s.client.clone()).await.expect("HBONE connection");
+    let slow = Authority::Addr("127.0.0.1:4011".parse().expect("addr"));
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), conn.open(&slow, HeaderMap::new())).await;
+    assert!(gave_up.is_err(), "the slow handler answered early: {gave_up:?}");
+    let ended =
+        tokio::time::timeout(Duration::from_secs(10), s.slow.recv()).await.expect("the handler ended");
+    assert_eq!(ended, Some("cancelled"), "the handler ran on after the client reset the stream");
+    // The connection carries on.
+    let upstream = echo_upstream().await;
+    let mut stream = conn.open(&Authority::Addr(upstream), HeaderMap::new()).await.expect("stream");
+    stream.write_all(b"x").await.expect("write");
+    stream.shutdown().await.expect("shutdown");
+    let mut got = Vec::new();
+    stream.read_to_end(&mut got).await.expect("read");
+    assert_eq!(got, [b"x".as_slice(), TRAILER].concat());
 }

@@ -89,6 +89,7 @@ impl Connection {
             .initial_connection_window_size(super::CONNECTION_WINDOW)
             .max_frame_size(super::MAX_FRAME_SIZE)
             .max_header_list_size(super::MAX_HEADER_LIST_SIZE)
+            .max_send_buffer_size(super::MAX_SEND_BUFFER)
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| ClientError::Http2 { addr, source })?;
@@ -143,7 +144,12 @@ impl Connection {
             .body(())
             .map_err(|_| ClientError::BadRequest(target.clone()))?;
         req.headers_mut().extend(headers);
-        let http2 = |source| ClientError::Http2 { addr, source };
+        // An HTTP/2 error here (GOAWAY received, the connection gone) means no new stream will
+        // open on this connection: the pool stops offering it.
+        let http2 = |source| {
+            self.closed.store(true, Ordering::Release);
+            ClientError::Http2 { addr, source }
+        };
         let mut sender = self.sender.clone().ready().await.map_err(http2)?;
         let (response, send) = sender.send_request(req, false).map_err(http2)?;
         let response = response.await.map_err(http2)?;

@@ -170,6 +170,7 @@ pub async fn serve_draining(
                 Ok(()) => {}
                 Err(ConnError::Refused(reason)) => warn!(%peer_addr, %reason, "HBONE connection refused"),
                 Err(ConnError::Http2(e)) => debug!(%peer_addr, error = %e, "HBONE connection ended"),
+                Err(ConnError::Silent(why)) => debug!(%peer_addr, reason = %why, "HBONE connection dropped"),
             }
         });
     }
@@ -179,6 +180,8 @@ pub async fn serve_draining(
 enum ConnError {
     Refused(String),
     Http2(h2::Error),
+    /// The peer stopped answering keepalive pings.
+    Silent(String),
 }
 
 async fn serve_connection(
@@ -218,6 +221,7 @@ async fn serve_connection(
         .max_frame_size(super::MAX_FRAME_SIZE)
         .max_concurrent_streams(super::MAX_CONCURRENT_STREAMS)
         .max_header_list_size(super::MAX_HEADER_LIST_SIZE)
+        .max_send_buffer_size(super::MAX_SEND_BUFFER)
         .handshake::<_, Bytes>(tls);
     let mut conn = tokio::select! {
         c = handshake => c.map_err(ConnError::Http2)?,
@@ -255,7 +259,7 @@ async fn serve_connection(
                 None => return Ok(()),
             },
             _ = &mut first_deadline, if waiting_first => return Err(silent()),
-            why = &mut keepalive => return Err(ConnError::Refused(why)),
+            why = &mut keepalive => return Err(ConnError::Silent(why)),
             _ = &mut draining, if !goaway_sent => {
                 debug!(%peer_addr, "draining: GOAWAY sent, open streams run on");
                 conn.graceful_shutdown();
@@ -294,7 +298,16 @@ async fn on_request(
     };
     let (parts, body) = req.into_parts();
     let request = ConnectRequest { authority, peer, peer_addr, local_addr, headers: parts.headers };
-    match handler.handle(request).await {
+    // A client that resets the stream while the handler works (its connect timeout, or a
+    // flood of HEADERS and RST_STREAM) stops the handler: nothing is dialled for it.
+    let decision = tokio::select! {
+        d = handler.handle(request) => d,
+        reason = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            debug!(%peer_addr, reason = ?reason.ok(), "CONNECT cancelled by the client before it was answered");
+            return;
+        }
+    };
+    match decision {
         Decision::Refuse(status, reason) => {
             debug!(%status, %reason, "CONNECT refused");
             let mut r = reply(status);

@@ -124,22 +124,37 @@ impl SendHalf<'_> {
         Poll::Ready(Ok(()))
     }
 
-    /// Copies as much of `buf` as the stream has room for into a frame.
+    /// Copies all of `buf` into a frame once the stream has room for some of it. Sending it
+    /// whole leaves no capacity requested once it has gone: a partial send would keep the
+    /// rest requested, and h2 would go on assigning the connection's window to an idle stream.
     fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
         ready!(self.poll_room(cx, buf.len()))?;
-        let n = buf.len().min(self.send.capacity());
-        self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(to_io)?;
-        Poll::Ready(Ok(n))
+        self.send.send_data(Bytes::copy_from_slice(buf), false).map_err(to_io)?;
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    /// Ready once the peer has reset the stream (or the connection is gone): `None` when it
+    /// only asks us to stop sending (NO_ERROR or CANCEL, as a peer does that has finished and
+    /// closed its end), an error otherwise.
+    pub fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Error>> {
+        Poll::Ready(match ready!(self.send.poll_reset(cx)) {
+            Ok(Reason::NO_ERROR | Reason::CANCEL) => None,
+            Ok(reason) => Some(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("stream reset by the peer ({reason:?})"),
+            )),
+            Err(e) => Some(to_io(e)),
+        })
     }
 
     /// Sends end of stream (once).
     pub fn finish(&mut self) -> io::Result<()> {
         if !*self.shut {
-            *self.shut = true;
             self.send.send_data(Bytes::new(), true).map_err(to_io)?;
+            *self.shut = true;
         }
         Ok(())
     }
