@@ -83,6 +83,7 @@ impl Connection {
                 .await
                 .map_err(|_| ClientError::HandshakeTimeout(addr))?
                 .map_err(|source| ClientError::Tls { addr, source })?;
+        let (io, heard) = super::Heard::new(tls);
         let (sender, mut conn) = h2::client::Builder::new()
             .enable_push(false)
             .initial_window_size(super::STREAM_WINDOW)
@@ -90,7 +91,7 @@ impl Connection {
             .max_frame_size(super::MAX_FRAME_SIZE)
             .max_header_list_size(super::MAX_HEADER_LIST_SIZE)
             .max_send_buffer_size(super::MAX_SEND_BUFFER)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|source| ClientError::Http2 { addr, source })?;
         let closed = Arc::new(AtomicBool::new(false));
@@ -101,7 +102,7 @@ impl Connection {
         tokio::spawn(async move {
             let keepalive = async {
                 match pings {
-                    Some(p) => super::keepalive(p).await,
+                    Some(p) => super::keepalive(p, heard).await,
                     None => std::future::pending().await,
                 }
             };

@@ -215,6 +215,7 @@ async fn serve_connection(
     };
     let first_deadline = tokio::time::sleep(super::FIRST_REQUEST_TIMEOUT);
     tokio::pin!(first_deadline);
+    let (io, heard) = super::Heard::new(tls);
     let handshake = h2::server::Builder::new()
         .initial_window_size(super::STREAM_WINDOW)
         .initial_connection_window_size(super::CONNECTION_WINDOW)
@@ -222,7 +223,7 @@ async fn serve_connection(
         .max_concurrent_streams(super::MAX_CONCURRENT_STREAMS)
         .max_header_list_size(super::MAX_HEADER_LIST_SIZE)
         .max_send_buffer_size(super::MAX_SEND_BUFFER)
-        .handshake::<_, Bytes>(tls);
+        .handshake::<_, Bytes>(io);
     let mut conn = tokio::select! {
         c = handshake => c.map_err(ConnError::Http2)?,
         _ = &mut first_deadline => return Err(silent()),
@@ -230,7 +231,7 @@ async fn serve_connection(
     let pings = conn.ping_pong();
     let keepalive = async {
         match pings {
-            Some(p) => super::keepalive(p).await,
+            Some(p) => super::keepalive(p, heard).await,
             None => std::future::pending().await,
         }
     };
