@@ -3,9 +3,10 @@
 //! counters for telemetry.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 use crate::hbone::HboneStream;
@@ -187,11 +188,28 @@ async fn hbone_to_tcp(
     direction: Direction,
 ) -> Result<(), CopyError> {
     let fail = |source| CopyError { direction, source };
-    while let Some(chunk) = std::future::poll_fn(|cx| recv.poll_chunk(cx)).await.map_err(fail)? {
+    let mut next = std::future::poll_fn(|cx| recv.poll_chunk(cx)).await.map_err(fail)?;
+    while let Some(chunk) = next.take() {
+        // Look at what follows without waiting: when the peer's end of stream came with this
+        // chunk, the chunk is written held back (MSG_MORE) and the FIN joins it, so the
+        // reader sees the data and the close together, as it would from the server itself.
+        // Written apart, a reader on this CPU ran between them, read the last bytes and closed
+        // first: TIME_WAIT then landed in the client instead of the server, and a client that
+        // churns connections ran out of ephemeral ports.
+        let ahead = std::future::poll_fn(|cx| Poll::Ready(recv.poll_chunk(cx))).await;
+        let last = matches!(ahead, Poll::Ready(Ok(None)));
         let mut written = 0;
         while written < chunk.len() {
             tcp.writable().await.map_err(fail)?;
-            match tcp.try_write(&chunk[written..]) {
+            let rest = &chunk[written..];
+            let r = if last {
+                tcp.try_io(Interest::WRITABLE, || {
+                    socket2::SockRef::from(tcp).send_with_flags(rest, libc::MSG_MORE)
+                })
+            } else {
+                tcp.try_write(rest)
+            };
+            match r {
                 Ok(n) => written += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(fail(e)),
@@ -199,6 +217,10 @@ async fn hbone_to_tcp(
         }
         recv.release(chunk.len());
         counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        next = match ahead {
+            Poll::Ready(r) => r.map_err(fail)?,
+            Poll::Pending => std::future::poll_fn(|cx| recv.poll_chunk(cx)).await.map_err(fail)?,
+        };
     }
     socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write).map_err(fail)
 }

@@ -261,3 +261,44 @@ async fn a_connect_reset_by_the_client_stops_its_handler() {
     stream.read_to_end(&mut got).await.expect("read");
     assert_eq!(got, [b"x".as_slice(), TRAILER].concat());
 }
+
+/// The segments the accepted socket on `port` has received so far, from `ss -ti`.
+fn segments_in(port: u16) -> (u64, String) {
+    let out = std::process::Command::new("ss")
+        .args(["-tinH", "state", "close-wait", "sport", "=", &format!(":{port}")])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = text.split_whitespace().find_map(|w| w.strip_prefix("segs_in:"));
+    let n =
+        field.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no segs_in for port {port} in: {text}"));
+    (n, text.into_owned())
+}
+
+/// When the end of stream comes with the last data, the relay hands the socket both in one
+/// segment: the reader finds the close together with the bytes, as it would from the peer
+/// itself, and so does not close first. (Written apart, a client on the same CPU read the last
+/// bytes and closed before the FIN came: TIME_WAIT moved from the server into the client, whose
+/// ephemeral ports ran out under connection churn.)
+#[tokio::test]
+async fn the_last_data_and_the_close_reach_the_socket_together() {
+    let s = setup().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = listener.local_addr().expect("addr");
+    let conn = Connection::connect(s.hbone, s.client.clone()).await.expect("HBONE connection");
+    let mut stream = conn.open(&Authority::Addr(upstream), HeaderMap::new()).await.expect("stream");
+    let (mut accepted, _) = listener.accept().await.expect("the relay connects");
+    // Both frames are queued before this task yields, so they travel together.
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    stream.shutdown().await.expect("end of stream");
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), accepted.read_to_end(&mut got))
+        .await
+        .expect("no hang")
+        .expect("read");
+    assert_eq!(got, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    // The SYN and the handshake's ACK, then one segment with the data and the FIN (written
+    // apart, they make four).
+    let (n, ss) = segments_in(upstream.port());
+    assert_eq!(n, 3, "the data and the FIN came in separate segments: {ss}");
+}
