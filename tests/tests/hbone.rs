@@ -59,6 +59,8 @@ struct Setup {
     bytes: mpsc::UnboundedReceiver<(u64, u64)>,
     /// How the slow handler (port 4011) ended: "completed" or "cancelled".
     slow: mpsc::UnboundedReceiver<&'static str>,
+    /// What a stream accepted for port 4012 held the moment it was accepted.
+    held: mpsc::UnboundedReceiver<Vec<u8>>,
 }
 
 /// Reports "cancelled" when dropped before it is disarmed.
@@ -73,7 +75,8 @@ impl Drop for CancelGuard {
 }
 
 /// Starts an HBONE server as `echo` that forwards to the requested address unless the
-/// authority's port is 4010 (refused with 401) or 4011 (a handler that takes 2 s, then refuses).
+/// authority's port is 4010 (refused with 401), 4011 (a handler that takes 2 s, then refuses)
+/// or 4012 (accepted; reports what had already arrived on the stream, without waiting).
 async fn setup() -> Setup {
     let ca = LocalCa::generate("cluster.local").expect("ca");
     let server_cert = ca.issue(&id("echo"), HOUR).expect("server cert");
@@ -83,8 +86,10 @@ async fn setup() -> Setup {
     let (tx, seen) = mpsc::unbounded_channel();
     let (bytes_tx, bytes) = mpsc::unbounded_channel();
     let (slow_tx, slow) = mpsc::unbounded_channel();
+    let (held_tx, held) = mpsc::unbounded_channel();
     let handler = move |req: ConnectRequest| -> server::BoxFuture<Decision> {
-        let (tx, bytes_tx, slow_tx) = (tx.clone(), bytes_tx.clone(), slow_tx.clone());
+        let (tx, bytes_tx, slow_tx, held_tx) =
+            (tx.clone(), bytes_tx.clone(), slow_tx.clone(), held_tx.clone());
         Box::pin(async move {
             let baggage = req.headers.get("baggage").and_then(|v| v.to_str().ok()).map(String::from);
             let _ = tx.send((req.peer.clone(), req.authority.clone(), baggage));
@@ -101,6 +106,19 @@ async fn setup() -> Setup {
                     let _ = tx.send("completed");
                 }
                 return Decision::Refuse(StatusCode::SERVICE_UNAVAILABLE, "slow".into());
+            }
+            if target.port() == 4012 {
+                return Decision::Accept(Box::new(move |mut stream| {
+                    Box::pin(async move {
+                        let mut buf = vec![0u8; 1024];
+                        // A zero timeout polls the read once.
+                        let n = match tokio::time::timeout(Duration::ZERO, stream.read(&mut buf)).await {
+                            Ok(Ok(n)) => n,
+                            _ => 0,
+                        };
+                        let _ = held_tx.send(buf[..n].to_vec());
+                    })
+                }));
             }
             match tokio::net::TcpStream::connect(target).await {
                 Err(e) => Decision::Refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -124,7 +142,7 @@ async fn setup() -> Setup {
         Arc::new(handler),
     ));
     let client = Arc::new(tls::client_config(&client_cert, vec![id("echo")]).expect("client config"));
-    Setup { hbone, client, seen, bytes, slow }
+    Setup { hbone, client, seen, bytes, slow, held }
 }
 
 #[tokio::test]
@@ -301,4 +319,41 @@ async fn the_last_data_and_the_close_reach_the_socket_together() {
     // apart, they make four).
     let (n, ss) = segments_in(upstream.port());
     assert_eq!(n, 3, "the data and the FIN came in separate segments: {ss}");
+}
+
+/// Bytes the client has already written go right behind the CONNECT, a round trip before the
+/// response would have let them go: the server finds them on the stream as it accepts it.
+/// Refused, they reach nobody.
+#[tokio::test]
+async fn early_data_rides_with_the_connect_and_only_an_accepted_stream_delivers_it() {
+    let mut s = setup().await;
+    let conn = Connection::connect(s.hbone, s.client.clone()).await.expect("HBONE connection");
+    let peek = Authority::Addr("127.0.0.1:4012".parse().expect("addr"));
+    let _stream = conn.open_with(&peek, HeaderMap::new(), "hello".into()).await.expect("accepted");
+    let held = tokio::time::timeout(Duration::from_secs(10), s.held.recv()).await.expect("reported");
+    assert_eq!(held.as_deref(), Some(b"hello".as_slice()), "the early bytes were not there on accept");
+    // Without early data nothing is there yet: the check above can fail.
+    let _stream = conn.open(&peek, HeaderMap::new()).await.expect("accepted");
+    let held = tokio::time::timeout(Duration::from_secs(10), s.held.recv()).await.expect("reported");
+    assert_eq!(held.as_deref(), Some(b"".as_slice()));
+
+    let refused = Authority::Addr("127.0.0.1:4010".parse().expect("addr"));
+    let err = conn.open_with(&refused, HeaderMap::new(), "secret".into()).await.err().expect("refused");
+    assert!(matches!(err, ClientError::Status { status: StatusCode::UNAUTHORIZED, .. }), "{err}");
+
+    // Accepted for real: the upstream gets the early bytes once, then the rest, in order.
+    let upstream = echo_upstream().await;
+    let mut stream =
+        conn.open_with(&Authority::Addr(upstream), HeaderMap::new(), "early,".into()).await.expect("stream");
+    stream.write_all(b"late").await.expect("write");
+    stream.shutdown().await.expect("shutdown");
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got))
+        .await
+        .expect("no hang")
+        .expect("read");
+    assert_eq!(got, [b"early,late".as_slice(), TRAILER].concat());
+    // The connection still serves streams.
+    let mut stream = conn.open(&Authority::Addr(upstream), HeaderMap::new()).await.expect("stream");
+    stream.shutdown().await.expect("shutdown");
 }

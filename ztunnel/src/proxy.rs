@@ -358,15 +358,18 @@ where
     finish_relay(proxy, copy_bidirectional(downstream, upstream, &counters), &counters, records).await
 }
 
-/// [`relay`] between a TCP connection and an HBONE stream, without the extra copy.
+/// [`relay`] between a TCP connection and an HBONE stream, without the extra copy;
+/// `already_sent` counts the downstream's bytes that went with the CONNECT.
 async fn relay_tunnel(
     proxy: &Proxy,
     tcp: TcpStream,
     tunnel: &mut HboneStream,
     tcp_is_downstream: bool,
+    already_sent: u64,
     records: Vec<Record>,
 ) {
     let counters = ByteCounters::default();
+    counters.sent.fetch_add(already_sent, std::sync::atomic::Ordering::Relaxed);
     finish_relay(proxy, copy_tcp_hbone(&tcp, tunnel, tcp_is_downstream, &counters), &counters, records).await
 }
 

@@ -137,6 +137,19 @@ impl Connection {
 
     /// Opens a CONNECT stream to `authority` with extra `headers` (baggage, forwarded, ...).
     pub async fn open(&self, authority: &Authority, headers: HeaderMap) -> Result<HboneStream, ClientError> {
+        self.open_with(authority, headers, Bytes::new()).await
+    }
+
+    /// [`open`](Self::open), sending `early` (bytes the client has already written) right
+    /// behind the request instead of a round trip later, once the response has come. The peer
+    /// holds them in the stream's window and delivers them only if it accepts the CONNECT;
+    /// a refusal discards them.
+    pub async fn open_with(
+        &self,
+        authority: &Authority,
+        headers: HeaderMap,
+        early: Bytes,
+    ) -> Result<HboneStream, ClientError> {
         let addr = self.addr;
         let target = authority.to_string();
         let mut req = Request::builder()
@@ -152,7 +165,11 @@ impl Connection {
             ClientError::Http2 { addr, source }
         };
         let mut sender = self.sender.clone().ready().await.map_err(http2)?;
-        let (response, send) = sender.send_request(req, false).map_err(http2)?;
+        let (response, mut send) = sender.send_request(req, false).map_err(http2)?;
+        if !early.is_empty() {
+            // h2 buffers what exceeds the stream's window and asks for more itself.
+            send.send_data(early, false).map_err(http2)?;
+        }
         let response = response.await.map_err(http2)?;
         if response.status() != StatusCode::OK {
             let draining = response

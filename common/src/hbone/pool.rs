@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::HeaderMap;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -183,6 +184,18 @@ impl Pool {
         authority: &Authority,
         headers: HeaderMap,
     ) -> Result<PooledStream, PoolError> {
+        self.connect_with(key, authority, headers, Bytes::new()).await
+    }
+
+    /// [`connect`](Self::connect), sending `early` behind the request (see
+    /// [`Connection::open_with`]); a retry on a new connection sends it again.
+    pub async fn connect_with(
+        &self,
+        key: &PoolKey,
+        authority: &Authority,
+        headers: HeaderMap,
+        early: Bytes,
+    ) -> Result<PooledStream, PoolError> {
         let cert = self.inner.certs.fetch(&key.src).await?;
         // A connection that is going away (its peer drains or restarts) gets one more try on a
         // new connection, so a ztunnel hand-over fails no stream.
@@ -192,9 +205,12 @@ impl Pool {
                 Step::Use(conn, active, idle_since) => {
                     let guard = StreamGuard { active, idle_since, _conn: conn.clone() };
                     let after = self.inner.config.connect_timeout;
-                    let opened = tokio::time::timeout(after, conn.open(authority, headers.clone()))
-                        .await
-                        .map_err(|_| PoolError::ConnectTimeout { addr: key.dst_addr, after })?;
+                    let opened = tokio::time::timeout(
+                        after,
+                        conn.open_with(authority, headers.clone(), early.clone()),
+                    )
+                    .await
+                    .map_err(|_| PoolError::ConnectTimeout { addr: key.dst_addr, after })?;
                     match opened {
                         Ok(stream) => return Ok(PooledStream { stream, _guard: guard }),
                         Err(e) => {

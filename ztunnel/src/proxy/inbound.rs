@@ -92,7 +92,7 @@ async fn accept(proxy: Proxy, req: ConnectRequest) -> Decision {
             rec.opened();
             Decision::Accept(Box::new(move |mut stream| {
                 Box::pin(async move {
-                    relay_tunnel(&proxy, upstream, &mut stream, false, vec![rec]).await;
+                    relay_tunnel(&proxy, upstream, &mut stream, false, 0, vec![rec]).await;
                     drop(guard);
                 })
             }))

@@ -11,6 +11,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use common::hbone::connect::Authority;
 use common::hbone::pool::{PoolKey, PooledStream};
 use common::identity::Identity;
@@ -32,8 +33,12 @@ pub(super) async fn serve(proxy: Proxy, listener: TcpListener) {
 enum Upstream {
     /// Plain TCP; with the destination's own record when served in-process (same node).
     Tcp(TcpStream, Option<Box<Record>>),
-    Hbone(PooledStream),
+    /// With how many of the client's bytes went along with the CONNECT.
+    Hbone(PooledStream, u64),
 }
+
+/// Most of the client's first bytes sent along with a CONNECT.
+const EARLY_DATA_MAX: usize = 4096;
 
 async fn handle(proxy: Proxy, accepted: Accepted) {
     let Accepted { stream: downstream, peer, dst, guard } = accepted;
@@ -48,16 +53,16 @@ async fn handle(proxy: Proxy, accepted: Accepted) {
     // Boxed: the connect phase's state (an HBONE dial, a TCP connect) is large and over once
     // the connection is up; on the heap, it is freed then instead of sizing every
     // connection's task for its whole life.
-    match Box::pin(route(&proxy, &mut rec, peer, dst)).await {
+    match Box::pin(route(&proxy, &mut rec, peer, dst, &downstream)).await {
         Err(e) => rec.failed(e.failure()),
         Ok(Upstream::Tcp(upstream, local)) => {
             rec.opened();
             let records = std::iter::once(rec).chain(local.map(|r| *r)).collect();
             relay(&proxy, downstream, upstream, records).await;
         }
-        Ok(Upstream::Hbone(mut upstream)) => {
+        Ok(Upstream::Hbone(mut upstream, early)) => {
             rec.opened();
-            relay_tunnel(&proxy, downstream, upstream.stream_mut(), true, vec![rec]).await;
+            relay_tunnel(&proxy, downstream, upstream.stream_mut(), true, early, vec![rec]).await;
         }
     }
     drop(guard);
@@ -68,6 +73,7 @@ async fn route(
     rec: &mut Record,
     peer: SocketAddr,
     dst: SocketAddr,
+    downstream: &TcpStream,
 ) -> Result<Upstream, ProxyError> {
     let snapshot = proxy.inner.state.snapshot();
     let src = snapshot
@@ -76,6 +82,7 @@ async fn route(
         .cloned()
         .ok_or(ProxyError::UnknownSource(peer.ip()))?;
     rec.src = Peer::of(&src);
+    let client = Client { src: &src, peer, downstream };
     match snapshot.lookup_destination(dst) {
         Target::Unknown => {
             if proxy.config().outbound_policy == OutboundPolicy::RegistryOnly {
@@ -89,7 +96,7 @@ async fn route(
         Target::Service(svc) => {
             rec.service = Some(svc.clone());
             if let Some(gw) = &svc.waypoint {
-                return via_waypoint(proxy, rec, &snapshot, &src, gw, dst, peer).await;
+                return via_waypoint(proxy, rec, &snapshot, &client, gw, dst).await;
             }
             if svc.load_balancing.as_ref().is_some_and(|lb| lb.mode == "PASSTHROUGH") {
                 rec.upstream = Some(dst);
@@ -98,27 +105,34 @@ async fn route(
             let family = common::select::Family::of(dst.ip());
             let (endpoint, target) = snapshot.pick_endpoint(&svc, dst.port(), Some(&src), family)?;
             let sans = svc.subject_alt_names.iter().filter_map(|s| s.parse::<Identity>().ok()).collect();
-            to_workload(proxy, rec, &src, &endpoint.workload, target, sans, peer).await
+            to_workload(proxy, rec, &client, &endpoint.workload, target, sans).await
         }
         Target::Workload(w) => {
             rec.service = snapshot.service_of(&w).cloned();
             if let Some(gw) = &w.waypoint {
-                return via_waypoint(proxy, rec, &snapshot, &src, gw, dst, peer).await;
+                return via_waypoint(proxy, rec, &snapshot, &client, gw, dst).await;
             }
-            to_workload(proxy, rec, &src, &w, dst, vec![], peer).await
+            to_workload(proxy, rec, &client, &w, dst, vec![]).await
         }
     }
+}
+
+/// The pod that dialled: its workload, its address, its connection.
+struct Client<'a> {
+    src: &'a Arc<Workload>,
+    peer: SocketAddr,
+    downstream: &'a TcpStream,
 }
 
 async fn to_workload(
     proxy: &Proxy,
     rec: &mut Record,
-    src: &Arc<Workload>,
+    client: &Client<'_>,
     dst: &Arc<Workload>,
     target: SocketAddr,
     sans: Vec<Identity>,
-    peer: SocketAddr,
 ) -> Result<Upstream, ProxyError> {
+    let Client { src, peer, .. } = *client;
     rec.dst = Peer::of(dst);
     match dst.tunnel {
         Tunnel::LegacyIstioMtls => Err(ProxyError::UnsupportedTunnel(dst.name.clone())),
@@ -152,7 +166,7 @@ async fn to_workload(
             expected.extend(sans);
             let hbone = SocketAddr::new(target.ip(), DEFAULT_HBONE_PORT);
             rec.mtls = true;
-            Ok(Upstream::Hbone(hbone_connect(proxy, rec, src, expected, hbone, target, peer).await?))
+            hbone_connect(proxy, rec, client, expected, hbone, target).await
         }
     }
 }
@@ -161,39 +175,53 @@ async fn via_waypoint(
     proxy: &Proxy,
     rec: &mut Record,
     snapshot: &Snapshot,
-    src: &Arc<Workload>,
+    client: &Client<'_>,
     gateway: &Gateway,
     dst: SocketAddr,
-    peer: SocketAddr,
 ) -> Result<Upstream, ProxyError> {
     let (addr, identity) = snapshot
-        .resolve_gateway(gateway, Some(src))
+        .resolve_gateway(gateway, Some(client.src))
         .ok_or_else(|| ProxyError::NoWaypoint(dst.to_string()))?;
     rec.dst =
         Peer { workload: snapshot.workload_by_ip(addr.ip()).cloned(), identity: Some(identity.clone()) };
     rec.mtls = true;
-    Ok(Upstream::Hbone(hbone_connect(proxy, rec, src, vec![identity], addr, dst, peer).await?))
+    hbone_connect(proxy, rec, client, vec![identity], addr, dst).await
 }
 
-/// Opens a CONNECT stream to `authority` through the peer proxy at `hbone`, as `src`.
+/// Opens a CONNECT stream to `authority` through the peer proxy at `hbone`, as `src`, with
+/// what the client has already sent right behind it (a round trip sooner than after the
+/// response; the peer delivers it only if it accepts).
 async fn hbone_connect(
     proxy: &Proxy,
     rec: &mut Record,
-    src: &Workload,
+    client: &Client<'_>,
     expected: Vec<Identity>,
     hbone: SocketAddr,
     authority: SocketAddr,
-    peer: SocketAddr,
-) -> Result<PooledStream, ProxyError> {
+) -> Result<Upstream, ProxyError> {
+    let Client { src, peer, downstream } = *client;
     rec.upstream = Some(hbone);
     let key = PoolKey::new(src.identity.clone(), expected, None, hbone);
     let fail = |reason: String| ProxyError::Hbone { addr: hbone, reason };
     let authority = Authority::Addr(authority);
-    let connect = proxy.inner.pool.connect(&key, &authority, connect_headers(src, peer));
+    let early = early_data(downstream);
+    let sent = early.len() as u64;
+    let connect = proxy.inner.pool.connect_with(&key, &authority, connect_headers(src, peer), early);
     match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Ok(Ok(stream)) => Ok(stream),
+        Ok(Ok(stream)) => Ok(Upstream::Hbone(stream, sent)),
         Ok(Err(e)) => Err(fail(e.to_string())),
         Err(_) => Err(fail("timed out".into())),
+    }
+}
+
+/// What the client has already written, read without waiting (none if it has written
+/// nothing yet, e.g. a protocol where the server speaks first). An end of stream or an error
+/// stays for the relay to find: a socket reports them again on the next read.
+fn early_data(downstream: &TcpStream) -> Bytes {
+    let mut buf = [0u8; EARLY_DATA_MAX];
+    match downstream.try_read(&mut buf) {
+        Ok(n) => Bytes::copy_from_slice(&buf[..n]),
+        Err(_) => Bytes::new(),
     }
 }
 
