@@ -23,6 +23,8 @@ pub enum RoutingError {
     NoInterface(IpAddr),
     #[error("no interface named {0}")]
     NoSuchInterface(String),
+    #[error("cannot list interfaces: {0}")]
+    List(nix::Error),
 }
 
 /// Runs `ip <args>`, returning stdout.
@@ -166,18 +168,16 @@ pub fn interfaces() -> Result<Vec<String>, RoutingError> {
     Ok(interface_indexes()?.into_iter().map(|(name, _)| name).collect())
 }
 
-/// Every interface but loopback with its index, sorted by name.
+/// Every interface but loopback with its index, sorted by name: `if_nameindex(3)`, one netlink
+/// dump in this process (ztunnel lists them every few seconds; an `ip` process each time cost
+/// milliseconds of the CPU it shares with the pods it serves).
 pub fn interface_indexes() -> Result<Vec<(String, u32)>, RoutingError> {
-    let args = ["-j", "link", "show"];
-    let text = ip(&args)?;
-    let links: Vec<serde_json::Value> = serde_json::from_str(&text)
-        .map_err(|e| RoutingError::Output { args: args.join(" "), detail: e.to_string() })?;
-    let mut out: Vec<(String, u32)> = links
+    let list = nix::net::if_::if_nameindex().map_err(RoutingError::List)?;
+    let mut out: Vec<(String, u32)> = list
         .iter()
-        .filter_map(|l| {
-            let name = l.get("ifname")?.as_str()?;
-            let index = u32::try_from(l.get("ifindex")?.as_u64()?).ok()?;
-            (name != "lo").then(|| (name.to_string(), index))
+        .filter_map(|i| {
+            let name = i.name().to_str().ok()?;
+            (name != "lo").then(|| (name.to_string(), i.index()))
         })
         .collect();
     out.sort();
@@ -190,4 +190,27 @@ pub fn interface_index(iface: &str) -> Result<u32, RoutingError> {
         .into_iter()
         .find_map(|(name, index)| (name == iface).then_some(index))
         .ok_or_else(|| RoutingError::NoSuchInterface(iface.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The netlink listing names what iproute2 names, with the same indexes, loopback left out.
+    #[test]
+    fn interfaces_match_what_ip_lists() {
+        let text = ip(&["-j", "link", "show"]).expect("ip runs");
+        let links: Vec<serde_json::Value> = serde_json::from_str(&text).expect("json");
+        let mut want: Vec<(String, u32)> = links
+            .iter()
+            .filter_map(|l| {
+                let name = l.get("ifname")?.as_str()?.to_string();
+                let index = u32::try_from(l.get("ifindex")?.as_u64()?).ok()?;
+                (name != "lo").then_some((name, index))
+            })
+            .collect();
+        want.sort();
+        assert_eq!(interface_indexes().expect("listed"), want);
+        assert!(!interfaces().expect("listed").iter().any(|n| n == "lo"));
+    }
 }
