@@ -355,7 +355,8 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let counters = ByteCounters::default();
-    finish_relay(proxy, copy_bidirectional(downstream, upstream, &counters), &counters, records).await
+    let copy = std::pin::pin!(copy_bidirectional(downstream, upstream, &counters));
+    finish_relay(proxy, copy, &counters, records).await
 }
 
 /// [`relay`] between a TCP connection and an HBONE stream, without the extra copy;
@@ -370,12 +371,16 @@ async fn relay_tunnel(
 ) {
     let counters = ByteCounters::default();
     counters.sent.fetch_add(already_sent, std::sync::atomic::Ordering::Relaxed);
-    finish_relay(proxy, copy_tcp_hbone(&tcp, tunnel, tcp_is_downstream, &counters), &counters, records).await
+    let copy = std::pin::pin!(copy_tcp_hbone(&tcp, tunnel, tcp_is_downstream, &counters));
+    finish_relay(proxy, copy, &counters, records).await
 }
 
-async fn finish_relay(
+/// Runs the `copy` to its end or the drain's, then records. The copy (most of a connection's
+/// task) comes pinned by its owner: moved in, it would take its room in this future twice
+/// (once as the argument, once inside `select!`).
+async fn finish_relay<F: Future<Output = Result<(), CopyError>>>(
     proxy: &Proxy,
-    copy: impl Future<Output = Result<(), CopyError>>,
+    copy: std::pin::Pin<&mut F>,
     counters: &ByteCounters,
     records: Vec<Record>,
 ) {

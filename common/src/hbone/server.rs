@@ -318,7 +318,9 @@ async fn on_request(
             answer(&mut respond, r)
         }
         Decision::Accept(on_stream) => match respond.send_response(reply(StatusCode::OK), false) {
-            Ok(send) => on_stream(HboneStream::new(send, body)).await,
+            // On a task of its own: this one, sized for the request and the decision, ends
+            // here instead of being held for the tunnel's whole life.
+            Ok(send) => drop(tokio::spawn(on_stream(HboneStream::new(send, body)))),
             Err(e) => debug!(error = %e, "CONNECT stream ended before it started"),
         },
     }

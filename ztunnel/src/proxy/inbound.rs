@@ -90,9 +90,11 @@ async fn accept(proxy: Proxy, req: ConnectRequest) -> Decision {
         }
         Ok((upstream, guard)) => {
             rec.opened();
+            // The record goes in boxed (a list), not inline in the tunnel's future.
+            let records = vec![rec];
             Decision::Accept(Box::new(move |mut stream| {
                 Box::pin(async move {
-                    relay_tunnel(&proxy, upstream, &mut stream, false, 0, vec![rec]).await;
+                    relay_tunnel(&proxy, upstream, &mut stream, false, 0, records).await;
                     drop(guard);
                 })
             }))

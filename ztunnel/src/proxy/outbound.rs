@@ -49,20 +49,30 @@ async fn handle(proxy: Proxy, accepted: Accepted) {
             return;
         }
     };
-    let mut rec = Record::new(proxy.metrics(), Reporter::Source, "outbound", peer, dst);
-    // Boxed: the connect phase's state (an HBONE dial, a TCP connect) is large and over once
-    // the connection is up; on the heap, it is freed then instead of sizing every
-    // connection's task for its whole life.
-    match Box::pin(route(&proxy, &mut rec, peer, dst, &downstream)).await {
-        Err(e) => rec.failed(e.failure()),
-        Ok(Upstream::Tcp(upstream, local)) => {
-            rec.opened();
-            let records = std::iter::once(rec).chain(local.map(|r| *r)).collect();
-            relay(&proxy, downstream, upstream, records).await;
+    // The connect phase in a block of its own: its locals (the record, the routing result)
+    // end with it, so the connection's task, which lives as long as the connection, is sized
+    // for the relay alone; the record goes on in the relay's list.
+    let (upstream, records) = {
+        let mut rec = Record::new(proxy.metrics(), Reporter::Source, "outbound", peer, dst);
+        // Boxed: the connect phase's state (an HBONE dial, a TCP connect) is large and over
+        // once the connection is up; on the heap, it is freed then.
+        match Box::pin(route(&proxy, &mut rec, peer, dst, &downstream)).await {
+            Err(e) => return rec.failed(e.failure()),
+            Ok(Upstream::Tcp(upstream, local)) => {
+                rec.opened();
+                let records: Vec<_> = std::iter::once(rec).chain(local.map(|r| *r)).collect();
+                (Upstream::Tcp(upstream, None), records)
+            }
+            Ok(hbone) => {
+                rec.opened();
+                (hbone, vec![rec])
+            }
         }
-        Ok(Upstream::Hbone(mut upstream, early)) => {
-            rec.opened();
-            relay_tunnel(&proxy, downstream, upstream.stream_mut(), true, early, vec![rec]).await;
+    };
+    match upstream {
+        Upstream::Tcp(upstream, _) => relay(&proxy, downstream, upstream, records).await,
+        Upstream::Hbone(mut upstream, early) => {
+            relay_tunnel(&proxy, downstream, upstream.stream_mut(), true, early, records).await
         }
     }
     drop(guard);
