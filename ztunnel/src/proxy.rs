@@ -111,6 +111,8 @@ pub enum ProxyError {
     Draining,
     #[error("connection from {0} over loopback with no original destination recorded by the host capture")]
     NoOriginalDst(SocketAddr),
+    #[error("client connection failed: {0}")]
+    Downstream(std::io::Error),
 }
 
 impl ProxyError {
@@ -129,7 +131,7 @@ impl ProxyError {
             ProxyError::SelfCall(_) | ProxyError::Draining | ProxyError::AddressMismatch { .. } => {
                 ResponseFlag::None
             }
-            ProxyError::Denied(_) => ResponseFlag::None,
+            ProxyError::Denied(_) | ProxyError::Downstream(_) => ResponseFlag::None,
         }
     }
 

@@ -53,6 +53,20 @@ impl ClientError {
             _ => false,
         }
     }
+
+    /// True when the peer certainly did not act on the stream: it refused it while draining,
+    /// refused it outright (REFUSED_STREAM), or its GOAWAY left it unprocessed. Anything else
+    /// (the connection breaking after the CONNECT went out) may come after the peer accepted and
+    /// passed early data on to the destination; sending that again would deliver it twice.
+    pub fn unprocessed(&self) -> bool {
+        match self {
+            Self::Status { draining, .. } => *draining,
+            Self::Http2 { source, .. } => {
+                source.is_go_away() || source.reason() == Some(h2::Reason::REFUSED_STREAM)
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Connection {
@@ -179,5 +193,32 @@ impl Connection {
             return Err(ClientError::Status { addr, authority: target, status: response.status(), draining });
         }
         Ok(HboneStream::new(send, response.into_body()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Early data may be sent again only after a refusal the peer certainly acted on; a broken
+    /// connection may have come after the peer accepted and passed the bytes on.
+    #[test]
+    fn only_a_certain_refusal_lets_early_data_be_sent_again() {
+        let addr: SocketAddr = "10.0.0.1:15008".parse().expect("addr");
+        let h2_err = |source: h2::Error| ClientError::Http2 { addr, source };
+        let status = |draining| ClientError::Status {
+            addr,
+            authority: "10.0.0.2:80".into(),
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            draining,
+        };
+        // A stream reset for another reason stands for a connection that failed after the
+        // CONNECT went out (h2's I/O errors cannot be built outside the crate).
+        let broken = h2_err(h2::Error::from(h2::Reason::INTERNAL_ERROR));
+        assert!(broken.retry_on_new_connection(), "without early data it is retried");
+        assert!(!broken.unprocessed(), "the peer may have accepted before it failed");
+        assert!(h2_err(h2::Error::from(h2::Reason::REFUSED_STREAM)).unprocessed());
+        assert!(status(true).unprocessed());
+        assert!(!status(false).unprocessed());
     }
 }

@@ -218,7 +218,10 @@ impl Pool {
                             if going_away || !matches!(e, ClientError::Status { .. }) {
                                 self.evict(key, &conn, if going_away { "going_away" } else { "error" });
                             }
-                            if going_away && !retried {
+                            // With early data only a stream the peer certainly dropped is sent
+                            // again: its bytes may already have reached the destination.
+                            let may_resend = early.is_empty() || e.unprocessed();
+                            if going_away && !retried && may_resend {
                                 retried = true;
                                 self.inner.metrics.retried.inc();
                                 debug!(dst = %key.dst_addr, error = %e, "HBONE stream retried on a new connection");

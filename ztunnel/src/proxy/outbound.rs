@@ -214,7 +214,7 @@ async fn hbone_connect(
     let key = PoolKey::new(src.identity.clone(), expected, None, hbone);
     let fail = |reason: String| ProxyError::Hbone { addr: hbone, reason };
     let authority = Authority::Addr(authority);
-    let early = early_data(downstream);
+    let early = early_data(downstream).map_err(ProxyError::Downstream)?;
     let sent = early.len() as u64;
     let connect = proxy.inner.pool.connect_with(&key, &authority, connect_headers(src, peer), early);
     match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
@@ -225,13 +225,17 @@ async fn hbone_connect(
 }
 
 /// What the client has already written, read without waiting (none if it has written
-/// nothing yet, e.g. a protocol where the server speaks first). An end of stream or an error
-/// stays for the relay to find: a socket reports them again on the next read.
-fn early_data(downstream: &TcpStream) -> Bytes {
+/// nothing yet, e.g. a protocol where the server speaks first). Read from the socket itself:
+/// tokio does not know a just-accepted socket's readiness yet, and its `try_read` would not
+/// even ask. An end of stream stays for the relay to find (a socket reports it again); an
+/// error (a reset) is reported only once, so it fails the connection here.
+fn early_data(downstream: &TcpStream) -> std::io::Result<Bytes> {
     let mut buf = [0u8; EARLY_DATA_MAX];
-    match downstream.try_read(&mut buf) {
-        Ok(n) => Bytes::copy_from_slice(&buf[..n]),
-        Err(_) => Bytes::new(),
+    let socket = socket2::SockRef::from(downstream);
+    match std::io::Read::read(&mut &*socket, &mut buf) {
+        Ok(n) => Ok(Bytes::copy_from_slice(&buf[..n])),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Bytes::new()),
+        Err(e) => Err(e),
     }
 }
 
