@@ -338,7 +338,7 @@ async fn early_data_rides_with_the_connect_and_only_an_accepted_stream_delivers_
     assert_eq!(held.as_deref(), Some(b"".as_slice()));
 
     let refused = Authority::Addr("127.0.0.1:4010".parse().expect("addr"));
-    let err = conn.open_with(&refused, HeaderMap::new(), "secret".into()).await.err().expect("refused");
+    let err = conn.open_with(&refused, HeaderMap::new(), "secret".into()).await.expect_err("refused");
     assert!(matches!(err, ClientError::Status { status: StatusCode::UNAUTHORIZED, .. }), "{err}");
 
     // Accepted for real: the upstream gets the early bytes once, then the rest, in order.
