@@ -188,7 +188,8 @@ impl Pool {
     }
 
     /// [`connect`](Self::connect), sending `early` behind the request (see
-    /// [`Connection::open_with`]); a retry on a new connection sends it again.
+    /// [`Connection::open_with`]). A retry on a new connection sends it again only when the
+    /// peer certainly dropped the first stream ([`ClientError::unprocessed`]).
     pub async fn connect_with(
         &self,
         key: &PoolKey,

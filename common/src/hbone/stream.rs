@@ -3,8 +3,9 @@
 //! hand out the received DATA frames, and flow control follows what the caller consumed.
 //!
 //! Besides `AsyncRead`/`AsyncWrite` (for HTTP served over a tunnel), the stream offers
-//! chunk-level access ([`HboneStream::poll_chunk`], [`HboneStream::poll_send`]) so a relay moves
-//! received frames and read buffers without copying them again.
+//! chunk-level access ([`RecvHalf::poll_chunk`], [`SendHalf::poll_send`], through
+//! [`HboneStream::split`]) so a relay moves received frames and read buffers without copying
+//! them again.
 
 use std::io;
 use std::pin::Pin;
