@@ -56,3 +56,34 @@ pub fn expect_refused(outcome: Result<String, String>, what: &str) {
         assert!(reply.is_empty(), "{what} should be refused, got {reply:?}");
     }
 }
+
+/// What reached a [`sink`]: connections accepted and bytes read.
+#[derive(Default)]
+pub struct Arrivals {
+    pub connections: std::sync::atomic::AtomicUsize,
+    pub bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// A server in `ns` on `bind` that answers nothing: it counts each connection it accepts and
+/// every byte it reads, and closes at the client's end of stream.
+pub fn sink(ns: &crate::netns::Netns, bind: std::net::SocketAddr) -> std::sync::Arc<Arrivals> {
+    use std::io::Read;
+    use std::sync::atomic::Ordering;
+    let listener =
+        ns.enter(|| TcpListener::bind(bind)).unwrap_or_else(|e| panic!("bind the sink in {}: {e}", ns.name));
+    let arrivals = std::sync::Arc::new(Arrivals::default());
+    let counted = arrivals.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            counted.connections.fetch_add(1, Ordering::SeqCst);
+            let counted = counted.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = stream.read(&mut buf) {
+                    counted.bytes.fetch_add(n, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    arrivals
+}

@@ -323,7 +323,8 @@ async fn the_last_data_and_the_close_reach_the_socket_together() {
 
 /// Bytes the client has already written go right behind the CONNECT, a round trip before the
 /// response would have let them go: the server finds them on the stream as it accepts it.
-/// Refused, they reach nobody.
+/// A refusal with early data is still a plain refusal, and the connection keeps serving (that
+/// refused early data reaches no destination is shown end to end in `l4.rs`, under a DENY).
 #[tokio::test]
 async fn early_data_rides_with_the_connect_and_only_an_accepted_stream_delivers_it() {
     let mut s = setup().await;

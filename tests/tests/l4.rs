@@ -18,6 +18,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
 use common::hbone::server::{self, BoxFuture, ConnectRequest, Decision, FixedTls};
@@ -303,11 +304,30 @@ fn l4_mesh_end_to_end() {
         s.workload_by_uid("Kubernetes//Pod/demo/echo-2").is_some_and(|w| s.policies_for(w).len() == 3)
     });
     expect_refused(exchange(&c.client, &dst, "denied?"), "client -> echo-2 under deny-client");
+    // What the client wrote before the refusal travelled with the CONNECT (early data); it
+    // reaches nothing: the destination never even sees a connection.
+    let sink_addr: SocketAddr = format!("{ECHO_2}:8081").parse().expect("addr");
+    let sink = mesh_tests::echo::sink(&c.echo_2, sink_addr);
+    expect_refused(exchange(&c.client, &sink_addr.to_string(), "secret"), "client -> echo-2:8081 denied");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.connections.load(SeqCst), 0, "a denied connection reached the destination");
+    assert_eq!(sink.bytes.load(SeqCst), 0, "a denied connection's bytes reached the destination");
     push(&store, &with_allow);
     converge(&zt_b, "deny-client removed", |s| {
         s.workload_by_uid("Kubernetes//Pod/demo/echo-2").is_some_and(|w| s.policies_for(w).len() == 2)
     });
     assert_eq!(exchange(&c.client, &dst, "again"), Ok(format!("echo-2 {CLIENT} again")));
+    // Allowed, the same connection arrives, its bytes once: the sink does count.
+    assert_eq!(exchange(&c.client, &sink_addr.to_string(), "secret"), Ok(String::new()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sink.bytes.load(SeqCst) < 7 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        (sink.connections.load(SeqCst), sink.bytes.load(SeqCst)),
+        (1, 7),
+        "allowed: one connection, 7 bytes"
+    );
 
     // A service with a waypoint: the connection goes to the waypoint over HBONE as the client,
     // asking for the service address the client dialled.
@@ -431,7 +451,7 @@ fn l4_mesh_end_to_end() {
     );
     assert_eq!(sample_sum(&plaintext), 1.0, "{plaintext:?}");
     let deny = samples(&b, "istio_authorization_decisions_total", &["policy=\"demo/deny-client\""]);
-    assert_eq!(sample_sum(&deny), 1.0, "{deny:?}");
+    assert_eq!(sample_sum(&deny), 2.0, "{deny:?}");
     let refused = samples(&b, "istio_outbound_passthrough_connections_total", &["outcome=\"refused\""]);
     assert_eq!(sample_sum(&refused), 1.0, "{refused:?}");
 

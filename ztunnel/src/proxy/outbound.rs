@@ -262,3 +262,54 @@ fn connect_headers(src: &Workload, peer: SocketAddr) -> HeaderMap {
     }
     h
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    async fn pair() -> (std::net::TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = std::net::TcpStream::connect(addr).expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    /// Waits until the accepted socket has something to report (data, an end or an error).
+    async fn settled(s: &TcpStream) {
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.readable())
+            .await
+            .expect("readable")
+            .expect("poll");
+    }
+
+    #[tokio::test]
+    async fn early_data_is_what_was_written_an_end_stays_and_a_reset_fails() {
+        // Nothing written yet: nothing read, no waiting.
+        let (mut client, server) = pair().await;
+        assert_eq!(early_data(&server).expect("read"), Bytes::new());
+        // Written: read, at most EARLY_DATA_MAX of it.
+        std::io::Write::write_all(&mut client, &vec![7u8; EARLY_DATA_MAX + 10]).expect("write");
+        settled(&server).await;
+        let got = early_data(&server).expect("read");
+        assert!(!got.is_empty() && got.len() <= EARLY_DATA_MAX, "{}", got.len());
+
+        // An end of stream: nothing read, and it is still there for the relay to find.
+        let (client, mut server) = pair().await;
+        client.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        settled(&server).await;
+        assert_eq!(early_data(&server).expect("read"), Bytes::new());
+        let mut buf = [0u8; 8];
+        assert_eq!(tokio::io::AsyncReadExt::read(&mut server, &mut buf).await.expect("read"), 0);
+        let _ = server.shutdown().await;
+
+        // A reset before the first read fails the connection as the client's doing.
+        let (client, server) = pair().await;
+        socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO)).expect("linger");
+        drop(client);
+        settled(&server).await;
+        let err = early_data(&server).expect_err("a reset");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    }
+}
