@@ -142,10 +142,17 @@ async fn tcp_to_hbone(
     let mut buf = BytesMut::new();
     loop {
         // Quiet here means waiting on the socket; a reset of the stream meanwhile ends this
-        // direction (what was received before it is still delivered the other way).
-        tokio::select! {
-            r = tcp.readable() => r.map_err(fail)?,
-            reset = std::future::poll_fn(|cx| send.poll_reset(cx)) => return reset.map_or(Ok(()), |e| Err(fail(e))),
+        // direction (what was received before it is still delivered the other way). Polled
+        // by hand: a connection waits here for most of its life, and `readable()` and
+        // `select!` would each add their own state to its task.
+        let woken = std::future::poll_fn(|cx| match send.poll_reset(cx) {
+            Poll::Ready(reset) => Poll::Ready(Err(reset)),
+            Poll::Pending => tcp.poll_read_ready(cx).map(Ok),
+        })
+        .await;
+        match woken {
+            Ok(ready) => ready.map_err(fail)?,
+            Err(reset) => return reset.map_or(Ok(()), |e| Err(fail(e))),
         }
         if buf.capacity() < size {
             buf = BytesMut::with_capacity(size);
@@ -156,7 +163,12 @@ async fn tcp_to_hbone(
                 return Ok(());
             }
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            // The readiness was stale (the last read emptied the socket without seeing it
+            // empty): the buffer goes back, or every idle connection would keep one.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                buf = BytesMut::new();
+                continue;
+            }
             Err(e) => return Err(fail(e)),
         };
         // A read that filled at least half the buffer becomes the frame itself (the buffer
@@ -200,7 +212,7 @@ async fn hbone_to_tcp(
         let last = matches!(ahead, Poll::Ready(Ok(None)));
         let mut written = 0;
         while written < chunk.len() {
-            tcp.writable().await.map_err(fail)?;
+            std::future::poll_fn(|cx| tcp.poll_write_ready(cx)).await.map_err(fail)?;
             let rest = &chunk[written..];
             let r = if last {
                 tcp.try_io(Interest::WRITABLE, || {

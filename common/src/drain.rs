@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use std::sync::Arc;
+
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{info, warn};
 
 /// How long closing connections get to unwind after the drain period.
@@ -29,6 +31,9 @@ pub struct Drain {
     token: Option<mpsc::Sender<()>>,
     done: mpsc::Receiver<()>,
     weak: mpsc::WeakSender<()>,
+    /// Woken when the period is over: what each open connection waits on (lighter than a
+    /// `watch` wait, which every connection's task would carry).
+    close: Arc<Notify>,
 }
 
 /// The listening side, held by accept loops and proxies. Cheap to clone.
@@ -36,6 +41,7 @@ pub struct Drain {
 pub struct Watch {
     phase: watch::Receiver<Phase>,
     token: mpsc::WeakSender<()>,
+    close: Arc<Notify>,
 }
 
 /// Keeps the drain waiting while a connection runs.
@@ -54,11 +60,12 @@ impl Drain {
     pub fn new() -> Self {
         let (token, done) = mpsc::channel(1);
         let weak = token.downgrade();
-        Self { phase: watch::channel(Phase::Running).0, token: Some(token), done, weak }
+        let close = Arc::new(Notify::new());
+        Self { phase: watch::channel(Phase::Running).0, token: Some(token), done, weak, close }
     }
 
     pub fn watch(&self) -> Watch {
-        Watch { phase: self.phase.subscribe(), token: self.weak.clone() }
+        Watch { phase: self.phase.subscribe(), token: self.weak.clone(), close: self.close.clone() }
     }
 
     /// Stops accepting, waits up to `period` for open connections to finish, then tells the
@@ -76,6 +83,7 @@ impl Drain {
         let left = self.weak.strong_count();
         warn!(left, "drain period over: closing the remaining connections");
         self.phase.send_replace(Phase::Closing);
+        self.close.notify_waiters();
         let _ = tokio::time::timeout(CLOSE_GRACE, self.done.recv()).await;
         left
     }
@@ -112,8 +120,12 @@ impl Watch {
 
     /// Resolves when the drain period is over (close now).
     pub async fn closing(&self) {
-        let mut rx = self.phase.clone();
-        let _ = rx.wait_for(|p| *p == Phase::Closing).await;
+        // Registered before the phase is read: a close between the two still wakes it.
+        let notified = self.close.notified();
+        if *self.phase.borrow() == Phase::Closing {
+            return;
+        }
+        notified.await
     }
 }
 

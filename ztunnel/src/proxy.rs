@@ -351,46 +351,46 @@ impl Proxy {
 }
 
 /// Copies until both sides close, or until the drain period ends; then records the close.
-async fn relay<D, U>(proxy: &Proxy, downstream: D, upstream: U, records: Vec<Record>)
+async fn relay<D, U>(proxy: &Proxy, downstream: D, upstream: U, mut records: Vec<Record>)
 where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let counters = ByteCounters::default();
     let copy = std::pin::pin!(copy_bidirectional(downstream, upstream, &counters));
-    finish_relay(proxy, copy, &counters, records).await
+    finish_relay(proxy, copy, &counters, &mut records).await
 }
 
 /// [`relay`] between a TCP connection and an HBONE stream, without the extra copy;
 /// `already_sent` counts the downstream's bytes that went with the CONNECT.
 async fn relay_tunnel(
     proxy: &Proxy,
-    tcp: TcpStream,
+    tcp: &TcpStream,
     tunnel: &mut HboneStream,
     tcp_is_downstream: bool,
     already_sent: u64,
-    records: Vec<Record>,
+    records: &mut Vec<Record>,
 ) {
     let counters = ByteCounters::default();
     counters.sent.fetch_add(already_sent, std::sync::atomic::Ordering::Relaxed);
-    let copy = std::pin::pin!(copy_tcp_hbone(&tcp, tunnel, tcp_is_downstream, &counters));
+    let copy = std::pin::pin!(copy_tcp_hbone(tcp, tunnel, tcp_is_downstream, &counters));
     finish_relay(proxy, copy, &counters, records).await
 }
 
 /// Runs the `copy` to its end or the drain's, then records. The copy (most of a connection's
-/// task) comes pinned by its owner: moved in, it would take its room in this future twice
-/// (once as the argument, once inside `select!`).
+/// task) comes pinned by its owner, and the records by reference: moved in, a value would
+/// take its room in the connection's task once per level it passes through.
 async fn finish_relay<F: Future<Output = Result<(), CopyError>>>(
     proxy: &Proxy,
     copy: std::pin::Pin<&mut F>,
     counters: &ByteCounters,
-    records: Vec<Record>,
+    records: &mut Vec<Record>,
 ) {
     let error = tokio::select! {
         r = copy => r.err().map(|e| e.to_string()),
         _ = proxy.drain().closing() => Some("closed at the end of the drain period".to_string()),
     };
-    for r in records {
+    for r in records.drain(..) {
         r.closed(counters, error.clone());
     }
 }

@@ -134,13 +134,19 @@ impl PoolMetrics {
 
 /// One pooled connection.
 struct Pooled {
-    conn: Connection,
-    /// Streams open on it now.
-    active: Arc<AtomicUsize>,
+    slot: Arc<Slot>,
     /// The source certificate it was built with.
     cert: Arc<WorkloadCertificate>,
+}
+
+/// A connection and its use, shared by the pool and the streams on it (one pointer per
+/// stream: a stream's guard lives as long as the proxied connection it carries).
+struct Slot {
+    conn: Connection,
+    /// Streams open on it now.
+    active: AtomicUsize,
     /// When its last stream ended (or it was opened).
-    idle_since: Arc<Mutex<Instant>>,
+    idle_since: Mutex<Instant>,
 }
 
 #[derive(Default)]
@@ -165,7 +171,7 @@ pub struct Pool {
 
 /// What the caller should do after one look at the pool.
 enum Step {
-    Use(Connection, Arc<AtomicUsize>, Arc<Mutex<Instant>>),
+    Use(Arc<Slot>),
     Wait(watch::Receiver<Option<Result<(), String>>>),
     Dial(watch::Sender<Option<Result<(), String>>>),
 }
@@ -203,8 +209,9 @@ impl Pool {
         let mut retried = false;
         loop {
             match self.step(key, &cert)? {
-                Step::Use(conn, active, idle_since) => {
-                    let guard = StreamGuard { active, idle_since, _conn: conn.clone() };
+                Step::Use(slot) => {
+                    let guard = StreamGuard(slot);
+                    let conn = &guard.0.conn;
                     let after = self.inner.config.connect_timeout;
                     let opened = tokio::time::timeout(
                         after,
@@ -217,7 +224,7 @@ impl Pool {
                         Err(e) => {
                             let going_away = e.retry_on_new_connection();
                             if going_away || !matches!(e, ClientError::Status { .. }) {
-                                self.evict(key, &conn, if going_away { "going_away" } else { "error" });
+                                self.evict(key, conn, if going_away { "going_away" } else { "error" });
                             }
                             // With early data only a stream the peer certainly dropped is sent
                             // again: its bytes may already have reached the destination.
@@ -264,14 +271,14 @@ impl Pool {
         let before = state.conns.len();
         // Closed connections and those built with a replaced certificate take no new streams;
         // their open streams keep them alive until they end.
-        state.conns.retain(|p| p.conn.is_open() && Arc::ptr_eq(&p.cert, cert));
+        state.conns.retain(|p| p.slot.conn.is_open() && Arc::ptr_eq(&p.cert, cert));
         self.count_closed("stale", before - state.conns.len());
         let max = self.inner.config.max_streams;
         for p in &state.conns {
             let reserved =
-                p.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+                p.slot.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
             if reserved.is_ok() {
-                return Ok(Step::Use(p.conn.clone(), p.active.clone(), p.idle_since.clone()));
+                return Ok(Step::Use(p.slot.clone()));
             }
         }
         if let Some(rx) = &state.dialing
@@ -296,12 +303,8 @@ impl Pool {
         info!(src = %key.src, dst = %key.dst_addr, "HBONE connection opened");
         self.inner.metrics.opened.inc();
         self.inner.metrics.connections.inc();
-        let pooled = Pooled {
-            conn,
-            active: Arc::new(AtomicUsize::new(0)),
-            cert: cert.clone(),
-            idle_since: Arc::new(Mutex::new(Instant::now())),
-        };
+        let slot = Arc::new(Slot { conn, active: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) });
+        let pooled = Pooled { slot, cert: cert.clone() };
         let mut keys = self.inner.keys.lock().map_err(|_| PoolError::Closed)?;
         keys.entry(key.clone()).or_default().conns.push(pooled);
         Ok(())
@@ -311,7 +314,7 @@ impl Pool {
         let Ok(mut keys) = self.inner.keys.lock() else { return };
         if let Some(state) = keys.get_mut(key) {
             let before = state.conns.len();
-            state.conns.retain(|p| !p.conn.same_as(conn));
+            state.conns.retain(|p| !p.slot.conn.same_as(conn));
             let evicted = before - state.conns.len();
             if evicted > 0 {
                 debug!(dst = %key.dst_addr, reason, "HBONE connection evicted");
@@ -365,10 +368,10 @@ async fn reap(pool: Weak<Inner>) {
             let before = state.conns.len();
             let mut kept_idle = false;
             state.conns.retain(|p| {
-                if p.active.load(Ordering::Acquire) != 0 {
+                if p.slot.active.load(Ordering::Acquire) != 0 {
                     return true;
                 }
-                let idle_for = p.idle_since.lock().map(|t| t.elapsed()).unwrap_or(Duration::MAX);
+                let idle_for = p.slot.idle_since.lock().map(|t| t.elapsed()).unwrap_or(Duration::MAX);
                 let limit = if kept_idle { surplus_idle_timeout.min(idle_timeout) } else { idle_timeout };
                 let keep = idle_for < limit;
                 kept_idle |= keep;
@@ -386,18 +389,14 @@ async fn reap(pool: Weak<Inner>) {
     }
 }
 
-/// Releases a stream's slot on its connection when the stream ends.
-struct StreamGuard {
-    active: Arc<AtomicUsize>,
-    idle_since: Arc<Mutex<Instant>>,
-    /// Keeps the connection alive while the stream runs, even once evicted from the pool.
-    _conn: Connection,
-}
+/// Releases a stream's place on its connection when the stream ends; keeps the connection
+/// alive while the stream runs, even once evicted from the pool.
+struct StreamGuard(Arc<Slot>);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        if self.active.fetch_sub(1, Ordering::AcqRel) == 1
-            && let Ok(mut t) = self.idle_since.lock()
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Ok(mut t) = self.0.idle_since.lock()
         {
             *t = Instant::now();
         }

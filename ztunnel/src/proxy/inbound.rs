@@ -91,10 +91,10 @@ async fn accept(proxy: Proxy, req: ConnectRequest) -> Decision {
         Ok((upstream, guard)) => {
             rec.opened();
             // The record goes in boxed (a list), not inline in the tunnel's future.
-            let records = vec![rec];
+            let mut records = vec![rec];
             Decision::Accept(Box::new(move |mut stream| {
                 Box::pin(async move {
-                    relay_tunnel(&proxy, upstream, &mut stream, false, 0, records).await;
+                    relay_tunnel(&proxy, &upstream, &mut stream, false, 0, &mut records).await;
                     drop(guard);
                 })
             }))

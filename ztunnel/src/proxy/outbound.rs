@@ -41,22 +41,26 @@ enum Upstream {
 const EARLY_DATA_MAX: usize = 4096;
 
 async fn handle(proxy: Proxy, accepted: Accepted) {
-    let Accepted { stream: downstream, peer, dst, guard } = accepted;
-    let (peer, dst) = match proxy.host_origin(peer, dst) {
+    // The accepted connection is used where it is, never moved out (nor is the upstream
+    // below): this future lives as long as the connection, and a value moved into a new
+    // local would take its room twice.
+    let (peer, dst) = match proxy.host_origin(accepted.peer, accepted.dst) {
         Ok(origin) => origin,
         Err(e) => {
-            Record::new(proxy.metrics(), Reporter::Source, "outbound", peer, dst).failed(e.failure());
+            let rec = Record::new(proxy.metrics(), Reporter::Source, "outbound", accepted.peer, accepted.dst);
+            rec.failed(e.failure());
             return;
         }
     };
+    let downstream = &accepted.stream;
     // The connect phase in a block of its own: its locals (the record, the routing result)
     // end with it, so the connection's task, which lives as long as the connection, is sized
     // for the relay alone; the record goes on in the relay's list.
-    let (upstream, records) = {
+    let (mut upstream, mut records) = {
         let mut rec = Record::new(proxy.metrics(), Reporter::Source, "outbound", peer, dst);
         // Boxed: the connect phase's state (an HBONE dial, a TCP connect) is large and over
         // once the connection is up; on the heap, it is freed then.
-        match Box::pin(route(&proxy, &mut rec, peer, dst, &downstream)).await {
+        match Box::pin(route(&proxy, &mut rec, peer, dst, downstream)).await {
             Err(e) => return rec.failed(e.failure()),
             Ok(Upstream::Tcp(upstream, local)) => {
                 rec.opened();
@@ -70,12 +74,12 @@ async fn handle(proxy: Proxy, accepted: Accepted) {
         }
     };
     match upstream {
-        Upstream::Tcp(upstream, _) => relay(&proxy, downstream, upstream, records).await,
-        Upstream::Hbone(mut upstream, early) => {
-            relay_tunnel(&proxy, downstream, upstream.stream_mut(), true, early, records).await
+        Upstream::Tcp(tcp, _) => relay(&proxy, accepted.stream, tcp, records).await,
+        Upstream::Hbone(ref mut tunnel, early) => {
+            relay_tunnel(&proxy, &accepted.stream, tunnel.stream_mut(), true, early, &mut records).await
         }
     }
-    drop(guard);
+    drop(accepted.guard);
 }
 
 async fn route(
