@@ -89,6 +89,13 @@ impl Drain {
     }
 }
 
+impl Drop for Drain {
+    fn drop(&mut self) {
+        // Whoever still waits for the close is told, as when the period runs out.
+        self.close.notify_waiters();
+    }
+}
+
 impl Watch {
     /// A guard for a new connection; `None` once draining has started.
     pub fn guard(&self) -> Option<Guard> {
@@ -120,9 +127,10 @@ impl Watch {
 
     /// Resolves when the drain period is over (close now).
     pub async fn closing(&self) {
-        // Registered before the phase is read: a close between the two still wakes it.
+        // Registered before the phase is read: a close between the two still wakes it. A
+        // dropped `Drain` (its owner gone without draining) closes too.
         let notified = self.close.notified();
-        if *self.phase.borrow() == Phase::Closing {
+        if *self.phase.borrow() == Phase::Closing || self.phase.has_changed().is_err() {
             return;
         }
         notified.await
@@ -163,5 +171,18 @@ mod tests {
         let started = std::time::Instant::now();
         assert_eq!(drain.run(Duration::from_secs(5)).await, 0);
         assert!(started.elapsed() < Duration::from_secs(2), "returned as soon as the last guard went");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_drain_closes_what_waits_and_what_asks_later() {
+        let drain = Drain::new();
+        let watch = drain.watch();
+        let w = watch.clone();
+        let waiting = tokio::spawn(async move { w.closing().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "closed while the drain was still there");
+        drop(drain);
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("woken").expect("task");
+        tokio::time::timeout(Duration::from_secs(5), watch.closing()).await.expect("closed at once");
     }
 }

@@ -275,8 +275,10 @@ impl Pool {
         self.count_closed("stale", before - state.conns.len());
         let max = self.inner.config.max_streams;
         for p in &state.conns {
-            let reserved =
-                p.slot.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+            let reserved = p
+                .slot
+                .active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
             if reserved.is_ok() {
                 return Ok(Step::Use(p.slot.clone()));
             }
@@ -303,7 +305,8 @@ impl Pool {
         info!(src = %key.src, dst = %key.dst_addr, "HBONE connection opened");
         self.inner.metrics.opened.inc();
         self.inner.metrics.connections.inc();
-        let slot = Arc::new(Slot { conn, active: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) });
+        let slot =
+            Arc::new(Slot { conn, active: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) });
         let pooled = Pooled { slot, cert: cert.clone() };
         let mut keys = self.inner.keys.lock().map_err(|_| PoolError::Closed)?;
         keys.entry(key.clone()).or_default().conns.push(pooled);
