@@ -41,7 +41,7 @@ pub fn register_build_info(registry: &mut Registry, component: &str) {
 /// label sets it starts afresh; the metrics themselves stay in their families. Clones share it.
 #[derive(Debug)]
 pub struct HandleCache<L, H> {
-    map: Arc<std::sync::RwLock<std::collections::HashMap<L, H>>>,
+    map: Arc<std::sync::RwLock<std::collections::HashMap<L, H, foldhash::fast::RandomState>>>,
     capacity: usize,
 }
 

@@ -162,7 +162,12 @@ impl Snapshot {
     }
 
     pub fn service(&self, namespace: &str, hostname: &str) -> Option<&Arc<Service>> {
-        self.services.get(format!("{namespace}/{hostname}").as_str())
+        // Pushed rather than `format!`ed: this runs for every request at the waypoint.
+        let mut key = String::with_capacity(namespace.len() + 1 + hostname.len());
+        key.push_str(namespace);
+        key.push('/');
+        key.push_str(hostname);
+        self.services.get(key.as_str())
     }
 
     /// What `dst` (an original destination) is: a service VIP, a workload, or neither.

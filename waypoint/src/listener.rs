@@ -205,7 +205,7 @@ impl Listener {
                 "HTTP11" => Some(false),
                 _ => None,
             },
-            logged: crate::proxy::LoggedParties::new(client_addr, req.local_addr, &req.peer),
+            logged: crate::proxy::LoggedParties::new(client_addr, req.local_addr, addr, &req.peer),
             source_identity: req.peer.clone(),
             source_workload,
             client_addr,

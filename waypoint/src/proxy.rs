@@ -80,14 +80,26 @@ pub struct LoggedParties {
     pub client_addr: Arc<str>,
     pub local_addr: Arc<str>,
     pub principal: Arc<str>,
+    /// The client's IP, as `x-forwarded-for` appends it.
+    pub client_ip: http::HeaderValue,
+    /// What the CONNECT asked for (a pod's address is logged as the upstream host).
+    pub target_addr: Arc<str>,
 }
 
 impl LoggedParties {
-    pub fn new(client_addr: SocketAddr, local_addr: SocketAddr, identity: &Identity) -> Self {
+    pub fn new(
+        client_addr: SocketAddr,
+        local_addr: SocketAddr,
+        target_addr: SocketAddr,
+        identity: &Identity,
+    ) -> Self {
         Self {
             client_addr: client_addr.to_string().into(),
             local_addr: local_addr.to_string().into(),
             principal: identity.to_string().into(),
+            client_ip: http::HeaderValue::try_from(client_addr.ip().to_string())
+                .unwrap_or_else(|_| http::HeaderValue::from_static("")),
+            target_addr: target_addr.to_string().into(),
         }
     }
 }
@@ -98,6 +110,7 @@ impl Downstream {
         let pod = self.pod.as_ref()?;
         Some(crate::upstream::Target {
             addr: self.target_addr,
+            addr_text: self.logged.target_addr.clone(),
             identity: pod.identity.clone(),
             workload: pod.clone(),
             outstanding: Arc::default(),

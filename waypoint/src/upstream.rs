@@ -7,7 +7,11 @@
 //! ([`Upstream::spawn_pruner`]) and capped as a backstop.
 
 use common::select;
-use std::collections::HashMap;
+/// An endpoint's requests in flight and its address as text.
+type EndpointEntry = (Arc<AtomicUsize>, Arc<str>);
+
+/// Maps on the request path, keyed by our own values (addresses, identities, service keys).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -65,6 +69,8 @@ pub enum UpstreamError {
 pub struct Target {
     /// Pod IP and target port.
     pub addr: SocketAddr,
+    /// `addr` as the access log shows it.
+    pub addr_text: Arc<str>,
     pub identity: Identity,
     pub workload: Arc<common::state::Workload>,
     /// Dropped when the request ends (least-request accounting).
@@ -114,7 +120,8 @@ pub struct Upstream {
     identity: Identity,
     balance: Balance,
     clients: Arc<Mutex<HashMap<ClientKey, Client>>>,
-    outstanding: Arc<Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>>,
+    /// Per endpoint: requests in flight, and the address as text.
+    outstanding: Arc<Mutex<HashMap<SocketAddr, EndpointEntry>>>,
     round_robin: Arc<Mutex<HashMap<String, usize>>>,
     /// Outlier detection state, kept across config updates.
     pub ejections: Arc<crate::filter::traffic::Ejections>,
@@ -135,19 +142,25 @@ impl Upstream {
 
     /// The requests in flight to `addr`, shared by every [`Target`] for it.
     fn outstanding(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
+        self.endpoint_entry(addr).0
+    }
+
+    /// The in-flight counter of `addr` and its text for the access log (formatted once, not
+    /// per request).
+    fn endpoint_entry(&self, addr: SocketAddr) -> EndpointEntry {
         let mut map = self.outstanding.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = map.get(&addr) {
-            return count.clone();
+        if let Some(entry) = map.get(&addr) {
+            return entry.clone();
         }
         if map.len() >= MAX_OUTSTANDING_ENTRIES {
             // Counters no target holds are zero: dropping them loses nothing.
-            map.retain(|_, c| Arc::strong_count(c) > 1);
+            map.retain(|_, (c, _)| Arc::strong_count(c) > 1);
         }
-        let count = Arc::default();
+        let entry = (Arc::default(), Arc::from(addr.to_string()));
         if map.len() < MAX_OUTSTANDING_ENTRIES {
-            map.insert(addr, Arc::clone(&count));
+            map.insert(addr, entry.clone());
         }
-        count
+        entry
     }
 
     /// The next round-robin turn of the service `key`.
@@ -174,7 +187,7 @@ impl Upstream {
         self.outstanding
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, c| Arc::strong_count(c) > 1);
+            .retain(|_, (c, _)| Arc::strong_count(c) > 1);
         self.round_robin.lock().unwrap_or_else(PoisonError::into_inner).retain(|key, _| {
             key.split_once('/')
                 .is_some_and(|(namespace, hostname)| snapshot.service(namespace, hostname).is_some())
@@ -261,11 +274,13 @@ impl Upstream {
             || self.next_turn(key),
             |c| self.outstanding(c.addr).load(Ordering::Relaxed),
         )?;
+        let (outstanding, addr_text) = self.endpoint_entry(c.addr);
         Some(Target {
             addr: c.addr,
+            addr_text,
             identity: c.endpoint.workload.identity.clone(),
             workload: c.endpoint.workload.clone(),
-            outstanding: self.outstanding(c.addr),
+            outstanding,
         })
     }
 
@@ -521,7 +536,7 @@ workloads:
         {
             let outstanding = u.outstanding.lock().expect("outstanding");
             assert_eq!(outstanding.keys().collect::<Vec<_>>(), [&c], "only the counter in use is kept");
-            assert!(Arc::ptr_eq(&outstanding[&c], &in_flight), "and it stays the one its request holds");
+            assert!(Arc::ptr_eq(&outstanding[&c].0, &in_flight), "and it stays the one its request holds");
         }
         let rr: Vec<String> = u.round_robin.lock().expect("rr").keys().cloned().collect();
         assert_eq!(rr, ["demo/s"]);

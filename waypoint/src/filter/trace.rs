@@ -54,10 +54,23 @@ fn push_hex(s: &mut String, b: &[u8]) {
     }
 }
 
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
+/// B3 headers, replaced by W3C ones upstream.
+const B3: [HeaderName; 6] = [
+    X_B3_TRACEID,
+    HeaderName::from_static("x-b3-spanid"),
+    HeaderName::from_static("x-b3-parentspanid"),
+    HeaderName::from_static("x-b3-sampled"),
+    HeaderName::from_static("x-b3-flags"),
+    HeaderName::from_static("b3"),
+];
+
 /// The caller's context from `traceparent`, else from B3 headers.
 pub fn extract(headers: &HeaderMap) -> Option<Context> {
     let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    if let Some(tp) = get("traceparent") {
+    if let Some(tp) = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()) {
         let parts: Vec<&str> = tp.trim().split('-').collect();
         if parts.len() >= 4 && parts[0].len() == 2 && parts[0] != "ff" {
             let flags = u8::from_str_radix(parts[3], 16).ok()?;
@@ -69,7 +82,7 @@ pub fn extract(headers: &HeaderMap) -> Option<Context> {
         }
         return None;
     }
-    let trace = get("x-b3-traceid")?;
+    let trace = headers.get(&X_B3_TRACEID).and_then(|v| v.to_str().ok())?;
     // 64-bit B3 trace ids are padded to 128 bits.
     let trace = if trace.len() == 16 { format!("{:0>32}", trace) } else { trace.to_string() };
     let sampled = matches!(get("x-b3-sampled"), Some("1") | Some("true")) || get("x-b3-flags") == Some("1");
@@ -96,7 +109,7 @@ impl ServerSpan {
                 .as_ref()
                 .map_or_else(|| rng.random_range(0.0..100.0) < sampling_percent, |p| p.sampled),
         };
-        let trace_state = headers.get("tracestate").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let trace_state = headers.get(&TRACESTATE).and_then(|v| v.to_str().ok()).map(str::to_string);
         Self { ctx, parent: parent.map(|p| p.span_id), trace_state, start: SystemTime::now() }
     }
 
@@ -110,18 +123,13 @@ impl ServerSpan {
         push_hex(&mut tp, &self.ctx.span_id);
         tp.push_str(if self.ctx.sampled { "-01" } else { "-00" });
         if let Ok(v) = HeaderValue::from_str(&tp) {
-            headers.insert(HeaderName::from_static("traceparent"), v);
+            headers.insert(TRACEPARENT, v);
         }
-        const B3: [HeaderName; 6] = [
-            HeaderName::from_static("x-b3-traceid"),
-            HeaderName::from_static("x-b3-spanid"),
-            HeaderName::from_static("x-b3-parentspanid"),
-            HeaderName::from_static("x-b3-sampled"),
-            HeaderName::from_static("x-b3-flags"),
-            HeaderName::from_static("b3"),
-        ];
-        for b3 in &B3 {
-            headers.remove(b3);
+        // One pass over the names finds whether there is any to remove.
+        if headers.keys().any(|n| B3.contains(n)) {
+            for b3 in &B3 {
+                headers.remove(b3);
+            }
         }
     }
 
@@ -272,5 +280,14 @@ mod tests {
         assert_eq!(child.trace_id, span.ctx.trace_id);
         assert_eq!(child.span_id, span.ctx.span_id);
         assert_eq!(span.parent.map(|p| to_hex(&p)).as_deref(), Some("b7ad6b7169203331"));
+        // B3 headers do not go upstream beside the W3C ones, each of them alone included.
+        for name in &B3 {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("1"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            ServerSpan::start(&h, 0.0).inject(&mut h);
+            assert!(h.get(name).is_none(), "{name} went upstream");
+            assert!(h.get("x-kept").is_some() && h.get(&TRACEPARENT).is_some());
+        }
     }
 }

@@ -18,6 +18,9 @@ use crate::metrics::AccessLog;
 use crate::route::normalize::{authority_port, normalize_host, normalize_path};
 use crate::upstream::Target;
 
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Hop-by-hop headers a proxy must not forward (RFC 9110 7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -33,6 +36,11 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers and those `Connection` names (keeping `te: trailers`, which gRPC
 /// needs end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none: one pass over the names (no hashing) says so. With none, there
+    // is no `Connection` naming others either.
+    if !headers.keys().any(|n| *n == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(n)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -127,7 +135,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// The client's `x-request-id`, else a new UUIDv4.
 fn request_id_of(headers: &HeaderMap) -> String {
-    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+    if let Some(id) = headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
         return id.to_string();
     }
     uuid_v4(rand::rng().random())
@@ -186,18 +194,19 @@ fn protocol_name(v: http::Version) -> &'static str {
 impl Exchange {
     pub fn new(ctx: &Context, down: &Downstream, req: &Request<Incoming>) -> Self {
         let header = |n: HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| header(header::HOST));
+        let authority =
+            req.uri().authority().map(|a| a.as_str().to_string()).or_else(|| header(header::HOST));
         Self {
             start: Instant::now(),
             start_time: SystemTime::now(),
             log: AccessLog {
                 authority,
-                method: Some(req.method().to_string()),
-                path: req.uri().path_and_query().map(|p| p.to_string()),
+                method: Some(req.method().as_str().to_string()),
+                path: req.uri().path_and_query().map(|p| p.as_str().to_string()),
                 protocol: Some(protocol_name(req.version())),
                 request_id: Some(request_id_of(req.headers())),
                 user_agent: header(header::USER_AGENT),
-                x_forwarded_for: header(HeaderName::from_static("x-forwarded-for")),
+                x_forwarded_for: header(X_FORWARDED_FOR),
                 downstream_remote_address: Some(down.logged.client_addr.clone()),
                 downstream_local_address: Some(down.logged.local_addr.clone()),
                 source_principal: Some(down.logged.principal.clone()),
@@ -252,5 +261,23 @@ mod tests {
         );
         assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
         assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_dropped() {
+        // One at a time: the pass that looks for any of them must see each one.
+        for name in HOP_BY_HOP.iter().chain([&header::TRANSFER_ENCODING]) {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            assert!(h.get(name).is_none(), "{name} was kept");
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+        }
+        let mut plain = HeaderMap::new();
+        plain.insert("x-kept", HeaderValue::from_static("1"));
+        plain.insert(header::HOST, HeaderValue::from_static("web"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 2);
     }
 }

@@ -93,7 +93,7 @@ fn record(
             ("http.url", ex.log.path.clone().unwrap_or_default()),
             ("http.status_code", status.as_u16().to_string()),
             ("upstream_cluster", ex.log.upstream_cluster.clone().unwrap_or_default()),
-            ("upstream_host", ex.log.upstream_host.clone().unwrap_or_default()),
+            ("upstream_host", ex.log.upstream_host.as_deref().unwrap_or_default().to_string()),
             ("response_flags", flag.as_str().to_string()),
             ("request_id", ex.log.request_id.clone().unwrap_or_default()),
             ("peer.principal", down.source_identity.to_string()),

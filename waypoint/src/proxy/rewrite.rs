@@ -6,7 +6,7 @@
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Uri, Version};
 
-use super::request::{Exchange, RequestCtx};
+use super::request::{Exchange, RequestCtx, X_FORWARDED_FOR, X_REQUEST_ID};
 use super::route::{Backend, modify_path};
 use super::{Downstream, ProxyError};
 use crate::route::table::Selected;
@@ -81,15 +81,16 @@ pub fn upstream_head(
     } else if let Ok(v) = HeaderValue::from_str(authority) {
         headers.insert(header::HOST, v);
     }
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", down.client_addr.ip()),
-        None => down.client_addr.ip().to_string(),
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", down.client_addr.ip())).ok(),
+        // Formatted once per tunnel.
+        None => Some(down.logged.client_ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
     }
     if let Ok(v) = HeaderValue::from_str(&req.request_id) {
-        headers.insert(HeaderName::from_static("x-request-id"), v);
+        headers.insert(X_REQUEST_ID, v);
     }
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
     if let Some(span) = &ex.span {

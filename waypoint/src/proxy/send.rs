@@ -34,6 +34,18 @@ pub struct Endpoint {
     pub traffic: Option<Arc<TrafficPolicy>>,
 }
 
+/// Envoy's name for the cluster of a service port, `outbound|<port>||<hostname>` (pushed rather
+/// than `format!`ed: this runs for every request).
+fn upstream_cluster(port: u16, hostname: &str) -> String {
+    let mut n = itoa::Buffer::new();
+    let port = n.format(port);
+    let mut s = String::with_capacity(11 + port.len() + hostname.len());
+    for piece in ["outbound|", port, "||", hostname] {
+        s.push_str(piece);
+    }
+    s
+}
+
 /// Chooses the endpoint: the pod a request was addressed to, else one of `backend`'s.
 pub async fn endpoint(
     ctx: &Context,
@@ -48,10 +60,10 @@ pub async fn endpoint(
         .cloned()
         .ok_or_else(|| ProxyError::UnknownBackend(backend.service.key()))?;
     ex.backend_service = Some(service.clone());
-    ex.log.upstream_cluster = Some(format!("outbound|{}||{}", backend.service.port, service.hostname));
+    ex.log.upstream_cluster = Some(upstream_cluster(backend.service.port, &service.hostname));
     if let Some(target) = down.pod_target() {
         // Addressed to the pod itself: that pod, on the port asked for.
-        ex.log.upstream_host = Some(target.addr.to_string());
+        ex.log.upstream_host = Some(target.addr_text.clone());
         target.outstanding.fetch_add(1, Ordering::Relaxed);
         ex.target = Some(target.clone());
         return Ok(Endpoint { target, service, port: down.target_addr.port(), traffic: None });
@@ -64,7 +76,7 @@ pub async fn endpoint(
         .upstream
         .choose_with(&snapshot, &service, backend.service.port, traffic.as_ref().and_then(|t| t.balance))
         .ok_or_else(|| ProxyError::NoHealthyUpstream(service.key().to_string()))?;
-    ex.log.upstream_host = Some(target.addr.to_string());
+    ex.log.upstream_host = Some(target.addr_text.clone());
     target.outstanding.fetch_add(1, Ordering::Relaxed);
     ex.target = Some(target.clone());
     Ok(Endpoint { target, service, port: backend.service.port, traffic })
@@ -302,5 +314,17 @@ async fn with_retries(
         n += 1;
         tokio::time::sleep(policy.backoff(n)).await;
         drop(slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn upstream_clusters_are_named_as_envoy_names_them() {
+        assert_eq!(
+            super::upstream_cluster(8080, "web.ns.svc.cluster.local"),
+            "outbound|8080||web.ns.svc.cluster.local"
+        );
+        assert_eq!(super::upstream_cluster(0, "h"), "outbound|0||h");
     }
 }
