@@ -235,10 +235,12 @@ async fn serve_http(ctx: Arc<Context>, down: Arc<Downstream>, stream: HboneStrea
     let (svc_ctx, svc_activity) = (ctx.clone(), activity.clone());
     let svc = service_fn(move |req| {
         let (ctx, down, guard) = (svc_ctx.clone(), down.clone(), svc_activity.begin());
-        async move {
+        // Boxed: hyper keeps the request's future in its dispatcher, and moving it there inline
+        // copied its kilobytes for every request.
+        Box::pin(async move {
             let response = proxy::handle(ctx, down, req).await;
             Ok::<_, std::convert::Infallible>(response.map(|b| Tracked::new(b, guard)))
-        }
+        })
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);

@@ -58,7 +58,7 @@ const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 const X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
 /// B3 headers, replaced by W3C ones upstream.
-const B3: [HeaderName; 6] = [
+static B3: [HeaderName; 6] = [
     X_B3_TRACEID,
     HeaderName::from_static("x-b3-spanid"),
     HeaderName::from_static("x-b3-parentspanid"),

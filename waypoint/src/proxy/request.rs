@@ -22,7 +22,7 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Hop-by-hop headers a proxy must not forward (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -38,25 +38,28 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most requests carry none: one pass over the names (no hashing) says so. With none, there
     // is no `Connection` naming others either.
-    if !headers.keys().any(|n| *n == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(n)) {
+    let hop = |n: &HeaderName| *n == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(n);
+    if !headers.keys().any(hop) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
     let keeps_trailers =
         headers.get_all(header::TE).iter().any(|v| v.to_str().is_ok_and(|v| v.contains("trailers")));
-    for n in named {
+    // Only the names present are removed (each removal hashes its name); a name `Connection`
+    // lists matches whatever its case (names are kept in lower case).
+    let present: Vec<HeaderName> = {
+        let listed: Vec<&str> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        let named = |n: &HeaderName| listed.iter().any(|l| l.eq_ignore_ascii_case(n.as_str()));
+        headers.keys().filter(|n| hop(n) || named(n)).cloned().collect()
+    };
+    for n in present {
         headers.remove(n);
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
-    }
-    headers.remove(header::TRANSFER_ENCODING);
     if keeps_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -252,12 +255,18 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
         h.insert("x-secret", HeaderValue::from_static("1"));
+        // A second `Connection` line, its name in capitals.
+        h.append("connection", HeaderValue::from_static(" X-Other "));
+        h.insert("x-other", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("te", HeaderValue::from_static("trailers"));
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert!(
-            h.get("x-secret").is_none() && h.get("connection").is_none() && h.get("keep-alive").is_none()
+            h.get("x-secret").is_none()
+                && h.get("x-other").is_none()
+                && h.get("connection").is_none()
+                && h.get("keep-alive").is_none()
         );
         assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
         assert!(h.get("x-kept").is_some());
