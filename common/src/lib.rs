@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod flags;
 pub mod grpc;
 pub mod hbone;
+pub mod hex;
 pub mod identity;
 pub mod metrics;
 pub mod rbac;

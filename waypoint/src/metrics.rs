@@ -305,6 +305,10 @@ pub fn rfc3339(t: SystemTime) -> String {
                 &mut second.insert((secs, text)).1
             }
         };
+        if prefix.is_empty() {
+            // The second could not be formatted (beyond year 9999): no timestamp, as before.
+            return String::new();
+        }
         let millis = since.subsec_millis();
         let mut out = String::with_capacity(prefix.len() + 5);
         out.push_str(prefix);

@@ -113,9 +113,31 @@ pub struct Workload {
     pub healthy: bool,
     pub cluster_id: String,
     pub locality: Locality,
+    /// Istio's `baggage` header for connections from this workload, made once.
+    #[serde(skip)]
+    baggage: Option<http::HeaderValue>,
 }
 
 impl Workload {
+    /// The `baggage` header ztunnel sends on this workload's CONNECTs (`None` when a name in
+    /// it cannot be a header value).
+    pub fn baggage(&self) -> Option<&http::HeaderValue> {
+        self.baggage.as_ref()
+    }
+
+    fn make_baggage(&self) -> Option<http::HeaderValue> {
+        let text = format!(
+            "k8s.namespace.name={},k8s.{}.name={},service.name={},service.version={},k8s.cluster.name={}",
+            self.namespace,
+            self.workload_type.to_ascii_lowercase(),
+            self.workload_name,
+            self.canonical_name,
+            self.canonical_revision,
+            self.cluster_id
+        );
+        http::HeaderValue::try_from(text).ok()
+    }
+
     pub fn from_proto(w: &wl::Workload) -> Result<Self, String> {
         let or = |s: &str, default: &str| if s.is_empty() { default.to_string() } else { s.to_string() };
         let identity = Identity::new(
@@ -162,7 +184,14 @@ impl Workload {
             healthy: w.status == wl::WorkloadStatus::Healthy as i32,
             cluster_id: or(&w.cluster_id, "Kubernetes"),
             locality,
-        })
+            baggage: None,
+        }
+        .with_baggage())
+    }
+
+    fn with_baggage(mut self) -> Self {
+        self.baggage = self.make_baggage();
+        self
     }
 }
 

@@ -162,6 +162,20 @@ fn uuid_v4(n: u128) -> String {
     s
 }
 
+/// The request's path and query as the access log shows it: as `http` displays it (a path
+/// starts with `/` or is `*`), without going through `fmt` for every request.
+fn logged_path(p: &http::uri::PathAndQuery) -> String {
+    let s = p.as_str();
+    if s.starts_with(['/', '*']) {
+        s.to_string()
+    } else {
+        let mut out = String::with_capacity(s.len() + 1);
+        out.push('/');
+        out.push_str(s);
+        out
+    }
+}
+
 /// What the access log and metrics need about one request, filled in as it goes.
 pub struct Exchange {
     pub start: Instant,
@@ -205,7 +219,7 @@ impl Exchange {
             log: AccessLog {
                 authority,
                 method: Some(req.method().as_str().to_string()),
-                path: req.uri().path_and_query().map(|p| p.as_str().to_string()),
+                path: req.uri().path_and_query().map(logged_path),
                 protocol: Some(protocol_name(req.version())),
                 request_id: Some(request_id_of(req.headers())),
                 user_agent: header(header::USER_AGENT),
@@ -270,6 +284,16 @@ mod tests {
         );
         assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
         assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn logged_paths_are_those_http_displays() {
+        for uri in ["http://web.ns?x=1", "http://web.ns", "/a/b?c", "*", "http://web.ns/p?q"] {
+            let uri: http::Uri = uri.parse().expect(uri);
+            if let Some(p) = uri.path_and_query() {
+                assert_eq!(logged_path(p), p.to_string(), "{uri}");
+            }
+        }
     }
 
     #[test]

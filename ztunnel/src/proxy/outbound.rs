@@ -15,7 +15,7 @@ use bytes::Bytes;
 use common::hbone::connect::Authority;
 use common::hbone::pool::{PoolKey, PooledStream};
 use common::identity::Identity;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -234,35 +234,41 @@ async fn hbone_connect(
 /// even ask. An end of stream stays for the relay to find (a socket reports it again); an
 /// error (a reset) is reported only once, so it fails the connection here.
 fn early_data(downstream: &TcpStream) -> std::io::Result<Bytes> {
-    let mut buf = [0u8; EARLY_DATA_MAX];
+    thread_local! {
+        /// Read into, then copied out: zeroing a fresh buffer for every connection cost more
+        /// than the read.
+        static BUF: std::cell::RefCell<Box<[u8; EARLY_DATA_MAX]>> =
+            std::cell::RefCell::new(Box::new([0u8; EARLY_DATA_MAX]));
+    }
     let socket = socket2::SockRef::from(downstream);
-    match std::io::Read::read(&mut &*socket, &mut buf) {
+    BUF.with_borrow_mut(|buf| match std::io::Read::read(&mut &*socket, &mut buf[..]) {
         Ok(n) => Ok(Bytes::copy_from_slice(&buf[..n])),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Bytes::new()),
         Err(e) => Err(e),
-    }
+    })
 }
 
 /// `baggage`, `forwarded` and `traceparent` as Istio's proxies send them.
+/// (The baggage is made once per workload, when its resource arrives.)
 fn connect_headers(src: &Workload, peer: SocketAddr) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    let baggage = format!(
-        "k8s.namespace.name={},k8s.{}.name={},service.name={},service.version={},k8s.cluster.name={}",
-        src.namespace,
-        src.workload_type.to_ascii_lowercase(),
-        src.workload_name,
-        src.canonical_name,
-        src.canonical_revision,
-        src.cluster_id
-    );
+    const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
+    const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    let mut h = HeaderMap::with_capacity(4);
+    if let Some(baggage) = src.baggage() {
+        h.insert(BAGGAGE, baggage.clone());
+    }
+    if let Ok(v) = HeaderValue::try_from(format!("for=\"{peer}\"")) {
+        h.insert(http::header::FORWARDED, v);
+    }
     let mut rng = rand::rng();
-    let traceparent = format!("00-{:032x}-{:016x}-01", rng.random::<u128>(), rng.random::<u64>());
-    for (name, value) in
-        [("baggage", baggage), ("forwarded", format!("for=\"{peer}\"")), ("traceparent", traceparent)]
-    {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            h.insert(name, v);
-        }
+    let mut traceparent = String::with_capacity(55);
+    traceparent.push_str("00-");
+    common::hex::push_hex(&mut traceparent, &rng.random::<u128>().to_be_bytes());
+    traceparent.push('-');
+    common::hex::push_hex(&mut traceparent, &rng.random::<u64>().to_be_bytes());
+    traceparent.push_str("-01");
+    if let Ok(v) = HeaderValue::try_from(traceparent) {
+        h.insert(TRACEPARENT, v);
     }
     h
 }
@@ -286,6 +292,37 @@ mod tests {
             .await
             .expect("readable")
             .expect("poll");
+    }
+
+    #[test]
+    fn connect_headers_are_istios() {
+        let w = proto::workload::Workload {
+            uid: "u".into(),
+            name: "client-7d9".into(),
+            namespace: "demo".into(),
+            workload_name: "client".into(),
+            workload_type: proto::workload::WorkloadType::Deployment as i32,
+            canonical_name: "client".into(),
+            canonical_revision: "v1".into(),
+            ..Default::default()
+        };
+        let w = Workload::from_proto(&w).expect("workload");
+        let peer: SocketAddr = "10.0.0.7:41234".parse().expect("addr");
+        let h = connect_headers(&w, peer);
+        assert_eq!(
+            h.get("baggage").and_then(|v| v.to_str().ok()),
+            Some(
+                "k8s.namespace.name=demo,k8s.deployment.name=client,service.name=client,service.version=v1,k8s.cluster.name=Kubernetes"
+            )
+        );
+        assert_eq!(h.get("forwarded").and_then(|v| v.to_str().ok()), Some("for=\"10.0.0.7:41234\""));
+        let tp = h.get("traceparent").and_then(|v| v.to_str().ok()).expect("traceparent").to_string();
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4, "{tp}");
+        assert_eq!((parts[0], parts[1].len(), parts[2].len(), parts[3]), ("00", 32, 16, "01"), "{tp}");
+        assert!(tp.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{tp}");
+        let again = connect_headers(&w, peer);
+        assert_ne!(again.get("traceparent"), h.get("traceparent"), "a new trace per connection");
     }
 
     #[tokio::test]
