@@ -3,11 +3,11 @@
 //! scope.
 //!
 //! The xDS handlers are the only writers. Each resource is validated and converted once, on
-//! receipt; the [`model`] then changes only the index entries that resource touches, and a new
-//! immutable [`Snapshot`] (persistent maps sharing everything else with the last one) is
-//! swapped in. A push of one workload costs the same in a mesh of 50k as of 50. Proxies take
-//! the current snapshot (one `Arc` clone under a short read lock) and ask it narrow questions;
-//! they never see the raw maps.
+//! receipt; the writer-side `model` (private) then changes only the index entries that
+//! resource touches, and a new immutable [`Snapshot`] (persistent maps sharing everything else
+//! with the last one) is swapped in. A push of one workload costs the same in a mesh of 50k
+//! as of 50. Proxies take the current snapshot (one `Arc` clone under a short read lock) and
+//! ask it narrow questions; they never see the raw maps.
 //!
 //! Policy fails closed, as Istio's does for what it cannot apply: an Authorization rejected on
 //! receipt is still NACKed, but is held in its fail-safe form (an ALLOW matching nothing, a
