@@ -125,7 +125,8 @@ impl Workload {
         self.baggage.as_ref()
     }
 
-    fn make_baggage(&self) -> Option<http::HeaderValue> {
+    /// Makes the `baggage` header from the other fields (once, when the workload is built).
+    fn with_baggage(mut self) -> Self {
         let text = format!(
             "k8s.namespace.name={},k8s.{}.name={},service.name={},service.version={},k8s.cluster.name={}",
             self.namespace,
@@ -135,7 +136,8 @@ impl Workload {
             self.canonical_revision,
             self.cluster_id
         );
-        http::HeaderValue::try_from(text).ok()
+        self.baggage = http::HeaderValue::try_from(text).ok();
+        self
     }
 
     pub fn from_proto(w: &wl::Workload) -> Result<Self, String> {
@@ -187,11 +189,6 @@ impl Workload {
             baggage: None,
         }
         .with_baggage())
-    }
-
-    fn with_baggage(mut self) -> Self {
-        self.baggage = self.make_baggage();
-        self
     }
 }
 

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::hex::push_hex;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use proto::opentelemetry::proto::collector::trace::v1::ExportTraceServiceRequest;
 use proto::opentelemetry::proto::collector::trace::v1::trace_service_client::TraceServiceClient;
@@ -45,8 +46,6 @@ fn to_hex(b: &[u8]) -> String {
     push_hex(&mut s, b);
     s
 }
-
-use common::hex::push_hex;
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");

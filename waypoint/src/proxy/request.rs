@@ -146,18 +146,15 @@ fn request_id_of(headers: &HeaderMap) -> String {
 
 /// `n` as a version-4 UUID: its hex digits, the 13th set to `4` and the 17th to `a`.
 fn uuid_v4(n: u128) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut b = n.to_be_bytes();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x0f) | 0xa0;
     let mut s = String::with_capacity(36);
-    for i in 0..32 {
-        if matches!(i, 8 | 12 | 16 | 20) {
+    for (i, group) in [&b[..4], &b[4..6], &b[6..8], &b[8..10], &b[10..]].into_iter().enumerate() {
+        if i > 0 {
             s.push('-');
         }
-        let digit = match i {
-            12 => '4',
-            16 => 'a',
-            _ => char::from(DIGITS[((n >> (4 * (31 - i))) & 0xf) as usize]),
-        };
-        s.push(digit);
+        common::hex::push_hex(&mut s, group);
     }
     s
 }
