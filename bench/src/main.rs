@@ -3,6 +3,7 @@
 //! `run` builds two nodes and pods in network namespaces, measures every scenario directly and
 //! through the mesh in the same run, and writes a Markdown + JSON report. See benches/run.sh.
 
+mod hot_text;
 mod load;
 mod report;
 mod scenarios;
@@ -51,6 +52,11 @@ enum Command {
         /// instead of in the run's temporary directory.
         #[arg(long)]
         callgrind_dir: Option<PathBuf>,
+        /// After the instruction counts, write `<DIR>/ztunnel/hot-text.ld` and
+        /// `<DIR>/waypoint/hot-text.ld` (DIR: the repository) from the functions the proxies ran,
+        /// start-up first: the link order of their release builds (bench/src/hot_text.rs).
+        #[arg(long)]
+        hot_text: Option<PathBuf>,
     },
     /// Echo server (request/response and churn).
     EchoServer {
@@ -120,9 +126,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, NOFILE, NOFILE);
     match args.command {
-        Command::Run { bin_dir, out, smoke, only, pause_file, callgrind_dir } => {
+        Command::Run { bin_dir, out, smoke, only, pause_file, callgrind_dir, hot_text } => {
             common::telemetry::init(common::telemetry::LogFormat::Text);
-            run(bin_dir, out, smoke, only, pause_file, callgrind_dir)?;
+            run(bin_dir, out, smoke, only, pause_file, callgrind_dir, hot_text)?;
         }
         Command::EchoServer { port } => runtime().block_on(load::echo_server(port))?,
         Command::Rr { addr, rate, conns, size, seconds } => {
@@ -171,6 +177,7 @@ fn run(
     only: Vec<String>,
     pause_file: Option<PathBuf>,
     callgrind_dir: Option<PathBuf>,
+    hot_text: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     mesh_tests::netns::require_root("the benchmark runner");
     for tool in ["iperf3", "taskset", "curl", "wrk", "h2load", "nginx", "valgrind", "callgrind_control"] {
@@ -237,9 +244,12 @@ fn run(
         info!("instruction counts: the mesh again, under valgrind --tool=callgrind");
         let dir = callgrind_dir.unwrap_or_else(|| work.path().to_path_buf());
         std::fs::create_dir_all(&dir)?;
-        let counting = Mesh::start_counting(&cluster, &dir);
-        let counts = scenarios::instructions(&cluster, &settings, &counting, &dir);
+        let counting = Mesh::start_counting(&cluster, &dir, hot_text.is_some());
+        let counts = scenarios::instructions(&cluster, &settings, &counting, &dir, hot_text.is_some());
         counting.stop(&cluster);
+        if let Some(repo) = &hot_text {
+            hot_text::write(&dir, &bin_dir, repo)?;
+        }
         counts
     } else {
         Vec::new()

@@ -11,6 +11,10 @@ use crate::load::Latency;
 use crate::tools::{H2load, Wrk, parse_h2load, parse_wrk};
 use crate::topology::{Cluster, Mesh, NGINX_H1_PORT, NGINX_H2_PORT, SERVER_IP, WEB_H1_VIP, WEB_H2_VIP};
 
+/// What start-up allocated and freed is handed back within seconds; idle is read after that
+/// (it matters when memory is the first scenario, e.g. `--only memory`).
+const IDLE_WAIT: Duration = Duration::from_secs(5);
+
 /// How long and how often.
 #[derive(Clone, Debug, Serialize)]
 pub struct Settings {
@@ -384,9 +388,7 @@ pub fn memory(c: &Cluster, s: &Settings, mesh: &Mesh) -> Vec<(String, String, f6
     let mut out = Vec::new();
     let mib = |kib: u64| kib as f64 / 1024.0;
     let (za, zb) = (&mesh.ztunnel_a, &mesh.ztunnel_b);
-    // What start-up allocated and freed is handed back within seconds; read idle after that
-    // (it matters when this is the first scenario, e.g. `--only memory`).
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(IDLE_WAIT);
     let idle = (za.rss_kib(), zb.rss_kib());
     out.push(("ztunnel RSS idle (client side)".to_string(), "MiB".to_string(), mib(idle.0)));
     out.push(("ztunnel RSS idle (server side)".to_string(), "MiB".to_string(), mib(idle.1)));
@@ -480,7 +482,15 @@ fn last_dump_total(dir: &std::path::Path, name: &str) -> f64 {
 
 /// Deterministic companion figures: with the mesh's proxies under callgrind, each fixed
 /// workload runs between a zeroing and a dump of every proxy's counters.
-pub fn instructions(c: &Cluster, s: &Settings, mesh: &Mesh, dir: &std::path::Path) -> Vec<Instructions> {
+/// `startup`: first, after the idle wait of the memory figures, dump every proxy's counts of
+/// start-up and idle (what [`crate::hot_text`] lists first).
+pub fn instructions(
+    c: &Cluster,
+    s: &Settings,
+    mesh: &Mesh,
+    dir: &std::path::Path,
+    startup: bool,
+) -> Vec<Instructions> {
     let smoke = s.seconds <= 1;
     let (conns, requests, mib) = if smoke { (10u64, 50u64, 4u64) } else { (200, 1000, 64) };
     let procs = [
@@ -489,6 +499,12 @@ pub fn instructions(c: &Cluster, s: &Settings, mesh: &Mesh, dir: &std::path::Pat
         ("waypoint", &mesh.waypoint, "waypoint"),
     ];
     let mut out = Vec::new();
+    if startup {
+        std::thread::sleep(IDLE_WAIT);
+        for p in &procs {
+            callgrind_control("-d", p.1.pid());
+        }
+    }
     let mut measure = |workload: &str, unit: &str, units: u64, on_path: &[usize], run: &dyn Fn()| {
         // Warm: pooled connections and certificates are not part of the figure.
         run();

@@ -315,16 +315,20 @@ impl Mesh {
     }
 
     /// The mesh with ztunnels and the waypoint run under `valgrind --tool=callgrind`, writing
-    /// their counts to `<dir>/<name>.callgrind` (see [`crate::scenarios::instructions`]).
-    pub fn start_counting(c: &Cluster, dir: &Path) -> Self {
-        Self::start_with(c, Some(dir))
+    /// their counts to `<dir>/<name>.callgrind` (see [`crate::scenarios::instructions`]);
+    /// `mangled`: functions named by their symbols (for [`crate::hot_text`]).
+    pub fn start_counting(c: &Cluster, dir: &Path, mangled: bool) -> Self {
+        Self::start_with(c, Some((dir, mangled)))
     }
 
-    fn start_with(c: &Cluster, callgrind: Option<&Path>) -> Self {
+    fn start_with(c: &Cluster, callgrind: Option<(&Path, bool)>) -> Self {
         let spawn = |name: &str, ns: &Netns, cpu: usize, bin: &Path, args: &[&str]| -> Proc {
-            let Some(dir) = callgrind else { return c.spawn(name, ns, cpu, bin, args) };
+            let Some((dir, mangled)) = callgrind else { return c.spawn(name, ns, cpu, bin, args) };
             let out = format!("--callgrind-out-file={}", dir.join(format!("{name}.callgrind")).display());
             let mut full = vec!["--tool=callgrind", "--dump-instr=no", "--collect-systime=no", out.as_str()];
+            if mangled {
+                full.push("--demangle=no");
+            }
             full.push(bin.to_str().expect("path"));
             full.extend_from_slice(args);
             c.spawn(name, ns, cpu, Path::new("valgrind"), &full)
