@@ -16,9 +16,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-/// The C and assembly code that is not split into one section per function (jemalloc, ring's
-/// assembly): what of it is hot goes in whole, from the archive it is bundled in.
-const WHOLE_ARCHIVES: [&str; 2] = ["*libtikv_jemalloc_sys-*.rlib", "*libring-*.rlib"];
+/// The C and assembly code that is not split into one section per function: what of it is hot
+/// goes in whole, from the archive it is bundled in: jemalloc (with its start-up and cold
+/// sections; it is all C) and ring's assembly (its `.text` only: ring's Rust functions have
+/// their own sections, listed by name when they ran).
+const WHOLE_ARCHIVES: [&str; 2] =
+    ["*libtikv_jemalloc_sys-*.rlib:*(.text .text.*)", "*libring-*.rlib:*(.text)"];
 
 /// Functions named in callgrind dumps, in order of first appearance over `dumps`, that the
 /// object `binary` (a path ending in its file name) defines. Callgrind names the object of the
@@ -107,7 +110,7 @@ pub fn script(binary: &str, functions: &[String]) -> String {
         s.push_str(&format!("    *(.text.{f} .text.unlikely.{f})\n"));
     }
     for a in WHOLE_ARCHIVES {
-        s.push_str(&format!("    {a}:*(.text)\n"));
+        s.push_str(&format!("    {a}\n"));
     }
     s.push_str("  }\n}\nINSERT BEFORE .text;\n");
     s
