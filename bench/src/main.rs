@@ -246,9 +246,17 @@ fn run(
         std::fs::create_dir_all(&dir)?;
         let counting = Mesh::start_counting(&cluster, &dir, hot_text.is_some());
         let counts = scenarios::instructions(&cluster, &settings, &counting, &dir, hot_text.is_some());
-        counting.stop(&cluster);
         if let Some(repo) = &hot_text {
+            // Every scenario once, briefly, for the code paths the fixed workloads leave out
+            // (concurrent connections, several streams, pooled HBONE connections), then a dump.
+            info!("hot text: every scenario once more, under callgrind");
+            let brief = Settings { only: Vec::new(), ..Settings::smoke() };
+            scenarios::run_once(&cluster, &brief, &Proxies { mesh: Some(&counting) }, &mut Phase::default());
+            counting.dump_counts();
+            counting.stop(&cluster);
             hot_text::write(&dir, &bin_dir, repo)?;
+        } else {
+            counting.stop(&cluster);
         }
         counts
     } else {

@@ -408,6 +408,13 @@ impl Mesh {
         Self { ztunnel_a, ztunnel_b, waypoint, _control_plane: control_plane }
     }
 
+    /// Has callgrind dump each process's counts (when started by [`Mesh::start_counting`]).
+    pub fn dump_counts(&self) {
+        for p in [&self.ztunnel_a, &self.ztunnel_b, &self.waypoint] {
+            crate::scenarios::callgrind_control("-d", p.pid());
+        }
+    }
+
     /// Stops the processes, then removes the capture the ztunnels pinned (it outlives them).
     pub fn stop(self, c: &Cluster) {
         drop(self);
