@@ -72,6 +72,17 @@ pub fn functions(dumps: &[String], binary: &str, defined: &HashSet<String>) -> V
     order
 }
 
+/// What start-up and idle ran first, then the rest; each part sorted by name, so that a new
+/// listing changes the file only where the code run changed.
+pub fn layout(mut startup: Vec<String>, all: Vec<String>) -> Vec<String> {
+    let first: HashSet<String> = startup.iter().cloned().collect();
+    let mut rest: Vec<String> = all.into_iter().filter(|f| !first.contains(f)).collect();
+    startup.sort();
+    rest.sort();
+    startup.extend(rest);
+    startup
+}
+
 /// The function symbols `binary` defines, by `nm`.
 fn defined_functions(binary: &Path) -> anyhow::Result<HashSet<String>> {
     let out = std::process::Command::new("nm")
@@ -138,13 +149,10 @@ fn dumps(dir: &Path, name: &str) -> anyhow::Result<Vec<String>> {
 pub fn write(dir: &Path, bin_dir: &Path, repo: &Path) -> anyhow::Result<()> {
     for (binary, procs) in [("ztunnel", &["ztunnel-a", "ztunnel-b"][..]), ("waypoint", &["waypoint"][..])] {
         let defined = defined_functions(&bin_dir.join(binary))?;
-        // Start-up dumps of every process first, then the workloads'.
         let per_proc: Vec<Vec<String>> = procs.iter().map(|p| dumps(dir, p)).collect::<Result<_, _>>()?;
-        let mut ordered = Vec::new();
-        for round in 0..per_proc.iter().map(Vec::len).max().unwrap_or(0) {
-            ordered.extend(per_proc.iter().filter_map(|d| d.get(round).cloned()));
-        }
-        let functions = functions(&ordered, binary, &defined);
+        let startup: Vec<String> = per_proc.iter().filter_map(|d| d.first().cloned()).collect();
+        let all: Vec<String> = per_proc.into_iter().flatten().collect();
+        let functions = layout(functions(&startup, binary, &defined), functions(&all, binary, &defined));
         anyhow::ensure!(!functions.is_empty(), "no function of {binary} in its callgrind dumps");
         let path = repo.join(binary).join("hot-text.ld");
         std::fs::write(&path, script(binary, &functions)).with_context(|| path.display().to_string())?;
@@ -202,6 +210,10 @@ fn=(6) strlen
                 "_ZN7ztunnel4late17h0123456789abcdefE",
             ]
         );
+        let laid = layout(vec!["b".into(), "a".into()], ["d", "a", "c", "b"].map(String::from).to_vec());
+        assert_eq!(laid, ["a", "b", "c", "d"]);
+        let laid = layout(vec!["d".into()], ["c", "d", "a"].map(String::from).to_vec());
+        assert_eq!(laid, ["d", "a", "c"]);
         let s = script("ztunnel", &got);
         assert!(s.contains("    *(.text._RNvCs1_3std5hot .text.unlikely._RNvCs1_3std5hot)\n"), "{s}");
         assert!(s.ends_with("INSERT BEFORE .text;\n"), "{s}");

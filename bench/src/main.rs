@@ -248,10 +248,12 @@ fn run(
         let counts = scenarios::instructions(&cluster, &settings, &counting, &dir, hot_text.is_some());
         if let Some(repo) = &hot_text {
             // Every scenario once, briefly, for the code paths the fixed workloads leave out
-            // (concurrent connections, several streams, pooled HBONE connections), then a dump.
+            // (concurrent connections, several streams, pooled HBONE connections, more than one
+            // HBONE connection per peer when holding 250), then a dump.
             info!("hot text: every scenario once more, under callgrind");
-            let brief = Settings { only: Vec::new(), ..Settings::smoke() };
+            let brief = Settings { only: Vec::new(), hold_counts: vec![250], ..Settings::smoke() };
             scenarios::run_once(&cluster, &brief, &Proxies { mesh: Some(&counting) }, &mut Phase::default());
+            scenarios::memory(&cluster, &brief, &counting);
             counting.dump_counts();
             counting.stop(&cluster);
             hot_text::write(&dir, &bin_dir, repo)?;
