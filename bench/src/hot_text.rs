@@ -1,25 +1,31 @@
 //! The link order of the proxies' code (`run --hot-text DIR`): the functions ztunnel and the
-//! waypoint ran under callgrind (start-up and idle first, then the fixed workloads of the
-//! instruction counts, then every scenario once, briefly) are listed in a linker script, `<crate>/hot-text.ld`, that the crate's
-//! build script passes to the linker in release builds. The linker gathers those functions into
-//! one output section, `.text.hot`, at the start of the code.
+//! waypoint ran under callgrind are listed in a linker script, `<crate>/hot-text.ld`, that the
+//! crate's build script passes to the linker in release builds; the linker gathers them into one
+//! output section, `.text.hot`, at the start of the code. Two parts, each sorted by name: what
+//! start-up and idle ran, then everything else the listing run ran (warming up, the fixed
+//! workloads of the instruction counts, every scenario once, a hold of 250 connections).
 //!
 //! Why: the kernel maps an executable's code 64 KiB at a time around each page it faults in
 //! ("fault-around"), so code run at start-up that lies scattered over the binary's 16 MiB of
 //! `.text` left ~10 MiB of it resident in an idle ztunnel, most of which was never run. Gathered,
-//! the same ~3 MiB of functions occupy ~3 MiB. The names are the symbols' mangled names, which
+//! the ~4 MiB of listed code occupies ~4 MiB. The names are the symbols' mangled names, which
 //! depend on the compiler and on the crates' versions and features, and change for a renamed
-//! function or a moved closure: a stale list only loses what changed since.
+//! function, a moved closure or a new LLVM-internal suffix (`.llvm.<n>`): a stale list only
+//! loses what changed since. A name callgrind gives to code the linker folded into another
+//! function has no section of its own and matches nothing.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-/// The C and assembly code that is not split into one section per function: what of it is hot
-/// goes in whole, from the archive it is bundled in: jemalloc (with its start-up and cold
-/// sections; it is all C) and ring's assembly (its `.text` only: ring's Rust functions have
-/// their own sections, listed by name when they ran).
+/// The binaries listed, and the processes (callgrind dump names) whose dumps list them.
+const BINARIES: [&str; 2] = ["ztunnel", "waypoint"];
+const PROCESSES: [&str; 3] = ["ztunnel-a", "ztunnel-b", "waypoint"];
+
+/// Code gathered whole, from the archive it is bundled in: jemalloc (C, all of its sections:
+/// its functions are not listed by name) and ring's assembly (its `.text` only: ring's Rust
+/// functions have their own sections, listed by name when they ran).
 const WHOLE_ARCHIVES: [&str; 2] =
     ["*libtikv_jemalloc_sys-*.rlib:*(.text .text.*)", "*libring-*.rlib:*(.text)"];
 
@@ -144,10 +150,42 @@ fn dumps(dir: &Path, name: &str) -> anyhow::Result<Vec<String>> {
     files.iter().map(|(_, p)| std::fs::read_to_string(p).with_context(|| p.display().to_string())).collect()
 }
 
+/// Before anything runs: `--hot-text` needs the instruction counts, `nm`, and the crates' folders.
+pub fn check(repo: &Path, counting: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        counting,
+        "--hot-text lists what the instruction-count run ran: keep `instructions` in --only"
+    );
+    let nm = std::process::Command::new("nm").arg("--version").output();
+    anyhow::ensure!(nm.is_ok_and(|o| o.status.success()), "nm (binutils) is needed for --hot-text");
+    for binary in BINARIES {
+        let dir = repo.join(binary);
+        anyhow::ensure!(
+            dir.is_dir(),
+            "--hot-text {}: no {} folder (give the repository)",
+            repo.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Removes the dumps an earlier run left in `dir`: a shorter run overwrites only the first of
+/// them, and the rest would be read as this run's.
+pub fn clear_dumps(dir: &Path) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if PROCESSES.iter().any(|p| name.starts_with(&format!("{p}.callgrind"))) {
+            std::fs::remove_file(e.path()).with_context(|| e.path().display().to_string())?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `<repo>/ztunnel/hot-text.ld` and `<repo>/waypoint/hot-text.ld` from the dumps of the
 /// instruction-count run in `dir` (both ztunnels' dumps make ztunnel's list).
 pub fn write(dir: &Path, bin_dir: &Path, repo: &Path) -> anyhow::Result<()> {
-    for (binary, procs) in [("ztunnel", &["ztunnel-a", "ztunnel-b"][..]), ("waypoint", &["waypoint"][..])] {
+    for (binary, procs) in [(BINARIES[0], &PROCESSES[..2]), (BINARIES[1], &PROCESSES[2..])] {
         let defined = defined_functions(&bin_dir.join(binary))?;
         let per_proc: Vec<Vec<String>> = procs.iter().map(|p| dumps(dir, p)).collect::<Result<_, _>>()?;
         let startup: Vec<String> = per_proc.iter().filter_map(|d| d.first().cloned()).collect();

@@ -196,6 +196,9 @@ fn run(
     }
     let started = Instant::now();
     let settings = Settings { only, ..if smoke { Settings::smoke() } else { Settings::full() } };
+    if let Some(repo) = &hot_text {
+        hot_text::check(repo, settings.wants("instructions"))?;
+    }
     let work = tempfile::tempdir()?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let placement = Placement::for_cpus(cpus);
@@ -240,26 +243,21 @@ fn run(
         Vec::new()
     };
     mesh_procs.stop(&cluster);
+    let mut hot_text_written = None;
     let instructions = if settings.wants("instructions") {
         info!("instruction counts: the mesh again, under valgrind --tool=callgrind");
         let dir = callgrind_dir.unwrap_or_else(|| work.path().to_path_buf());
         std::fs::create_dir_all(&dir)?;
+        if hot_text.is_some() {
+            hot_text::clear_dumps(&dir)?;
+        }
         let counting = Mesh::start_counting(&cluster, &dir, hot_text.is_some());
         let counts = scenarios::instructions(&cluster, &settings, &counting, &dir, hot_text.is_some());
         if let Some(repo) = &hot_text {
-            // Every scenario once, briefly, for the code paths the fixed workloads leave out
-            // (concurrent connections, several streams, pooled HBONE connections, more than one
-            // HBONE connection per peer when holding 250), then a dump.
-            info!("hot text: every scenario once more, under callgrind");
-            let brief = Settings { only: Vec::new(), hold_counts: vec![250], ..Settings::smoke() };
-            scenarios::run_once(&cluster, &brief, &Proxies { mesh: Some(&counting) }, &mut Phase::default());
-            scenarios::memory(&cluster, &brief, &counting);
-            counting.dump_counts();
-            counting.stop(&cluster);
-            hot_text::write(&dir, &bin_dir, repo)?;
-        } else {
-            counting.stop(&cluster);
+            // Written after the report, so that a failure here does not lose the run.
+            hot_text_written = Some(list_hot_text(&cluster, &counting, &dir, &bin_dir, repo));
         }
+        counting.stop(&cluster);
         counts
     } else {
         Vec::new()
@@ -288,7 +286,26 @@ fn run(
     };
     let path = report.write(&out)?;
     info!(report = %path.display(), seconds = report.duration_seconds, "report written");
-    Ok(())
+    hot_text_written.unwrap_or(Ok(()))
+}
+
+/// After the instruction counts, with the mesh still under callgrind: every scenario once,
+/// briefly, for the code paths the fixed workloads leave out (concurrent connections, several
+/// streams, pooled HBONE connections, more than one HBONE connection per peer when holding
+/// 250), a dump, and the hot-text linker scripts written from all the dumps.
+fn list_hot_text(
+    cluster: &Cluster,
+    counting: &Mesh,
+    dir: &std::path::Path,
+    bin_dir: &std::path::Path,
+    repo: &std::path::Path,
+) -> anyhow::Result<()> {
+    info!("hot text: every scenario once more, under callgrind");
+    let brief = Settings { only: Vec::new(), hold_counts: vec![250], ..Settings::smoke() };
+    scenarios::run_once(cluster, &brief, &Proxies { mesh: Some(counting) }, &mut Phase::default());
+    scenarios::memory(cluster, &brief, counting);
+    counting.dump_counts();
+    hot_text::write(dir, bin_dir, repo)
 }
 
 /// Today as `YYYY-MM-DDTHH:MM:SSZ`.

@@ -4,7 +4,10 @@
 fn hot_text(bin: &str) {
     println!("cargo:rerun-if-changed=hot-text.ld");
     let var = |k: &str| std::env::var(k).unwrap_or_default();
-    if var("PROFILE") == "release" && var("CARGO_CFG_TARGET_ARCH") == "x86_64" && var("CARGO_CFG_TARGET_OS") == "linux" {
+    if var("PROFILE") == "release"
+        && var("CARGO_CFG_TARGET_ARCH") == "x86_64"
+        && var("CARGO_CFG_TARGET_OS") == "linux"
+    {
         let script = std::path::Path::new(&var("CARGO_MANIFEST_DIR")).join("hot-text.ld");
         if script.exists() {
             println!("cargo:rustc-link-arg-bin={bin}=-Wl,-T,{}", script.display());
