@@ -8,10 +8,16 @@
 //! Why: the kernel maps an executable's code 64 KiB at a time around each page it faults in
 //! ("fault-around"), so code run at start-up that lies scattered over the binary's 16 MiB of
 //! `.text` left ~10 MiB of it resident in an idle ztunnel, most of which was never run. Gathered,
-//! the ~4 MiB of listed code occupies ~4 MiB. The names are the symbols' mangled names, which
-//! depend on the compiler and on the crates' versions and features, and change for a renamed
-//! function, a moved closure or a new LLVM-internal suffix (`.llvm.<n>`): a stale list only
-//! loses what changed since. A name callgrind gives to code the linker folded into another
+//! the ~4 MiB of listed code occupies ~4 MiB.
+//!
+//! The script lists the symbols' names as patterns ([`pattern`]): rustc's v0 mangling (set for
+//! the workspace in `.cargo/config.toml`) spells out a function's path and generic arguments,
+//! but also a hash of each crate's build (its dependencies, features, version), and LLVM adds
+//! `.llvm.<n>` to some. Those parts become wildcards, so a list stays valid when a crate gains a
+//! dependency or is bumped; only a renamed function or a moved closure drops out. (Under the
+//! legacy mangling one hash stood for the path's crates and generic arguments together, so a
+//! dependency change silently unlisted a third of the code, and no wildcard could tell
+//! monomorphizations apart.) A name callgrind gives to code the linker folded into another
 //! function has no section of its own and matches nothing.
 
 use std::collections::HashSet;
@@ -123,7 +129,8 @@ pub fn script(binary: &str, functions: &[String]) -> String {
          Used by build.rs in release builds. */\nSECTIONS\n{{\n  .text.hot :\n  {{\n",
         functions.len()
     );
-    for f in functions {
+    let mut seen = HashSet::new();
+    for f in functions.iter().map(|f| pattern(f)).filter(|p| seen.insert(p.clone())) {
         s.push_str(&format!("    *(.text.{f} .text.unlikely.{f})\n"));
     }
     for a in WHOLE_ARCHIVES {
@@ -131,6 +138,54 @@ pub fn script(binary: &str, functions: &[String]) -> String {
     }
     s.push_str("  }\n}\nINSERT BEFORE .text;\n");
     s
+}
+
+/// The linker pattern of a symbol: in a v0 name (`_R...`), each crate's disambiguator
+/// (`Cs<base-62 hash>_`) and each back-reference (`B<base-62 offset>_`, an offset that moves
+/// when a disambiguator's length does) become `*`; an LLVM suffix `.llvm.<digits>` becomes
+/// `.llvm.*`. A wildcard only widens what a pattern matches. Other names (C, legacy) stay.
+pub fn pattern(symbol: &str) -> String {
+    let (name, llvm) = match symbol.split_once(".llvm.") {
+        Some((name, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => (name, true),
+        _ => (symbol, false),
+    };
+    let mut out = String::with_capacity(name.len());
+    if let Some(body) = name.strip_prefix("_R") {
+        out.push_str("_R");
+        let b = body.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            // A base-62 number closed by '_' (possibly empty) after the tag at `i`.
+            let number_end = |from: usize, max: usize| {
+                let digits = b[from..].iter().take(max).take_while(|c| c.is_ascii_alphanumeric()).count();
+                (b.get(from + digits) == Some(&b'_')).then_some(from + digits + 1)
+            };
+            // Identifiers are length-prefixed: a tag letter right after a digit is text.
+            let after_digit = i > 0 && b[i - 1].is_ascii_digit();
+            if !after_digit && b[i] == b'C' && b.get(i + 1) == Some(&b's') {
+                if let Some(end) = number_end(i + 2, 13) {
+                    out.push_str("Cs*_");
+                    i = end;
+                    continue;
+                }
+            }
+            if !after_digit && b[i] == b'B' {
+                if let Some(end) = number_end(i + 1, 3) {
+                    out.push_str("B*_");
+                    i = end;
+                    continue;
+                }
+            }
+            out.push(b[i] as char);
+            i += 1;
+        }
+    } else {
+        out.push_str(name);
+    }
+    if llvm {
+        out.push_str(".llvm.*");
+    }
+    out
 }
 
 /// The callgrind dumps of process `name` in `dir`, oldest first: `<name>.callgrind.1`, `.2`,
@@ -202,6 +257,26 @@ pub fn write(dir: &Path, bin_dir: &Path, repo: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patterns_drop_build_hashes_and_keep_paths_and_generic_arguments() {
+        let a = "_RNvMNtCsjrHSEGnQ3l9_3std4timeNtB2_7Instant3now";
+        // The same function after the crate's hash changed length: the offset moved too.
+        let b = "_RNvMNtCs1ab_3std4timeNtB1_7Instant3now";
+        assert_eq!(pattern(a), "_RNvMNtCs*_3std4timeNtB*_7Instant3now");
+        assert_eq!(pattern(a), pattern(b));
+        // Different generic arguments stay different patterns.
+        let u8s = "_RINvCs1_4core4takehEB2_";
+        let u16s = "_RINvCs1_4core4taketEB2_";
+        assert_ne!(pattern(u8s), pattern(u16s));
+        assert_eq!(pattern("_RNvCs1_3foo3bar.llvm.1234567"), "_RNvCs*_3foo3bar.llvm.*");
+        // Text that merely looks like a tag inside an identifier is left alone.
+        assert_eq!(pattern("_RNvCs1_3foo5Bx_Cs"), "_RNvCs*_3foo5Bx_Cs");
+        // Not v0: unchanged (C functions, legacy names).
+        assert_eq!(pattern("memcpy"), "memcpy");
+        assert_eq!(pattern("_ZN3foo3bar17h0123456789abcdefE"), "_ZN3foo3bar17h0123456789abcdefE");
+        assert_eq!(pattern("x.llvm.notdigits"), "x.llvm.notdigits");
+    }
 
     #[test]
     fn reads_compressed_names_of_the_binary_only_in_first_seen_order() {

@@ -481,7 +481,9 @@ fn last_dump_total(dir: &std::path::Path, name: &str) -> f64 {
 }
 
 /// Deterministic companion figures: with the mesh's proxies under callgrind, each fixed
-/// workload runs between a zeroing and a dump of every proxy's counters.
+/// workload runs, once to warm up and once counted: between a zeroing (a dump in `startup`
+/// mode, which resets the counts too and keeps what warming up ran for the hot text) and a dump
+/// of the counters of every proxy on its path.
 /// `startup`: first, after the idle wait of the memory figures, dump every proxy's counts of
 /// start-up and idle (what [`crate::hot_text`] lists first).
 pub fn instructions(

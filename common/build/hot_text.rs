@@ -10,7 +10,9 @@ fn hot_text(bin: &str) {
     {
         let script = std::path::Path::new(&var("CARGO_MANIFEST_DIR")).join("hot-text.ld");
         if script.exists() {
-            println!("cargo:rustc-link-arg-bin={bin}=-Wl,-T,{}", script.display());
+            // `-T<script>` to the compiler driver, which hands it to the linker: unlike
+            // `-Wl,-T,<script>`, a comma in the path does not split it.
+            println!("cargo:rustc-link-arg-bin={bin}=-T{}", script.display());
         }
     }
 }

@@ -148,6 +148,41 @@ pub fn metrics_routes(router: Router, registry: SharedRegistry) -> Router {
     router.route("/metrics", move |_| reply(&registry)).route("/stats/prometheus", move |_| reply(&r2))
 }
 
+/// `/memory`: the heap as jemalloc (the binaries' global allocator) sees it, and the process's
+/// resident set: how much is in use (`allocated`), held in pages for reuse (`active` minus
+/// `allocated`), allocator bookkeeping (`metadata`), resident, mapped but handed back
+/// (`retained`), and freed objects the threads cache for reuse (`thread_caches`, counted in
+/// `allocated`). What a resident figure that stays high after a burst is made of.
+pub fn memory_routes(router: Router) -> Router {
+    router.route("/memory", |_| match heap_stats() {
+        Ok(v) => Reply::json(&v),
+        Err(e) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, format!("jemalloc statistics: {e}\n")),
+    })
+}
+
+fn heap_stats() -> Result<serde_json::Value, tikv_jemalloc_ctl::Error> {
+    use tikv_jemalloc_ctl::{Access, AsName, epoch, stats};
+    // The statistics are a snapshot refreshed by advancing the epoch.
+    epoch::advance()?;
+    let page = 4096u64;
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let mut fields = statm.split_whitespace().map(|f| f.parse::<u64>().unwrap_or(0));
+    let (_size, resident, shared) = (fields.next(), fields.next(), fields.next());
+    let thread_caches: usize = b"stats.arenas.4096.tcache_bytes\0".name().read()?;
+    Ok(serde_json::json!({
+        "allocated": stats::allocated::read()?,
+        "active": stats::active::read()?,
+        "metadata": stats::metadata::read()?,
+        "resident": stats::resident::read()?,
+        "mapped": stats::mapped::read()?,
+        "retained": stats::retained::read()?,
+        // Freed objects held in the threads' caches (all arenas: index 4096).
+        "thread_caches": thread_caches,
+        "process_resident": resident.unwrap_or(0) * page,
+        "process_resident_file": shared.unwrap_or(0) * page,
+    }))
+}
+
 /// `/healthz/ready`: 200 once every start-up task is done, 503 listing what is pending.
 pub fn readiness_routes(router: Router, ready: Ready) -> Router {
     router.route("/healthz/ready", move |_| {

@@ -74,6 +74,16 @@ async fn ready_after_first_sync_with_dump_and_metrics() {
         .count();
     assert_eq!(app.addresses.len() + app.policies.len(), n - routes);
 
+    // The heap as jemalloc sees it (the binaries' allocator; this test's is the system one, so
+    // only the shape and the process's own resident set are checked).
+    let (status, memory) = get(app.admin_addr, "/memory").await.expect("memory");
+    assert_eq!(status, 200, "{memory}");
+    let memory: serde_json::Value = serde_json::from_str(&memory).expect("memory is JSON");
+    for field in ["allocated", "active", "metadata", "resident", "mapped", "retained", "thread_caches"] {
+        assert!(memory[field].is_u64(), "{field} in {memory}");
+    }
+    assert!(memory["process_resident"].as_u64().is_some_and(|b| b > 1 << 20), "{memory}");
+
     let (status, dump) = get(app.admin_addr, "/config_dump").await.expect("config dump");
     assert_eq!(status, 200);
     let dump: serde_json::Value = serde_json::from_str(&dump).expect("dump is JSON");

@@ -139,7 +139,7 @@ impl App {
 
         let config_json = serde_json::to_value(&config).unwrap_or_default();
         let (dump_ready, dump_state, dump_routes) = (ready.clone(), state.clone(), routes.clone());
-        let admin_router = Router::new()
+        let admin_router = common::admin::memory_routes(Router::new())
             .route("/config_dump", move |_| {
                 Reply::json(&serde_json::json!({
                     "config": config_json,

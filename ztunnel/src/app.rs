@@ -395,8 +395,9 @@ fn admin_routes(
             "config_objects": objects.snapshot(),
         }))
     });
-    router.route("/certs", move |_| {
+    let router = router.route("/certs", move |_| {
         let summary = certs.as_ref().map(CertificateManager::summary).unwrap_or_default();
         Reply::json(&serde_json::to_value(summary).unwrap_or_default())
-    })
+    });
+    common::admin::memory_routes(router)
 }
