@@ -84,15 +84,60 @@ pub fn functions(dumps: &[String], binary: &str, defined: &HashSet<String>) -> V
     order
 }
 
-/// What start-up and idle ran first, then the rest; each part sorted by name, so that a new
-/// listing changes the file only where the code run changed.
+/// What start-up and idle ran first, then the rest; each part sorted by path ([`path_key`]),
+/// so that a module's functions lie together and a new listing changes the file only where the
+/// code run changed.
 pub fn layout(mut startup: Vec<String>, all: Vec<String>) -> Vec<String> {
     let first: HashSet<String> = startup.iter().cloned().collect();
     let mut rest: Vec<String> = all.into_iter().filter(|f| !first.contains(f)).collect();
-    startup.sort();
-    rest.sort();
+    startup.sort_by_cached_key(|f| (path_key(f), f.clone()));
+    rest.sort_by_cached_key(|f| (path_key(f), f.clone()));
     startup.extend(rest);
     startup
+}
+
+/// The identifiers of a v0 name in order (`h2::proto::streams::recv::...`), for sorting: a v0
+/// name starts with its tags (generic instance, closure, impl, ...), so sorting by the name
+/// itself would split a module's functions into a dozen groups. Crate disambiguators, other
+/// disambiguators and back-references are skipped. Other names are their own key.
+pub fn path_key(symbol: &str) -> String {
+    let Some(body) = symbol.strip_prefix("_R") else { return symbol.to_string() };
+    let b = body.as_bytes();
+    let mut key = String::with_capacity(body.len());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        // `s<base-62>_` (a disambiguator, after `C` a crate's) and `B<base-62>_` (a
+        // back-reference): skipped whole.
+        if (c == b's' || c == b'B') && i + 1 < b.len() {
+            let digits = b[i + 1..].iter().take_while(|c| c.is_ascii_alphanumeric()).count();
+            if b.get(i + 1 + digits) == Some(&b'_') && digits <= 13 {
+                i += digits + 2;
+                continue;
+            }
+        }
+        if c.is_ascii_digit() {
+            let digits = b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+            let len: usize = body[i..i + digits].parse().unwrap_or(0);
+            let mut start = i + digits;
+            // An identifier that starts with a digit or '_' is preceded by a '_'.
+            if b.get(start) == Some(&b'_') {
+                start += 1;
+            }
+            let end = (start + len).min(b.len());
+            // A closure's identifier is empty.
+            if start < end {
+                if !key.is_empty() {
+                    key.push_str("::");
+                }
+                key.push_str(&body[start..end]);
+            }
+            i = end;
+            continue;
+        }
+        i += 1;
+    }
+    key
 }
 
 /// The function symbols `binary` defines, by `nm`.
@@ -162,19 +207,22 @@ pub fn pattern(symbol: &str) -> String {
             };
             // Identifiers are length-prefixed: a tag letter right after a digit is text.
             let after_digit = i > 0 && b[i - 1].is_ascii_digit();
-            if !after_digit && b[i] == b'C' && b.get(i + 1) == Some(&b's') {
-                if let Some(end) = number_end(i + 2, 13) {
-                    out.push_str("Cs*_");
-                    i = end;
-                    continue;
-                }
+            if !after_digit
+                && b[i] == b'C'
+                && b.get(i + 1) == Some(&b's')
+                && let Some(end) = number_end(i + 2, 13)
+            {
+                out.push_str("Cs*_");
+                i = end;
+                continue;
             }
-            if !after_digit && b[i] == b'B' {
-                if let Some(end) = number_end(i + 1, 3) {
-                    out.push_str("B*_");
-                    i = end;
-                    continue;
-                }
+            if !after_digit
+                && b[i] == b'B'
+                && let Some(end) = number_end(i + 1, 3)
+            {
+                out.push_str("B*_");
+                i = end;
+                continue;
             }
             out.push(b[i] as char);
             i += 1;
@@ -257,6 +305,26 @@ pub fn write(dir: &Path, bin_dir: &Path, repo: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_keys_put_a_modules_functions_together() {
+        assert_eq!(
+            path_key("_RNvMs0_NtNtCs1ab_2h25proto7streamsNtB5_4Recv4poll"),
+            "h2::proto::streams::Recv::poll"
+        );
+        assert_eq!(path_key("_RNCNvNtCsx_2h25proto4send0B5_"), "h2::proto::send");
+        assert_eq!(path_key("memcpy"), "memcpy");
+        let mut v = vec![
+            "_RNvNtCs1_5tokio2io4read".to_string(),
+            "_RNCNvNtCs1_2h25proto4send0B5_".to_string(),
+            "_RNvNtCs1_2h25proto4recv".to_string(),
+        ];
+        v = layout(Vec::new(), v);
+        assert_eq!(
+            v,
+            ["_RNvNtCs1_2h25proto4recv", "_RNCNvNtCs1_2h25proto4send0B5_", "_RNvNtCs1_5tokio2io4read"]
+        );
+    }
 
     #[test]
     fn patterns_drop_build_hashes_and_keep_paths_and_generic_arguments() {
