@@ -1,7 +1,7 @@
 //! The link order of the proxies' code (`run --hot-text DIR`): the functions ztunnel and the
 //! waypoint ran under callgrind are listed in a linker script, `<crate>/hot-text.ld`, that the
 //! crate's build script passes to the linker in release builds; the linker gathers them into one
-//! output section, `.text.hot`, at the start of the code. Two parts, each sorted by name: what
+//! output section, `.text.hot`, at the start of the code. Two parts, each sorted by path: what
 //! start-up and idle ran, then everything else the listing run ran (warming up, the fixed
 //! workloads of the instruction counts, every scenario once, a hold of 250 connections).
 //!
