@@ -24,6 +24,6 @@ if [ "${1:-}" = "--smoke" ]; then
   rm -rf "$out"
 else
   echo "== building release binaries"
-  cargo build --release --quiet "${bins[@]}"
+  AMBIENT_PACK_RELOCS=1 cargo build --release --quiet "${bins[@]}"
   target/release/mesh-bench run --bin-dir target/release --out benches/results
 fi

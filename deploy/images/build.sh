@@ -96,7 +96,8 @@ esac
 
 say "release build of ztunnel, waypoint, ambient-controller and ambient-cni"
 start=$(date +%s)
-cargo build --release --locked --bin ztunnel --bin waypoint --bin ambient-controller --bin ambient-cni
+# Packed relocations (common/build/hot_text.rs): the images carry this host's glibc (>= 2.36).
+AMBIENT_PACK_RELOCS=1 cargo build --release --locked --bin ztunnel --bin waypoint --bin ambient-controller --bin ambient-cni
 build_seconds=$(($(date +%s) - start))
 say "release build took ${build_seconds}s"
 
