@@ -9,6 +9,7 @@ use std::time::Instant;
 use common::copy::ByteCounters;
 use common::identity::Identity;
 use common::metrics::{HandleCache, PartiesKey};
+use common::telemetry::LogAddr;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -291,7 +292,8 @@ impl Record {
         fn id(p: &Peer) -> OrDash<'_, Identity> {
             OrDash(p.identity.as_ref())
         }
-        let upstream = OrDash(self.upstream.as_ref());
+        let upstream = self.upstream.as_ref().map(LogAddr);
+        let upstream = OrDash(upstream.as_ref());
         let service = self.service.as_ref().map_or("-", |s| s.hostname.as_str());
         let duration_ms = self.start.elapsed().as_millis() as u64;
         macro_rules! record {
@@ -300,11 +302,11 @@ impl Record {
                     target: "access",
                     conn = self.id,
                     direction = self.direction,
-                    src.addr = %self.src_addr,
+                    src.addr = %LogAddr(&self.src_addr),
                     src.workload = %name(s),
                     src.namespace = %ns(s),
                     src.identity = %id(&self.src),
-                    dst.addr = %self.dst_addr,
+                    dst.addr = %LogAddr(&self.dst_addr),
                     dst.upstream = %upstream,
                     dst.service = %service,
                     dst.workload = %name(d),
