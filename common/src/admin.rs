@@ -164,10 +164,8 @@ fn heap_stats() -> Result<serde_json::Value, tikv_jemalloc_ctl::Error> {
     use tikv_jemalloc_ctl::{Access, AsName, epoch, stats};
     // The statistics are a snapshot refreshed by advancing the epoch.
     epoch::advance()?;
-    let page = 4096u64;
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let mut fields = statm.split_whitespace().map(|f| f.parse::<u64>().unwrap_or(0));
-    let (_size, resident, shared) = (fields.next(), fields.next(), fields.next());
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let bytes = |field: &str| status_kib(&status, field).map(|kib| kib * 1024);
     let thread_caches: usize = b"stats.arenas.4096.tcache_bytes\0".name().read()?;
     Ok(serde_json::json!({
         "allocated": stats::allocated::read()?,
@@ -178,9 +176,22 @@ fn heap_stats() -> Result<serde_json::Value, tikv_jemalloc_ctl::Error> {
         "retained": stats::retained::read()?,
         // Freed objects held in the threads' caches (all arenas: index 4096).
         "thread_caches": thread_caches,
-        "process_resident": resident.unwrap_or(0) * page,
-        "process_resident_file": shared.unwrap_or(0) * page,
+        // The kernel's own split of the resident set: anonymous (heap, stacks, written
+        // data), file pages (the executable's code and read-only data, libraries), shared
+        // memory. Null where the kernel does not say.
+        "process_resident": bytes("VmRSS:"),
+        "process_resident_anon": bytes("RssAnon:"),
+        "process_resident_file": bytes("RssFile:"),
+        "process_resident_shmem": bytes("RssShmem:"),
     }))
+}
+
+/// A `kB` figure of `/proc/<pid>/status` (`field` with its colon), in KiB.
+fn status_kib(status: &str, field: &str) -> Option<u64> {
+    let rest = status.lines().find_map(|l| l.strip_prefix(field))?;
+    let mut words = rest.split_whitespace();
+    let kib = words.next()?.parse().ok()?;
+    (words.next() == Some("kB")).then_some(kib)
 }
 
 /// `/healthz/ready`: 200 once every start-up task is done, 503 listing what is pending.
@@ -193,4 +204,21 @@ pub fn readiness_routes(router: Router, ready: Ready) -> Router {
             Reply::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", pending.join(", ")))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::status_kib;
+
+    #[test]
+    fn status_figures_are_read_in_kib_and_only_with_their_unit() {
+        let status =
+            "Name:\tztunnel\nVmRSS:\t   11084 kB\nRssAnon:\t    2716 kB\nRssFile:\t8368 kB\nThreads:\t3\n";
+        assert_eq!(status_kib(status, "VmRSS:"), Some(11084));
+        assert_eq!(status_kib(status, "RssAnon:"), Some(2716));
+        assert_eq!(status_kib(status, "RssFile:"), Some(8368));
+        assert_eq!(status_kib(status, "RssShmem:"), None, "absent");
+        assert_eq!(status_kib(status, "Threads:"), None, "not a kB figure");
+        assert_eq!(status_kib("VmRSS:\tlots kB\n", "VmRSS:"), None);
+    }
 }

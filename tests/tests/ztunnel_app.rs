@@ -76,13 +76,32 @@ async fn ready_after_first_sync_with_dump_and_metrics() {
 
     // The heap as jemalloc sees it (the binaries' allocator; this test's is the system one, so
     // only the shape and the process's own resident set are checked).
+    // The resident figures are this process's: they must agree with what it reads itself
+    // just before and after, and their parts add up.
+    let own_rss = || {
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+        line.split_whitespace().nth(1).and_then(|k| k.parse::<u64>().ok()).expect("kB") * 1024
+    };
+    let before = own_rss();
     let (status, memory) = get(app.admin_addr, "/memory").await.expect("memory");
+    let after = own_rss();
     assert_eq!(status, 200, "{memory}");
     let memory: serde_json::Value = serde_json::from_str(&memory).expect("memory is JSON");
     for field in ["allocated", "active", "metadata", "resident", "mapped", "retained", "thread_caches"] {
         assert!(memory[field].is_u64(), "{field} in {memory}");
     }
-    assert!(memory["process_resident"].as_u64().is_some_and(|b| b > 1 << 20), "{memory}");
+    let figure = |f: &str| memory[f].as_u64().unwrap_or_else(|| panic!("{f} in {memory}"));
+    let rss = figure("process_resident");
+    let (low, high) = (before.min(after), before.max(after));
+    assert!(rss >= low - low / 5 && rss <= high + high / 5, "{rss} against {before}..{after}: {memory}");
+    let parts =
+        figure("process_resident_anon") + figure("process_resident_file") + figure("process_resident_shmem");
+    assert_eq!(parts, rss, "{memory}");
+    assert!(
+        figure("process_resident_anon") > 1 << 20 && figure("process_resident_file") > 1 << 20,
+        "{memory}"
+    );
 
     let (status, dump) = get(app.admin_addr, "/config_dump").await.expect("config dump");
     assert_eq!(status, 200);
