@@ -96,48 +96,82 @@ pub fn layout(mut startup: Vec<String>, all: Vec<String>) -> Vec<String> {
     startup
 }
 
-/// The identifiers of a v0 name in order (`h2::proto::streams::recv::...`), for sorting: a v0
-/// name starts with its tags (generic instance, closure, impl, ...), so sorting by the name
-/// itself would split a module's functions into a dozen groups. Crate disambiguators, other
-/// disambiguators and back-references are skipped. Other names are their own key.
-pub fn path_key(symbol: &str) -> String {
-    let Some(body) = symbol.strip_prefix("_R") else { return symbol.to_string() };
+/// One part of a v0 symbol's body (what follows `_R`), as [`v0_parts`] splits it.
+#[derive(Debug, PartialEq, Eq)]
+enum Part<'a> {
+    /// A length-prefixed identifier (empty for a closure): its text.
+    Ident(&'a str),
+    /// `Cs<base-62>_`: a crate root with the hash of the crate's build.
+    Crate,
+    /// `s<base-62>_` elsewhere: another disambiguator.
+    Disambiguator,
+    /// `B<base-62>_`: a back-reference (an offset into the name).
+    BackRef,
+    /// Anything else: one tag or type letter.
+    Other,
+}
+
+/// The parts of a v0 symbol's body, each with its text. Identifiers are skipped whole by their
+/// length, so letters inside a name are never taken for tags.
+fn v0_parts(body: &str) -> Vec<(Part<'_>, &str)> {
     let b = body.as_bytes();
-    let mut key = String::with_capacity(body.len());
+    // The end of a base-62 number of at most `max` characters closed by '_', from `from`.
+    let number_end = |from: usize, max: usize| {
+        let digits = b
+            .get(from..)
+            .unwrap_or_default()
+            .iter()
+            .take(max)
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .count();
+        (b.get(from + digits) == Some(&b'_')).then_some(from + digits + 1)
+    };
+    let mut parts = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        let c = b[i];
-        // `s<base-62>_` (a disambiguator, after `C` a crate's) and `B<base-62>_` (a
-        // back-reference): skipped whole.
-        if (c == b's' || c == b'B') && i + 1 < b.len() {
-            let digits = b[i + 1..].iter().take_while(|c| c.is_ascii_alphanumeric()).count();
-            if b.get(i + 1 + digits) == Some(&b'_') && digits <= 13 {
-                i += digits + 2;
-                continue;
+        let (part, end) = match b[i] {
+            b'C' if b.get(i + 1) == Some(&b's') && number_end(i + 2, 13).is_some() => {
+                (Part::Crate, number_end(i + 2, 13).unwrap_or(i + 1))
             }
-        }
-        if c.is_ascii_digit() {
-            let digits = b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
-            let len: usize = body[i..i + digits].parse().unwrap_or(0);
-            let mut start = i + digits;
-            // An identifier that starts with a digit or '_' is preceded by a '_'.
-            if b.get(start) == Some(&b'_') {
-                start += 1;
+            b's' if number_end(i + 1, 13).is_some() => {
+                (Part::Disambiguator, number_end(i + 1, 13).unwrap_or(i + 1))
             }
-            let end = (start + len).min(b.len());
-            // A closure's identifier is empty.
-            if start < end {
-                if !key.is_empty() {
-                    key.push_str("::");
+            b'B' if number_end(i + 1, 3).is_some() => (Part::BackRef, number_end(i + 1, 3).unwrap_or(i + 1)),
+            c if c.is_ascii_digit() => {
+                let digits = b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+                let len: usize = body[i..i + digits].parse().unwrap_or(0);
+                let mut start = i + digits;
+                // An identifier that starts with a digit or '_' is preceded by a '_'.
+                if b.get(start) == Some(&b'_') {
+                    start += 1;
                 }
-                key.push_str(&body[start..end]);
+                let end = (start + len).min(b.len());
+                (Part::Ident(body.get(start..end).unwrap_or_default()), end)
             }
-            i = end;
-            continue;
-        }
-        i += 1;
+            _ => (Part::Other, i + 1),
+        };
+        // Text is ASCII in a v0 name; a stray byte ends the walk rather than split a character.
+        let Some(text) = body.get(i..end) else { break };
+        parts.push((part, text));
+        i = end;
     }
-    key
+    parts
+}
+
+/// The identifiers of a v0 name in order (`h2::proto::streams::recv::...`), for sorting: a v0
+/// name starts with its tags (generic instance, closure, impl, ...), so sorting by the name
+/// itself would split a module's functions into a dozen groups. Disambiguators and
+/// back-references are left out. Other names are their own key.
+pub fn path_key(symbol: &str) -> String {
+    let Some(body) = symbol.strip_prefix("_R") else { return symbol.to_string() };
+    let idents: Vec<&str> = v0_parts(body)
+        .into_iter()
+        .filter_map(|(p, _)| match p {
+            Part::Ident(name) if !name.is_empty() => Some(name),
+            _ => None,
+        })
+        .collect();
+    idents.join("::")
 }
 
 /// The function symbols `binary` defines, by `nm`.
@@ -197,35 +231,12 @@ pub fn pattern(symbol: &str) -> String {
     let mut out = String::with_capacity(name.len());
     if let Some(body) = name.strip_prefix("_R") {
         out.push_str("_R");
-        let b = body.as_bytes();
-        let mut i = 0;
-        while i < b.len() {
-            // A base-62 number closed by '_' (possibly empty) after the tag at `i`.
-            let number_end = |from: usize, max: usize| {
-                let digits = b[from..].iter().take(max).take_while(|c| c.is_ascii_alphanumeric()).count();
-                (b.get(from + digits) == Some(&b'_')).then_some(from + digits + 1)
-            };
-            // Identifiers are length-prefixed: a tag letter right after a digit is text.
-            let after_digit = i > 0 && b[i - 1].is_ascii_digit();
-            if !after_digit
-                && b[i] == b'C'
-                && b.get(i + 1) == Some(&b's')
-                && let Some(end) = number_end(i + 2, 13)
-            {
-                out.push_str("Cs*_");
-                i = end;
-                continue;
-            }
-            if !after_digit
-                && b[i] == b'B'
-                && let Some(end) = number_end(i + 1, 3)
-            {
-                out.push_str("B*_");
-                i = end;
-                continue;
-            }
-            out.push(b[i] as char);
-            i += 1;
+        for (part, text) in v0_parts(body) {
+            out.push_str(match part {
+                Part::Crate => "Cs*_",
+                Part::BackRef => "B*_",
+                _ => text,
+            });
         }
     } else {
         out.push_str(name);
@@ -340,6 +351,8 @@ mod tests {
         assert_eq!(pattern("_RNvCs1_3foo3bar.llvm.1234567"), "_RNvCs*_3foo3bar.llvm.*");
         // Text that merely looks like a tag inside an identifier is left alone.
         assert_eq!(pattern("_RNvCs1_3foo5Bx_Cs"), "_RNvCs*_3foo5Bx_Cs");
+        assert_eq!(pattern("_RNvCs1_3foo7barCs1_"), "_RNvCs*_3foo7barCs1_");
+        assert_eq!(path_key("_RNvCs1_3foo7barCs1_"), "foo::barCs1_");
         // Not v0: unchanged (C functions, legacy names).
         assert_eq!(pattern("memcpy"), "memcpy");
         assert_eq!(pattern("_ZN3foo3bar17h0123456789abcdefE"), "_ZN3foo3bar17h0123456789abcdefE");
