@@ -358,3 +358,35 @@ async fn early_data_rides_with_the_connect_and_only_an_accepted_stream_delivers_
     let mut stream = conn.open(&Authority::Addr(upstream), HeaderMap::new()).await.expect("stream");
     stream.shutdown().await.expect("shutdown");
 }
+
+/// A CONNECT whose header block is over the server's limit (16 KiB; h2's default would take
+/// 16 MiB) is refused on its own: the handler never sees it, and the connection keeps serving
+/// other streams.
+#[tokio::test]
+async fn a_connect_with_oversized_headers_is_refused_and_the_connection_survives() {
+    let mut s = setup().await;
+    let upstream = echo_upstream().await;
+    let conn = Connection::connect(s.hbone, s.client.clone()).await.expect("HBONE connection");
+    let mut big = HeaderMap::new();
+    let value = "x".repeat(common::hbone::MAX_HEADER_LIST_SIZE as usize + 1024);
+    big.insert("x-padding", http::HeaderValue::from_str(&value).expect("value"));
+    let refused = tokio::time::timeout(Duration::from_secs(10), conn.open(&Authority::Addr(upstream), big))
+        .await
+        .expect("an answer, not a hang");
+    // h2 answers it itself, before our handler: 431 Request Header Fields Too Large.
+    assert!(
+        matches!(
+            refused,
+            Err(ClientError::Status { status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, .. })
+        ),
+        "{refused:?}"
+    );
+    assert!(s.seen.try_recv().is_err(), "the handler saw the oversized CONNECT");
+    let mut ok =
+        conn.open(&Authority::Addr(upstream), HeaderMap::new()).await.expect("a normal CONNECT after it");
+    ok.write_all(b"ping").await.expect("write");
+    ok.shutdown().await.expect("shutdown");
+    let mut got = Vec::new();
+    ok.read_to_end(&mut got).await.expect("read");
+    assert_eq!(got, [b"ping".as_slice(), TRAILER].concat());
+}
