@@ -112,11 +112,7 @@ impl Proc {
 
     fn status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
+        common::admin::status_kib(&status, field).unwrap_or(0)
     }
 
     /// Writes to its stdin (used to tell the holder to let go).

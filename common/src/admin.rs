@@ -186,8 +186,9 @@ fn heap_stats() -> Result<serde_json::Value, tikv_jemalloc_ctl::Error> {
     }))
 }
 
-/// A `kB` figure of `/proc/<pid>/status` (`field` with its colon), in KiB.
-fn status_kib(status: &str, field: &str) -> Option<u64> {
+/// A `kB` figure of a `/proc/<pid>/status` text (`field` with its colon, e.g. `"VmRSS:"`), in
+/// KiB; `None` when the field is absent or not a `kB` figure.
+pub fn status_kib(status: &str, field: &str) -> Option<u64> {
     let rest = status.lines().find_map(|l| l.strip_prefix(field))?;
     let mut words = rest.split_whitespace();
     let kib = words.next()?.parse().ok()?;

@@ -57,8 +57,7 @@ pub struct PlainFields;
 
 impl<'w> FormatFields<'w> for PlainFields {
     fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
-        let sanitize = writer.sanitizes_ansi_escapes();
-        let mut visitor = PlainVisitor { writer, first: true, sanitize, result: Ok(()) };
+        let mut visitor = PlainVisitor { writer, first: true, result: Ok(()) };
         fields.record(&mut visitor);
         visitor.result
     }
@@ -67,7 +66,6 @@ impl<'w> FormatFields<'w> for PlainFields {
 struct PlainVisitor<'w> {
     writer: Writer<'w>,
     first: bool,
-    sanitize: bool,
     result: fmt::Result,
 }
 
@@ -122,7 +120,7 @@ impl Visit for PlainVisitor<'_> {
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        let sanitize = self.sanitize;
+        let sanitize = self.writer.sanitizes_ansi_escapes();
         match value.source() {
             Some(source) => self.record_debug(
                 field,
@@ -142,7 +140,7 @@ impl Visit for PlainVisitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         let message = field.name() == "message";
         self.record(field, |v| {
-            if message && v.sanitize {
+            if message && v.writer.sanitizes_ansi_escapes() {
                 write!(Escaping(&mut v.writer), "{value:?}")
             } else {
                 write!(v.writer, "{value:?}")

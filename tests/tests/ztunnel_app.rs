@@ -75,13 +75,11 @@ async fn ready_after_first_sync_with_dump_and_metrics() {
     assert_eq!(app.addresses.len() + app.policies.len(), n - routes);
 
     // The heap as jemalloc sees it (the binaries' allocator; this test's is the system one, so
-    // only the shape and the process's own resident set are checked).
-    // The resident figures are this process's: they must agree with what it reads itself
-    // just before and after, and their parts add up.
+    // only its shape is checked). The resident figures are this process's: they must agree
+    // with what it reads itself just before and after, and their parts add up.
     let own_rss = || {
         let status = std::fs::read_to_string("/proc/self/status").expect("status");
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
-        line.split_whitespace().nth(1).and_then(|k| k.parse::<u64>().ok()).expect("kB") * 1024
+        common::admin::status_kib(&status, "VmRSS:").expect("VmRSS in kB") * 1024
     };
     let before = own_rss();
     let (status, memory) = get(app.admin_addr, "/memory").await.expect("memory");
