@@ -175,19 +175,26 @@ pub fn choose<'c, 'a>(
     turn: impl FnOnce() -> usize,
     load: impl Fn(&Candidate<'a>) -> usize,
 ) -> Option<&'c Candidate<'a>> {
-    let live: Vec<&'c Candidate<'a>> = candidates.iter().filter(|c| !ejected(c)).collect();
-    let pool: Vec<&'c Candidate<'a>> = if live.is_empty() { candidates.iter().collect() } else { live };
-    if pool.is_empty() {
+    // The pool (the live candidates, or all of them if none is) is counted, then walked to the
+    // one chosen: no list is built for a pick.
+    let live = candidates.iter().filter(|c| !ejected(c)).count();
+    let everyone = live == 0;
+    let len = if everyone { candidates.len() } else { live };
+    if len == 0 {
         return None;
     }
-    let index = match balance {
-        Balance::RoundRobin => turn() % pool.len(),
-        Balance::Random => rand::rng().random_range(0..pool.len()),
+    let nth = |i: usize| {
+        if everyone { candidates.get(i) } else { candidates.iter().filter(|c| !ejected(c)).nth(i) }
+            // An ejection that began between the two walks: the first candidate.
+            .or(candidates.first())
+    };
+    match balance {
+        Balance::RoundRobin => nth(turn() % len),
+        Balance::Random => nth(rand::rng().random_range(0..len)),
         Balance::LeastRequest => {
             let mut rng = rand::rng();
-            let (a, b) = (rng.random_range(0..pool.len()), rng.random_range(0..pool.len()));
-            if load(pool[b]) < load(pool[a]) { b } else { a }
+            let (a, b) = (nth(rng.random_range(0..len))?, nth(rng.random_range(0..len))?);
+            Some(if load(b) < load(a) { b } else { a })
         }
-    };
-    Some(pool[index])
+    }
 }

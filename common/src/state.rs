@@ -162,12 +162,20 @@ impl Snapshot {
     }
 
     pub fn service(&self, namespace: &str, hostname: &str) -> Option<&Arc<Service>> {
-        // Pushed rather than `format!`ed: this runs for every request at the waypoint.
-        let mut key = String::with_capacity(namespace.len() + 1 + hostname.len());
-        key.push_str(namespace);
-        key.push('/');
-        key.push_str(hostname);
-        self.services.get(key.as_str())
+        // Joined on the stack when it fits (this runs for every request at the waypoint).
+        let len = namespace.len() + 1 + hostname.len();
+        let mut buf = [0u8; 256];
+        if let Some(out) = buf.get_mut(..len) {
+            let (ns, rest) = out.split_at_mut(namespace.len());
+            ns.copy_from_slice(namespace.as_bytes());
+            rest[0] = b'/';
+            rest[1..].copy_from_slice(hostname.as_bytes());
+            // Two strings and a '/' are UTF-8: this never fails.
+            if let Ok(key) = std::str::from_utf8(out) {
+                return self.services.get(key);
+            }
+        }
+        self.services.get(format!("{namespace}/{hostname}").as_str())
     }
 
     /// What `dst` (an original destination) is: a service VIP, a workload, or neither.

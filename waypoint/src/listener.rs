@@ -121,8 +121,7 @@ impl Listener {
     /// policies; counted either way.
     fn authorize_tunnel(&self, down: &Downstream) -> Result<(), String> {
         let table = self.ctx.routes.table();
-        let targets = down.policy_targets(&self.ctx.waypoint);
-        let policies = authz::applicable(&table.policy.authz, &targets);
+        let policies = authz::applicable(&table.policy.authz, &down.targets);
         if policies.is_empty() {
             self.ctx.metrics.decision("allow", "-");
             return Ok(());
@@ -195,6 +194,7 @@ impl Listener {
         let source_workload = proven.map(|(_, w)| w.clone()).or_else(|| {
             snapshot.workload_by_ip(req.peer_addr.ip()).filter(|w| w.identity == req.peer).cloned()
         });
+        let targets = Downstream::policy_targets(&self.ctx.waypoint, &service, pod.as_deref());
         let down = Downstream {
             service,
             port: port.as_ref().map_or(addr.port(), |p| p.service_port),
@@ -206,6 +206,7 @@ impl Listener {
                 _ => None,
             },
             logged: crate::proxy::LoggedParties::new(client_addr, req.local_addr, addr, &req.peer),
+            targets,
             source_identity: req.peer.clone(),
             source_workload,
             client_addr,

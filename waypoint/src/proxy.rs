@@ -72,6 +72,9 @@ pub struct Downstream {
     pub local_addr: SocketAddr,
     /// The same three as the access log shows them, formatted once per tunnel.
     pub logged: LoggedParties,
+    /// What policies attach to for a request in this tunnel before its route is known
+    /// ([`Downstream::policy_targets`], built once per tunnel).
+    pub targets: Vec<PolicyTarget>,
 }
 
 /// A tunnel's client address, local address and caller identity as access log text.
@@ -117,12 +120,15 @@ impl Downstream {
         })
     }
 
-    /// What policies attach to for a request in this tunnel (before its route is known).
-    pub fn policy_targets(&self, waypoint: &str) -> Vec<PolicyTarget> {
-        let mut targets = vec![PolicyTarget::Waypoint(waypoint.to_string())];
-        match &self.pod {
-            Some(pod) => targets.extend(pod.services.keys().map(|k| PolicyTarget::Service(k.clone()))),
-            None => targets.push(PolicyTarget::Service(self.service.key().to_string())),
+    /// What policies attach to for a request to `service`, or to `pod` (under the policies of
+    /// every service it backs), at the waypoint `waypoint` (before its route is known).
+    pub fn policy_targets(waypoint: &str, service: &Service, pod: Option<&Workload>) -> Vec<PolicyTarget> {
+        let mut targets = vec![PolicyTarget::Waypoint(waypoint.into())];
+        match pod {
+            Some(pod) => {
+                targets.extend(pod.services.keys().map(|k| PolicyTarget::Service(k.as_str().into())))
+            }
+            None => targets.push(PolicyTarget::Service(service.key().into())),
         }
         targets
     }
@@ -170,19 +176,25 @@ async fn process(
     let mut req = RequestCtx::new(ctx, req, ex)?;
     let table = ctx.routes.table();
     let lookup = route::select(ctx, down, &table, &req);
-    let mut targets = down.policy_targets(&ctx.waypoint);
-    if let Lookup::Route(s) = &lookup {
-        targets.push(PolicyTarget::Route(s.route.key.clone()));
-        tracing::Span::current().record("route", s.route.key.as_str());
-    }
-    admit::authorize(down, &table, &targets, &mut req)?;
-    admit::rate_limit(&table, &targets)?;
+    // The tunnel's targets as they are, unless the request has a route.
+    let with_route: Vec<PolicyTarget>;
+    let targets: &[PolicyTarget] = match &lookup {
+        Lookup::Route(s) => {
+            tracing::Span::current().record("route", s.route.key.as_str());
+            let route = PolicyTarget::Route(s.route.key.as_str().into());
+            with_route = down.targets.iter().cloned().chain([route]).collect();
+            &with_route
+        }
+        _ => &down.targets,
+    };
+    admit::authorize(down, &table, targets, &mut req)?;
+    admit::rate_limit(&table, targets)?;
     let selected = match lookup {
         Lookup::NoMatch => return Err(ProxyError::NoRoute),
         Lookup::Default => None,
         Lookup::Route(s) => Some(s),
     };
-    admit::faults(&table, &targets, ex).await?;
+    admit::faults(&table, targets, ex).await?;
     ex.route = selected.as_ref().map(|s| s.route.clone());
     ex.log.route_name = ex.route.as_ref().map(|r| r.key.clone());
     let backend = route::backend(down, selected.as_ref(), &req)?;
@@ -190,8 +202,15 @@ async fn process(
     let ep = send::endpoint(ctx, down, &table, &backend, ex).await?;
     let h2 =
         req.upgrade.is_none() && down.upstream_h2.unwrap_or(req.grpc || req.parts.version == Version::HTTP_2);
-    let authority =
-        req.authority.clone().unwrap_or_else(|| format!("{}:{}", ep.service.hostname, backend.service.port));
-    rewrite::upstream_head(&mut req, down, ex, rewritten, &authority, h2)?;
-    send::send(ctx, &table, &targets, req, &ep, h2, ex).await
+    // The client's authority (`Exchange::log.authority`), else the service's name and port.
+    let named;
+    let authority = match ex.log.authority.as_deref() {
+        Some(a) => a,
+        None => {
+            named = format!("{}:{}", ep.service.hostname, backend.port);
+            &named
+        }
+    };
+    rewrite::upstream_head(&mut req, down, ex, rewritten, authority, h2)?;
+    send::send(ctx, &table, targets, req, &ep, h2, ex).await
 }

@@ -78,6 +78,9 @@ fn lookups_by_address_vip_and_uid() {
     assert_eq!(s.workloads_on("node-a").count(), 2);
     let echo = s.service("demo", "echo.demo.svc.cluster.local").expect("service");
     assert_eq!(s.endpoints(echo).len(), 3);
+    // Keys too long to join on the stack, and empty parts, are looked up all the same.
+    assert!(s.service(&"a".repeat(63), &"b".repeat(253)).is_none());
+    assert!(s.service("demo", "").is_none() && s.service("", "").is_none());
 }
 
 #[test]
@@ -462,6 +465,13 @@ fn endpoint_selection_filters_prefers_and_balances() {
         assert_eq!(c.expect("one").endpoint.workload.name, "echo-1");
     }
     assert!(select::choose(&all, Balance::Random, |_| true, || 0, load).is_some(), "all ejected: all again");
+    // Round robin and least request take turns over the live ones only.
+    for t in 0..4 {
+        for balance in [Balance::RoundRobin, Balance::LeastRequest] {
+            let c = select::choose(&all, balance, |c| c.endpoint.workload.name == "echo-1", || t, load);
+            assert_eq!(c.expect("one").endpoint.workload.name, "echo-2", "{balance:?}, turn {t}");
+        }
+    }
     // Power of two choices avoids the loaded endpoint most of the time (it wins only when both
     // draws fall on it: a quarter of the time).
     let chose_busy = (0..400)

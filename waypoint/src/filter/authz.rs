@@ -11,15 +11,16 @@ use ipnet::IpNet;
 use proto::waypoint as wp;
 use tracing::warn;
 
-/// What a policy attaches to.
+/// What a policy attaches to. Shared text: a tunnel's targets are built once and each of its
+/// requests borrows or clones them.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub enum Target {
     /// `namespace/name` of a waypoint.
-    Waypoint(String),
+    Waypoint(Arc<str>),
     /// `namespace/hostname` of a service.
-    Service(String),
+    Service(Arc<str>),
     /// `namespace/name` of a route.
-    Route(String),
+    Route(Arc<str>),
 }
 
 fn strings(v: &[String]) -> Vec<StringMatch> {
@@ -127,11 +128,11 @@ fn rule(r: &wp::AuthorizationRule) -> Result<Rule, String> {
 /// What `p` attaches to.
 pub fn target_of(p: &wp::Policy) -> Result<Target, String> {
     Ok(match p.target.as_ref().and_then(|t| t.target.as_ref()) {
-        Some(wp::parent_ref::Target::Waypoint(w)) => Target::Waypoint(w.clone()),
+        Some(wp::parent_ref::Target::Waypoint(w)) => Target::Waypoint(w.as_str().into()),
         Some(wp::parent_ref::Target::Service(s)) => {
-            Target::Service(format!("{}/{}", s.namespace, s.hostname))
+            Target::Service(format!("{}/{}", s.namespace, s.hostname).into())
         }
-        Some(wp::parent_ref::Target::Route(r)) => Target::Route(r.clone()),
+        Some(wp::parent_ref::Target::Route(r)) => Target::Route(r.as_str().into()),
         None => return Err("policy has no target".into()),
     })
 }

@@ -44,21 +44,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     let keeps_trailers =
         headers.get_all(header::TE).iter().any(|v| v.to_str().is_ok_and(|v| v.contains("trailers")));
-    // Only the names present are removed (each removal hashes its name); a name `Connection`
-    // lists matches whatever its case (names are kept in lower case).
-    let present: Vec<HeaderName> = {
-        let listed: Vec<&str> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .collect();
-        let named = |n: &HeaderName| listed.iter().any(|l| l.eq_ignore_ascii_case(n.as_str()));
-        headers.keys().filter(|n| hop(n) || named(n)).cloned().collect()
-    };
-    for n in present {
-        headers.remove(n);
+    // The common case, one `Connection` line (`keep-alive` on most responses): taken out of the
+    // map, the names it lists are removed one by one, without copying them. A name matches
+    // whatever its case (lookups by text lower-case it; names are kept in lower case).
+    let connection_lines = headers.get_all(header::CONNECTION).iter().count();
+    if connection_lines == 1
+        && let Some(line) = headers.remove(header::CONNECTION)
+    {
+        for name in line.to_str().unwrap_or_default().split(',').map(str::trim) {
+            headers.remove(name);
+        }
+    }
+    // Whatever is left (the fixed names, and every name of several `Connection` lines).
+    if headers.keys().any(hop) {
+        let present: Vec<HeaderName> = {
+            let listed: Vec<&str> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .collect();
+            let named = |n: &HeaderName| listed.iter().any(|l| l.eq_ignore_ascii_case(n.as_str()));
+            headers.keys().filter(|n| hop(n) || named(n)).cloned().collect()
+        };
+        for n in present {
+            headers.remove(n);
+        }
     }
     if keeps_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -75,16 +87,14 @@ pub struct RequestCtx {
     pub path: String,
     /// The query, untouched.
     pub query: Option<String>,
-    /// The host for matching: lower case, no port, no trailing dot.
+    /// The host for matching: lower case, no port, no trailing dot. (The authority as the
+    /// client sent it, for the upstream, is the exchange's: `Exchange::log.authority`.)
     pub host: String,
-    /// The authority as the client sent it (`:authority` or `Host`), for the upstream.
-    pub authority: Option<String>,
     /// The port the authority names, if any.
     pub authority_port: Option<u16>,
     /// An HTTP/1.1 upgrade asked for: the protocol and the client side of the upgrade.
     pub upgrade: Option<(HeaderValue, OnUpgrade)>,
     pub grpc: bool,
-    pub request_id: String,
 }
 
 impl RequestCtx {
@@ -102,22 +112,10 @@ impl RequestCtx {
             .map_err(|source| ProxyError::BadPath { path: raw.to_string(), source })?
             .into_owned();
         let query = parts.uri.query().map(str::to_string);
-        let authority = ex.log.authority.clone();
-        let host = authority.as_deref().map(normalize_host).unwrap_or_default();
-        let authority_port = authority.as_deref().and_then(authority_port);
-        let request_id = ex.log.request_id.clone().unwrap_or_default();
-        Ok(Self {
-            parts,
-            body,
-            path,
-            query,
-            host,
-            authority,
-            authority_port,
-            upgrade,
-            grpc: ex.grpc,
-            request_id,
-        })
+        let authority = ex.log.authority.as_deref();
+        let host = authority.map(normalize_host).unwrap_or_default();
+        let authority_port = authority.and_then(authority_port);
+        Ok(Self { parts, body, path, query, host, authority_port, upgrade, grpc: ex.grpc })
     }
 
     /// `path?query`, normalized path first.
@@ -149,14 +147,13 @@ fn uuid_v4(n: u128) -> String {
     let mut b = n.to_be_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x0f) | 0xa0;
-    let mut s = String::with_capacity(36);
-    for (i, group) in [&b[..4], &b[4..6], &b[6..8], &b[8..10], &b[10..]].into_iter().enumerate() {
-        if i > 0 {
-            s.push('-');
-        }
-        common::hex::push_hex(&mut s, group);
+    let mut out = *b"00000000-0000-0000-0000-000000000000";
+    let mut at = 0;
+    for group in [&b[..4], &b[4..6], &b[6..8], &b[8..10], &b[10..]] {
+        at += common::hex::write_hex(&mut out[at..], group) + 1;
     }
-    s
+    // Hex digits and dashes are ASCII: this never fails.
+    std::str::from_utf8(&out).map(str::to_string).unwrap_or_default()
 }
 
 /// The request's path and query as the access log shows it: as `http` displays it (a path
@@ -281,6 +278,24 @@ mod tests {
         );
         assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
         assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn one_connection_line_is_read_whatever_its_spacing_and_case() {
+        // The path without copies: a single `Connection` line.
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Keep-Alive ,X-Secret,, x-other ,bad name"));
+        for n in ["x-secret", "x-other", "keep-alive", "upgrade", "x-kept"] {
+            h.insert(n, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
+        // A `Connection` that is not text names nothing, and is itself removed.
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_bytes(b"x-a\xff").expect("obs-text is a valid value"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! headers, the trace context). Hop-by-hop headers were removed when the request was read, so
 //! nothing here can be undone by a client's `Connection` header.
 
+use bytes::Bytes;
 use http::header::{self, HeaderName};
+use http::uri::{self, PathAndQuery};
 use http::{HeaderMap, HeaderValue, Uri, Version};
 
 use super::request::{Exchange, RequestCtx, X_FORWARDED_FOR, X_REQUEST_ID};
@@ -28,15 +30,20 @@ pub fn apply_headers(headers: &mut HeaderMap, m: &HeaderModifier) {
     }
 }
 
-/// What the request filters decided: the upstream path and, if rewritten, the host.
+/// What the request filters decided: the upstream path and host, if rewritten (else the
+/// request's own).
 pub struct Rewritten {
-    pub path: String,
+    pub path: Option<String>,
     pub host: Option<String>,
 }
 
 /// Applies the route's request filters, then the backend's.
-pub fn request_filters(req: &mut RequestCtx, selected: Option<&Selected>, backend: &Backend) -> Rewritten {
-    let mut out = Rewritten { path: req.path.clone(), host: None };
+pub fn request_filters(
+    req: &mut RequestCtx,
+    selected: Option<&Selected>,
+    backend: &Backend<'_>,
+) -> Rewritten {
+    let mut out = Rewritten { path: None, host: None };
     let route_filters = selected.map(|s| s.route.filters.as_slice()).unwrap_or_default();
     let prefix = selected.and_then(|s| s.matched_prefix.as_deref());
     for f in route_filters.iter().chain(backend.filters.iter()) {
@@ -44,7 +51,7 @@ pub fn request_filters(req: &mut RequestCtx, selected: Option<&Selected>, backen
             Filter::RequestHeaders(m) => apply_headers(&mut req.parts.headers, m),
             Filter::Rewrite(r) => {
                 if let Some(m) = &r.path {
-                    out.path = modify_path(&req.path, m, prefix);
+                    out.path = Some(modify_path(&req.path, m, prefix));
                 }
                 if let Some(h) = &r.hostname {
                     out.host = Some(h.clone());
@@ -66,14 +73,22 @@ pub fn upstream_head(
     h2: bool,
 ) -> Result<(), ProxyError> {
     let authority = rewritten.host.as_deref().unwrap_or(authority);
-    let path_and_query = req.path_and_query(&rewritten.path);
+    let path_and_query = req.path_and_query(rewritten.path.as_deref().unwrap_or(&req.path));
+    let bad_uri =
+        |e: &dyn std::fmt::Display| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}"));
+    // The text becomes the URI's own buffer (no copy).
+    let path_and_query =
+        PathAndQuery::from_maybe_shared(Bytes::from(path_and_query)).map_err(|e| bad_uri(&e))?;
     let parts = &mut req.parts;
     parts.uri = if h2 {
-        Uri::builder().scheme("http").authority(authority).path_and_query(path_and_query.as_str()).build()
+        let mut uri = uri::Parts::default();
+        uri.scheme = Some(uri::Scheme::HTTP);
+        uri.authority = Some(uri::Authority::try_from(authority).map_err(|e| bad_uri(&e))?);
+        uri.path_and_query = Some(path_and_query);
+        Uri::from_parts(uri).map_err(|e| bad_uri(&e))?
     } else {
-        Uri::builder().path_and_query(path_and_query.as_str()).build()
-    }
-    .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
+        Uri::from(path_and_query)
+    };
     parts.version = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let headers = &mut parts.headers;
     if h2 {
@@ -89,7 +104,7 @@ pub fn upstream_head(
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&req.request_id) {
+    if let Some(Ok(v)) = ex.log.request_id.as_deref().map(HeaderValue::from_str) {
         headers.insert(X_REQUEST_ID, v);
     }
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));

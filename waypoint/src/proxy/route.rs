@@ -6,12 +6,22 @@ use rand::Rng;
 use super::request::RequestCtx;
 use super::{Context, Downstream, ProxyError};
 use crate::route::table::{Lookup, RequestView, RouteTable, Selected};
-use crate::route::{Filter, PathModifier, ServiceRef};
+use crate::route::{Filter, PathModifier};
 
-/// Where a request goes: a service port and the filters of the backend that was chosen.
-pub struct Backend {
-    pub service: ServiceRef,
-    pub filters: Vec<Filter>,
+/// Where a request goes: a service port and the filters of the backend that was chosen,
+/// borrowed from the tunnel or the route table (nothing of it is copied per request).
+pub struct Backend<'a> {
+    pub namespace: &'a str,
+    pub hostname: &'a str,
+    pub port: u16,
+    pub filters: &'a [Filter],
+}
+
+impl Backend<'_> {
+    /// `namespace/hostname`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
 }
 
 /// The route for `req`. A request addressed to a pod (not a service) has no service routes: it
@@ -31,18 +41,18 @@ pub fn select(ctx: &Context, down: &Downstream, table: &RouteTable, req: &Reques
 
 /// The backend for `req` under `selected` (`None`: the service itself); a redirect is answered
 /// here.
-pub fn backend(
-    down: &Downstream,
-    selected: Option<&Selected>,
+pub fn backend<'a>(
+    down: &'a Downstream,
+    selected: Option<&'a Selected>,
     req: &RequestCtx,
-) -> Result<Backend, ProxyError> {
+) -> Result<Backend<'a>, ProxyError> {
     let Some(Selected { route, matched_prefix }) = selected else {
-        let service = ServiceRef {
-            namespace: down.service.namespace.clone(),
-            hostname: down.service.hostname.clone(),
+        return Ok(Backend {
+            namespace: &down.service.namespace,
+            hostname: &down.service.hostname,
             port: down.port,
-        };
-        return Ok(Backend { service, filters: Vec::new() });
+            filters: &[],
+        });
     };
     if let Some(redirect) = route.filters.iter().find_map(|f| match f {
         Filter::Redirect(r) => Some(r),
@@ -77,11 +87,13 @@ pub fn backend(
             }
         })
         .ok_or_else(|| ProxyError::ZeroWeights(route.key.clone()))?;
-    let mut service = chosen.service.clone();
-    if service.port == 0 {
-        service.port = down.port;
-    }
-    Ok(Backend { service, filters: chosen.filters.clone() })
+    let service = &chosen.service;
+    Ok(Backend {
+        namespace: &service.namespace,
+        hostname: &service.hostname,
+        port: if service.port == 0 { down.port } else { service.port },
+        filters: &chosen.filters,
+    })
 }
 
 /// The new path for `path` under a path modifier, given the prefix the route matched.

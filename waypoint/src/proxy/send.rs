@@ -51,16 +51,16 @@ pub async fn endpoint(
     ctx: &Context,
     down: &Downstream,
     table: &RouteTable,
-    backend: &Backend,
+    backend: &Backend<'_>,
     ex: &mut Exchange,
 ) -> Result<Endpoint, ProxyError> {
     let snapshot = ctx.state.snapshot();
     let service = snapshot
-        .service(&backend.service.namespace, &backend.service.hostname)
+        .service(backend.namespace, backend.hostname)
         .cloned()
-        .ok_or_else(|| ProxyError::UnknownBackend(backend.service.key()))?;
+        .ok_or_else(|| ProxyError::UnknownBackend(backend.key()))?;
     ex.backend_service = Some(service.clone());
-    ex.log.upstream_cluster = Some(upstream_cluster(backend.service.port, &service.hostname));
+    ex.log.upstream_cluster = Some(upstream_cluster(backend.port, &service.hostname));
     if let Some(target) = down.pod_target() {
         // Addressed to the pod itself: that pod, on the port asked for.
         ex.log.upstream_host = Some(target.addr_text.clone());
@@ -68,18 +68,18 @@ pub async fn endpoint(
         ex.target = Some(target.clone());
         return Ok(Endpoint { target, service, port: down.target_addr.port(), traffic: None });
     }
-    let traffic = table.policy.traffic_for(service.key(), u32::from(backend.service.port));
+    let traffic = table.policy.traffic_for(service.key(), u32::from(backend.port));
     if let Some(limit) = traffic.as_ref().and_then(|t| t.limit.as_ref()) {
         ex.slot = Some(limit.acquire().await.ok_or_else(|| ProxyError::Overflow(service.key().to_string()))?);
     }
     let target = ctx
         .upstream
-        .choose_with(&snapshot, &service, backend.service.port, traffic.as_ref().and_then(|t| t.balance))
+        .choose_with(&snapshot, &service, backend.port, traffic.as_ref().and_then(|t| t.balance))
         .ok_or_else(|| ProxyError::NoHealthyUpstream(service.key().to_string()))?;
     ex.log.upstream_host = Some(target.addr_text.clone());
     target.outstanding.fetch_add(1, Ordering::Relaxed);
     ex.target = Some(target.clone());
-    Ok(Endpoint { target, service, port: backend.service.port, traffic })
+    Ok(Endpoint { target, service, port: backend.port, traffic })
 }
 
 /// The request timeout of the route (the shorter of its request and backend timeouts).

@@ -69,7 +69,7 @@ impl PolicyIndex {
                     Some(proto::waypoint::parent_ref::Target::Service(s)) => s.port,
                     _ => 0,
                 };
-                index.traffic.entry(key.clone()).or_default().insert(port, tp.clone());
+                index.traffic.entry(key.to_string()).or_default().insert(port, tp.clone());
             }
         }
         index
