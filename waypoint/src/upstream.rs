@@ -327,24 +327,14 @@ impl Upstream {
         let max = max_per_conn.unwrap_or(u32::MAX);
         let key = ClientKey { addr: target.addr, identity: target.identity.clone(), h2 };
         let http_err = |source| UpstreamError::Http { addr: target.addr, source };
+        // A new connection (the dial, TLS, CONNECT and the HTTP handshake) is boxed: inline, its
+        // state was most of the size of every request's future, which is copied (into the
+        // request's box, by hyper) on every request, new connection or not.
         if h2 {
-            let sender = match self.h2_ready(&key, max) {
+            let mut sender = match self.h2_ready(&key, max) {
                 Some(s) => s,
-                None => {
-                    let stream = self.tunnel(target, None).await?;
-                    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                        .await
-                        .map_err(http_err)?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            debug!(error = %e, "upstream HTTP/2 connection ended");
-                        }
-                    });
-                    self.put(key.clone(), Client::H2(sender.clone(), 1));
-                    sender
-                }
+                None => Box::pin(self.open_h2(target, &key)).await?,
             };
-            let mut sender = sender;
             return sender.send_request(req).await.map_err(|e| {
                 self.evict(&key);
                 http_err(e)
@@ -352,16 +342,7 @@ impl Upstream {
         }
         let (mut sender, used) = match self.h1_ready(&key) {
             Some(s) => s,
-            None => {
-                let stream = self.tunnel(target, None).await?;
-                let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(http_err)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.with_upgrades().await {
-                        debug!(error = %e, "upstream HTTP/1.1 connection ended");
-                    }
-                });
-                (sender, 0)
-            }
+            None => (Box::pin(self.open_h1(target)).await?, 0),
         };
         let response = sender.send_request(req).await.map_err(http_err)?;
         // Back to the idle list (it takes a new request once this response's body is read),
@@ -370,6 +351,39 @@ impl Upstream {
             self.return_h1(key, sender, used + 1);
         }
         Ok(response)
+    }
+
+    /// A new HTTP/2 connection to `target`, shared from then on under `key`.
+    async fn open_h2(
+        &self,
+        target: &Target,
+        key: &ClientKey,
+    ) -> Result<http2::SendRequest<ProxyBody>, UpstreamError> {
+        let stream = self.tunnel(target, None).await?;
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Http { addr: target.addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        self.put(key.clone(), Client::H2(sender.clone(), 1));
+        Ok(sender)
+    }
+
+    /// A new HTTP/1.1 connection to `target` (pooled once its first response is read).
+    async fn open_h1(&self, target: &Target) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
+        let stream = self.tunnel(target, None).await?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Http { addr: target.addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(error = %e, "upstream HTTP/1.1 connection ended");
+            }
+        });
+        Ok(sender)
     }
 
     /// The shared HTTP/2 connection, if open and under `max` requests (counting this one).

@@ -16,7 +16,9 @@ pub enum Authority {
 impl std::fmt::Display for Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Authority::Addr(a) => write!(f, "{a}"),
+            // Piece by piece for IPv4 (the standard `Display` formats twice, for padding):
+            // every outbound HBONE connection writes its authority.
+            Authority::Addr(a) => std::fmt::Display::fmt(&crate::telemetry::LogAddr(a), f),
             Authority::Host { host, port } => write!(f, "{host}:{port}"),
         }
     }
@@ -138,6 +140,15 @@ mod tests {
             parse_authority("Echo.default.svc.cluster.local:80"),
             Ok(Authority::Host { host: "echo.default.svc.cluster.local".into(), port: 80 })
         );
+    }
+
+    #[test]
+    fn authorities_print_as_they_parse() {
+        for text in ["10.0.0.1:8080", "0.0.0.0:1", "255.255.255.255:65535", "[fd00::1]:80", "web.demo:443"] {
+            let a = parse_authority(text).expect("valid");
+            assert_eq!(a.to_string(), text);
+            assert_eq!(parse_authority(&a.to_string()), Ok(a));
+        }
     }
 
     #[test]

@@ -112,7 +112,12 @@ impl FromStr for Identity {
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let p = &self.0;
-        write!(f, "{SCHEME}{}/ns/{}/sa/{}", p.trust_domain, p.namespace, p.service_account)
+        // Piece by piece (`write!` with arguments cost twice as much): written twice in every
+        // access line. Like the `write!` it replaces, it ignores width and precision.
+        for part in [SCHEME, &p.trust_domain, "/ns/", &p.namespace, "/sa/", &p.service_account] {
+            f.write_str(part)?;
+        }
+        Ok(())
     }
 }
 

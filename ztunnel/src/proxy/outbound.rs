@@ -8,6 +8,7 @@
 //! that) presenting the source workload's identity and requiring the destination's. A workload
 //! on this node is served in-process by the inbound half; `tunnel_protocol: NONE` gets plain TCP.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -257,7 +258,9 @@ fn connect_headers(src: &Workload, peer: SocketAddr) -> HeaderMap {
     if let Some(baggage) = src.baggage() {
         h.insert(BAGGAGE, baggage.clone());
     }
-    if let Ok(v) = HeaderValue::try_from(format!("for=\"{peer}\"")) {
+    let mut forwarded = String::with_capacity(32);
+    let _ = write!(forwarded, "for=\"{}\"", common::telemetry::LogAddr(&peer));
+    if let Ok(v) = HeaderValue::try_from(forwarded) {
         h.insert(http::header::FORWARDED, v);
     }
     let mut rng = rand::rng();
