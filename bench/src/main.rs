@@ -128,7 +128,9 @@ fn main() -> anyhow::Result<()> {
     match args.command {
         Command::Run { bin_dir, out, smoke, only, pause_file, callgrind_dir, hot_text } => {
             common::telemetry::init(common::telemetry::LogFormat::Text);
-            run(bin_dir, out, smoke, only, pause_file, callgrind_dir, hot_text)?;
+            let result = run(bin_dir, out, smoke, only, pause_file, callgrind_dir, hot_text);
+            common::telemetry::flush();
+            result?;
         }
         Command::EchoServer { port } => runtime().block_on(load::echo_server(port))?,
         Command::Rr { addr, rate, conns, size, seconds } => {

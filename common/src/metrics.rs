@@ -22,7 +22,8 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
-/// Registers `istio_build{component, tag} 1`.
+/// Registers `istio_build{component, tag} 1`, and `istio_log_lines_dropped_total` (every
+/// binary logs through `telemetry`).
 pub fn register_build_info(registry: &mut Registry, component: &str) {
     use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;
@@ -34,6 +35,11 @@ pub fn register_build_info(registry: &mut Registry, component: &str) {
         ])
         .set(1);
     registry.register("build", "Build information", build);
+    registry.register(
+        "log_lines_dropped",
+        "Log lines dropped because the log output fell behind (the proxy never waits on it)",
+        crate::telemetry::dropped_lines(),
+    );
 }
 
 /// The metric handles of label sets, found with one hash of the labels instead of one lookup

@@ -1,5 +1,9 @@
-//! Logging setup shared by both binaries: `tracing` to stderr, text or JSON, filter from
-//! `RUST_LOG` (default `info`).
+//! Logging setup shared by both binaries: `tracing` to stderr through a bounded in-memory
+//! buffer ([`sink`]), text or JSON, filter from `RUST_LOG` (default `info`).
+
+mod sink;
+
+pub use sink::{LOG_BUFFER, LOG_EXIT_FLUSH, LOG_FLUSH, dropped_lines, flush};
 
 use std::fmt::{self, Write as _};
 
@@ -30,13 +34,25 @@ impl std::str::FromStr for LogFormat {
 }
 
 /// Installs the global subscriber. Calling it twice is harmless (the second call is ignored).
+/// Lines reach stderr from a writer thread within [`LOG_FLUSH`]: call [`flush`] before the
+/// process exits (a panic flushes by itself).
 pub fn init(format: LogFormat) {
+    sink::install();
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            // The lines before the panic first, then its message.
+            flush();
+            previous(info)
+        }));
+    });
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: logs redirected to a file stay greppable.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(sink::SinkWriter)
         .with_ansi(ansi)
         .with_timer(UtcMicros);
     let _ = match format {

@@ -11,6 +11,14 @@ use tracing::info;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::telemetry::init(args.log_format);
+    let result = serve(args).await;
+    // The log lines still in the buffer, before the error (if any) is printed.
+    common::telemetry::flush();
+    result
+}
+
+/// Everything after the logging set-up.
+async fn serve(args: Args) -> anyhow::Result<()> {
     let config = Config::from_args(args)?;
     let mut stop = Shutdown::watch();
     info!(config = %serde_json::to_string(&config)?, "starting ambient-controller");

@@ -903,3 +903,96 @@ fn a_pod_on_an_interface_with_a_dot_in_its_name_is_captured_and_adopted() {
     assert_eq!(attached(&node).len(), 1, "still one program on the interface");
     remove(&node, r);
 }
+
+/// `GET path` on 127.0.0.1:`port` inside `ns`: the response, or None when nothing answers.
+fn local_get(ns: &Netns, port: u16, path: &str) -> Option<String> {
+    ns.enter(|| {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: local\r\nConnection: close\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        Some(text)
+    })
+}
+
+/// A ztunnel whose log output is stuck (its stderr a pipe nobody reads, as a container
+/// runtime's log shim that fell behind leaves it) goes on refusing and serving connections: it
+/// drops log lines, counts them and says so once the output moves, and never waits on it.
+/// Before the log sink, the proxy thread blocked in `write` as soon as the pipe's 64 KiB were
+/// full: the 148th refused connection hung, and so did every connection on the node after it.
+#[test]
+fn a_stuck_log_output_costs_log_lines_not_connections() {
+    require_root("a ztunnel process in a network namespace");
+    let node = Netns::create(&format!("rd{}-log", std::process::id()));
+    node.ip(&["link", "set", "lo", "up"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("mesh.yaml");
+    std::fs::write(&config, ZTUNNEL_MESH).expect("config");
+    let ca = dir.path().join("ca");
+    let (mut reader, writer) = std::io::pipe().expect("pipe");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.name, env!("CARGO_BIN_EXE_ztunnel-proc")])
+        .args(["--local-config", config.to_str().expect("path"), "--node-name", "node-a"])
+        .args(["--local-ca", ca.to_str().expect("path"), "--drain-period-seconds", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(writer)
+        .spawn()
+        .expect("spawn ztunnel");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !local_get(&node, 15021, "/healthz/ready").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        assert!(child.try_wait().expect("wait").is_none(), "ztunnel exited");
+        assert!(std::time::Instant::now() < deadline, "ztunnel never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Each connection to the outbound listener that capture did not bring is refused with a
+    // warning line of about 420 bytes: 3000 of them are over a MiB of log nobody reads.
+    const CONNECTIONS: usize = 3000;
+    node.enter(|| {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 15001));
+        for i in 0..CONNECTIONS {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            match s.read(&mut [0u8; 16]) {
+                Ok(0) => {}
+                Ok(n) => panic!("connection {i}: {n} bytes from a refused connection"),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                Err(e) => panic!("connection {i} was not refused ({e}): ztunnel stopped serving"),
+            }
+        }
+    });
+    let metrics = local_get(&node, 15020, "/metrics").expect("metrics");
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("istio_log_lines_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no istio_log_lines_dropped_total in {metrics}"));
+    assert!((1.0..CONNECTIONS as f64).contains(&dropped), "{dropped} lines dropped");
+
+    // The output moves again: what was held comes out, with the count of what was not; the
+    // stop flushes the rest.
+    let drain = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = reader.read_to_string(&mut text);
+        text
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .expect("SIGTERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(std::time::Instant::now() < deadline, "ztunnel did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = drain.join().expect("log reader");
+    let refused = log.matches("connection refused").count();
+    assert!((100..CONNECTIONS).contains(&refused), "{refused} access lines reached the log");
+    assert!(
+        log.contains("log lines dropped"),
+        "the drop is reported:\n{}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+    assert!(log.contains("ztunnel ready"), "lines before the stall are kept");
+}

@@ -15,6 +15,14 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::telemetry::init(args.log_format);
+    let result = serve(args).await;
+    // The log lines still in the buffer, before the error (if any) is printed.
+    common::telemetry::flush();
+    result
+}
+
+/// Everything after the logging set-up.
+async fn serve(args: Args) -> anyhow::Result<()> {
     let config = Config::from_args(args)?;
     // Watched before anything starts: a stop during start-up still drains.
     let mut stop = Shutdown::watch();

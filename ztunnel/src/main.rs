@@ -14,11 +14,15 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::telemetry::init(args.log_format);
-    tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(empty_thread_cache)
-        .build()?
-        .block_on(ztunnel::cli::run(args))
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(ztunnel::cli::run(args)));
+    // The log lines still in the buffer, before the error (if any) is printed.
+    common::telemetry::flush();
+    result
 }
 
 /// How often, at most, a runtime thread going idle empties its allocator cache.

@@ -25,7 +25,13 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     common::telemetry::init(common::telemetry::LogFormat::Text);
-    let args = Args::parse();
+    let result = serve(Args::parse()).await;
+    common::telemetry::flush();
+    result
+}
+
+/// Everything after the logging set-up.
+async fn serve(args: Args) -> anyhow::Result<()> {
     let store = xds_server::XdsStore::new();
     let read = |path: &Option<PathBuf>| -> anyhow::Result<String> {
         match path {

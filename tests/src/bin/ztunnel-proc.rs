@@ -8,5 +8,7 @@ use ztunnel::config::Args;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::telemetry::init(args.log_format);
-    ztunnel::cli::run(args).await
+    let result = ztunnel::cli::run(args).await;
+    common::telemetry::flush();
+    result
 }

@@ -1,0 +1,298 @@
+//! Where log lines go: a bounded buffer in memory that one writer thread empties into the
+//! output (stderr) every [`LOG_FLUSH`].
+//!
+//! A proxy thread that logs only copies its line into the buffer: no `write` per line (ztunnel
+//! writes one access line per connection), and no wait on the output. A log reader that stalls
+//! (a pipe nobody drains, a container runtime's log shim that fell behind, a slow disk) used to
+//! stop the thread at its next line, and with it every connection that thread served; now it
+//! costs log lines instead, dropped once [`LOG_BUFFER`] bytes wait, counted in
+//! `istio_log_lines_dropped_total` and reported by a warning when the output moves again.
+//! [`flush`] writes out what waits (the binaries call it before they exit), bounded by
+//! [`LOG_EXIT_FLUSH`] so that a stuck output cannot keep a process from exiting.
+
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+
+/// Bytes of log lines held for the writer; past this, lines are dropped and counted.
+pub const LOG_BUFFER: usize = 1 << 20;
+/// How long lines gather before the writer writes them out (a line reaches the output within
+/// about this long; Envoy's access log flushes every 10 s by default).
+pub const LOG_FLUSH: Duration = Duration::from_millis(50);
+/// The longest [`flush`] waits for the output.
+pub const LOG_EXIT_FLUSH: Duration = Duration::from_secs(2);
+/// A buffer that grew past this under a burst is not kept for the next one.
+const KEEP_CAPACITY: usize = 256 << 10;
+
+/// The process's sink, started by `telemetry::init`.
+static SINK: OnceLock<Option<Arc<Sink>>> = OnceLock::new();
+
+/// Lines dropped by the process's sink (`istio_log_lines_dropped_total`).
+pub fn dropped_lines() -> Counter {
+    static DROPPED: OnceLock<Counter> = OnceLock::new();
+    DROPPED.get_or_init(Counter::default).clone()
+}
+
+/// Starts the process's sink on stderr (once; later calls keep the first).
+pub(super) fn install() {
+    SINK.get_or_init(|| match Sink::start(Box::new(std::io::stderr()), LOG_BUFFER, dropped_lines()) {
+        Ok(sink) => Some(sink),
+        Err(e) => {
+            // Without a writer thread, lines are written by the threads that log them.
+            let _ = writeln!(
+                std::io::stderr(),
+                "log writer thread not started ({e}): logging straight to stderr"
+            );
+            None
+        }
+    });
+}
+
+/// Writes out the lines the process's sink holds, waiting at most [`LOG_EXIT_FLUSH`]; returns
+/// whether they were written.
+pub fn flush() -> bool {
+    match SINK.get() {
+        Some(Some(sink)) => sink.flush(LOG_EXIT_FLUSH),
+        _ => true,
+    }
+}
+
+/// The `MakeWriter` of the process's subscriber: each event's line (the formatter writes a
+/// line with one `write_all`) goes into the sink.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct SinkWriter;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SinkWriter {
+    type Writer = SinkWriter;
+    fn make_writer(&'a self) -> SinkWriter {
+        SinkWriter
+    }
+}
+
+impl Write for SinkWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        match SINK.get() {
+            Some(Some(sink)) => {
+                sink.push(line);
+                Ok(line.len())
+            }
+            _ => std::io::stderr().write(line),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// Set on the writer thread.
+    static IS_WRITER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+struct State {
+    lines: Vec<u8>,
+    /// The writer waits for lines (a push then wakes it).
+    idle: bool,
+    /// Flushes asked for, and the last one the writer has done.
+    asked: u64,
+    done: u64,
+}
+
+pub(crate) struct Sink {
+    state: Mutex<State>,
+    /// Wakes the writer: lines after idleness, or a flush asked for.
+    wake: Condvar,
+    /// Wakes those waiting in `flush`.
+    flushed: Condvar,
+    max: usize,
+    dropped: Counter,
+}
+
+impl Sink {
+    /// A sink writing to `out` from a thread of its own, holding at most `max` bytes.
+    pub(crate) fn start(
+        mut out: Box<dyn Write + Send>,
+        max: usize,
+        dropped: Counter,
+    ) -> std::io::Result<Arc<Self>> {
+        let sink = Arc::new(Self {
+            state: Mutex::new(State { lines: Vec::new(), idle: false, asked: 0, done: 0 }),
+            wake: Condvar::new(),
+            flushed: Condvar::new(),
+            max,
+            dropped,
+        });
+        let writer = sink.clone();
+        std::thread::Builder::new().name("log-writer".into()).spawn(move || writer.run(&mut *out))?;
+        Ok(sink)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues one line, or drops and counts it when the sink is full. Never waits on the output.
+    pub(crate) fn push(&self, line: &[u8]) {
+        let mut s = self.lock();
+        // The writer's own report of drops is kept even when the buffer is full.
+        if s.lines.len() + line.len() > self.max && !IS_WRITER.get() {
+            drop(s);
+            self.dropped.inc();
+            return;
+        }
+        s.lines.extend_from_slice(line);
+        let wake = std::mem::take(&mut s.idle);
+        drop(s);
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Has the writer write out what is queued now; false if that took longer than `limit`.
+    pub(crate) fn flush(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut s = self.lock();
+        s.asked += 1;
+        let target = s.asked;
+        self.wake.notify_one();
+        while s.done < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s = self.flushed.wait_timeout(s, left).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        true
+    }
+
+    fn run(&self, out: &mut dyn Write) {
+        IS_WRITER.set(true);
+        let mut batch = Vec::new();
+        let mut reported = self.dropped.get();
+        loop {
+            let mut s = self.lock();
+            while s.lines.is_empty() && s.asked == s.done {
+                s.idle = true;
+                s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+            }
+            s.idle = false;
+            if s.asked == s.done {
+                // Lines, no flush asked for: let more gather, so one write carries many.
+                s = self
+                    .wake
+                    .wait_timeout_while(s, LOG_FLUSH, |s| s.asked == s.done)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            let target = s.asked;
+            std::mem::swap(&mut s.lines, &mut batch);
+            drop(s);
+            // A write that fails (a closed pipe) loses the batch: there is nowhere else to say so.
+            let _ = out.write_all(&batch).and_then(|()| out.flush());
+            batch.clear();
+            if batch.capacity() > KEEP_CAPACITY {
+                batch = Vec::new();
+            }
+            let dropped = self.dropped.get();
+            if dropped > reported {
+                tracing::warn!(
+                    dropped = dropped - reported,
+                    total = dropped,
+                    "log lines dropped: the log output fell behind (istio_log_lines_dropped_total)"
+                );
+                reported = dropped;
+            }
+            self.lock().done = target;
+            self.flushed.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// An output that records what it is given, and can be held shut.
+    #[derive(Clone, Default)]
+    struct Output {
+        text: Arc<Mutex<Vec<u8>>>,
+        gate: Arc<Mutex<()>>,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Write for Output {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _open = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+            self.text.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Output {
+        fn text(&self) -> String {
+            String::from_utf8(self.text.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    #[test]
+    fn lines_come_out_in_order_and_whole_on_flush() {
+        let out = Output::default();
+        let sink = Sink::start(Box::new(out.clone()), 1 << 20, Counter::default()).expect("sink");
+        let mut expected = String::new();
+        for i in 0..1000 {
+            let line = format!("line {i} of a thousand\n");
+            sink.push(line.as_bytes());
+            expected.push_str(&line);
+        }
+        assert!(sink.flush(Duration::from_secs(10)), "flushed");
+        assert_eq!(out.text(), expected);
+        // A flush with nothing queued returns too.
+        assert!(sink.flush(Duration::from_secs(10)));
+        assert_eq!(out.text(), expected);
+    }
+
+    #[test]
+    fn a_stuck_output_costs_lines_not_waits() {
+        let out = Output::default();
+        let dropped = Counter::default();
+        let sink = Sink::start(Box::new(out.clone()), 1000, dropped.clone()).expect("sink");
+        // The output stops taking anything: the writer will block in it.
+        let shut = out.gate.lock().unwrap();
+        sink.push(b"0123456789\n");
+        // The writer takes that line and blocks writing it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while out.writes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the writer never wrote");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The logging thread goes on: 500 lines of 11 bytes against a 1000-byte buffer.
+        let (tx, rx) = mpsc::channel();
+        let pusher = {
+            let sink = sink.clone();
+            std::thread::spawn(move || {
+                for _ in 0..500 {
+                    sink.push(b"abcdefghij\n");
+                }
+                tx.send(()).unwrap();
+            })
+        };
+        rx.recv_timeout(Duration::from_secs(10)).expect("pushing never waits on the output");
+        pusher.join().unwrap();
+        assert_eq!(dropped.get(), 500 - 1000 / 11, "what does not fit is dropped and counted");
+        // A flush gives up at its bound while the output is stuck...
+        assert!(!sink.flush(Duration::from_millis(200)), "a stuck output bounds the flush");
+        // ...and once the output moves, what was held comes out, then a warning with the count.
+        drop(shut);
+        assert!(sink.flush(Duration::from_secs(10)));
+        let text = out.text();
+        assert!(text.starts_with("0123456789\n"), "{text}");
+        assert_eq!(text.matches("abcdefghij\n").count(), 1000 / 11, "{text}");
+    }
+}
