@@ -141,18 +141,29 @@ for _ in $(seq 1 100); do
 done
 
 talk() { local from=$1; shift; in_ns "$from" "$bin/mesh-demo" talk "$@"; }
+# The first line of the files matching a pattern, waited for up to 2 s: the proxies' log lines
+# reach their files from a writer thread within 50 ms.
+log_line() {
+  local pattern=$1 _
+  shift
+  for _ in $(seq 1 20); do
+    if grep -h -m1 "$pattern" "$@" 2>/dev/null | head -1 | grep .; then return 0; fi
+    sleep 0.1
+  done
+  return 0
+}
 
 echo "==> client (node-a) -> echo-2 (node-b) at 10.43.1.2:8080, through both ztunnels over HBONE"
 talk client 10.43.1.2:8080 --line "hello over mTLS"
 echo "    node-b's access log: the server side knows the client's identity"
-{ grep 'direction="inbound"' "$work/ztunnel-node-b.log" || true; } | grep -o 'src.identity=[^ ]*' | head -1 | sed 's/^/      /' || true
+log_line 'direction="inbound"' "$work/ztunnel-node-b.log" | grep -o 'src.identity=[^ ]*' | head -1 | sed 's/^/      /' || true
 
 echo "==> client -> service echo (VIP 10.96.0.80:80), balanced over echo-1 (node-a) and echo-2 (node-b)"
 talk client 10.96.0.80:80 --count 20
 
 echo "==> intruder (namespace other) -> echo: policy demo-only admits namespace demo only"
 talk intruder 10.96.0.80:80
-{ grep -h 'connection denied by policy' "$work"/ztunnel-node-*.log || true; } | head -1 | sed 's/^.*WARN/     /'
+log_line 'connection denied by policy' "$work"/ztunnel-node-*.log | sed 's/^.*WARN/     /'
 
 echo "==> live change over xDS: an ALLOW policy for the intruder's principal"
 cat >>"$work/mesh.yaml" <<'YAML'
