@@ -439,7 +439,7 @@ where
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
+                // TCP_NODELAY comes from the listener (see `socket::transparent_listener`).
                 tokio::spawn(handle(proxy.clone(), Accepted { stream, peer, dst, guard }));
             }
             Err(e) => {
