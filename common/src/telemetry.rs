@@ -3,7 +3,7 @@
 
 mod sink;
 
-pub use sink::{LOG_BUFFER, LOG_EXIT_FLUSH, LOG_FLUSH, dropped_lines, flush};
+pub use sink::{LOG_BUFFER, LOG_EXIT_FLUSH, LOG_FLUSH, Sink, dropped_lines, flush};
 
 use std::fmt::{self, Write as _};
 

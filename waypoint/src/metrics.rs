@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::metrics::{HANDLE_CACHE, HandleCache, PartiesKey, TrafficLabels};
-use common::telemetry::LogFormat;
+use common::telemetry::{LogFormat, Sink};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -94,18 +94,23 @@ struct RequestMetrics {
     response_bytes: Histogram,
 }
 
-/// Access log lines waiting for the writer; beyond this, lines are dropped and counted rather
-/// than slowing requests down.
-pub const ACCESS_LOG_QUEUE: usize = 16 * 1024;
-/// How often the writer drains the queue (so a line reaches the log within about this long).
-pub const ACCESS_LOG_FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
+/// Bytes of access log lines waiting for the writer; beyond this, lines are dropped and counted
+/// rather than slowing requests down (a JSON line is about 600 bytes: some 7000 lines).
+pub const ACCESS_LOG_BUFFER: usize = 4 << 20;
 
-/// Where access log lines go: a bounded queue drained by one writer thread, so a request never
-/// waits on stdout or a file.
-#[derive(Clone, Debug)]
+/// Where access log lines go: a bounded buffer emptied by a writer thread of its own (see
+/// [`Sink`]), so a request never waits on stdout or a file. Lines still buffered are written
+/// out when the waypoint exits.
+#[derive(Clone)]
 pub struct AccessSink {
-    tx: std::sync::mpsc::SyncSender<String>,
+    sink: Arc<Sink>,
     dropped: Counter,
+}
+
+impl std::fmt::Debug for AccessSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessSink").field("dropped", &self.dropped.get()).finish_non_exhaustive()
+    }
 }
 
 impl AccessSink {
@@ -116,35 +121,15 @@ impl AccessSink {
         } else {
             Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)
         };
-        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(ACCESS_LOG_QUEUE);
-        std::thread::Builder::new().name("access-log".into()).spawn(move || {
-            // Drains the queue every ACCESS_LOG_FLUSH rather than waking per line: a request
-            // only pushes its line, with no wake-up or context switch on its path.
-            let mut w = std::io::BufWriter::new(out);
-            loop {
-                std::thread::sleep(ACCESS_LOG_FLUSH);
-                let ended = loop {
-                    match rx.try_recv() {
-                        Ok(line) => {
-                            let _ = writeln!(w, "{line}");
-                        }
-                        Err(std::sync::mpsc::TryRecvError::Empty) => break false,
-                        Err(std::sync::mpsc::TryRecvError::Disconnected) => break true,
-                    }
-                };
-                let _ = w.flush();
-                if ended {
-                    return;
-                }
-            }
-        })?;
-        Ok(Self { tx, dropped: Counter::default() })
+        let dropped = Counter::default();
+        let sink =
+            Sink::start(out, ACCESS_LOG_BUFFER, dropped.clone(), "istio_waypoint_access_log_dropped_total")?;
+        Ok(Self { sink, dropped })
     }
 
-    fn send(&self, line: String) {
-        if self.tx.try_send(line).is_err() {
-            self.dropped.inc();
-        }
+    fn send(&self, mut line: String) {
+        line.push('\n');
+        self.sink.push(line.as_bytes());
     }
 }
 

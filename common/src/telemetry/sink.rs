@@ -7,11 +7,14 @@
 //! stop the thread at its next line, and with it every connection that thread served; now it
 //! costs log lines instead, dropped once [`LOG_BUFFER`] bytes wait, counted in
 //! `istio_log_lines_dropped_total` and reported by a warning when the output moves again.
-//! [`flush`] writes out what waits (the binaries call it before they exit), bounded by
-//! [`LOG_EXIT_FLUSH`] so that a stuck output cannot keep a process from exiting.
+//! [`flush`] writes out what waits in every sink of the process (the binaries call it before
+//! they exit, and the panic hook before the panic message), bounded by [`LOG_EXIT_FLUSH`] so
+//! that a stuck output cannot keep a process from exiting.
+//!
+//! Other line outputs (the waypoint's access log) start a [`Sink`] of their own.
 
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -29,6 +32,9 @@ const KEEP_CAPACITY: usize = 256 << 10;
 /// The process's sink, started by `telemetry::init`.
 static SINK: OnceLock<Option<Arc<Sink>>> = OnceLock::new();
 
+/// Every sink started and not yet dropped, for [`flush`].
+static SINKS: Mutex<Vec<Weak<Sink>>> = Mutex::new(Vec::new());
+
 /// Lines dropped by the process's sink (`istio_log_lines_dropped_total`).
 pub fn dropped_lines() -> Counter {
     static DROPPED: OnceLock<Counter> = OnceLock::new();
@@ -37,26 +43,41 @@ pub fn dropped_lines() -> Counter {
 
 /// Starts the process's sink on stderr (once; later calls keep the first).
 pub(super) fn install() {
-    SINK.get_or_init(|| match Sink::start(Box::new(std::io::stderr()), LOG_BUFFER, dropped_lines()) {
-        Ok(sink) => Some(sink),
-        Err(e) => {
-            // Without a writer thread, lines are written by the threads that log them.
-            let _ = writeln!(
-                std::io::stderr(),
-                "log writer thread not started ({e}): logging straight to stderr"
-            );
-            None
+    SINK.get_or_init(|| {
+        match Sink::start(
+            Box::new(std::io::stderr()),
+            LOG_BUFFER,
+            dropped_lines(),
+            "istio_log_lines_dropped_total",
+        ) {
+            Ok(sink) => Some(sink),
+            Err(e) => {
+                // Without a writer thread, lines are written by the threads that log them.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "log writer thread not started ({e}): logging straight to stderr"
+                );
+                None
+            }
         }
     });
 }
 
-/// Writes out the lines the process's sink holds, waiting at most [`LOG_EXIT_FLUSH`]; returns
-/// whether they were written.
+/// Writes out the lines every sink of the process holds, waiting at most [`LOG_EXIT_FLUSH`] in
+/// all; returns whether they were all written.
 pub fn flush() -> bool {
-    match SINK.get() {
-        Some(Some(sink)) => sink.flush(LOG_EXIT_FLUSH),
-        _ => true,
-    }
+    flush_all(&registered(), Instant::now() + LOG_EXIT_FLUSH)
+}
+
+/// The sinks started and not dropped.
+fn registered() -> Vec<Arc<Sink>> {
+    SINKS.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(Weak::upgrade).collect()
+}
+
+/// Flushes `sinks` by `deadline`: each writer writes its own output, so all are asked first.
+fn flush_all(sinks: &[Arc<Sink>], deadline: Instant) -> bool {
+    let asked: Vec<u64> = sinks.iter().map(|s| s.ask()).collect();
+    sinks.iter().zip(asked).fold(true, |all, (s, target)| s.wait_done(target, deadline) && all)
 }
 
 /// The `MakeWriter` of the process's subscriber: each event's line (the formatter writes a
@@ -93,6 +114,8 @@ thread_local! {
 
 struct State {
     lines: Vec<u8>,
+    /// The `Sink` was dropped: the writer writes what is left and ends.
+    closed: bool,
     /// The writer waits for lines (a push then wakes it).
     idle: bool,
     /// Flushes asked for, and the last one the writer has done.
@@ -100,41 +123,97 @@ struct State {
     done: u64,
 }
 
-pub(crate) struct Sink {
+/// Lines for one output, written by a thread of its own; dropping it has the thread write what
+/// is left and end.
+pub struct Sink {
+    shared: Arc<Shared>,
+}
+
+/// What a sink and its writer share.
+struct Shared {
     state: Mutex<State>,
-    /// Wakes the writer: lines after idleness, or a flush asked for.
+    /// Wakes the writer: lines after idleness, a flush asked for, or the sink dropped.
     wake: Condvar,
     /// Wakes those waiting in `flush`.
     flushed: Condvar,
     max: usize,
     dropped: Counter,
+    /// The counter's metric, named in the warning about drops.
+    metric: &'static str,
 }
 
 impl Sink {
-    /// A sink writing to `out` from a thread of its own, holding at most `max` bytes.
-    pub(crate) fn start(
+    /// A sink writing to `out` from a thread of its own, holding at most `max` bytes; lines
+    /// dropped are counted in `dropped`, exposed as `metric`.
+    pub fn start(
         mut out: Box<dyn Write + Send>,
         max: usize,
         dropped: Counter,
+        metric: &'static str,
     ) -> std::io::Result<Arc<Self>> {
-        let sink = Arc::new(Self {
-            state: Mutex::new(State { lines: Vec::new(), idle: false, asked: 0, done: 0 }),
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { lines: Vec::new(), closed: false, idle: false, asked: 0, done: 0 }),
             wake: Condvar::new(),
             flushed: Condvar::new(),
             max,
             dropped,
+            metric,
         });
-        let writer = sink.clone();
+        let writer = shared.clone();
         std::thread::Builder::new().name("log-writer".into()).spawn(move || writer.run(&mut *out))?;
+        let sink = Arc::new(Self { shared });
+        let mut all = SINKS.lock().unwrap_or_else(PoisonError::into_inner);
+        all.retain(|s| s.strong_count() > 0);
+        all.push(Arc::downgrade(&sink));
         Ok(sink)
     }
 
+    /// Queues one line, or drops and counts it when the sink is full. Never waits on the output.
+    pub fn push(&self, line: &[u8]) {
+        self.shared.push(line);
+    }
+
+    /// Has the writer write out what is queued now; false if that took longer than `limit`.
+    pub fn flush(&self, limit: Duration) -> bool {
+        let target = self.ask();
+        self.wait_done(target, Instant::now() + limit)
+    }
+
+    /// Asks the writer for a flush; returns the flush's number.
+    fn ask(&self) -> u64 {
+        let mut s = self.shared.lock();
+        s.asked += 1;
+        self.shared.wake.notify_one();
+        s.asked
+    }
+
+    /// Waits until the writer has done flush `target`; false if it has not by `deadline`.
+    fn wait_done(&self, target: u64, deadline: Instant) -> bool {
+        let mut s = self.shared.lock();
+        while s.done < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s = self.shared.flushed.wait_timeout(s, left).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        true
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues one line, or drops and counts it when the sink is full. Never waits on the output.
-    pub(crate) fn push(&self, line: &[u8]) {
+    fn push(&self, line: &[u8]) {
         let mut s = self.lock();
         // The writer's own report of drops is kept even when the buffer is full.
         if s.lines.len() + line.len() > self.max && !IS_WRITER.get() {
@@ -150,23 +229,6 @@ impl Sink {
         }
     }
 
-    /// Has the writer write out what is queued now; false if that took longer than `limit`.
-    pub(crate) fn flush(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        let mut s = self.lock();
-        s.asked += 1;
-        let target = s.asked;
-        self.wake.notify_one();
-        while s.done < target {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            s = self.flushed.wait_timeout(s, left).unwrap_or_else(PoisonError::into_inner).0;
-        }
-        true
-    }
-
     fn run(&self, out: &mut dyn Write) {
         IS_WRITER.set(true);
         let mut batch = Vec::new();
@@ -174,6 +236,9 @@ impl Sink {
         loop {
             let mut s = self.lock();
             while s.lines.is_empty() && s.asked == s.done {
+                if s.closed {
+                    return;
+                }
                 s.idle = true;
                 s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
             }
@@ -182,7 +247,7 @@ impl Sink {
                 // Lines, no flush asked for: let more gather, so one write carries many.
                 s = self
                     .wake
-                    .wait_timeout_while(s, LOG_FLUSH, |s| s.asked == s.done)
+                    .wait_timeout_while(s, LOG_FLUSH, |s| s.asked == s.done && !s.closed)
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
             }
@@ -200,7 +265,8 @@ impl Sink {
                 tracing::warn!(
                     dropped = dropped - reported,
                     total = dropped,
-                    "log lines dropped: the log output fell behind (istio_log_lines_dropped_total)"
+                    metric = self.metric,
+                    "log lines dropped: the output fell behind"
                 );
                 reported = dropped;
             }
@@ -244,7 +310,7 @@ mod tests {
     #[test]
     fn lines_come_out_in_order_and_whole_on_flush() {
         let out = Output::default();
-        let sink = Sink::start(Box::new(out.clone()), 1 << 20, Counter::default()).expect("sink");
+        let sink = Sink::start(Box::new(out.clone()), 1 << 20, Counter::default(), "t").expect("sink");
         let mut expected = String::new();
         for i in 0..1000 {
             let line = format!("line {i} of a thousand\n");
@@ -262,7 +328,7 @@ mod tests {
     fn a_stuck_output_costs_lines_not_waits() {
         let out = Output::default();
         let dropped = Counter::default();
-        let sink = Sink::start(Box::new(out.clone()), 1000, dropped.clone()).expect("sink");
+        let sink = Sink::start(Box::new(out.clone()), 1000, dropped.clone(), "t").expect("sink");
         // The output stops taking anything: the writer will block in it.
         let shut = out.gate.lock().unwrap();
         sink.push(b"0123456789\n");
@@ -294,5 +360,34 @@ mod tests {
         let text = out.text();
         assert!(text.starts_with("0123456789\n"), "{text}");
         assert_eq!(text.matches("abcdefghij\n").count(), 1000 / 11, "{text}");
+    }
+
+    #[test]
+    fn every_sink_is_flushed_on_exit_and_a_dropped_sink_writes_what_is_left_and_ends() {
+        let (a, b) = (Output::default(), Output::default());
+        let sink_a = Sink::start(Box::new(a.clone()), 1 << 20, Counter::default(), "t").expect("sink");
+        let sink_b = Sink::start(Box::new(b.clone()), 1 << 20, Counter::default(), "t").expect("sink");
+        let known = |sink: &Arc<Sink>| registered().iter().any(|s| Arc::ptr_eq(s, sink));
+        assert!(known(&sink_a) && known(&sink_b), "the process flush knows both");
+        let soon = || Instant::now() + Duration::from_secs(10);
+        sink_a.push(b"to a\n");
+        sink_b.push(b"to b\n");
+        assert!(flush_all(&[sink_a.clone(), sink_b.clone()], soon()), "flushed");
+        assert_eq!((a.text().as_str(), b.text().as_str()), ("to a\n", "to b\n"));
+        // Dropped: the line pushed just before still comes out, then the writer ends (its end
+        // drops the output's clone it held).
+        sink_b.push(b"last\n");
+        let weak_b = Arc::downgrade(&sink_b);
+        drop(sink_b);
+        assert!(!registered().iter().any(|s| Weak::ptr_eq(&Arc::downgrade(s), &weak_b)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&b.text) > 1 {
+            assert!(Instant::now() < deadline, "the writer of a dropped sink never ended");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(b.text(), "to b\nlast\n");
+        sink_a.push(b"again\n");
+        assert!(flush_all(std::slice::from_ref(&sink_a), soon()), "flushed");
+        assert_eq!(a.text(), "to a\nagain\n");
     }
 }
