@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::hbone::client::{ClientError, Connection};
 use common::hbone::connect::Authority;
-use common::hbone::server::{self, ConnectRequest, Decision};
+use common::hbone::server::{self, ConnectHandler, ConnectRequest, Decision, Failure, InboundFailures};
 use common::identity::{Identity, LocalCa};
 use common::tls;
 use http::{HeaderMap, StatusCode};
@@ -61,6 +61,34 @@ struct Setup {
     slow: mpsc::UnboundedReceiver<&'static str>,
     /// What a stream accepted for port 4012 held the moment it was accepted.
     held: mpsc::UnboundedReceiver<Vec<u8>>,
+    /// The server's `istio_hbone_inbound_failures_total`.
+    registry: prometheus_client::registry::Registry,
+    ca: LocalCa,
+    foreign_ca: LocalCa,
+}
+
+impl Setup {
+    /// `istio_hbone_inbound_failures_total{reason}` of the server.
+    fn failures(&self, why: Failure) -> u64 {
+        let text = common::metrics::render(&self.registry);
+        let series = format!("istio_hbone_inbound_failures_total{{reason=\"{}\"}} ", why.reason());
+        text.lines().find_map(|l| l.strip_prefix(series.as_str())).map_or(0, |v| v.parse().expect("count"))
+    }
+}
+
+/// The test's handler, counting failures as the proxies do.
+struct Counting<H> {
+    inner: H,
+    failures: InboundFailures,
+}
+
+impl<H: ConnectHandler> ConnectHandler for Counting<H> {
+    fn handle(&self, req: ConnectRequest) -> server::BoxFuture<Decision> {
+        self.inner.handle(req)
+    }
+    fn failed(&self, why: Failure) {
+        self.failures.count(why);
+    }
 }
 
 /// Reports "cancelled" when dropped before it is disarmed.
@@ -79,7 +107,11 @@ impl Drop for CancelGuard {
 /// or 4012 (accepted; reports what had already arrived on the stream, without waiting).
 async fn setup() -> Setup {
     let ca = LocalCa::generate("cluster.local").expect("ca");
-    let server_cert = ca.issue(&id("echo"), HOUR).expect("server cert");
+    let mut server_cert = ca.issue(&id("echo"), HOUR).expect("server cert");
+    // The server also trusts the root of another trust domain (as during a migration): the
+    // chain of its certificates verifies, their identity is still refused.
+    let foreign_ca = LocalCa::generate("other.td").expect("ca");
+    server_cert.roots.extend(foreign_ca.roots().expect("roots"));
     let client_cert = ca.issue(&id("client"), HOUR).expect("client cert");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let hbone = listener.local_addr().expect("addr");
@@ -135,14 +167,16 @@ async fn setup() -> Setup {
         })
     };
     let config = Arc::new(tls::server_config(&server_cert).expect("server config"));
+    let mut registry = common::metrics::new_registry();
+    let failures = InboundFailures::register(&mut registry);
     tokio::spawn(server::serve(
         listener,
         Arc::new(server::FixedTls(config)),
         "cluster.local".into(),
-        Arc::new(handler),
+        Arc::new(Counting { inner: handler, failures }),
     ));
     let client = Arc::new(tls::client_config(&client_cert, vec![id("echo")]).expect("client config"));
-    Setup { hbone, client, seen, bytes, slow, held }
+    Setup { hbone, client, seen, bytes, slow, held, registry, ca, foreign_ca }
 }
 
 #[tokio::test]
@@ -257,6 +291,100 @@ async fn a_peer_silent_after_the_tls_handshake_is_dropped() {
     .await;
     assert!(closed.is_ok(), "the silent peer was never dropped");
     assert!(started.elapsed() >= common::hbone::FIRST_REQUEST_TIMEOUT - Duration::from_millis(100));
+    wait_for_count(&s, Failure::NoRequest, 1).await;
+}
+
+/// Waits (bounded) until the server has counted `n` failures of `why` (it counts after it
+/// closes the connection, so just after the client sees the close).
+async fn wait_for_count(s: &Setup, why: Failure, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.failures(why) < n {
+        assert!(std::time::Instant::now() < deadline, "{why:?} counted {} times, not {n}", s.failures(why));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.failures(why), n, "{why:?} counted once per failure");
+}
+
+/// Reads until the server closes (or 10 s pass: a failure).
+async fn until_closed(mut r: impl tokio::io::AsyncRead + Unpin) {
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server did not close");
+}
+
+/// Each way to fail before the handler decides is refused and counted under its own reason
+/// (the test counts only its own server's failures): plaintext garbage, TLS without a client
+/// certificate, a certificate of another trust domain, TLS and then no HTTP/2, a malformed
+/// CONNECT, a CONNECT the client cancels. None reaches the handler.
+#[tokio::test]
+async fn every_failure_before_a_decision_is_counted_by_reason() {
+    let mut s = setup().await;
+    let name = rustls_pki_types::ServerName::IpAddress(s.hbone.ip().into());
+    // Plaintext where TLS is expected.
+    let mut tcp = tokio::net::TcpStream::connect(s.hbone).await.expect("connect");
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    until_closed(&mut tcp).await;
+    wait_for_count(&s, Failure::TlsHandshake, 1).await;
+    // TLS without a client certificate (the server asks for one and requires it).
+    let verifier = tls::SpiffeServerVerifier::new(
+        {
+            let mut r = rustls::RootCertStore::empty();
+            r.add_parsable_certificates(s.ca.roots().expect("roots"));
+            r
+        },
+        vec![id("echo")],
+        tls::provider(),
+    );
+    let mut no_cert = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    no_cert.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(s.hbone).await.expect("connect");
+    if let Ok(tls) = tokio_rustls::TlsConnector::from(Arc::new(no_cert)).connect(name.clone(), tcp).await {
+        // TLS 1.3: the client finishes before the server has judged its (missing) certificate.
+        until_closed(tls).await;
+    }
+    wait_for_count(&s, Failure::TlsHandshake, 2).await;
+    // A certificate from a root the server trusts, for another trust domain.
+    let foreign = Identity::new("other.td", "default", "client").expect("identity");
+    let mut cert = s.foreign_ca.issue(&foreign, HOUR).expect("cert");
+    cert.roots = s.ca.roots().expect("roots");
+    let config = Arc::new(tls::client_config(&cert, vec![id("echo")]).expect("client config"));
+    let tcp = tokio::net::TcpStream::connect(s.hbone).await.expect("connect");
+    if let Ok(tls) = tokio_rustls::TlsConnector::from(config).connect(name.clone(), tcp).await {
+        until_closed(tls).await;
+    }
+    wait_for_count(&s, Failure::PeerIdentity, 1).await;
+    // mTLS, then something that is not the HTTP/2 preface.
+    let tcp = tokio::net::TcpStream::connect(s.hbone).await.expect("connect");
+    let mut tls = tokio_rustls::TlsConnector::from(s.client.clone()).connect(name, tcp).await.expect("mTLS");
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    until_closed(&mut tls).await;
+    wait_for_count(&s, Failure::Http2Handshake, 1).await;
+    // A malformed CONNECT, then one the client gives up on, on one connection.
+    let conn = Connection::connect(s.hbone, s.client.clone()).await.expect("HBONE connection");
+    let bad = conn.open(&Authority::Host { host: "1.2.3".into(), port: 80 }, HeaderMap::new()).await;
+    assert!(matches!(bad, Err(ClientError::Status { status: StatusCode::BAD_REQUEST, .. })), "{bad:?}");
+    wait_for_count(&s, Failure::BadConnect, 1).await;
+    let slow = Authority::Addr("127.0.0.1:4011".parse().expect("addr"));
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), conn.open(&slow, HeaderMap::new())).await;
+    assert!(gave_up.is_err(), "the slow handler answered early: {gave_up:?}");
+    wait_for_count(&s, Failure::CancelledByClient, 1).await;
+    // Only the slow CONNECT reached the handler; each failure was counted once.
+    assert!(matches!(s.seen.try_recv(), Ok((_, Authority::Addr(a), _)) if a.port() == 4011));
+    assert!(s.seen.try_recv().is_err(), "nothing else reached the handler");
+    assert_eq!((s.failures(Failure::TlsHandshake), s.failures(Failure::NoRequest)), (2, 0));
 }
 
 /// A client that gives up on a CONNECT (its stream is reset) while the server's handler still

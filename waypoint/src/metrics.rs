@@ -79,6 +79,8 @@ pub struct Metrics {
     tcp_received: Family<TrafficLabels, Counter>,
     tcp_sent: Family<TrafficLabels, Counter>,
     timeouts: Family<TimeoutLabels, Counter>,
+    /// Inbound HBONE connections and CONNECTs that failed before a decision.
+    pub inbound_failures: common::hbone::server::InboundFailures,
     log_format: LogFormat,
     sink: AccessSink,
     /// The four metrics of a request's label set, found with one hash of its key.
@@ -152,6 +154,7 @@ impl Metrics {
             tcp_received: Family::default(),
             tcp_sent: Family::default(),
             timeouts: Family::default(),
+            inbound_failures: common::hbone::server::InboundFailures::register(registry),
             by_key: HandleCache::new(HANDLE_CACHE),
             log_format,
             sink,

@@ -3,6 +3,10 @@
 //! verified identity and the request headers; it answers with a stream callback (200) or a
 //! status of its choosing. Malformed requests get 400 without reaching the handler.
 //!
+//! What fails before the handler decides (a TLS handshake, a peer identity, a silent peer, a
+//! malformed CONNECT, a CONNECT the client cancels) is logged and reported to the handler's
+//! [`ConnectHandler::failed`], which the proxies count in [`InboundFailures`].
+//!
 //! Draining ([`serve_draining`]): when the drain starts the listener is closed (with
 //! `net.ipv4.tcp_migrate_req` its queued connections move to a successor listening on the same
 //! port with `SO_REUSEPORT`) and every connection gets an HTTP/2 GOAWAY: its open streams run
@@ -19,6 +23,10 @@ use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{HeaderMap, Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -60,6 +68,76 @@ pub enum Decision {
 /// Decides on each CONNECT.
 pub trait ConnectHandler: Send + Sync + 'static {
     fn handle(&self, req: ConnectRequest) -> BoxFuture<Decision>;
+    /// A connection or CONNECT failed before this handler decided (see [`Failure`]); it is
+    /// already logged.
+    fn failed(&self, _why: Failure) {}
+}
+
+/// Why an inbound connection or CONNECT ended before a handler decided on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// No server certificate for the address the connection arrived on.
+    NoCertificate,
+    /// The TLS handshake failed (no or bad client certificate, wrong ALPN, garbage).
+    TlsHandshake,
+    /// The TLS handshake did not finish within its bound.
+    TlsHandshakeTimeout,
+    /// The client certificate is not a SPIFFE identity of the trust domain.
+    PeerIdentity,
+    /// TLS was done, then no HTTP/2 preface or no request within the bound.
+    NoRequest,
+    /// The HTTP/2 connection preface or settings were malformed.
+    Http2Handshake,
+    /// The peer stopped answering keepalive pings.
+    PeerSilent,
+    /// Not a CONNECT, or a malformed authority (answered 400 or 405).
+    BadConnect,
+    /// The client reset the stream before the CONNECT was answered.
+    CancelledByClient,
+}
+
+impl Failure {
+    /// The `reason` label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::NoCertificate => "no_certificate",
+            Self::TlsHandshake => "tls_handshake",
+            Self::TlsHandshakeTimeout => "tls_handshake_timeout",
+            Self::PeerIdentity => "peer_identity",
+            Self::NoRequest => "no_request",
+            Self::Http2Handshake => "http2_handshake",
+            Self::PeerSilent => "peer_silent",
+            Self::BadConnect => "bad_connect",
+            Self::CancelledByClient => "cancelled_by_client",
+        }
+    }
+}
+
+/// Labels of `istio_hbone_inbound_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    reason: &'static str,
+}
+
+/// `istio_hbone_inbound_failures_total{reason}`: inbound HBONE connections and CONNECTs that
+/// ended before a tunnel was decided on (refusals after the decision are the handler's own).
+#[derive(Clone, Debug, Default)]
+pub struct InboundFailures(Family<FailureLabels, Counter>);
+
+impl InboundFailures {
+    pub fn register(registry: &mut Registry) -> Self {
+        let f = Self::default();
+        registry.register(
+            "hbone_inbound_failures",
+            "Inbound HBONE connections and CONNECTs that failed before a tunnel was decided on, by reason",
+            f.0.clone(),
+        );
+        f
+    }
+
+    pub fn count(&self, why: Failure) {
+        self.0.get_or_create(&FailureLabels { reason: why.reason() }).inc();
+    }
 }
 
 impl<F> ConnectHandler for F
@@ -166,11 +244,17 @@ pub async fn serve_draining(
         let (tls, handler, trust_domain, drain) =
             (tls.clone(), handler.clone(), trust_domain.clone(), drain.clone());
         tokio::spawn(async move {
-            match serve_connection(tcp, peer_addr, &*tls, &trust_domain, handler, drain).await {
+            match serve_connection(tcp, peer_addr, &*tls, &trust_domain, handler.clone(), drain).await {
                 Ok(()) => {}
-                Err(ConnError::Refused(reason)) => warn!(%peer_addr, %reason, "HBONE connection refused"),
+                Err(ConnError::Refused(why, detail)) => {
+                    warn!(%peer_addr, reason = %detail, "HBONE connection refused");
+                    handler.failed(why);
+                }
                 Err(ConnError::Http2(e)) => debug!(%peer_addr, error = %e, "HBONE connection ended"),
-                Err(ConnError::Silent(why)) => debug!(%peer_addr, reason = %why, "HBONE connection dropped"),
+                Err(ConnError::Silent(detail)) => {
+                    debug!(%peer_addr, reason = %detail, "HBONE connection dropped");
+                    handler.failed(Failure::PeerSilent);
+                }
             }
         });
     }
@@ -178,7 +262,7 @@ pub async fn serve_draining(
 
 /// How a connection ended badly: refused before HTTP/2 started, or an HTTP/2 error after.
 enum ConnError {
-    Refused(String),
+    Refused(Failure, String),
     Http2(h2::Error),
     /// The peer stopped answering keepalive pings.
     Silent(String),
@@ -193,25 +277,26 @@ async fn serve_connection(
     drain: Option<Watch>,
 ) -> Result<(), ConnError> {
     let _ = tcp.set_nodelay(true);
-    let local_addr = tcp.local_addr().map_err(|e| ConnError::Refused(e.to_string()))?;
-    let config = server_tls
-        .config_for(local_addr)
-        .await
-        .map_err(|e| ConnError::Refused(format!("no certificate for {local_addr}: {e}")))?;
+    // (A socket without a local address was reset before we got to it.)
+    let local_addr =
+        tcp.local_addr().map_err(|e| ConnError::Refused(Failure::TlsHandshake, e.to_string()))?;
+    let config = server_tls.config_for(local_addr).await.map_err(|e| {
+        ConnError::Refused(Failure::NoCertificate, format!("no certificate for {local_addr}: {e}"))
+    })?;
     let tls = tokio::time::timeout(super::HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
         .await
-        .map_err(|_| ConnError::Refused("TLS handshake timed out".into()))?
-        .map_err(|e| ConnError::Refused(format!("TLS handshake failed: {e}")))?;
+        .map_err(|_| ConnError::Refused(Failure::TlsHandshakeTimeout, "TLS handshake timed out".into()))?
+        .map_err(|e| ConnError::Refused(Failure::TlsHandshake, format!("TLS handshake failed: {e}")))?;
     let peer = tls::peer_identity(tls.get_ref().1.peer_certificates(), trust_domain)
-        .map_err(|e| ConnError::Refused(e.to_string()))?;
+        .map_err(|e| ConnError::Refused(Failure::PeerIdentity, e.to_string()))?;
     debug!(%peer_addr, %peer, "HBONE connection established");
     // A peer that completes TLS and then sends nothing (not even the HTTP/2 preface) is
     // dropped after FIRST_REQUEST_TIMEOUT instead of holding the connection.
     let silent = || {
-        ConnError::Refused(format!(
-            "no request within {:?} of the TLS handshake",
-            super::FIRST_REQUEST_TIMEOUT
-        ))
+        ConnError::Refused(
+            Failure::NoRequest,
+            format!("no request within {:?} of the TLS handshake", super::FIRST_REQUEST_TIMEOUT),
+        )
     };
     let first_deadline = tokio::time::sleep(super::FIRST_REQUEST_TIMEOUT);
     tokio::pin!(first_deadline);
@@ -225,7 +310,7 @@ async fn serve_connection(
         .max_send_buffer_size(super::MAX_SEND_BUFFER)
         .handshake::<_, Bytes>(io);
     let mut conn = tokio::select! {
-        c = handshake => c.map_err(ConnError::Http2)?,
+        c = handshake => c.map_err(|e| ConnError::Refused(Failure::Http2Handshake, format!("HTTP/2 handshake failed: {e}")))?,
         _ = &mut first_deadline => return Err(silent()),
     };
     let pings = conn.ping_pong();
@@ -294,6 +379,7 @@ async fn on_request(
         Ok(a) => a,
         Err(e) => {
             warn!(%peer, %peer_addr, error = %e, "bad CONNECT");
+            handler.failed(Failure::BadConnect);
             return answer(&mut respond, reply(e.status()));
         }
     };
@@ -305,6 +391,7 @@ async fn on_request(
         d = handler.handle(request) => d,
         reason = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
             debug!(%peer_addr, reason = ?reason.ok(), "CONNECT cancelled by the client before it was answered");
+            handler.failed(Failure::CancelledByClient);
             return;
         }
     };

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use common::hbone::connect::Authority;
-use common::hbone::server::{self, BoxFuture, ConnectHandler, ConnectRequest, Decision};
+use common::hbone::server::{self, BoxFuture, ConnectHandler, ConnectRequest, Decision, Failure};
 use common::identity::Identity;
 use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
@@ -44,6 +44,9 @@ struct Inbound(Proxy);
 impl ConnectHandler for Inbound {
     fn handle(&self, req: ConnectRequest) -> BoxFuture<Decision> {
         Box::pin(accept(self.0.clone(), req))
+    }
+    fn failed(&self, why: Failure) {
+        self.0.metrics().inbound_failures.count(why);
     }
 }
 

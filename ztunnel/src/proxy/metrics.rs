@@ -53,6 +53,8 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     passthrough: Family<OutcomeLabels, Counter>,
     accepting: Family<ListenerLabels, Gauge>,
+    /// Inbound HBONE connections and CONNECTs that failed before a decision.
+    pub inbound_failures: common::hbone::server::InboundFailures,
     next_id: Arc<AtomicU64>,
     /// An open connection's counters, found by hashing a few pointers (see [`PartiesKey`]);
     /// its 23 labels are built once per key.
@@ -86,7 +88,10 @@ struct ConnCounters {
 
 impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
-        let m = Self::default();
+        let m = Self {
+            inbound_failures: common::hbone::server::InboundFailures::register(registry),
+            ..Self::default()
+        };
         registry.register("tcp_connections_opened", "TCP connections opened", m.opened.clone());
         registry.register("tcp_connections_closed", "TCP connections closed", m.closed.clone());
         registry.register(
