@@ -3,7 +3,7 @@
 
 mod sink;
 
-pub use sink::{LOG_BUFFER, LOG_EXIT_FLUSH, LOG_FLUSH, Sink, dropped_lines, flush};
+pub use sink::{LOG_BUFFER, LOG_EXIT_FLUSH, LOG_FLUSH, LOG_PANIC_FLUSH, Sink, dropped_lines, flush};
 
 use std::fmt::{self, Write as _};
 
@@ -42,8 +42,9 @@ pub fn init(format: LogFormat) {
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            // The lines before the panic first, then its message.
-            flush();
+            // The lines before the panic first, then its message (a panic in a task is caught
+            // and the process goes on: a stuck output holds this thread up only briefly).
+            sink::flush_within(LOG_PANIC_FLUSH);
             previous(info)
         }));
     });

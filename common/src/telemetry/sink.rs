@@ -8,8 +8,9 @@
 //! costs log lines instead, dropped once [`LOG_BUFFER`] bytes wait, counted in
 //! `istio_log_lines_dropped_total` and reported by a warning when the output moves again.
 //! [`flush`] writes out what waits in every sink of the process (the binaries call it before
-//! they exit, and the panic hook before the panic message), bounded by [`LOG_EXIT_FLUSH`] so
-//! that a stuck output cannot keep a process from exiting.
+//! they exit), bounded by [`LOG_EXIT_FLUSH`] so that a stuck output cannot keep a process from
+//! exiting; the panic hook flushes too, bounded by [`LOG_PANIC_FLUSH`] (a panic caught in a task
+//! holds up the thread that panicked for that long at most).
 //!
 //! Other line outputs (the waypoint's access log) start a [`Sink`] of their own.
 
@@ -26,6 +27,8 @@ pub const LOG_BUFFER: usize = 1 << 20;
 pub const LOG_FLUSH: Duration = Duration::from_millis(50);
 /// The longest [`flush`] waits for the output.
 pub const LOG_EXIT_FLUSH: Duration = Duration::from_secs(2);
+/// The longest the panic hook waits for the output before the panic message.
+pub const LOG_PANIC_FLUSH: Duration = Duration::from_millis(200);
 /// A buffer that grew past this under a burst is not kept for the next one.
 const KEEP_CAPACITY: usize = 256 << 10;
 
@@ -66,7 +69,12 @@ pub(super) fn install() {
 /// Writes out the lines every sink of the process holds, waiting at most [`LOG_EXIT_FLUSH`] in
 /// all; returns whether they were all written.
 pub fn flush() -> bool {
-    flush_all(&registered(), Instant::now() + LOG_EXIT_FLUSH)
+    flush_within(LOG_EXIT_FLUSH)
+}
+
+/// Writes out the lines every sink of the process holds, waiting at most `limit` in all.
+pub fn flush_within(limit: Duration) -> bool {
+    flush_all(&registered(), Instant::now() + limit)
 }
 
 /// The sinks started and not dropped.
