@@ -20,7 +20,7 @@
 //! monomorphizations apart.) A name callgrind gives to code the linker folded into another
 //! function has no section of its own and matches nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -174,8 +174,38 @@ pub fn path_key(symbol: &str) -> String {
     idents.join("::")
 }
 
-/// The function symbols `binary` defines, by `nm`.
-fn defined_functions(binary: &Path) -> anyhow::Result<HashSet<String>> {
+/// `functions`, each followed by the other names of its code. rustc merges functions whose code
+/// is identical (LLVM's MergeFunctions): one name becomes an alias of the other, at the same
+/// address and in the other's section, and callgrind may report the code under the alias,
+/// whose pattern matches no section: the code then stayed out of `.text.hot` (50 functions run
+/// at start-up were, ~3 MiB of an idle ztunnel's RSS by the kernel's 64 KiB fault-around).
+/// `addresses`: every function symbol of the binary with its address.
+pub fn with_aliases(functions: Vec<String>, addresses: &HashMap<String, u64>) -> Vec<String> {
+    let mut by_address: HashMap<u64, Vec<&str>> = HashMap::new();
+    for (name, address) in addresses {
+        by_address.entry(*address).or_default().push(name);
+    }
+    for names in by_address.values_mut() {
+        names.sort_unstable();
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for f in functions {
+        let same = addresses.get(&f).and_then(|a| by_address.get(a)).cloned().unwrap_or_default();
+        if seen.insert(f.clone()) {
+            out.push(f);
+        }
+        for other in same {
+            if seen.insert(other.to_string()) {
+                out.push(other.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// The function symbols `binary` defines, with their addresses, by `nm`.
+fn defined_functions(binary: &Path) -> anyhow::Result<HashMap<String, u64>> {
     let out = std::process::Command::new("nm")
         .arg("--defined-only")
         .arg(binary)
@@ -191,8 +221,9 @@ fn defined_functions(binary: &Path) -> anyhow::Result<HashSet<String>> {
         .lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
-            let (_addr, kind, name) = (f.next()?, f.next()?, f.next()?);
-            matches!(kind, "t" | "T" | "W" | "w").then(|| name.to_string())
+            let (address, kind, name) = (f.next()?, f.next()?, f.next()?);
+            let address = u64::from_str_radix(address, 16).ok()?;
+            matches!(kind, "t" | "T" | "W" | "w").then(|| (name.to_string(), address))
         })
         .collect())
 }
@@ -300,11 +331,13 @@ pub fn clear_dumps(dir: &Path) -> anyhow::Result<()> {
 /// instruction-count run in `dir` (both ztunnels' dumps make ztunnel's list).
 pub fn write(dir: &Path, bin_dir: &Path, repo: &Path) -> anyhow::Result<()> {
     for (binary, procs) in [(BINARIES[0], &PROCESSES[..2]), (BINARIES[1], &PROCESSES[2..])] {
-        let defined = defined_functions(&bin_dir.join(binary))?;
+        let addresses = defined_functions(&bin_dir.join(binary))?;
+        let defined: HashSet<String> = addresses.keys().cloned().collect();
         let per_proc: Vec<Vec<String>> = procs.iter().map(|p| dumps(dir, p)).collect::<Result<_, _>>()?;
         let startup: Vec<String> = per_proc.iter().filter_map(|d| d.first().cloned()).collect();
         let all: Vec<String> = per_proc.into_iter().flatten().collect();
-        let functions = layout(functions(&startup, binary, &defined), functions(&all, binary, &defined));
+        let listed = |dumps: &[String]| with_aliases(functions(dumps, binary, &defined), &addresses);
+        let functions = layout(listed(&startup), listed(&all));
         anyhow::ensure!(!functions.is_empty(), "no function of {binary} in its callgrind dumps");
         let path = repo.join(binary).join("hot-text.ld");
         std::fs::write(&path, script(binary, &functions)).with_context(|| path.display().to_string())?;
@@ -316,6 +349,18 @@ pub fn write(dir: &Path, bin_dir: &Path, repo: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merged_functions_bring_the_names_of_their_code() {
+        let addresses: HashMap<String, u64> =
+            [("a", 0x10), ("alias_of_a", 0x10), ("b", 0x20), ("c", 0x30), ("alias_of_c", 0x30), ("z", 0x10)]
+                .into_iter()
+                .map(|(n, a)| (n.to_string(), a))
+                .collect();
+        let got =
+            with_aliases(vec!["alias_of_a".into(), "b".into(), "a".into(), "unknown".into()], &addresses);
+        assert_eq!(got, ["alias_of_a", "a", "z", "b", "unknown"]);
+    }
 
     #[test]
     fn path_keys_put_a_modules_functions_together() {
