@@ -87,3 +87,19 @@ pub fn sink(ns: &crate::netns::Netns, bind: std::net::SocketAddr) -> std::sync::
     });
     arrivals
 }
+
+/// Sends an HTTP/1.1 request in plaintext to `addr` (an mTLS port, to see it refused) and reads
+/// until the server closes; panics if it has not closed within 10 s.
+pub async fn plaintext_until_closed(addr: std::net::SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp =
+        tokio::net::TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n").await.expect("write");
+    let mut buf = [0u8; 256];
+    // A TLS alert at most, then the close.
+    while tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("{addr} did not close within 10 s"))
+        .is_ok_and(|n| n > 0)
+    {}
+}

@@ -375,20 +375,7 @@ fn l4_mesh_end_to_end() {
     };
     let before = tls_failures(&zt_a);
     let hbone_1: SocketAddr = format!("{ECHO_1}:15008").parse().expect("addr");
-    rogue_rt
-        .block_on(rogue_rt.spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut tcp = tokio::net::TcpStream::connect(hbone_1).await.expect("connect to 15008");
-            tcp.write_all(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n").await.expect("write");
-            let mut buf = [0u8; 256];
-            // The server answers with a TLS alert at most, then closes.
-            while tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
-                .await
-                .expect("closed within 10 s")
-                .is_ok_and(|n| n > 0)
-            {}
-        }))
-        .expect("join");
+    rogue_rt.block_on(rogue_rt.spawn(mesh_tests::echo::plaintext_until_closed(hbone_1))).expect("join");
     let deadline = Instant::now() + Duration::from_secs(10);
     while tls_failures(&zt_a) < before + 1.0 {
         assert!(Instant::now() < deadline, "plaintext to 15008 not counted");

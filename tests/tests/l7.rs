@@ -951,21 +951,8 @@ sys.stdout.write(repr(reply))
         samples(&m, "istio_hbone_inbound_failures_total", &["reason=\"tls_handshake\""])
     };
     let before = tls_failures();
-    wp_rt
-        .block_on(wp_rt.spawn(async {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let addr = format!("{WAYPOINT_IP}:15008");
-            let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect to 15008");
-            tcp.write_all(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n").await.expect("write");
-            let mut buf = [0u8; 256];
-            // A TLS alert at most, then the close.
-            while tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
-                .await
-                .expect("closed within 10 s")
-                .is_ok_and(|n| n > 0)
-            {}
-        }))
-        .expect("join");
+    let hbone: std::net::SocketAddr = format!("{WAYPOINT_IP}:15008").parse().expect("addr");
+    wp_rt.block_on(wp_rt.spawn(mesh_tests::echo::plaintext_until_closed(hbone))).expect("join");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while tls_failures() < before + 1.0 {
         assert!(std::time::Instant::now() < deadline, "plaintext to the waypoint's 15008 not counted");
