@@ -14,6 +14,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::telemetry::init(args.log_format);
+    without_thread_cache();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(empty_thread_cache)
@@ -23,6 +24,22 @@ fn main() -> anyhow::Result<()> {
     // The log lines still in the buffer, before the error (if any) is printed.
     common::telemetry::flush();
     result
+}
+
+/// Turns the calling thread's jemalloc cache off, for good. The main thread does the start-up
+/// (configuration, the eBPF objects and the kernel's BTF parsed to load them, certificates)
+/// and then only waits for a signal: what its cache kept of the start-up's garbage stayed
+/// there, allocated as far as the arena knew, for the life of the process (0.4 MiB of an idle
+/// ztunnel's 2.7 MiB of anonymous RSS on a fresh mesh: `/memory` showed 0.47-0.57 MiB in
+/// thread caches, 0.09-0.13 MiB with this). Without a cache its frees go straight back to the
+/// arena, whose decay returns the pages to the kernel. The main thread's remaining allocations
+/// take the arena's lock, which no worker contends for: the workers keep their caches.
+fn without_thread_cache() {
+    use tikv_jemalloc_ctl::{Access, AsName};
+    if let Err(e) = b"thread.tcache.enabled\0".name().write(false) {
+        // The cost is memory, not correctness: go on.
+        tracing::warn!(error = %e, "could not turn the main thread's allocator cache off");
+    }
 }
 
 /// How often, at most, a runtime thread going idle empties its allocator cache.
