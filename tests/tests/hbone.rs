@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::hbone::client::{ClientError, Connection};
 use common::hbone::connect::Authority;
-use common::hbone::server::{self, ConnectHandler, ConnectRequest, Decision, Failure, InboundFailures};
+use common::hbone::server::{self, ConnectRequest, Decision, Failure, InboundFailures};
 use common::identity::{Identity, LocalCa};
 use common::tls;
 use http::{HeaderMap, StatusCode};
@@ -70,25 +70,15 @@ struct Setup {
 impl Setup {
     /// `istio_hbone_inbound_failures_total{reason}` of the server.
     fn failures(&self, why: Failure) -> u64 {
-        let text = common::metrics::render(&self.registry);
-        let series = format!("istio_hbone_inbound_failures_total{{reason=\"{}\"}} ", why.reason());
-        text.lines().find_map(|l| l.strip_prefix(series.as_str())).map_or(0, |v| v.parse().expect("count"))
+        failures_in(&self.registry, why)
     }
 }
 
-/// The test's handler, counting failures as the proxies do.
-struct Counting<H> {
-    inner: H,
-    failures: InboundFailures,
-}
-
-impl<H: ConnectHandler> ConnectHandler for Counting<H> {
-    fn handle(&self, req: ConnectRequest) -> server::BoxFuture<Decision> {
-        self.inner.handle(req)
-    }
-    fn failed(&self, why: Failure) {
-        self.failures.count(why);
-    }
+/// `istio_hbone_inbound_failures_total{reason}` in `registry`.
+fn failures_in(registry: &prometheus_client::registry::Registry, why: Failure) -> u64 {
+    let text = common::metrics::render(registry);
+    let series = format!("istio_hbone_inbound_failures_total{{reason=\"{}\"}} ", why.reason());
+    text.lines().find_map(|l| l.strip_prefix(series.as_str())).map_or(0, |v| v.parse().expect("count"))
 }
 
 /// Reports "cancelled" when dropped before it is disarmed.
@@ -173,7 +163,8 @@ async fn setup() -> Setup {
         listener,
         Arc::new(server::FixedTls(config)),
         "cluster.local".into(),
-        Arc::new(Counting { inner: handler, failures }),
+        Arc::new(handler),
+        failures,
     ));
     let client = Arc::new(tls::client_config(&client_cert, vec![id("echo")]).expect("client config"));
     Setup { hbone, client, seen, bytes, slow, held, registry, ca, foreign_ca }
@@ -297,12 +288,55 @@ async fn a_peer_silent_after_the_tls_handshake_is_dropped() {
 /// Waits (bounded) until the server has counted `n` failures of `why` (it counts after it
 /// closes the connection, so just after the client sees the close).
 async fn wait_for_count(s: &Setup, why: Failure, n: u64) {
+    wait_for_count_in(&s.registry, why, n).await
+}
+
+async fn wait_for_count_in(registry: &prometheus_client::registry::Registry, why: Failure, n: u64) {
+    let count = || failures_in(registry, why);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while s.failures(why) < n {
-        assert!(std::time::Instant::now() < deadline, "{why:?} counted {} times, not {n}", s.failures(why));
+    while count() < n {
+        assert!(std::time::Instant::now() < deadline, "{why:?} counted {} times, not {n}", count());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(s.failures(why), n, "{why:?} counted once per failure");
+    assert_eq!(count(), n, "{why:?} counted once per failure");
+}
+
+/// A server with no certificate for the address a connection arrived on (its CA down, say)
+/// closes the connection before TLS, and the refusal is counted as `no_certificate`: the
+/// server itself counts, whatever handler it serves.
+#[tokio::test]
+async fn a_connection_without_a_server_certificate_is_refused_and_counted() {
+    struct NoCertificate;
+    impl server::ServerTls for NoCertificate {
+        fn config_for(&self, _: SocketAddr) -> server::BoxFuture<Result<Arc<rustls::ServerConfig>, String>> {
+            Box::pin(async { Err("the CA is unreachable".to_string()) })
+        }
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut registry = common::metrics::new_registry();
+    let failures = InboundFailures::register(&mut registry);
+    let (seen, mut asked) = mpsc::unbounded_channel();
+    let handler = move |req: ConnectRequest| -> server::BoxFuture<Decision> {
+        let _ = seen.send(req.authority);
+        Box::pin(async { Decision::Refuse(StatusCode::FORBIDDEN, "test".into()) })
+    };
+    tokio::spawn(server::serve(
+        listener,
+        Arc::new(NoCertificate),
+        "cluster.local".into(),
+        Arc::new(handler),
+        failures,
+    ));
+    for n in 1..=2 {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // A TLS ClientHello's first bytes; the server answers nothing and closes.
+        let _ = tcp.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05]).await;
+        until_closed(&mut tcp).await;
+        wait_for_count_in(&registry, Failure::NoCertificate, n).await;
+    }
+    assert_eq!(failures_in(&registry, Failure::TlsHandshake), 0);
+    assert!(asked.try_recv().is_err(), "nothing reached the handler");
 }
 
 /// Reads until the server closes (or 10 s pass: a failure).

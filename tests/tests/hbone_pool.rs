@@ -53,7 +53,8 @@ async fn setup(client_lifetime: Duration) -> Setup {
         })
     };
     let tls = ManagedTls::new(server_certs, id("echo"));
-    tokio::spawn(server::serve(listener, Arc::new(tls), "cluster.local".into(), Arc::new(handler)));
+    let failures = server::InboundFailures::default();
+    tokio::spawn(server::serve(listener, Arc::new(tls), "cluster.local".into(), Arc::new(handler), failures));
     let certs = CertificateManager::new(CaSource::Local(ca, client_lifetime), CertMetrics::default());
     Setup { hbone, certs, connections }
 }

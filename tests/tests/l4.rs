@@ -200,7 +200,14 @@ fn hbone_server(ns: &Netns, ca_dir: &std::path::Path, sa: &'static str) -> tokio
             }))
         })
     };
-    rt.spawn(server::serve(listener, Arc::new(FixedTls(config)), "cluster.local".into(), Arc::new(handler)));
+    let failures = server::InboundFailures::default();
+    rt.spawn(server::serve(
+        listener,
+        Arc::new(FixedTls(config)),
+        "cluster.local".into(),
+        Arc::new(handler),
+        failures,
+    ));
     rt
 }
 

@@ -109,8 +109,9 @@ impl App {
         let tls = Arc::new(ManagedTls::new(certs.clone(), identity.clone()));
         let watch = drain.watch();
         let dump_upstream = ctx.upstream.clone();
+        let failures = ctx.metrics.inbound_failures.clone();
         let handler = Arc::new(Listener { ctx, me, drain: watch.clone() });
-        let serve = server::serve(listener, tls, config.trust_domain.clone(), handler);
+        let serve = server::serve(listener, tls, config.trust_domain.clone(), handler, failures);
         // Nothing is accepted before the first sync of routes, policies and workloads and our
         // own certificate: until then connections wait in the kernel's backlog rather than meet
         // a waypoint that knows no policy.

@@ -23,7 +23,7 @@ use common::copy::{ByteCounters, copy_bidirectional};
 use common::drain::Watch;
 use common::hbone::HboneStream;
 use common::hbone::connect::Authority;
-use common::hbone::server::{BoxFuture, ConnectHandler, ConnectRequest, Decision, Failure};
+use common::hbone::server::{BoxFuture, ConnectHandler, ConnectRequest, Decision};
 use common::metrics::{Parties, TrafficLabels};
 use common::state::{Gateway, GatewayTarget, Service, Snapshot};
 use http::StatusCode;
@@ -73,9 +73,6 @@ impl ConnectHandler for Listener {
     fn handle(&self, req: ConnectRequest) -> BoxFuture<Decision> {
         let decision = self.decide(req);
         Box::pin(async move { decision })
-    }
-    fn failed(&self, why: Failure) {
-        self.ctx.metrics.inbound_failures.count(why);
     }
 }
 

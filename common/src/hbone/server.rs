@@ -68,14 +68,13 @@ pub enum Decision {
 /// Decides on each CONNECT.
 pub trait ConnectHandler: Send + Sync + 'static {
     fn handle(&self, req: ConnectRequest) -> BoxFuture<Decision>;
-    /// A connection or CONNECT failed before this handler decided (see [`Failure`]); it is
-    /// already logged.
-    fn failed(&self, _why: Failure) {}
 }
 
 /// Why an inbound connection or CONNECT ended before a handler decided on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
+    /// The client reset the connection before it was looked at.
+    ConnectionReset,
     /// No server certificate for the address the connection arrived on.
     NoCertificate,
     /// The TLS handshake failed (no or bad client certificate, wrong ALPN, garbage).
@@ -100,6 +99,7 @@ impl Failure {
     /// The `reason` label.
     pub fn reason(self) -> &'static str {
         match self {
+            Self::ConnectionReset => "connection_reset",
             Self::NoCertificate => "no_certificate",
             Self::TlsHandshake => "tls_handshake",
             Self::TlsHandshakeTimeout => "tls_handshake_timeout",
@@ -202,14 +202,17 @@ impl ServerTls for ManagedTls {
     }
 }
 
-/// Serves HBONE on `listener` until the task is dropped; `tls` picks the certificate.
+/// Serves HBONE on `listener` until the task is dropped; `tls` picks the certificate. Every
+/// connection or CONNECT that ends before `handler` decides on it is logged and counted in
+/// `failures`.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<dyn ServerTls>,
     trust_domain: String,
     handler: Arc<dyn ConnectHandler>,
+    failures: InboundFailures,
 ) {
-    serve_draining(listener, tls, trust_domain, handler, None).await
+    serve_draining(listener, tls, trust_domain, handler, failures, None).await
 }
 
 /// Like [`serve`], and when `drain` starts: returns (closing the listener) and sends GOAWAY on
@@ -219,6 +222,7 @@ pub async fn serve_draining(
     tls: Arc<dyn ServerTls>,
     trust_domain: String,
     handler: Arc<dyn ConnectHandler>,
+    failures: InboundFailures,
     drain: Option<Watch>,
 ) {
     let trust_domain: Arc<str> = trust_domain.into();
@@ -243,17 +247,19 @@ pub async fn serve_draining(
         };
         let (tls, handler, trust_domain, drain) =
             (tls.clone(), handler.clone(), trust_domain.clone(), drain.clone());
+        let failures = failures.clone();
         tokio::spawn(async move {
-            match serve_connection(tcp, peer_addr, &*tls, &trust_domain, handler.clone(), drain).await {
+            let ended = serve_connection(tcp, peer_addr, &*tls, &trust_domain, handler, &failures, drain);
+            match ended.await {
                 Ok(()) => {}
                 Err(ConnError::Refused(why, detail)) => {
                     warn!(%peer_addr, reason = %detail, "HBONE connection refused");
-                    handler.failed(why);
+                    failures.count(why);
                 }
                 Err(ConnError::Http2(e)) => debug!(%peer_addr, error = %e, "HBONE connection ended"),
                 Err(ConnError::Silent(detail)) => {
                     debug!(%peer_addr, reason = %detail, "HBONE connection dropped");
-                    handler.failed(Failure::PeerSilent);
+                    failures.count(Failure::PeerSilent);
                 }
             }
         });
@@ -274,12 +280,13 @@ async fn serve_connection(
     server_tls: &dyn ServerTls,
     trust_domain: &str,
     handler: Arc<dyn ConnectHandler>,
+    failures: &InboundFailures,
     drain: Option<Watch>,
 ) -> Result<(), ConnError> {
     let _ = tcp.set_nodelay(true);
     // (A socket without a local address was reset before we got to it.)
     let local_addr =
-        tcp.local_addr().map_err(|e| ConnError::Refused(Failure::TlsHandshake, e.to_string()))?;
+        tcp.local_addr().map_err(|e| ConnError::Refused(Failure::ConnectionReset, e.to_string()))?;
     let config = server_tls.config_for(local_addr).await.map_err(|e| {
         ConnError::Refused(Failure::NoCertificate, format!("no certificate for {local_addr}: {e}"))
     })?;
@@ -338,8 +345,9 @@ async fn serve_connection(
                 Some(Ok((req, respond))) => {
                     waiting_first = false;
                     let draining = drain.as_ref().is_some_and(Watch::is_draining);
-                    let (handler, peer) = (handler.clone(), peer.clone());
-                    tokio::spawn(on_request(req, respond, peer, peer_addr, local_addr, handler, draining));
+                    let (handler, peer, failures) = (handler.clone(), peer.clone(), failures.clone());
+                    let link = Link { peer, peer_addr, local_addr };
+                    tokio::spawn(on_request(req, respond, link, handler, failures, draining));
                 }
                 Some(Err(e)) => return Err(ConnError::Http2(e)),
                 None => return Ok(()),
@@ -361,15 +369,23 @@ fn reply(status: StatusCode) -> Response<()> {
     r
 }
 
-async fn on_request(
-    req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+/// The connection a CONNECT came on.
+struct Link {
+    /// The client's verified identity.
     peer: Identity,
     peer_addr: SocketAddr,
     local_addr: SocketAddr,
+}
+
+async fn on_request(
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    link: Link,
     handler: Arc<dyn ConnectHandler>,
+    failures: InboundFailures,
     draining: bool,
 ) {
+    let Link { peer, peer_addr, local_addr } = link;
     let answer = |respond: &mut SendResponse<Bytes>, r: Response<()>| {
         if let Err(e) = respond.send_response(r, true) {
             debug!(%peer_addr, error = %e, "CONNECT answer not sent");
@@ -379,7 +395,7 @@ async fn on_request(
         Ok(a) => a,
         Err(e) => {
             warn!(%peer, %peer_addr, error = %e, "bad CONNECT");
-            handler.failed(Failure::BadConnect);
+            failures.count(Failure::BadConnect);
             return answer(&mut respond, reply(e.status()));
         }
     };
@@ -391,7 +407,7 @@ async fn on_request(
         d = handler.handle(request) => d,
         reason = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
             debug!(%peer_addr, reason = ?reason.ok(), "CONNECT cancelled by the client before it was answered");
-            handler.failed(Failure::CancelledByClient);
+            failures.count(Failure::CancelledByClient);
             return;
         }
     };

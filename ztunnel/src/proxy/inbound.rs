@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use common::hbone::connect::Authority;
-use common::hbone::server::{self, BoxFuture, ConnectHandler, ConnectRequest, Decision, Failure};
+use common::hbone::server::{self, BoxFuture, ConnectHandler, ConnectRequest, Decision};
 use common::identity::Identity;
 use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
@@ -35,7 +35,8 @@ pub(super) async fn serve(proxy: Proxy, listener: TcpListener) {
     // On drain: the listener closes (a successor on the same port takes over) and peers get
     // GOAWAY on their connections.
     let drain = Some(proxy.drain().clone());
-    server::serve_draining(listener, tls, trust_domain, handler, drain).await;
+    let failures = proxy.metrics().inbound_failures.clone();
+    server::serve_draining(listener, tls, trust_domain, handler, failures, drain).await;
     info!(listener = "inbound", "draining: no longer accepting");
 }
 
@@ -44,9 +45,6 @@ struct Inbound(Proxy);
 impl ConnectHandler for Inbound {
     fn handle(&self, req: ConnectRequest) -> BoxFuture<Decision> {
         Box::pin(accept(self.0.clone(), req))
-    }
-    fn failed(&self, why: Failure) {
-        self.0.metrics().inbound_failures.count(why);
     }
 }
 
