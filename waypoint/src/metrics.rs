@@ -103,16 +103,9 @@ pub const ACCESS_LOG_BUFFER: usize = 4 << 20;
 /// Where access log lines go: a bounded buffer emptied by a writer thread of its own (see
 /// [`Sink`]), so a request never waits on stdout or a file. Lines still buffered are written
 /// out when the waypoint exits.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct AccessSink {
     sink: Arc<Sink>,
-    dropped: Counter,
-}
-
-impl std::fmt::Debug for AccessSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AccessSink").field("dropped", &self.dropped.get()).finish_non_exhaustive()
-    }
 }
 
 impl AccessSink {
@@ -123,15 +116,17 @@ impl AccessSink {
         } else {
             Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)
         };
-        let dropped = Counter::default();
-        let sink =
-            Sink::start(out, ACCESS_LOG_BUFFER, dropped.clone(), "istio_waypoint_access_log_dropped_total")?;
-        Ok(Self { sink, dropped })
+        let sink = Sink::start(
+            out,
+            ACCESS_LOG_BUFFER,
+            Counter::default(),
+            "istio_waypoint_access_log_dropped_total",
+        )?;
+        Ok(Self { sink })
     }
 
-    fn send(&self, mut line: String) {
-        line.push('\n');
-        self.sink.push(line.as_bytes());
+    fn send(&self, line: &str) {
+        self.sink.push_line(line.as_bytes());
     }
 }
 
@@ -167,7 +162,7 @@ impl Metrics {
         registry.register(
             "waypoint_access_log_dropped",
             "Access log lines dropped because the writer fell behind",
-            m.sink.dropped.clone(),
+            m.sink.sink.dropped().clone(),
         );
         registry.register("requests", "Requests handled", m.requests.clone());
         registry.register(
@@ -238,7 +233,7 @@ impl Metrics {
             LogFormat::Json => serde_json::to_string(log).unwrap_or_default(),
             LogFormat::Text => log.text(),
         };
-        self.sink.send(line);
+        self.sink.send(&line);
     }
 }
 
