@@ -71,3 +71,23 @@ impl Default for Stores {
         Self::new()
     }
 }
+
+/// A TLS 1.3 client config offering ALPN `h2` that verifies the server as `server` (SPIFFE, by
+/// `ca`'s roots) and presents no certificate of its own: what a peer outside the mesh sends
+/// to an mTLS port.
+pub fn client_without_certificate(
+    ca: &common::identity::LocalCa,
+    server: common::identity::Identity,
+) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(ca.roots().expect("the CA's roots"));
+    let verifier = common::tls::SpiffeServerVerifier::new(roots, vec![server], common::tls::provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(common::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config
+}

@@ -368,22 +368,7 @@ async fn every_failure_before_a_decision_is_counted_by_reason() {
     until_closed(&mut tcp).await;
     wait_for_count(&s, Failure::TlsHandshake, 1).await;
     // TLS without a client certificate (the server asks for one and requires it).
-    let verifier = tls::SpiffeServerVerifier::new(
-        {
-            let mut r = rustls::RootCertStore::empty();
-            r.add_parsable_certificates(s.ca.roots().expect("roots"));
-            r
-        },
-        vec![id("echo")],
-        tls::provider(),
-    );
-    let mut no_cert = rustls::ClientConfig::builder_with_provider(tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    no_cert.alpn_protocols = vec![b"h2".to_vec()];
+    let no_cert = mesh_tests::client_without_certificate(&s.ca, id("echo"));
     let tcp = tokio::net::TcpStream::connect(s.hbone).await.expect("connect");
     if let Ok(tls) = tokio_rustls::TlsConnector::from(Arc::new(no_cert)).connect(name.clone(), tcp).await {
         // TLS 1.3: the client finishes before the server has judged its (missing) certificate.

@@ -144,22 +144,7 @@ async fn unknown_root_is_refused_both_ways() {
 async fn client_without_certificate_is_refused() {
     let ca = LocalCa::generate("cluster.local").expect("ca");
     let server = ca.issue(&id("default", "echo"), HOUR).expect("server");
-    let verifier = tls::SpiffeServerVerifier::new(
-        {
-            let mut r = rustls::RootCertStore::empty();
-            r.add_parsable_certificates(ca.roots().expect("roots"));
-            r
-        },
-        vec![id("default", "echo")],
-        tls::provider(),
-    );
-    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = mesh_tests::client_without_certificate(&ca, id("default", "echo"));
     let (c, s) = handshake(&server, config).await;
     let err = s.expect_err("no client certificate");
     assert!(err.to_lowercase().contains("certificate"), "{err}");
