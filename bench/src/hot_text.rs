@@ -249,9 +249,14 @@ pub fn script(binary: &str, functions: &[String]) -> String {
         p.strip_suffix(".llvm.*").map(str::to_string).unwrap_or(p)
     });
     for f in bases.filter(|p| seen.insert(p.clone())) {
-        s.push_str(&format!(
-            "    *(.text.{f} .text.{f}.llvm.* .text.unlikely.{f} .text.unlikely.{f}.llvm.*)\n"
-        ));
+        if f.ends_with('*') {
+            // A generic instance: its pattern's open end covers the suffix.
+            s.push_str(&format!("    *(.text.{f} .text.unlikely.{f})\n"));
+        } else {
+            s.push_str(&format!(
+                "    *(.text.{f} .text.{f}.llvm.* .text.unlikely.{f} .text.unlikely.{f}.llvm.*)\n"
+            ));
+        }
     }
     for a in WHOLE_ARCHIVES {
         s.push_str(&format!("    {a}\n"));
@@ -262,17 +267,33 @@ pub fn script(binary: &str, functions: &[String]) -> String {
 
 /// The linker pattern of a symbol: in a v0 name (`_R...`), each crate's disambiguator
 /// (`Cs<base-62 hash>_`) and each back-reference (`B<base-62 offset>_`, an offset that moves
-/// when a disambiguator's length does) become `*`; an LLVM suffix `.llvm.<digits>` becomes
-/// `.llvm.*`. A wildcard only widens what a pattern matches. Other names (C, legacy) stay.
+/// when a disambiguator's length does) become `*`; so does the crate a generic instance was
+/// instantiated in (after the closing `E` of its generic arguments, a crate or a
+/// back-reference to one), which depends on the set of packages built together and on
+/// inlining: the same function was `..HeaderNameECs.._6common` in one LTO build and
+/// `..HeaderNameECs.._2h2` in another. An LLVM suffix `.llvm.<digits>` becomes `.llvm.*`. A
+/// wildcard only widens what a pattern matches. Other names (C, legacy) stay.
 pub fn pattern(symbol: &str) -> String {
     let (name, llvm) = match symbol.split_once(".llvm.") {
         Some((name, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => (name, true),
         _ => (symbol, false),
     };
     let mut out = String::with_capacity(name.len());
+    let mut instantiated = false;
     if let Some(body) = name.strip_prefix("_R") {
         out.push_str("_R");
-        for (part, text) in v0_parts(body) {
+        let mut parts = v0_parts(body);
+        let n = parts.len();
+        let tail = match parts.as_slice() {
+            [.., (Part::Other, "E"), (Part::Crate, _), (Part::Ident(_), _)] => 2,
+            [.., (Part::Other, "E"), (Part::BackRef, _)] => 1,
+            _ => 0,
+        };
+        if tail > 0 {
+            parts.truncate(n - tail);
+            instantiated = true;
+        }
+        for (part, text) in parts {
             out.push_str(match part {
                 Part::Crate => "Cs*_",
                 Part::BackRef => "B*_",
@@ -282,7 +303,10 @@ pub fn pattern(symbol: &str) -> String {
     } else {
         out.push_str(name);
     }
-    if llvm {
+    if instantiated {
+        // Also covers an LLVM suffix.
+        out.push('*');
+    } else if llvm {
         out.push_str(".llvm.*");
     }
     out
@@ -412,6 +436,17 @@ mod tests {
         assert_eq!(pattern("memcpy"), "memcpy");
         assert_eq!(pattern("_ZN3foo3bar17h0123456789abcdefE"), "_ZN3foo3bar17h0123456789abcdefE");
         assert_eq!(pattern("x.llvm.notdigits"), "x.llvm.notdigits");
+        // The instantiating crate of a generic instance, named or a back-reference, is left
+        // open: it changes with what is built together.
+        let in_common = "_RINvNtCs1_4http3map4hashNtB2_4NameECs2_6common";
+        let in_h2 = "_RINvNtCs1_4http3map4hashNtB2_4NameECs9ab_2h2";
+        let in_http = "_RINvNtCs1_4http3map4hashNtB2_4NameEB4_";
+        assert_eq!(pattern(in_common), "_RINvNtCs*_4http3map4hashNtB*_4NameE*");
+        assert_eq!(pattern(in_h2), pattern(in_common));
+        assert_eq!(pattern(in_http), pattern(in_common));
+        assert_eq!(pattern("_RINvCs1_3foo3barhECs2_4main.llvm.42"), "_RINvCs*_3foo3barhE*");
+        // A generic argument's closing `E` at the very end is not an instantiating crate.
+        assert_eq!(pattern("_RINvCs1_3foo3barNtCs2_3baz3QuxE"), "_RINvCs*_3foo3barNtCs*_3baz3QuxE");
     }
 
     #[test]
