@@ -214,6 +214,7 @@ fn run(
         scenarios::run_once(&cluster, &settings, &Proxies { mesh: None }, &mut direct);
     }
     let mesh_procs = Mesh::start(&cluster);
+    let fresh = if settings.wants("memory") { scenarios::fresh_idle(&mesh_procs) } else { Vec::new() };
     // Warm up: certificates, pooled HBONE connections, waypoint upstreams.
     let warm = Settings { seconds: 1, repeats: 1, ..settings.clone() };
     scenarios::run_once(&cluster, &warm, &Proxies { mesh: Some(&mesh_procs) }, &mut Phase::default());
@@ -240,7 +241,7 @@ fn run(
         scenarios::run_once(&cluster, &settings, &Proxies { mesh: Some(&mesh_procs) }, &mut mesh);
     }
     let memory = if settings.wants("memory") {
-        scenarios::memory(&cluster, &settings, &mesh_procs)
+        fresh.into_iter().chain(scenarios::memory(&cluster, &settings, &mesh_procs)).collect()
     } else {
         Vec::new()
     };

@@ -380,6 +380,24 @@ pub fn run_once(c: &Cluster, s: &Settings, proxies: &Proxies<'_>, phase: &mut Ph
     }
 }
 
+/// Both ztunnels' memory at idle right after start-up (and the idle wait), before any load:
+/// what a node pays for a ztunnel that has not proxied yet. [`memory`] reads idle again after
+/// the load scenarios, when the code they ran is resident too.
+pub fn fresh_idle(mesh: &Mesh) -> Vec<(String, String, f64)> {
+    std::thread::sleep(IDLE_WAIT);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let mut out = Vec::new();
+    for (side, z) in [("client", &mesh.ztunnel_a), ("server", &mesh.ztunnel_b)] {
+        out.push((format!("ztunnel RSS idle, fresh process ({side} side)"), "MiB".into(), mib(z.rss_kib())));
+        out.push((
+            format!("ztunnel anonymous RSS idle, fresh process ({side} side)"),
+            "MiB".into(),
+            mib(z.rss_anon_kib()),
+        ));
+    }
+    out
+}
+
 /// Memory of both ztunnels (node A holds the client side of each connection, node B the
 /// server side): idle, holding idle proxied connections, and after they close and the
 /// processes settle. RSS counts the pages of the executable the process touched as well as

@@ -5,6 +5,8 @@ use common::app::Shutdown;
 use tracing::info;
 use waypoint::app::App;
 use waypoint::config::{Args, Config};
+// `pow` defined in the executable, so libm.so is not loaded (see the crate).
+use nolibm as _;
 
 /// jemalloc, tuned at build time (see .cargo/config.toml) to hand freed memory back to the
 /// kernel within about a second, so RSS falls back after a burst of connections.
