@@ -7,6 +7,7 @@ mod hot_text;
 mod load;
 mod report;
 mod scenarios;
+mod targets;
 mod tools;
 mod topology;
 
@@ -57,6 +58,12 @@ enum Command {
         /// start-up first: the link order of their release builds (bench/src/hot_text.rs).
         #[arg(long)]
         hot_text: Option<PathBuf>,
+    },
+    /// Print a report's section against issue 19's targets, from the report's JSON (for
+    /// reports written before the runner added it).
+    Judge {
+        /// `<date>-<commit>.json` from `run`.
+        report: PathBuf,
     },
     /// Echo server (request/response and churn).
     EchoServer {
@@ -115,6 +122,11 @@ fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string(v).unwrap_or_default());
 }
 
+#[allow(clippy::print_stdout)]
+fn print_text(text: &str) {
+    print!("{text}");
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -131,6 +143,11 @@ fn main() -> anyhow::Result<()> {
             let result = run(bin_dir, out, smoke, only, pause_file, callgrind_dir, hot_text);
             common::telemetry::flush();
             result?;
+        }
+        Command::Judge { report } => {
+            let json = std::fs::read_to_string(&report)?;
+            let report: report::Report = serde_json::from_str(&json)?;
+            print_text(&targets::markdown(&report));
         }
         Command::EchoServer { port } => runtime().block_on(load::echo_server(port))?,
         Command::Rr { addr, rate, conns, size, seconds } => {

@@ -4,12 +4,12 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::scenarios::{Figure, Settings};
 use crate::topology::Placement;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Machine {
     pub cpu: String,
     pub cpus: usize,
@@ -42,7 +42,7 @@ impl Machine {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub date: String,
     pub commit: String,
@@ -60,7 +60,7 @@ pub struct Report {
     pub duration_seconds: f64,
 }
 
-fn num(v: f64) -> String {
+pub(crate) fn num(v: f64) -> String {
     if v.abs() >= 100.0 {
         format!("{v:.0}")
     } else if v.abs() >= 10.0 {
@@ -195,7 +195,33 @@ impl Report {
                 }
             }
         }
+        md.push_str(&crate::targets::markdown(self));
         md
+    }
+
+    /// A report with nothing measured, for tests to fill in.
+    #[cfg(test)]
+    pub fn empty_for_tests() -> Self {
+        Self {
+            date: "2026-01-01T00:00:00Z".into(),
+            commit: "0000000".into(),
+            command: "test".into(),
+            machine: Machine { cpu: "test".into(), cpus: 2, memory_gib: 1.0, kernel: "test".into() },
+            placement: Placement::for_cpus(2),
+            settings: Settings {
+                seconds: 1,
+                repeats: 1,
+                hold_counts: vec![],
+                settle_seconds: 0,
+                l7_rate: 0,
+                only: vec![],
+            },
+            figures: vec![],
+            memory: vec![],
+            instructions: vec![],
+            control_plane: vec![],
+            duration_seconds: 0.0,
+        }
     }
 
     /// Writes `<dir>/<date>-<commit>.{json,md}`; returns the Markdown path.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::info;
 
@@ -16,7 +16,7 @@ use crate::topology::{Cluster, Mesh, NGINX_H1_PORT, NGINX_H2_PORT, SERVER_IP, WE
 const IDLE_WAIT: Duration = Duration::from_secs(5);
 
 /// How long and how often.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Settings {
     pub seconds: u64,
     pub repeats: usize,
@@ -54,7 +54,7 @@ impl Settings {
 }
 
 /// Min, median and max of repeated runs.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Spread {
     pub runs: Vec<f64>,
     pub min: f64,
@@ -88,7 +88,7 @@ impl Spread {
 }
 
 /// One figure, direct and through the mesh.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Figure {
     pub scenario: String,
     pub metric: String,
@@ -459,7 +459,7 @@ pub fn memory(c: &Cluster, s: &Settings, mesh: &Mesh) -> Vec<(String, String, f6
 }
 
 /// Instructions one proxy process executed for a fixed workload.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Instructions {
     pub workload: String,
     pub process: String,

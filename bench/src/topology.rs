@@ -65,7 +65,7 @@ spec:
 "#;
 
 /// Which CPU each party runs on (the same in direct and mesh runs).
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Placement {
     pub client: usize,
     pub server: usize,
