@@ -380,43 +380,63 @@ pub fn run_once(c: &Cluster, s: &Settings, proxies: &Proxies<'_>, phase: &mut Ph
     }
 }
 
+/// A mesh-only memory figure: (what, unit, value).
+pub type MemoryFigure = (String, String, f64);
+
+/// The names the memory figures are reported under ([`crate::targets`] reads them back).
+pub mod label {
+    /// RSS, or its anonymous part, of an idle ztunnel: `fresh`, right after start-up; else
+    /// as [`super::memory`] reads it, after whatever scenarios ran before.
+    pub fn idle(fresh: bool, anonymous: bool, side: &str) -> String {
+        let rss = if anonymous { "anonymous RSS" } else { "RSS" };
+        let when = if fresh { ", fresh process" } else { "" };
+        format!("ztunnel {rss} idle{when} ({side} side)")
+    }
+
+    pub fn per_connection(n: usize, side: &str) -> String {
+        format!("ztunnel memory per idle connection at {n} ({side} side)")
+    }
+
+    pub fn after_close(settle_seconds: u64, anonymous: bool, side: &str) -> String {
+        let rss = if anonymous { "anonymous RSS" } else { "RSS" };
+        format!("ztunnel {rss} {settle_seconds} s after the connections closed ({side} side)")
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Both ztunnels' RSS and anonymous RSS at idle, after the idle wait; returns their RSS in KiB
+/// (client side, server side) with the figures.
+fn idle(mesh: &Mesh, fresh: bool) -> ((u64, u64), Vec<MemoryFigure>) {
+    std::thread::sleep(IDLE_WAIT);
+    let (za, zb) = (&mesh.ztunnel_a, &mesh.ztunnel_b);
+    let rss = (za.rss_kib(), zb.rss_kib());
+    let mut out = vec![
+        (label::idle(fresh, false, "client"), "MiB".to_string(), mib(rss.0)),
+        (label::idle(fresh, false, "server"), "MiB".to_string(), mib(rss.1)),
+    ];
+    for (side, z) in [("client", za), ("server", zb)] {
+        out.push((label::idle(fresh, true, side), "MiB".to_string(), mib(z.rss_anon_kib())));
+    }
+    (rss, out)
+}
+
 /// Both ztunnels' memory at idle right after start-up (and the idle wait), before any load:
 /// what a node pays for a ztunnel that has not proxied yet. [`memory`] reads idle again after
 /// the load scenarios, when the code they ran is resident too.
-pub fn fresh_idle(mesh: &Mesh) -> Vec<(String, String, f64)> {
-    std::thread::sleep(IDLE_WAIT);
-    let mib = |kib: u64| kib as f64 / 1024.0;
-    let mut out = Vec::new();
-    for (side, z) in [("client", &mesh.ztunnel_a), ("server", &mesh.ztunnel_b)] {
-        out.push((format!("ztunnel RSS idle, fresh process ({side} side)"), "MiB".into(), mib(z.rss_kib())));
-        out.push((
-            format!("ztunnel anonymous RSS idle, fresh process ({side} side)"),
-            "MiB".into(),
-            mib(z.rss_anon_kib()),
-        ));
-    }
-    out
+pub fn fresh_idle(mesh: &Mesh) -> Vec<MemoryFigure> {
+    idle(mesh, true).1
 }
 
 /// Memory of both ztunnels (node A holds the client side of each connection, node B the
 /// server side): idle, holding idle proxied connections, and after they close and the
 /// processes settle. RSS counts the pages of the executable the process touched as well as
 /// its own allocations; the anonymous part is reported beside it.
-pub fn memory(c: &Cluster, s: &Settings, mesh: &Mesh) -> Vec<(String, String, f64)> {
-    let mut out = Vec::new();
-    let mib = |kib: u64| kib as f64 / 1024.0;
+pub fn memory(c: &Cluster, s: &Settings, mesh: &Mesh) -> Vec<MemoryFigure> {
     let (za, zb) = (&mesh.ztunnel_a, &mesh.ztunnel_b);
-    std::thread::sleep(IDLE_WAIT);
-    let idle = (za.rss_kib(), zb.rss_kib());
-    out.push(("ztunnel RSS idle (client side)".to_string(), "MiB".to_string(), mib(idle.0)));
-    out.push(("ztunnel RSS idle (server side)".to_string(), "MiB".to_string(), mib(idle.1)));
-    for (side, z) in [("client", za), ("server", zb)] {
-        out.push((
-            format!("ztunnel anonymous RSS idle ({side} side)"),
-            "MiB".to_string(),
-            mib(z.rss_anon_kib()),
-        ));
-    }
+    let (idle, mut out) = idle(mesh, false);
     let echo = format!("{SERVER_IP}:7000");
     for &n in &s.hold_counts {
         let (mut holder, opened) = c.hold(&echo, n);
@@ -430,7 +450,7 @@ pub fn memory(c: &Cluster, s: &Settings, mesh: &Mesh) -> Vec<(String, String, f6
                 mib(held),
             ));
             out.push((
-                format!("ztunnel memory per idle connection at {n} ({side} side)"),
+                label::per_connection(n, side),
                 "KiB".into(),
                 held.saturating_sub(idle) as f64 / n as f64,
             ));
@@ -441,19 +461,8 @@ pub fn memory(c: &Cluster, s: &Settings, mesh: &Mesh) -> Vec<(String, String, f6
     }
     std::thread::sleep(Duration::from_secs(s.settle_seconds));
     for (side, z) in [("client", za), ("server", zb)] {
-        out.push((
-            format!("ztunnel RSS {} s after the connections closed ({side} side)", s.settle_seconds),
-            "MiB".into(),
-            mib(z.rss_kib()),
-        ));
-        out.push((
-            format!(
-                "ztunnel anonymous RSS {} s after the connections closed ({side} side)",
-                s.settle_seconds
-            ),
-            "MiB".into(),
-            mib(z.rss_anon_kib()),
-        ));
+        out.push((label::after_close(s.settle_seconds, false, side), "MiB".into(), mib(z.rss_kib())));
+        out.push((label::after_close(s.settle_seconds, true, side), "MiB".into(), mib(z.rss_anon_kib())));
     }
     out
 }

@@ -11,7 +11,8 @@
 //!
 //! A binary links this by naming the crate (`use nolibm as _;`). Whether it worked is checked
 //! on the built executables: `readelf -d` lists no `libm.so.6` among their needed libraries
-//! (`ztunnel/tests/no_libm.rs`, `waypoint/tests/no_libm.rs`).
+//! (`ztunnel/tests/no_libm.rs`, `waypoint/tests/no_libm.rs`, both with
+//! [`testing::assert_needs_no_libm`]).
 
 /// `double pow(double x, double y)` with C's semantics (special cases as in C99 Annex F).
 // A C symbol: the attribute is `unsafe` because the name can clash with another definition, and
@@ -20,6 +21,23 @@
 #[unsafe(no_mangle)]
 pub extern "C" fn pow(x: f64, y: f64) -> f64 {
     libm::pow(x, y)
+}
+
+/// The check the binaries' tests make on their executables.
+#[cfg(feature = "testing")]
+pub mod testing {
+    use std::process::Command;
+
+    /// Panics unless `exe` is a dynamic executable whose needed libraries (`readelf
+    /// --dynamic`) include libc and not libm.
+    pub fn assert_needs_no_libm(exe: &str) {
+        let out = Command::new("readelf").args(["--dynamic", exe]).output().expect("readelf (binutils) runs");
+        assert!(out.status.success(), "readelf {exe}: {}", String::from_utf8_lossy(&out.stderr));
+        let dynamic = String::from_utf8_lossy(&out.stdout);
+        let needed: Vec<&str> = dynamic.lines().filter(|l| l.contains("(NEEDED)")).collect();
+        assert!(needed.iter().any(|l| l.contains("libc.so")), "not a dynamic executable? {needed:?}");
+        assert!(!needed.iter().any(|l| l.contains("libm.so")), "{exe} loads libm: {needed:?}");
+    }
 }
 
 #[cfg(test)]
